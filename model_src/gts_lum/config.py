@@ -1,0 +1,84 @@
+"""Configs are dataclasses; YAML files fill them. One loader for every config in the package."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ValueError(f"config {where or '<root>'}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"config {where or '<root>'}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        kwargs[key] = _build(hint, value, f"{where}.{key}" if where else key) if dataclasses.is_dataclass(hint) else value
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], data: dict | None) -> T:
+    """Build dataclass `cls` from a (nested) mapping; unknown keys are an error, not silently ignored."""
+    return _build(cls, data or {}, "")
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Apply an override such as `model.hidden_size=64` to a nested mapping."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """`["a.b=1", "c=x"]` -> nested dict; values parsed as YAML scalars (numbers, booleans, lists)."""
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r}: expected KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        set_dotted(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML file; `pkg:NAME` reads `gts_lum/configs/NAME` shipped with the package."""
+    text = (
+        resources.files("gts_lum.configs").joinpath(str(path)[4:]).read_text()
+        if str(path).startswith("pkg:")
+        else Path(path).read_text()
+    )
+    return yaml.safe_load(text) or {}
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | dict | None = None) -> T:
+    data = read_yaml(path) if path else {}
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return from_dict(cls, deep_merge(data, extra))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,139 @@
+"""The data contract: the tables an operator brings, their columns and types, and how a data set sits on disk.
+
+A data set is a folder:
+
+    dataset.yaml          name, timezone (decides weekday and hour), free-form provenance
+    events/               one or more parquet/CSV shards: user_id, timestamp, behavior_id [, value, duration, source]
+    behaviors.(parquet|csv)  behavior_id, description [, type, attribute columns...]
+    users.(parquet|csv)      user_id [, attribute columns...]            (optional)
+    labels.(parquet|csv)     user_id, task, label [, treatment, time]    (optional)
+    scenarios.(parquet|csv)  user_id, start, end, text                   (optional)
+
+`events` may also be a single file `events.parquet` / `events.csv`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    kind: str  # "id" (string key), "time", "float", "int", "text", "bool"
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    columns: tuple[ColumnSpec, ...]
+    key: tuple[str, ...]  # duplicate rows on this key are rejected
+    required: bool = True
+    extra_columns: bool = False  # attribute tables keep any other column
+
+    @property
+    def required_columns(self) -> list[str]:
+        return [c.name for c in self.columns if c.required]
+
+
+EVENTS = TableSpec(
+    "events",
+    (
+        ColumnSpec("user_id", "id"),
+        ColumnSpec("timestamp", "time"),
+        ColumnSpec("behavior_id", "id"),
+        ColumnSpec("value", "float", required=False),
+        ColumnSpec("duration", "float", required=False),
+        ColumnSpec("source", "id", required=False),
+    ),
+    key=("user_id", "timestamp", "behavior_id"),
+)
+BEHAVIORS = TableSpec(
+    "behaviors",
+    (ColumnSpec("behavior_id", "id"), ColumnSpec("description", "text"), ColumnSpec("type", "id", required=False)),
+    key=("behavior_id",),
+    extra_columns=True,
+)
+USERS = TableSpec("users", (ColumnSpec("user_id", "id"),), key=("user_id",), required=False, extra_columns=True)
+LABELS = TableSpec(
+    "labels",
+    (
+        ColumnSpec("user_id", "id"),
+        ColumnSpec("task", "id"),
+        ColumnSpec("label", "float"),
+        ColumnSpec("treatment", "int", required=False),
+        ColumnSpec("time", "time", required=False),
+    ),
+    key=("user_id", "task"),
+    required=False,
+)
+SCENARIOS = TableSpec(
+    "scenarios",
+    (ColumnSpec("user_id", "id"), ColumnSpec("start", "time"), ColumnSpec("end", "time"), ColumnSpec("text", "text")),
+    key=("user_id", "start", "end"),
+    required=False,
+)
+TABLES: dict[str, TableSpec] = {t.name: t for t in (EVENTS, BEHAVIORS, USERS, LABELS, SCENARIOS)}
+TABLE_FORMATS = (".parquet", ".csv")
+
+
+@dataclass
+class DatasetManifest:
+    name: str = "dataset"
+    timezone: str = "UTC"  # operator timezone: decides weekday and hour of every event
+    description: str = ""
+    provenance: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, root: str | Path) -> "DatasetManifest":
+        path = Path(root) / "dataset.yaml"
+        if not path.exists():
+            return cls(name=Path(root).name)
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def write(self, root: str | Path) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "dataset.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+
+
+def table_files(root: str | Path, table: str) -> list[Path]:
+    """The files that hold `table` in data set folder `root` (shards sorted by name); [] when absent."""
+    root = Path(root)
+    folder = root / table
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix in TABLE_FORMATS)
+        if not files:
+            raise FileNotFoundError(f"{folder}: folder holds no .parquet or .csv shard")
+        return files
+    return [root / f"{table}{ext}" for ext in TABLE_FORMATS if (root / f"{table}{ext}").exists()][:1]
+
+
+def read_file(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read one parquet or CSV file. CSV cells are read as strings so validation sees them as written."""
+    if path.suffix == ".parquet":
+        if columns is not None:
+            have = set(pq.read_schema(path).names)
+            columns = [c for c in columns if c in have]
+        return pd.read_parquet(path, columns=columns)
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], usecols=columns and (lambda c: c in columns))
+
+
+def read_table(root: str | Path, table: str, columns: list[str] | None = None) -> pd.DataFrame | None:
+    """Concatenate all shards of `table`; None when the data set has no such table."""
+    files = table_files(root, table)
+    if not files:
+        return None
+    frames = [read_file(f, columns) for f in files]
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
