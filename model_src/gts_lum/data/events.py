@@ -47,6 +47,34 @@ def ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + np.arange(total, dtype=np.int64) - group_start
 
 
+def _codes(column: pd.Series, vocab: np.ndarray | None, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of an id column against `vocab` (sorted unique ids when None).
+
+    Categorical columns (as validation writes them) are mapped through their categories, which is
+    far cheaper than hashing millions of strings.
+    """
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        cats = column.cat.categories.astype(str)
+        if vocab is None:
+            used = np.unique(column.cat.codes.to_numpy())
+            used = used[used >= 0]
+            vocab_index = pd.Index(np.sort(cats[used].to_numpy()))
+        else:
+            vocab_index = pd.Index(np.asarray(vocab, dtype=object))
+        remap = vocab_index.get_indexer(cats)
+        codes = np.where(column.cat.codes.to_numpy() >= 0, remap[column.cat.codes.to_numpy()], -1)
+    elif vocab is None:
+        codes, uniq = pd.factorize(column.astype(str), sort=True)
+        vocab_index = pd.Index(uniq)
+    else:
+        vocab_index = pd.Index(np.asarray(vocab, dtype=object))
+        codes = vocab_index.get_indexer(column.astype(str))
+    if (codes < 0).any():
+        bad = column.astype(str)[codes < 0].iloc[0]
+        raise ValueError(f"events name {what} {bad!r} (and {int((codes < 0).sum()) - 1} more) outside the given {what} list")
+    return codes.astype(np.int32), np.asarray(vocab_index, dtype=object)
+
+
 @dataclass
 class EventLog:
     """Events grouped by user. Users `u`'s events are rows `offsets[u]:offsets[u+1]`, oldest first."""
@@ -121,32 +149,14 @@ class EventLog:
         `behavior_ids` fixes the catalog order (e.g. the behaviours table); ids outside it are an error
         here because validation has already quarantined them.
         """
-        user_codes, uniq_users = pd.factorize(events["user_id"].astype(str), sort=True)
-        if user_ids is not None:
-            user_ids = np.asarray(user_ids, dtype=object)
-            remap = pd.Index(user_ids).get_indexer(uniq_users)
-            if (remap < 0).any():
-                raise ValueError(f"events name {int((remap < 0).sum())} user(s) outside the given user list")
-            user_codes = remap[user_codes]
-        else:
-            user_ids = np.asarray(uniq_users, dtype=object)
-        if behavior_ids is None:
-            beh_codes, uniq_beh = pd.factorize(events["behavior_id"].astype(str), sort=True)
-            behavior_ids = np.asarray(uniq_beh, dtype=object)
-        else:
-            behavior_ids = np.asarray(behavior_ids, dtype=object)
-            beh_codes = pd.Index(behavior_ids).get_indexer(events["behavior_id"].astype(str))
-            if (beh_codes < 0).any():
-                bad = events["behavior_id"].astype(str)[beh_codes < 0].iloc[0]
-                raise ValueError(f"events name behaviour {bad!r} (and {int((beh_codes < 0).sum()) - 1} more) outside the catalog")
+        user_codes, user_ids = _codes(events["user_id"], user_ids, "user")
+        beh_codes, behavior_ids = _codes(events["behavior_id"], behavior_ids, "behaviour")
         ts = events["timestamp"]
         seconds = (
             ts.astype("int64").to_numpy() // 10**9
             if pd.api.types.is_datetime64_any_dtype(ts)
             else ts.to_numpy(dtype=np.int64)
         )
-        user_codes = user_codes.astype(np.int32)
-        beh_codes = beh_codes.astype(np.int32)
         rows = np.arange(len(events), dtype=np.int64)
         order = np.lexsort((tiebreak_keys(user_codes, beh_codes, rows, seed), seconds, user_codes))
         counts = np.bincount(user_codes, minlength=len(user_ids))

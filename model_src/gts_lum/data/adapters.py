@@ -1,0 +1,169 @@
+"""Adapters: other layouts -> the data contract, driven by a column mapping in YAML.
+
+A mapping names, per contract table, the source files (globs relative to the source folder), which
+source column fills each contract column, and optional extras:
+
+    name: movielens-latest-small
+    timezone: UTC
+    tables:
+      events:
+        files: [ratings.csv]
+        columns: {user_id: userId, behavior_id: movieId, timestamp: timestamp, value: rating}
+        constants: {source: rating}
+      behaviors:
+        files: [movies.csv]
+        columns: {behavior_id: movieId}
+        template: {description: "{title}. Genres: {genres}. Tags: {tags}"}   # str.format over source columns
+        aggregate:                                                          # top values of another file, joined
+          tags: {files: [tags.csv], key: movieId, column: tag, top: 5}
+        keep: [genres]                                                       # attribute columns kept as they are
+      labels:
+        files: [churn.csv]
+        columns: {user_id: customerID, label: Churn}
+        constants: {task: churn}
+        values: {label: {"Yes": 1, "No": 0}}                                 # recode cells
+
+`behaviors: {from_events: true}` builds the catalog from the distinct event behaviour ids when a
+data set has no catalog file (the description is then the id, or `template` over event columns).
+Shipped mappings live in `gts_lum/configs/adapters/`; any other layout needs only a new YAML file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from gts_lum.config import from_dict, read_yaml
+from gts_lum.data.contract import TABLES, DatasetManifest, read_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AggregateSpec:
+    files: list[str]
+    key: str
+    column: str
+    top: int = 5
+    separator: str = ", "
+
+
+@dataclass
+class TableMapping:
+    files: list[str] = field(default_factory=list)
+    columns: dict[str, str] = field(default_factory=dict)  # contract column -> source column
+    constants: dict[str, object] = field(default_factory=dict)
+    template: dict[str, str] = field(default_factory=dict)  # contract column -> format string
+    values: dict[str, dict] = field(default_factory=dict)  # contract column -> {source value: value}
+    aggregate: dict[str, AggregateSpec] = field(default_factory=dict)
+    keep: list[str] | str = field(default_factory=list)  # attribute columns, or "all" remaining
+    from_events: bool = False
+    read_options: dict = field(default_factory=dict)  # e.g. {sep: ";", encoding: latin-1}
+
+
+@dataclass
+class Mapping:
+    name: str = "dataset"
+    timezone: str = "UTC"
+    description: str = ""
+    tables: dict[str, TableMapping] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Mapping":
+        data = read_yaml(path)
+        tables = data.pop("tables", {}) or {}
+        unknown = set(tables) - set(TABLES)
+        if unknown:
+            raise ValueError(f"mapping {path}: unknown table(s) {sorted(unknown)}; contract tables: {sorted(TABLES)}")
+        mapping = from_dict(cls, data)
+        for name, spec in tables.items():
+            spec = dict(spec)
+            spec["aggregate"] = {k: from_dict(AggregateSpec, v) for k, v in (spec.get("aggregate") or {}).items()}
+            files = spec.get("files", [])
+            spec["files"] = [files] if isinstance(files, str) else files
+            mapping.tables[name] = from_dict(TableMapping, spec)
+        return mapping
+
+
+def _source_files(source: Path, patterns: list[str], table: str) -> list[Path]:
+    files = sorted({p for pattern in patterns for p in source.glob(pattern)})
+    if not files:
+        raise FileNotFoundError(f"adapter: table '{table}': no file under {source} matches {patterns}")
+    return files
+
+
+def _read(path: Path, options: dict) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **options)
+
+
+def _aggregate(source: Path, spec: AggregateSpec, table: str) -> pd.Series:
+    """The `top` most frequent values of `column` per `key`, joined into one string."""
+    frame = pd.concat([_read(p, {}) for p in _source_files(source, spec.files, table)], ignore_index=True)
+    frame[spec.column] = frame[spec.column].astype(str).str.strip().str.lower()
+    counts = frame.groupby([spec.key, spec.column]).size().rename("n").reset_index()
+    counts = counts.sort_values([spec.key, "n", spec.column], ascending=[True, False, True])
+    top = counts.groupby(spec.key).head(spec.top)
+    return top.groupby(spec.key)[spec.column].agg(spec.separator.join)
+
+
+def _apply(frame: pd.DataFrame, mapping: TableMapping, table: str, file: Path, extra: dict[str, pd.Series]) -> pd.DataFrame:
+    missing = [src for src in mapping.columns.values() if src not in frame.columns]
+    if missing:
+        raise KeyError(f"adapter: {file}: mapping for '{table}' names column(s) {missing}, the file has {list(frame.columns)}")
+    for name, series in extra.items():
+        key = mapping.columns.get("behavior_id") or mapping.columns.get("user_id")
+        frame[name] = frame[key].map(series).fillna("")
+    out = pd.DataFrame({dst: frame[src] for dst, src in mapping.columns.items()}, index=frame.index)
+    for dst, fmt in mapping.template.items():
+        out[dst] = [fmt.format_map(row) for row in frame.fillna("").astype(str).to_dict("records")]
+    for dst, value in mapping.constants.items():
+        out[dst] = value
+    for dst, recode in mapping.values.items():
+        recode = {str(k): v for k, v in recode.items()}
+        out[dst] = out[dst].astype(str).map(recode).where(lambda s: s.notna(), out[dst])  # unmapped cells stay, validation flags them
+    used = set(mapping.columns.values())
+    keep = [c for c in frame.columns if c not in used] if mapping.keep == "all" else list(mapping.keep)
+    for col in keep:
+        if col not in out.columns:
+            out[col] = frame[col]
+    return out
+
+
+def adapt(source: str | Path, mapping: Mapping, out_dir: str | Path, progress: bool = True) -> dict:
+    """Write the data set of `source` in the contract layout under `out_dir` (not yet validated)."""
+    source, out = Path(source), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    DatasetManifest(name=mapping.name, timezone=mapping.timezone, description=mapping.description, provenance={"source": str(source), "adapter": mapping.name}).write(out)
+    counts = {}
+    for table, spec in mapping.tables.items():
+        if spec.from_events:
+            continue
+        extra = {name: _aggregate(source, agg, table) for name, agg in spec.aggregate.items()}
+        files = _source_files(source, spec.files, table)
+        if table == "events":
+            (out / "events").mkdir(exist_ok=True)
+            n = 0
+            for i, file in enumerate(tqdm(files, desc="adapt events", unit="file", disable=not progress or None)):
+                frame = _apply(_read(file, spec.read_options), spec, table, file, extra)
+                frame.to_parquet(out / "events" / f"part-{i:05d}.parquet", index=False)
+                n += len(frame)
+            counts[table] = n
+        else:
+            frame = pd.concat([_apply(_read(f, spec.read_options), spec, table, f, extra) for f in files], ignore_index=True)
+            frame.to_parquet(out / f"{table}.parquet", index=False)
+            counts[table] = len(frame)
+    behaviors = mapping.tables.get("behaviors")
+    if behaviors is not None and behaviors.from_events:
+        ids = pd.concat([pd.read_parquet(p, columns=["behavior_id"]) for p in sorted((out / "events").glob("*.parquet"))])["behavior_id"]
+        catalog = pd.DataFrame({"behavior_id": pd.unique(ids.astype(str))})
+        catalog["description"] = [behaviors.template.get("description", "{behavior_id}").format(behavior_id=b) for b in catalog["behavior_id"]]
+        catalog.to_parquet(out / "behaviors.parquet", index=False)
+        counts["behaviors"] = len(catalog)
+    log.info("adapted %s -> %s: %s", source, out, counts)
+    return counts
