@@ -54,36 +54,57 @@ class TableReport:
 
 
 class _Rejects:
-    """Collects the rows a check rejects, with why, for one table chunk."""
+    """Collects the rows a check rejects, with why, for one table chunk (reasons as small int codes)."""
 
     def __init__(self, frame: pd.DataFrame, file: Path, first_row: int):
         self.frame = frame
         self.file = str(file)
-        self.row = np.arange(first_row, first_row + len(frame))
-        self.reason = np.full(len(frame), "", dtype=object)
-        self.field = np.full(len(frame), "", dtype=object)
+        self.first_row = first_row
+        self.code = np.zeros(len(frame), dtype=np.int16)  # 0 = kept, k = the k-th (reason, field) seen
+        self.labels: list[tuple[str, str]] = []
 
     def mark(self, bad: np.ndarray, reason: str, column: str) -> None:
-        new = bad & (self.reason == "")  # the first failure of a row is the one reported
-        self.reason[new] = reason
-        self.field[new] = column
+        new = bad & (self.code == 0)  # the first failure of a row is the one reported
+        if new.any():
+            self.labels.append((reason, column))
+            self.code[new] = len(self.labels)
 
     @property
     def ok(self) -> np.ndarray:
-        return self.reason == ""
+        return self.code == 0
 
     def quarantined(self) -> pd.DataFrame:
-        bad = ~self.ok
-        out = self.frame.loc[bad].astype("string")
-        out.insert(0, "_reason", self.reason[bad])
-        out.insert(1, "_field", self.field[bad])
+        bad = np.flatnonzero(self.code)
+        out = self.frame.iloc[bad].astype("string")
+        labels = np.array([("", "")] + self.labels, dtype=object)
+        out.insert(0, "_reason", labels[self.code[bad], 0])
+        out.insert(1, "_field", labels[self.code[bad], 1])
         out.insert(2, "_file", self.file)
-        out.insert(3, "_row", self.row[bad])
+        out.insert(3, "_row", bad + self.first_row)
         return out.reset_index(drop=True)
 
     def report(self) -> TableReport:
-        reasons, counts = np.unique(self.reason[~self.ok].astype(str), return_counts=True)
-        return TableReport(len(self.frame), int(self.ok.sum()), {f"{r}": int(c) for r, c in zip(reasons, counts)})
+        counts = np.bincount(self.code, minlength=len(self.labels) + 1)
+        rejected: dict[str, int] = {}
+        for (reason, _), n in zip(self.labels, counts[1:]):
+            rejected[reason] = rejected.get(reason, 0) + int(n)
+        return TableReport(len(self.frame), int(counts[0]), rejected)
+
+
+def _strip(raw: pd.Series) -> pd.Series:
+    """Strings without surrounding blanks; Arrow kernels (C++) rather than a Python call per cell."""
+    return raw.astype("string[pyarrow]").str.strip()
+
+
+def _attribute(raw: pd.Series) -> pd.Series:
+    """Attribute columns: numbers where every non-blank cell is one, else text; blank cells are missing."""
+    if not (pd.api.types.is_object_dtype(raw) or pd.api.types.is_string_dtype(raw)):
+        return raw
+    text = _strip(raw).replace("", pd.NA)
+    numbers = pd.to_numeric(text, errors="coerce")
+    if text.notna().any() and (numbers.notna() == text.notna()).all():
+        return numbers.astype("float64")
+    return text.astype(object).where(text.notna(), None)
 
 
 def _check_columns(frame: pd.DataFrame, spec: TableSpec, file: Path) -> None:
@@ -104,9 +125,8 @@ def _clean_typed(frame: pd.DataFrame, spec: TableSpec, rej: _Rejects, tz: str, c
         raw = frame[col.name]
         null = raw.isna().to_numpy()
         if col.kind in ("id", "text"):
-            text = raw.astype("string").str.strip()
-            null |= (text == "").fillna(True).to_numpy(dtype=bool)
-            value = text
+            value = _strip(raw)
+            null |= (value == "").fillna(True).to_numpy(dtype=bool)
         elif col.kind == "time":
             value = to_utc(raw, tz, cfg.time_unit, cfg.time_format)
             rej.mark(value.isna().to_numpy() & ~null, "bad_time", col.name)
@@ -122,10 +142,10 @@ def _clean_typed(frame: pd.DataFrame, spec: TableSpec, rej: _Rejects, tz: str, c
         if col.required:
             rej.mark(null, "null", col.name)
         out[col.name] = value
-    if spec.extra_columns:  # attribute columns travel as they are
+    if spec.extra_columns:
         for name in frame.columns:
             if name not in out:
-                out[name] = frame[name]
+                out[name] = _attribute(frame[name])
     return pd.DataFrame(out, index=frame.index)
 
 

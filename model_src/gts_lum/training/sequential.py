@@ -1,0 +1,281 @@
+"""Trainer for ID-based sequence models (SASRec, HSTU): next-behaviour prediction with sampled softmax.
+
+A model plugs in as a `SequenceEncoder` (an `nn.Module` mapping left-padded behaviour ids and
+timestamps to one hidden state per position, with a tied item embedding table) plus a
+`SequentialRecommender` subclass that builds it from its config. This module owns everything else:
+
+- training windows cut from the CSR `split.train` so that every training transition is a target once;
+- the loss: sampled softmax / InfoNCE over shared uniform negatives and/or in-batch negatives, with the
+  logQ correction (log of each item's expected count among the sampled negatives) and accidental hits
+  (a negative equal to the positive) masked out;
+- AdamW, epochs with a tqdm bar and readable logs, validation on `split.valid` every epoch, early
+  stopping with patience, the best state dict kept; deterministic given `seed`;
+- scoring histories for the evaluation protocol.
+
+Behaviour index b is token b + 1; token 0 is padding. Sequences are left-padded, so the most recent
+event is always the last column and learned absolute positions count back from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from gts_lum.data.events import EventLog, ragged_arange
+from gts_lum.evaluation.protocol import EvalConfig, evaluate
+from gts_lum.modeling.baselines import check_catalog, validation_metric
+from gts_lum.sequence.splits import EvalSet, Split
+from gts_lum.training.device import device_info, select_device
+
+log = logging.getLogger(__name__)
+
+PAD = 0
+
+
+@dataclass
+class SequentialTrainConfig:
+    max_len: int = 200  # events per training window and per scored history (most recent kept)
+    batch_size: int = 64  # windows per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 100
+    patience: int = 5  # epochs without a better validation metric before stopping
+    num_negatives: int = 256  # uniform negatives shared by every position of a batch
+    in_batch_negatives: int = 0  # negatives drawn from the batch's targets (popularity-distributed)
+    temperature: float = 1.0
+    l2_norm: bool = False  # cosine similarity between hidden states and item embeddings
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    device: str = "auto"  # see training.device.select_device
+    amp: bool = True  # autocast in the device's amp dtype (bf16 on NPU/CUDA; never on CPU)
+    select_metric: str = "NDCG@10"
+
+
+class SequenceEncoder(nn.Module):
+    """(B, L) tokens + (B, L) unix seconds -> (B, L, D) hidden states; position t sees positions <= t only."""
+
+    item_emb: nn.Embedding  # (num_behaviors + 1, D), row PAD unused
+
+    def forward(self, items: torch.Tensor, times: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def left_padded(log_: EventLog, starts: np.ndarray, ends: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Events `starts[i]:ends[i]` of the flat log as rows of `width` columns, right-aligned.
+
+    Returns tokens (B, width) int64 (behaviour + 1, PAD before the first event) and timestamps
+    (B, width) int64 (0 under padding). Rows longer than `width` keep their last `width` events.
+    """
+    starts = np.maximum(np.asarray(starts, np.int64), np.asarray(ends, np.int64) - width)
+    lengths = np.asarray(ends, np.int64) - starts
+    rows = np.repeat(np.arange(len(starts)), lengths)
+    cols = ragged_arange(width - lengths, lengths)
+    idx = ragged_arange(starts, lengths)
+    items = np.zeros((len(starts), width), np.int64)
+    times = np.zeros((len(starts), width), np.int64)
+    items[rows, cols] = log_.behavior[idx].astype(np.int64) + 1
+    times[rows, cols] = log_.timestamp[idx]
+    return items, times
+
+
+def training_windows(log_: EventLog, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of windows covering every within-user transition exactly once.
+
+    A window holds up to max_len inputs and their next events: rows `s:e` of the log with e - s <= max_len + 1.
+    Windows are cut backwards from each user's last event, so short users give one window and the
+    most recent events of long users keep their full context.
+    """
+    a, b = log_.offsets[:-1], log_.offsets[1:]
+    transitions = np.maximum(b - a - 1, 0)
+    per_user = -(-transitions // max_len)  # ceil
+    user = np.repeat(np.arange(log_.num_users), per_user)
+    k = ragged_arange(np.zeros(len(per_user), np.int64), per_user)
+    ends = b[user] - k * max_len  # exclusive; the last target of the window
+    starts = np.maximum(a[user], ends - 1 - max_len)
+    return starts, ends
+
+
+def sampled_softmax_loss(
+    hidden: torch.Tensor,  # (P, D) states at positions with a target
+    positives: torch.Tensor,  # (P,) target tokens
+    negatives: torch.Tensor,  # (N,) sampled tokens, shared by all positions
+    table: torch.Tensor,  # (V, D) output embeddings (already normalized if cosine)
+    log_q: torch.Tensor | None,  # (V,) log expected count of each token among the N negatives
+    temperature: float,
+) -> torch.Tensor:
+    """Mean cross-entropy of the positive against the sampled negatives (InfoNCE).
+
+    With `log_q`, every logit is corrected by the log expected count of its item among the samples
+    (Bengio & Senecal 2008; Yi et al. 2019), which removes the bias towards popular items that
+    in-batch negatives otherwise cause. A negative equal to the positive is masked: it is no negative.
+    """
+    pos_logit = (hidden * table[positives]).sum(-1, keepdim=True) / temperature  # (P, 1)
+    neg_logit = hidden @ table[negatives].T / temperature  # (P, N)
+    if log_q is not None:
+        pos_logit = pos_logit - log_q[positives].unsqueeze(1)
+        neg_logit = neg_logit - log_q[negatives].unsqueeze(0)
+    neg_logit = neg_logit.masked_fill(negatives.unsqueeze(0) == positives.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos_logit, neg_logit], dim=1).float()
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+class SequentialRecommender:
+    """`fit` / `score` for any `SequenceEncoder`. Subclasses set `name` and implement `build_encoder`.
+
+    The config must carry the encoder fields and a `train: SequentialTrainConfig`.
+    """
+
+    name = "sequential"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.encoder: SequenceEncoder | None = None
+        self.device = torch.device("cpu")
+        self.amp_dtype: torch.dtype | None = None
+
+    def build_encoder(self, num_behaviors: int) -> SequenceEncoder:
+        raise NotImplementedError
+
+    @property
+    def train_cfg(self) -> SequentialTrainConfig:
+        return self.cfg.train
+
+    # -- scoring ---------------------------------------------------------------------------------------
+
+    def _output_table(self) -> torch.Tensor:
+        table = self.encoder.item_emb.weight
+        return F.normalize(table, dim=-1) if self.train_cfg.l2_norm else table
+
+    def _encode_last(self, items: np.ndarray, times: np.ndarray) -> torch.Tensor:
+        with self._autocast():
+            hidden = self.encoder(torch.from_numpy(items).to(self.device), torch.from_numpy(times).to(self.device))[:, -1]
+        hidden = hidden.float()
+        return F.normalize(hidden, dim=-1) if self.train_cfg.l2_norm else hidden
+
+    @torch.no_grad()
+    def score(self, log_: EventLog, cases: EvalSet, candidates: np.ndarray) -> np.ndarray:
+        """(B, C) similarity of each history's last hidden state with each candidate's embedding."""
+        check_catalog(log_, None if self.encoder is None else self.encoder.item_emb.num_embeddings - 1, self.name)
+        was_training = self.encoder.training
+        self.encoder.eval()
+        items, times = left_padded(log_, log_.offsets[cases.users], cases.history_end, self.train_cfg.max_len)
+        hidden = self._encode_last(items, times)  # (B, D)
+        cand = torch.as_tensor(np.asarray(candidates, np.int64) + 1, device=self.device)
+        scores = hidden @ self._output_table()[cand].T.float() / self.train_cfg.temperature
+        self.encoder.train(was_training)
+        return scores.cpu().numpy()
+
+    # -- training --------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        kind = self.device.type
+        return torch.autocast(kind, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and self.train_cfg.amp)
+
+    def _log_q(self, train: EventLog, num_tokens: int) -> torch.Tensor | None:
+        """Log expected count of each token among one batch's negatives; None when it is a constant."""
+        tc = self.train_cfg
+        if tc.in_batch_negatives == 0:
+            return None  # uniform only: the correction shifts every logit equally
+        counts = np.bincount(train.behavior.astype(np.int64) + 1, minlength=num_tokens).astype(np.float64)
+        expected = tc.in_batch_negatives * counts / max(counts.sum(), 1.0)
+        expected[1:] += tc.num_negatives / (num_tokens - 1)
+        return torch.as_tensor(np.log(np.maximum(expected, 1e-12)), dtype=torch.float32, device=self.device)
+
+    def _negatives(self, targets: torch.Tensor, num_tokens: int, gen: torch.Generator) -> torch.Tensor:
+        tc = self.train_cfg
+        parts = []
+        if tc.num_negatives:
+            parts.append(torch.randint(1, num_tokens, (tc.num_negatives,), generator=gen).to(self.device))
+        if tc.in_batch_negatives:
+            pick = torch.randint(0, len(targets), (tc.in_batch_negatives,), generator=gen).to(self.device)
+            parts.append(targets[pick])
+        return torch.cat(parts)
+
+    def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None) -> dict:
+        """Train on `split.train`, select the epoch on `split.valid`; returns training statistics."""
+        tc = self.train_cfg
+        if tc.num_negatives + tc.in_batch_negatives <= 0:
+            raise ValueError("train.num_negatives + train.in_batch_negatives must be positive")
+        if tc.max_len < 1 or tc.batch_size < 1:
+            raise ValueError(f"train.max_len and train.batch_size must be >= 1, got {tc.max_len}, {tc.batch_size}")
+        torch.manual_seed(tc.seed)
+        gen = torch.Generator().manual_seed(tc.seed)
+        rng = np.random.default_rng(tc.seed)
+        self.device = select_device(tc.device)
+        self.amp_dtype = device_info(self.device).amp_dtype
+        train = split.train
+        num_tokens = train.num_behaviors + 1
+        self.encoder = self.build_encoder(train.num_behaviors).to(self.device)
+        optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        log_q = self._log_q(train, num_tokens)
+        starts, ends = training_windows(train, tc.max_len)
+        if len(starts) == 0:
+            raise ValueError("split.train has no user with two or more events: nothing to learn a next event from")
+        num_params = sum(p.numel() for p in self.encoder.parameters())
+        log.info("%s: %d parameters, %d training windows, device %s", self.name, num_params, len(starts), self.device)
+
+        best, best_state, best_epoch, bad_epochs = -math.inf, None, -1, 0
+        history = []
+        t_start = time.perf_counter()
+        for epoch in range(tc.epochs):
+            self.encoder.train()
+            order = rng.permutation(len(starts))
+            t_epoch, loss_sum, steps = time.perf_counter(), 0.0, 0
+            bar = tqdm(range(0, len(order), tc.batch_size), desc=f"{self.name} epoch {epoch}", leave=False, disable=None)
+            for lo in bar:
+                idx = order[lo : lo + tc.batch_size]
+                tokens, times = left_padded(train, starts[idx], ends[idx], tc.max_len + 1)
+                tokens = torch.from_numpy(tokens).to(self.device)
+                times = torch.from_numpy(times).to(self.device)
+                inputs, targets = tokens[:, :-1], tokens[:, 1:]
+                with self._autocast():
+                    hidden = self.encoder(inputs, times[:, :-1])  # (B, L, D)
+                has_target = inputs != PAD  # left padding: a real input always has a real next event
+                h = hidden[has_target].float()
+                pos = targets[has_target]
+                if tc.l2_norm:
+                    h = F.normalize(h, dim=-1)
+                loss = sampled_softmax_loss(h, pos, self._negatives(pos, num_tokens, gen), self._output_table().float(), log_q, tc.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip:
+                    nn.utils.clip_grad_norm_(self.encoder.parameters(), tc.grad_clip)
+                optimizer.step()
+                loss_sum, steps = loss_sum + float(loss), steps + 1
+                bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
+            seq_per_s = len(order) / max(time.perf_counter() - t_epoch, 1e-9)
+            metrics = evaluate(self, split.log, split.valid, candidates, eval_cfg, desc=f"{self.name} valid")
+            value = validation_metric(metrics, tc.select_metric)
+            history.append({"epoch": epoch, "loss": loss_sum / steps, "seq_per_s": seq_per_s, f"valid_{tc.select_metric}": value})
+            improved = value > best
+            if improved:
+                best, best_epoch, bad_epochs = value, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+            else:
+                bad_epochs += 1
+            log.info(
+                "%s epoch %d: loss %.4f, %.0f seq/s, valid %s %.4f%s",
+                self.name, epoch, loss_sum / steps, seq_per_s, tc.select_metric, value, " (best)" if improved else "",
+            )
+            if bad_epochs >= tc.patience:
+                log.info("%s: early stop after epoch %d (best epoch %d)", self.name, epoch, best_epoch)
+                break
+        self.encoder.load_state_dict(best_state)
+        self.encoder.eval()
+        return {
+            "epochs": len(history),
+            "best_epoch": best_epoch,
+            f"valid_{tc.select_metric}": best,
+            "train_seconds": time.perf_counter() - t_start,
+            "num_parameters": num_params,
+            "device": str(self.device),
+            "history": history,
+        }

@@ -1,0 +1,49 @@
+import pandas as pd
+import pytest
+
+from gts_lum.data.adapters import Mapping, adapt
+from gts_lum.data.validate import load_event_log, validate_dataset
+
+
+def test_movielens_mapping_builds_a_valid_dataset(movielens_dir, tmp_path):
+    adapt(movielens_dir, Mapping.load("pkg:adapters/movielens.yaml"), tmp_path / "raw", progress=False)
+    summary = validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)
+    assert summary["tables"]["events"] == {"rows_in": 100836, "rows_kept": 100836, "rejected": {}}
+    beh = pd.read_parquet(tmp_path / "clean" / "behaviors.parquet").set_index("behavior_id")
+    assert beh.loc["1", "description"].startswith("Toy Story (1995). Genres: Adventure|Animation")
+    assert "pixar" in beh.loc["1", "description"]  # the most frequent tags enrich the text
+    log = load_event_log(tmp_path / "clean")
+    assert (log.num_users, log.num_events) == (610, 100836)
+    assert (log.timestamp[1:] >= log.timestamp[:-1])[log.user_of_event()[1:] == log.user_of_event()[:-1]].all()
+
+
+def test_telco_mapping_gives_users_and_churn_labels(telco_dir, tmp_path):
+    adapt(telco_dir, Mapping.load("pkg:adapters/telco_churn.yaml"), tmp_path / "raw", progress=False)
+    summary = validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)
+    assert summary["tables"]["users"]["rows_kept"] == 7043
+    labels = pd.read_parquet(tmp_path / "clean" / "labels.parquet")
+    assert set(labels["task"]) == {"churn"} and labels["label"].sum() == 1869
+    users = pd.read_parquet(tmp_path / "clean" / "users.parquet")
+    assert "Churn" not in users.columns  # the label must not leak into the attributes
+    assert users["TotalCharges"].isna().sum() == 11  # the 11 blank cells (tenure 0) stay missing, not dropped
+
+
+def test_mapping_errors_name_the_file_and_column(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"uid": ["1"], "when": ["2024-01-01"], "item": ["x"]}).to_csv(src / "log.csv", index=False)
+    (tmp_path / "m.yaml").write_text(
+        "name: x\ntables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: time, behavior_id: item}\n"
+        "  behaviors:\n    from_events: true\n"
+    )
+    with pytest.raises(KeyError, match=r"log\.csv.*\['time'\]"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "out", progress=False)
+    (tmp_path / "m.yaml").write_text((tmp_path / "m.yaml").read_text().replace("timestamp: time", "timestamp: when"))
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "out", progress=False)
+    assert validate_dataset(tmp_path / "out", tmp_path / "clean", progress=False)["tables"]["events"]["rows_kept"] == 1
+
+
+def test_unknown_table_in_mapping_is_an_error(tmp_path):
+    (tmp_path / "m.yaml").write_text("name: x\ntables:\n  clicks: {files: [a.csv]}\n")
+    with pytest.raises(ValueError, match="unknown table"):
+        Mapping.load(tmp_path / "m.yaml")

@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gts_lum.data.contract import DatasetManifest
+from gts_lum.data.validate import ContractError, ValidationConfig, load_event_log, validate_dataset
+
+
+def _write_raw(root, events: pd.DataFrame, timezone="Asia/Shanghai", shards=1):
+    DatasetManifest(name="t", timezone=timezone).write(root)
+    pd.DataFrame({"behavior_id": ["a", "b", "c"], "description": ["watch video", "call", "sms"]}).to_csv(root / "behaviors.csv", index=False)
+    (root / "events").mkdir()
+    for i, part in enumerate(np.array_split(np.arange(len(events)), shards)):
+        events.iloc[part].to_csv(root / "events" / f"part-{i}.csv", index=False)
+
+
+def test_bad_rows_are_quarantined_with_file_row_field_and_reason(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    events = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u1", "", "u2", "u2", "u2", "u2"],
+            "timestamp": ["2024-03-01 08:00", "not a time", "2024-03-01 08:05", "2024-03-01 09:00", "1709251200", "1709251200",
+                          "2024-03-01T10:00:00+08:00", "2024-03-01T02:00:00Z"],
+            "behavior_id": ["a", "b", "zzz", "a", "b", "b", "c", "c"],
+            "value": ["1.5", "2", "3", "4", "x", "5", "6", "7"],
+        }
+    )
+    _write_raw(raw, events)
+    summary = validate_dataset(raw, tmp_path / "clean", ValidationConfig(max_quarantine_fraction=0.9), progress=False)
+    ev = summary["tables"]["events"]
+    assert (ev["rows_in"], ev["rows_kept"]) == (8, 3)  # row 6 stays: its twin (row 5) was rejected first
+    assert ev["rejected"] == {"bad_time": 1, "unknown_behavior": 1, "null": 1, "bad_float": 1, "duplicate": 1}
+    q = pd.read_parquet(tmp_path / "clean" / "quarantine" / "events.parquet").sort_values("_row")
+    assert list(q["_row"]) == [2, 3, 4, 5, 8]
+    assert list(q["_reason"]) == ["bad_time", "unknown_behavior", "null", "bad_float", "duplicate"]
+    assert list(q["_field"]) == ["timestamp", "behavior_id", "user_id", "value", "user_id,timestamp,behavior_id"]
+    assert q["_file"].str.endswith("part-0.csv").all()
+    assert q.loc[q["_row"] == 2, "timestamp"].item() == "not a time"  # the raw cell is kept for the operator
+    # naive times are local (Asia/Shanghai, UTC+8); "+08:00" and "Z" are taken as written
+    clean = pd.read_parquet(tmp_path / "clean" / "events").sort_values(["timestamp", "user_id"])
+    assert list(clean["timestamp"].astype(str)) == ["2024-03-01 00:00:00+00:00", "2024-03-01 00:00:00+00:00", "2024-03-01 02:00:00+00:00"]
+    assert json.loads((tmp_path / "clean" / "validation_summary.json").read_text())["tables"]["events"]["rows_kept"] == 3
+
+
+def test_duplicates_across_shards_are_found(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    events = pd.DataFrame({"user_id": ["u1", "u2", "u1", "u3"], "timestamp": ["100", "200", "100", "300"], "behavior_id": ["a", "b", "a", "c"]})
+    _write_raw(raw, events, shards=2)
+    summary = validate_dataset(raw, tmp_path / "clean", progress=False)
+    assert summary["tables"]["events"]["rows_kept"] == 3
+    assert summary["tables"]["events"]["rejected"] == {"duplicate": 1}
+    assert len(load_event_log(tmp_path / "clean").behavior) == 3
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_raw(raw, pd.DataFrame({"user_id": ["u1"], "time": ["100"], "behavior_id": ["a"]}))
+    with pytest.raises(ContractError, match=r"part-0\.csv.*lacks required column\(s\) \['timestamp'\]"):
+        validate_dataset(raw, tmp_path / "clean", progress=False)
+
+
+def test_mostly_rejected_table_stops_the_run(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_raw(raw, pd.DataFrame({"user_id": ["u1", "u2", "u3"], "timestamp": ["x", "y", "100"], "behavior_id": ["a", "a", "a"]}))
+    with pytest.raises(ContractError, match="max_quarantine_fraction"):
+        validate_dataset(raw, tmp_path / "clean", ValidationConfig(max_quarantine_fraction=0.5), progress=False)
+
+
+def test_unknown_users_rejected_when_required(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_raw(raw, pd.DataFrame({"user_id": ["u1", "ghost"], "timestamp": ["100", "200"], "behavior_id": ["a", "b"]}))
+    pd.DataFrame({"user_id": ["u1"], "plan": ["gold"]}).to_csv(raw / "users.csv", index=False)
+    summary = validate_dataset(raw, tmp_path / "clean", ValidationConfig(require_known_users=True), progress=False)
+    assert summary["tables"]["events"]["rejected"] == {"unknown_user": 1}

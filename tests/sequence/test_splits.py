@@ -1,0 +1,55 @@
+import numpy as np
+import pandas as pd
+
+from gts_lum.data.events import EventLog
+from gts_lum.sequence.splits import held_out_users, leave_one_out
+
+
+def _log():
+    df = pd.DataFrame(
+        {
+            "user_id": ["u1"] * 5 + ["u2"] * 2 + ["u3"] * 3,
+            "timestamp": [1, 2, 3, 4, 5, 1, 2, 10, 10, 10],
+            "behavior_id": ["a", "b", "c", "d", "e", "a", "b", "x", "y", "z"],
+        }
+    )
+    return EventLog.from_frame(df, seed=7)
+
+
+def test_leave_one_out_targets_and_training_events():
+    log = _log()
+    split = leave_one_out(log)
+    u1 = list(log.user_ids).index("u1")
+    i = list(split.test.users).index(u1)
+    assert log.behavior_ids[split.test.target[i]] == "e"
+    assert log.behavior_ids[split.valid.target[list(split.valid.users).index(u1)]] == "d"
+    assert split.test.history_end[i] - log.offsets[u1] == 4  # history a..d
+    # u2 has 2 events: not evaluated, all its events train
+    assert len(split.test) == 2 and split.train.num_events == 3 + 2 + 1
+    # no target event is among the training events of an evaluated user
+    for cases in (split.valid, split.test):
+        for u, t in zip(cases.users, cases.target):
+            s, e = split.train.offsets[u], split.train.offsets[u + 1]
+            assert t not in split.train.behavior[s:e]
+
+
+def test_tie_break_is_seeded_not_by_item_id():
+    # u3's three events share one timestamp: which is last depends on the seed, not on the id order
+    lasts = set()
+    df = pd.DataFrame({"user_id": ["u"] * 3, "timestamp": [10] * 3, "behavior_id": ["x", "y", "z"]})
+    for seed in range(12):
+        log = EventLog.from_frame(df, seed=seed)
+        lasts.add(log.behavior_ids[log.behavior[-1]])
+    assert len(lasts) > 1
+    assert np.array_equal(EventLog.from_frame(df, seed=3).behavior, EventLog.from_frame(df, seed=3).behavior)
+
+
+def test_held_out_users_never_train():
+    rng = np.random.default_rng(0)
+    n = 400
+    df = pd.DataFrame({"user_id": np.repeat([f"u{i}" for i in range(n)], 5), "timestamp": np.tile(np.arange(5), n), "behavior_id": rng.integers(0, 30, 5 * n).astype(str)})
+    log = EventLog.from_frame(df)
+    split = held_out_users(log, 0.25, seed=1)
+    assert 60 < len(split.test) < 140
+    assert (split.train.lengths()[split.test.users] == 0).all()
+    assert not set(split.test.users) & set(split.valid.users)
