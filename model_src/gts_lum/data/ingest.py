@@ -1,0 +1,59 @@
+"""One entry for every way data arrives: simulator, contract folder, or another layout plus a mapping.
+
+`prepare_dataset(spec, workdir)` returns the folder of a validated data set:
+- `synth:NAME` (NAME a config in `gts_lum/configs/synth/`, or a YAML path): simulate, then validate;
+- a folder that already holds `validation_summary.json`: used as it is;
+- a folder in the contract layout (`events/` or `events.*`, `behaviors.*`...): validated;
+- any other folder with `mapping=` (a YAML path or `pkg:adapters/NAME.yaml`): adapted, then validated.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from gts_lum.data.contract import table_files
+from gts_lum.data.validate import ValidationConfig, validate_dataset
+
+log = logging.getLogger(__name__)
+
+
+def is_clean(path: Path) -> bool:
+    return (path / "validation_summary.json").exists()
+
+
+def prepare_dataset(
+    spec: str | Path,
+    workdir: str | Path,
+    mapping: str | None = None,
+    synth_overrides: list[str] | dict | None = None,
+    validation: ValidationConfig | None = None,
+    progress: bool = True,
+) -> Path:
+    workdir = Path(workdir)
+    spec = str(spec)
+    raw = workdir / "raw"
+    if spec.startswith("synth:"):
+        from gts_lum.config import load_config
+        from gts_lum.data.simulator import SimulatorConfig, simulate
+
+        name = spec[len("synth:") :]
+        cfg_path = name if name.endswith((".yaml", ".yml")) else f"pkg:synth/{name}.yaml"
+        simulate(load_config(SimulatorConfig, cfg_path, synth_overrides), raw, progress=progress)
+    else:
+        source = Path(spec)
+        if not source.is_dir():
+            raise FileNotFoundError(f"data set {source} is not a folder (give a folder, or synth:NAME)")
+        if is_clean(source):
+            return source
+        if mapping:
+            from gts_lum.data.adapters import Mapping, adapt
+
+            adapt(source, Mapping.load(mapping), raw, progress=progress)
+        elif table_files(source, "events") or table_files(source, "users"):
+            raw = source
+        else:
+            raise ValueError(f"{source} is not in the contract layout (no events/ or users table): pass a mapping (--mapping)")
+    clean = workdir / "clean"
+    validate_dataset(raw, clean, validation, progress=progress)
+    return clean
