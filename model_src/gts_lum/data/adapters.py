@@ -50,6 +50,7 @@ class AggregateSpec:
     column: str
     top: int = 5
     separator: str = ", "
+    prefix: str = ""  # written before the joined values, only where there are values
 
 
 @dataclass
@@ -109,7 +110,7 @@ def _aggregate(source: Path, spec: AggregateSpec, table: str) -> pd.Series:
     counts = frame.groupby([spec.key, spec.column]).size().rename("n").reset_index()
     counts = counts.sort_values([spec.key, "n", spec.column], ascending=[True, False, True])
     top = counts.groupby(spec.key).head(spec.top)
-    return top.groupby(spec.key)[spec.column].agg(spec.separator.join)
+    return spec.prefix + top.groupby(spec.key)[spec.column].agg(spec.separator.join)
 
 
 def _apply(frame: pd.DataFrame, mapping: TableMapping, table: str, file: Path, extra: dict[str, pd.Series]) -> pd.DataFrame:

@@ -22,6 +22,30 @@ def is_clean(path: Path) -> bool:
     return (path / "validation_summary.json").exists()
 
 
+def bring_in(spec: str | Path, raw: str | Path, mapping: str | None = None, synth_overrides: list[str] | dict | None = None, progress: bool = True) -> Path:
+    """The data set named by `spec` in the contract layout, not yet validated (see the module docstring)."""
+    spec, raw = str(spec), Path(raw)
+    if spec.startswith("synth:"):
+        from gts_lum.config import load_config
+        from gts_lum.data.simulator import SimulatorConfig, simulate
+
+        name = spec[len("synth:") :]
+        cfg_path = name if name.endswith((".yaml", ".yml")) else f"pkg:synth/{name}.yaml"
+        simulate(load_config(SimulatorConfig, cfg_path, synth_overrides), raw, progress=progress)
+        return raw
+    source = Path(spec)
+    if not source.is_dir():
+        raise FileNotFoundError(f"data set {source} is not a folder (give a folder, or synth:NAME)")
+    if mapping:
+        from gts_lum.data.adapters import Mapping, adapt
+
+        adapt(source, Mapping.load(mapping), raw, progress=progress)
+        return raw
+    if table_files(source, "events") or table_files(source, "users"):
+        return source
+    raise ValueError(f"{source} is not in the contract layout (no events/ or users table): pass a mapping (--mapping)")
+
+
 def prepare_dataset(
     spec: str | Path,
     workdir: str | Path,
@@ -30,30 +54,11 @@ def prepare_dataset(
     validation: ValidationConfig | None = None,
     progress: bool = True,
 ) -> Path:
+    """`bring_in` then validate into `workdir/clean`; a folder validated before is returned as it is."""
     workdir = Path(workdir)
-    spec = str(spec)
-    raw = workdir / "raw"
-    if spec.startswith("synth:"):
-        from gts_lum.config import load_config
-        from gts_lum.data.simulator import SimulatorConfig, simulate
-
-        name = spec[len("synth:") :]
-        cfg_path = name if name.endswith((".yaml", ".yml")) else f"pkg:synth/{name}.yaml"
-        simulate(load_config(SimulatorConfig, cfg_path, synth_overrides), raw, progress=progress)
-    else:
-        source = Path(spec)
-        if not source.is_dir():
-            raise FileNotFoundError(f"data set {source} is not a folder (give a folder, or synth:NAME)")
-        if is_clean(source):
-            return source
-        if mapping:
-            from gts_lum.data.adapters import Mapping, adapt
-
-            adapt(source, Mapping.load(mapping), raw, progress=progress)
-        elif table_files(source, "events") or table_files(source, "users"):
-            raw = source
-        else:
-            raise ValueError(f"{source} is not in the contract layout (no events/ or users table): pass a mapping (--mapping)")
+    if not str(spec).startswith("synth:") and is_clean(Path(spec)):
+        return Path(spec)
+    raw = bring_in(spec, workdir / "raw", mapping, synth_overrides, progress)
     clean = workdir / "clean"
     validate_dataset(raw, clean, validation, progress=progress)
     return clean

@@ -336,3 +336,18 @@ def _has_value(clean_dir: Path) -> bool:
 
     first = sorted((clean_dir / "events").glob("*.parquet"))[:1]
     return bool(first) and "value" in pq.read_schema(first[0]).names
+
+
+def summary_markdown(summary: dict) -> str:
+    """The validation summary as a Markdown table (the Kubeflow UI shows it)."""
+    lines = [
+        f"## Validation of `{summary['dataset']}` (timezone {summary['timezone']})",
+        "",
+        "| table | rows in | kept | rejected | reasons |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for table, rep in summary["tables"].items():
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(rep["rejected"].items())) or "-"
+        lines.append(f"| {table} | {rep['rows_in']:,} | {rep['rows_kept']:,} | {rep['rows_in'] - rep['rows_kept']:,} | {reasons} |")
+    lines += ["", f"Rejected rows: `{summary['quarantine_dir']}`."]
+    return "\n".join(lines) + "\n"

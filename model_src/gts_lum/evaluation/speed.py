@@ -21,7 +21,7 @@ def bench_validation_and_sequences(out_dir: Path, users: int, days: int) -> dict
     from gts_lum.config import load_config
     from gts_lum.data.simulator import SimulatorConfig, simulate
     from gts_lum.data.validate import load_event_log, validate_dataset
-    from gts_lum.sequence.timestamp_process import SequenceConfig, build_user_sequences
+    from gts_lum.sequence.timestamp_process import SequenceConfig, build_sequences
 
     raw, clean = out_dir / "raw", out_dir / "clean"
     for path in (raw, clean):
@@ -32,7 +32,7 @@ def bench_validation_and_sequences(out_dir: Path, users: int, days: int) -> dict
     t1 = time.perf_counter()
     event_log = load_event_log(clean)
     t2 = time.perf_counter()
-    tokens = build_user_sequences(event_log, SequenceConfig(timezone=summary["timezone"]))
+    tokens = build_sequences(event_log, None, SequenceConfig(timezone=summary["timezone"]))
     t3 = time.perf_counter()
     n = event_log.num_events
     return {
