@@ -13,7 +13,7 @@ $(BIN)/gts-lum: pyproject.toml
 	touch $@
 
 demo: $(BIN)/gts-lum
-	$(BIN)/gts-lum pipeline run --output runs/demo
+	$(BIN)/python -m pipelines.run_local --output runs/demo
 
 test: $(BIN)/gts-lum
 	$(BIN)/pytest -q
@@ -22,7 +22,7 @@ bench: $(BIN)/gts-lum
 	$(BIN)/gts-lum bench-all --output runs/bench
 
 compile: $(BIN)/gts-lum
-	$(BIN)/gts-lum pipeline compile --output-dir pipelines/compiled
+	$(BIN)/python -m pipelines.compile
 
 clean:
 	rm -rf runs local_outputs

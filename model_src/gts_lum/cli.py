@@ -44,6 +44,14 @@ def cmd_validate(args) -> None:
     _print(validate_dataset(args.raw, args.out, load_config(ValidationConfig, args.config, args.set)))
 
 
+def cmd_sequences(args) -> None:
+    from gts_lum.config import load_config
+    from gts_lum.sequence.dataset import SplitConfig, build_sequence_dataset
+
+    split = load_config(SplitConfig, args.split_config, args.split)
+    _print(build_sequence_dataset(args.clean, args.out, args.config, args.set, split))
+
+
 def cmd_bench(args) -> None:
     from gts_lum.evaluation.bench_runner import BenchConfig, run_bench_config
     from gts_lum.config import load_config
@@ -90,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="ValidationConfig YAML")
     overrides(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("sequences", help="timestamp process: build the token sequences and the split of a clean data set")
+    p.add_argument("clean", help="a validated data set folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default="pkg:sequence/default.yaml", help="SequenceConfig YAML (the timezone comes from the data set)")
+    p.add_argument("--split-config", help="SplitConfig YAML")
+    p.add_argument("--split", action="append", default=[], metavar="KEY=VALUE", help="override a split setting, e.g. --split target_filter=type=ott")
+    overrides(p)
+    p.set_defaults(func=cmd_sequences)
 
     p = sub.add_parser("bench", help="train and evaluate models on a data set; writes the paper's Table 2 format (md + json)")
     p.add_argument("--config", default="movielens", help="a bench config in gts_lum/configs/bench or a YAML path")

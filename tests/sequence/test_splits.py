@@ -53,3 +53,19 @@ def test_held_out_users_never_train():
     assert 60 < len(split.test) < 140
     assert (split.train.lengths()[split.test.users] == 0).all()
     assert not set(split.test.users) & set(split.valid.users)
+
+
+def test_target_subset_picks_last_eligible_events_and_training_stops_before_validation():
+    df = pd.DataFrame(
+        {
+            "user_id": ["u"] * 7,
+            "timestamp": [1, 2, 3, 4, 5, 6, 7],
+            "behavior_id": ["call", "ott1", "sms", "ott2", "call", "ott3", "sms"],
+        }
+    )
+    log = EventLog.from_frame(df)
+    ott = np.flatnonzero(np.char.startswith(log.behavior_ids.astype(str), "ott"))
+    split = leave_one_out(log, target_behaviors=ott)
+    assert log.behavior_ids[split.test.target[0]] == "ott3" and split.test.history_end[0] == 5
+    assert log.behavior_ids[split.valid.target[0]] == "ott2" and split.valid.history_end[0] == 3
+    assert list(log.behavior_ids[split.train.behavior]) == ["call", "ott1", "sms"]

@@ -25,7 +25,8 @@ from gts_lum.config import from_dict, load_config
 from gts_lum.data.contract import DatasetManifest
 from gts_lum.data.events import EventLog
 from gts_lum.data.validate import load_event_log
-from gts_lum.sequence.splits import Split, make_split
+from gts_lum.evaluation.candidates import select_candidates
+from gts_lum.sequence.splits import Split, held_out_users, leave_one_out
 from gts_lum.sequence.timestamp_process import BehaviorStats, SequenceConfig, build_sequences
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,21 @@ class SplitConfig:
     test_fraction: float = 0.1  # held_out_users only
     min_events: int = 3  # users with fewer events are not evaluated
     seed: int = 0  # tie-break of equal timestamps, and the held-out draw
+    # Targets only among these behaviours (a filter over the behaviours table, e.g. "type=ott" for the
+    # paper's OTT-service task); histories keep every behaviour. Empty: any behaviour is a target.
+    target_filter: str = ""
 
-    def make(self, event_log: EventLog) -> Split:
+    def make(self, event_log: EventLog, behaviors: pd.DataFrame | None = None) -> Split:
+        targets = None
+        if self.target_filter:
+            if behaviors is None:
+                raise ValueError(f"split target_filter={self.target_filter!r} needs the behaviours table")
+            targets = select_candidates(behaviors, event_log.behavior_ids, self.target_filter)
         if self.kind == "held_out_users":
-            return make_split(event_log, self.kind, test_fraction=self.test_fraction, seed=self.seed, min_events=self.min_events)
-        return make_split(event_log, self.kind, min_events=self.min_events)
+            return held_out_users(event_log, self.test_fraction, self.seed, self.min_events, targets)
+        if self.kind == "leave_one_out":
+            return leave_one_out(event_log, self.min_events, targets)
+        raise ValueError(f"split kind {self.kind!r}: use leave_one_out or held_out_users")
 
 
 @dataclass
@@ -64,7 +75,7 @@ class SequenceDataset:
         )
 
     def split(self) -> Split:
-        return self.split_cfg.make(self.event_log)
+        return self.split_cfg.make(self.event_log, self.behaviors())
 
     def behaviors(self) -> pd.DataFrame:
         """The clean behaviours table, in catalog order."""
@@ -93,8 +104,8 @@ def build_sequence_dataset(
     )
     cfg = load_config(SequenceConfig, sequence_config or "pkg:sequence/default.yaml", overrides)
     event_log = load_event_log(clean_dir, seed=split_cfg.seed)
-    data_split = split_cfg.make(event_log)
     behaviors = pd.read_parquet(clean_dir / "behaviors.parquet")
+    data_split = split_cfg.make(event_log, behaviors)
     source = behaviors["type"].astype(str).to_numpy() if cfg.main_sequence not in ("all", "longest") and "type" in behaviors else None
     stats = BehaviorStats.fit(data_split.train, cfg, source=source)
     tokens = build_sequences(event_log, data_split.test, cfg, stats)

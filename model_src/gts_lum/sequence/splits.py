@@ -50,39 +50,64 @@ class Split:
     kind: str
 
 
-def _cases(log: EventLog, users: np.ndarray, back: int) -> EvalSet:
-    """The event `back` places before the end of each user's sequence as target."""
-    idx = log.offsets[users + 1] - back
-    return EvalSet(users.astype(np.int64), idx.astype(np.int64), log.behavior[idx], log.timestamp[idx])
+def _last_eligible(log: EventLog, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per user, the row of the last and second-to-last eligible event (-1 where there is none)."""
+    user = log.user_of_event()
+    rows = np.flatnonzero(eligible)
+    last = np.full(log.num_users, -1, dtype=np.int64)
+    second = np.full(log.num_users, -1, dtype=np.int64)
+    last[user[rows]] = rows  # rows ascend, so the last write per user wins
+    rest = rows[rows != last[user[rows]]]
+    second[user[rest]] = rest
+    return last, second
 
 
-def leave_one_out(log: EventLog, min_events: int = 3) -> Split:
-    lengths = log.lengths()
-    users = np.flatnonzero(lengths >= min_events)
-    keep = np.ones(log.num_events, dtype=bool)
-    keep[log.offsets[users + 1] - 1] = False
-    keep[log.offsets[users + 1] - 2] = False
-    return Split(log, log.select_events(keep), _cases(log, users, 2), _cases(log, users, 1), "leave_one_out")
+def _cases(log: EventLog, rows: np.ndarray) -> EvalSet:
+    """Cases whose targets are the events at `rows`; each history is everything of its user before it."""
+    users = log.user_of_event()[rows].astype(np.int64)
+    return EvalSet(users, rows.astype(np.int64), log.behavior[rows], log.timestamp[rows])
 
 
-def held_out_users(log: EventLog, test_fraction: float = 0.1, seed: int = 0, min_events: int = 3) -> Split:
-    """Test users never contribute training events; validation is leave-one-out on the training users."""
+def _eligible(log: EventLog, target_behaviors: np.ndarray | None) -> np.ndarray:
+    if target_behaviors is None:
+        return np.ones(log.num_events, dtype=bool)
+    mask = np.zeros(log.num_behaviors, dtype=bool)
+    mask[target_behaviors] = True
+    return mask[log.behavior]
+
+
+def leave_one_out(log: EventLog, min_events: int = 3, target_behaviors: np.ndarray | None = None) -> Split:
+    """Last (eligible) event = test, the one before = validation, events before that = training.
+
+    `target_behaviors` restricts targets to a behaviour subset (e.g. OTT services, the paper's
+    downstream task): the test target is the user's last such event and training stops before the
+    validation target, so no event at or after it is learned from.
+    """
+    last, second = _last_eligible(log, _eligible(log, target_behaviors))
+    starts = log.offsets[:-1]
+    evaluated = (second >= 0) & (second - starts >= max(min_events - 2, 1))
+    users = np.flatnonzero(evaluated)
+    # training: everything of non-evaluated users; evaluated users up to their validation target
+    cut = np.where(evaluated, second, log.offsets[1:])
+    position = np.arange(log.num_events) - np.repeat(starts, log.lengths())
+    keep = position < np.repeat(cut - starts, log.lengths())
+    return Split(log, log.select_events(keep), _cases(log, second[users]), _cases(log, last[users]), "leave_one_out")
+
+
+def held_out_users(
+    log: EventLog, test_fraction: float = 0.1, seed: int = 0, min_events: int = 3, target_behaviors: np.ndarray | None = None
+) -> Split:
+    """Test users never contribute training events; validation is the last (eligible) event of training users."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     h = tiebreak_keys(np.arange(log.num_users), np.zeros(log.num_users, np.int64), np.zeros(log.num_users, np.int64), seed)
     is_test = (h % np.uint64(1_000_000)).astype(np.float64) < test_fraction * 1_000_000
-    lengths = log.lengths()
-    evaluable = lengths >= min_events
+    last, _ = _last_eligible(log, _eligible(log, target_behaviors))
+    starts = log.offsets[:-1]
+    evaluable = (last >= 0) & (last - starts >= max(min_events - 1, 1))
     train_users = np.flatnonzero(~is_test & evaluable)
     test_users = np.flatnonzero(is_test & evaluable)
-    keep = ~np.repeat(is_test, lengths)
-    keep[log.offsets[train_users + 1] - 1] = False
-    return Split(log, log.select_events(keep), _cases(log, train_users, 1), _cases(log, test_users, 1), "held_out_users")
-
-
-def make_split(log: EventLog, kind: str = "leave_one_out", **kwargs) -> Split:
-    if kind == "leave_one_out":
-        return leave_one_out(log, min_events=kwargs.get("min_events", 3))
-    if kind == "held_out_users":
-        return held_out_users(log, **kwargs)
-    raise ValueError(f"unknown split kind {kind!r}: use leave_one_out or held_out_users")
+    cut = np.where(~is_test & evaluable, last, np.where(is_test, starts, log.offsets[1:]))
+    position = np.arange(log.num_events) - np.repeat(starts, log.lengths())
+    keep = position < np.repeat(cut - starts, log.lengths())
+    return Split(log, log.select_events(keep), _cases(log, last[train_users]), _cases(log, last[test_users]), "held_out_users")

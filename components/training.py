@@ -1,0 +1,43 @@
+"""Training and evaluation steps for the sequence models (baselines now; GTS-LUM plugs in by name)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_model(sequences: Input[Dataset], model_name: str, model_config: str, model_overrides: str, device: str, model: Output[Model], metrics: Output[Metrics]):
+    """Train one registered model on the training split; select on validation; save safetensors + config."""
+    import json
+
+    from gts_lum.training.train import train_model as train
+
+    stats = train(sequences.path, model_name, model_config or None, json.loads(model_overrides or "{}"), model.path, device=device)
+    model.metadata.update({"model": model_name, **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
+    for key, value in stats.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, value)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate_models(
+    sequences: Input[Dataset],
+    model: Input[Model],
+    baseline: Input[Model],
+    eval_config: str,
+    metrics: Output[Metrics],
+    table: Output[Markdown],
+):
+    """Leave-one-out full ranking on the test cases: R@K, NDCG@K, MRR for the model and the baseline."""
+    import json
+
+    from gts_lum.evaluation.evaluate import evaluate_saved_models
+
+    result = evaluate_saved_models(sequences.path, [model.path, baseline.path], json.loads(eval_config or "{}"))
+    for row in result["rows"]:
+        for key, value in row.items():
+            if isinstance(value, float):
+                metrics.log_metric(f"{row['method']}_{key}", value)
+    with open(table.path, "w") as f:
+        f.write(result["markdown"])

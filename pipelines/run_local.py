@@ -1,0 +1,71 @@
+"""Run a pipeline on this machine through `kfp.local` (the main job: `make demo`).
+
+    python -m pipelines.run_local --output runs/demo [--param data_source=synth:demo --param model_name=hstu]
+
+Each component runs as a subprocess of this virtualenv (SubprocessRunner without a venv of its own),
+exactly the code the cluster runs in the project's image. Outputs land in `<output>/local_outputs/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from kfp import local
+
+from pipelines import PIPELINES
+
+log = logging.getLogger("pipelines.run_local")
+
+
+def run(pipeline_name: str, output: Path, params: dict) -> Path:
+    output = output.resolve()
+    root = output / "local_outputs"
+    # The components name the project's image, which holds Python; the runner warns about any image
+    # without "python" in its name. Locally the image is this virtualenv.
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    before = set(root.iterdir()) if root.exists() else set()
+    started = time.perf_counter()
+    PIPELINES[pipeline_name](**params)
+    run_dirs = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    run_dir = run_dirs[-1]
+    log.info("pipeline %s finished in %.0f s", pipeline_name, time.perf_counter() - started)
+    return run_dir
+
+
+def report(run_dir: Path) -> str:
+    """Where the results are, and the Markdown the Kubeflow UI would show."""
+    lines = [f"Results of the run: {run_dir}"]
+    for md in sorted(run_dir.rglob("*")):
+        if md.is_file() and md.parent.name.startswith(("evaluate", "validate", "build-sequences")) and md.name in ("table", "report", "preview"):
+            lines += ["", f"--- {md.relative_to(run_dir)} ---", md.read_text()]
+    for metrics in sorted(run_dir.rglob("metrics")):
+        if metrics.is_file():
+            lines.append(f"metrics: {metrics}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", default="training", choices=sorted(PIPELINES))
+    parser.add_argument("--output", default="runs/demo", type=Path)
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    params = dict(p.split("=", 1) for p in args.param)
+    run_dir = run(args.pipeline, args.output, params)
+    text = report(run_dir)
+    print(text)
+    (args.output / "RESULTS.md").write_text(text)
+    print(f"\nsummary: {(args.output / 'RESULTS.md').resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
