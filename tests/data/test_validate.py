@@ -79,3 +79,21 @@ def test_unknown_users_rejected_when_required(tmp_path):
     pd.DataFrame({"user_id": ["u1"], "plan": ["gold"]}).to_csv(raw / "users.csv", index=False)
     summary = validate_dataset(raw, tmp_path / "clean", ValidationConfig(require_known_users=True), progress=False)
     assert summary["tables"]["events"]["rejected"] == {"unknown_user": 1}
+
+
+def test_parquet_ids_are_checked_on_their_distinct_values(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "events").mkdir(parents=True)
+    DatasetManifest(name="t", timezone="UTC").write(raw)
+    pd.DataFrame({"behavior_id": ["a", "b"], "description": ["x", "y"]}).to_parquet(raw / "behaviors.parquet")
+    pd.DataFrame(
+        {
+            "user_id": [" u1", "u1", None, "u2", ""],
+            "timestamp": pd.to_datetime([1, 2, 3, 4, 5], unit="s", utc=True),
+            "behavior_id": ["a ", "b", "a", "c", "a"],
+        }
+    ).to_parquet(raw / "events" / "part-0.parquet")
+    summary = validate_dataset(raw, tmp_path / "clean", ValidationConfig(max_quarantine_fraction=0.9), progress=False)
+    assert summary["tables"]["events"]["rejected"] == {"null": 2, "unknown_behavior": 1}
+    log = load_event_log(tmp_path / "clean")
+    assert list(log.user_ids) == ["u1"] and list(log.behavior_ids[log.behavior]) == ["a", "b"]

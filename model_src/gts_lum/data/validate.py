@@ -92,7 +92,15 @@ class _Rejects:
 
 
 def _strip(raw: pd.Series) -> pd.Series:
-    """Strings without surrounding blanks; Arrow kernels (C++) rather than a Python call per cell."""
+    """Strings without surrounding blanks; Arrow kernels (C++) rather than a Python call per cell.
+
+    Categoricals stay categoricals: only their distinct values are stripped (two that become equal merge).
+    """
+    if isinstance(raw.dtype, pd.CategoricalDtype):
+        remap, stripped = pd.factorize(pd.Index(raw.cat.categories.astype(str)).str.strip())
+        codes = raw.cat.codes.to_numpy()
+        codes = np.where(codes >= 0, remap[codes], -1)
+        return pd.Series(pd.Categorical.from_codes(codes, categories=stripped), index=raw.index)
     return raw.astype("string[pyarrow]").str.strip()
 
 
@@ -126,7 +134,7 @@ def _clean_typed(frame: pd.DataFrame, spec: TableSpec, rej: _Rejects, tz: str, c
         null = raw.isna().to_numpy()
         if col.kind in ("id", "text"):
             value = _strip(raw)
-            null |= (value == "").fillna(True).to_numpy(dtype=bool)
+            null |= (value == "").to_numpy(dtype=bool, na_value=True) if not isinstance(value.dtype, pd.CategoricalDtype) else (value.isna() | (value == "")).to_numpy()
         elif col.kind == "time":
             value = to_utc(raw, tz, cfg.time_unit, cfg.time_format)
             rej.mark(value.isna().to_numpy() & ~null, "bad_time", col.name)
@@ -272,7 +280,7 @@ def _validate_events(root, out, tz, cfg, catalog, known_users, progress) -> tupl
     hashes, shard_of, pos_in_shard = [], [], []
     clean_paths = []
     for i, file in enumerate(tqdm(files, desc="validate events", unit="shard", disable=not progress or None)):
-        frame = read_file(file)
+        frame = read_file(file, dictionary=("user_id", "behavior_id", "source"))
         _check_columns(frame, spec, file)
         rej = _Rejects(frame, file, 1)
         typed = _clean_typed(frame, spec, rej, tz, cfg)
