@@ -28,8 +28,23 @@ def _build(cls: type, data: Any, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        kwargs[key] = _build(hint, value, f"{where}.{key}" if where else key) if dataclasses.is_dataclass(hint) else value
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _build(hint, value, path) if dataclasses.is_dataclass(hint) else _coerce(hint, value, path)
     return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Numbers written as YAML strings ("3e-3" is a string to YAML 1.1) become the field's number type."""
+    wanted = [t for t in (typing.get_args(hint) or (hint,)) if t in (int, float)]
+    if isinstance(value, str) and wanted:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"config {where}: expected a number, got {value!r}") from None
+        return int(number) if wanted[0] is int and number.is_integer() else number
+    if isinstance(value, int) and not isinstance(value, bool) and float in wanted and int not in wanted:
+        return float(value)
+    return value
 
 
 def from_dict(cls: type[T], data: dict | None) -> T:

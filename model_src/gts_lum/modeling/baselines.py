@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import scipy.sparse as sp
 
 from gts_lum.data.events import EventLog
@@ -39,8 +40,11 @@ def check_catalog(log_: EventLog, num_behaviors: int | None, model: str) -> None
 
 
 def validation_metric(metrics: dict[str, float], name: str) -> float:
+    """The model-selection figure from `evaluate` on split.valid, with clear errors when there is none."""
     if name not in metrics:
         raise ValueError(f"select_metric {name!r} is not among the evaluated metrics {sorted(metrics)}; check EvalConfig.ks")
+    if metrics.get("n", 0) == 0:
+        raise ValueError("split.valid has no case whose target is a candidate: nothing to select on")
     return float(metrics[name])
 
 
@@ -73,6 +77,12 @@ class Popularity:
             weights = 0.5 ** (age_days / self.cfg.half_life_days)
         self.counts = np.bincount(train.behavior, weights=weights, minlength=train.num_behaviors).astype(np.float64)
         return {"train_events": int(train.num_events), "behaviors_seen": int((self.counts > 0).sum())}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"counts": torch.from_numpy(self.counts)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], device: str = "cpu") -> None:
+        self.counts = tensors["counts"].numpy().astype(np.float64)
 
     def probabilities(self) -> np.ndarray:
         """(num_behaviors,) training frequency as a distribution (uniform when there is no training event)."""
@@ -141,6 +151,24 @@ class MarkovChain:
         # Ties go to the first (smallest) value in grid order: deterministic.
         self.smoothing = max(results, key=results.get)
         return {**stats, "smoothing": self.smoothing, f"valid_{self.cfg.select_metric}": results[self.smoothing], "grid": results}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t = self.transitions
+        return {
+            "transitions.data": torch.from_numpy(t.data),
+            "transitions.indices": torch.from_numpy(t.indices.astype(np.int64)),
+            "transitions.indptr": torch.from_numpy(t.indptr.astype(np.int64)),
+            "popularity.counts": torch.from_numpy(self.popularity.counts),
+            "smoothing": torch.tensor(self.smoothing, dtype=torch.float64),
+        }
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], device: str = "cpu") -> None:
+        n = len(tensors["popularity.counts"])
+        self.transitions = sp.csr_matrix(
+            (tensors["transitions.data"].numpy(), tensors["transitions.indices"].numpy(), tensors["transitions.indptr"].numpy()), shape=(n, n)
+        )
+        self.popularity.load_state_tensors({"counts": tensors["popularity.counts"]})
+        self.smoothing = float(tensors["smoothing"])
 
     def score(self, log: EventLog, cases: EvalSet, candidates: np.ndarray) -> np.ndarray:
         check_catalog(log, None if self.transitions is None else self.transitions.shape[0], "markov")

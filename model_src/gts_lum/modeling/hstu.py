@@ -8,7 +8,7 @@ the paper's equations (its section 3.1):
 
 with phi1 = phi2 = SiLU. Attention is pointwise (no softmax): each weight stands on its own, so the
 output keeps how *much* of the history relates to the query, not only its mix; it is divided by the
-sequence length N to keep the scale independent of it. rab^{p,t} is a learned relative attention bias
+sequence length N, here the padded length max_len, so that no position depends on how many follow it. rab^{p,t} is a learned relative attention bias
 indexed by the relative position (i - j) and by a log-scale bucket of the time gap (t_i - t_j) between
 query event i and key event j. Layers are residual, X <- X + Y(LN(X)) (pre-norm); there is no absolute
 position embedding, positions and time enter through rab only.
@@ -52,7 +52,7 @@ class HSTUConfig:
 
 def time_buckets(times: torch.Tensor, base: float, num_buckets: int) -> torch.Tensor:
     """(B, L) unix seconds -> (B, L, L) bucket of the gap t_i - t_j on a log scale (negative gaps -> 0)."""
-    gap = (times.unsqueeze(2) - times.unsqueeze(1)).clamp(min=0).double()
+    gap = (times.unsqueeze(2) - times.unsqueeze(1)).clamp(min=0).float()  # fp32 is exact enough for a log bucket
     return (torch.log1p(gap) / math.log(base)).floor().long().clamp(max=num_buckets - 1)
 
 
@@ -79,16 +79,15 @@ class HSTULayer(nn.Module):
         self.norm_av = nn.LayerNorm(self.h * self.dv)
         self.f2 = nn.Linear(self.h * self.dv, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
-        self.max_len = max_len
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, rel_pos: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D); allowed: (B, 1, L, L) causal & real key -> (B, L, D)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rel_pos: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, D); mask: (B, 1, L, L) 1/N where key j <= query i is a real event, else 0 -> (B, L, D)."""
         b, n, _ = x.shape
         u, v, q, k = F.silu(self.f1(self.norm_in(x))).split([self.h * self.dv] * 2 + [self.h * self.dqk] * 2, dim=-1)
         q = q.view(b, n, self.h, self.dqk).transpose(1, 2)  # (B, H, L, dqk)
         k = k.view(b, n, self.h, self.dqk).transpose(1, 2)
         v = v.view(b, n, self.h, self.dv).transpose(1, 2)  # (B, H, L, dv)
-        weights = F.silu(q @ k.transpose(-1, -2) + self.rab(rel_pos, buckets)) * allowed / self.max_len  # (B, H, L, L)
+        weights = F.silu(q @ k.transpose(-1, -2) + self.rab(rel_pos, buckets)) * mask  # (B, H, L, L)
         av = (self.drop(weights) @ v).transpose(1, 2).reshape(b, n, self.h * self.dv)
         return x + self.drop(self.f2(self.norm_av(av) * u))
 
@@ -118,10 +117,13 @@ class HSTUEncoder(SequenceEncoder):
         idx = torch.arange(n, device=items.device)
         rel_pos = (idx.unsqueeze(1) - idx.unsqueeze(0)).clamp(0, self.max_len - 1)  # (L, L)
         buckets = time_buckets(times, self.cfg.time_bucket_base, self.cfg.num_time_buckets)  # (B, L, L)
-        allowed = ((idx.unsqueeze(1) >= idx.unsqueeze(0)) & valid.unsqueeze(1)).unsqueeze(1)  # (B, 1, L, L)
+        allowed = (idx.unsqueeze(1) >= idx.unsqueeze(0)) & valid.unsqueeze(1)  # (B, L, L) causal & real key
+        # Pointwise weights are normalized by the sequence length N (the padded max_len, so that a
+        # position's output cannot depend on how many events follow it).
+        mask = (allowed.float() / self.max_len).unsqueeze(1)  # (B, 1, L, L)
         x = self.drop(self.item_emb(items) * self.scale) * valid.unsqueeze(-1)
         for layer in self.layers:
-            x = layer(x, allowed, rel_pos, buckets) * valid.unsqueeze(-1)
+            x = layer(x, mask, rel_pos, buckets) * valid.unsqueeze(-1)
         return self.norm(x)
 
 
@@ -130,10 +132,6 @@ class HSTU(SequentialRecommender):
 
     def __init__(self, cfg: HSTUConfig | None = None):
         super().__init__(cfg or HSTUConfig())
-
-    @staticmethod
-    def describe() -> str:
-        return "hstu: build_model('hstu', 'pkg:models/hstu.yaml', overrides); fit(split, eval_cfg); score(log, cases, candidates)"
 
     def build_encoder(self, num_behaviors: int) -> HSTUEncoder:
         return HSTUEncoder(num_behaviors, self.cfg.train.max_len, self.cfg)

@@ -100,9 +100,5 @@ class SASRec(SequentialRecommender):
     def __init__(self, cfg: SASRecConfig | None = None):
         super().__init__(cfg or SASRecConfig())
 
-    @staticmethod
-    def describe() -> str:
-        return "sasrec: build_model('sasrec', 'pkg:models/sasrec.yaml', overrides); fit(split, eval_cfg); score(log, cases, candidates)"
-
     def build_encoder(self, num_behaviors: int) -> SASRecEncoder:
         return SASRecEncoder(num_behaviors, self.cfg.train.max_len, self.cfg)

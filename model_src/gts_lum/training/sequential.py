@@ -144,9 +144,35 @@ class SequentialRecommender:
     def build_encoder(self, num_behaviors: int) -> SequenceEncoder:
         raise NotImplementedError
 
+    @classmethod
+    def describe(cls) -> str:
+        return (
+            f"{cls.name}: build_model('{cls.name}', 'pkg:models/{cls.name}.yaml', overrides); "
+            "fit(split, eval_cfg) trains on split.train and keeps the best epoch on split.valid; "
+            "score(log, cases, candidates) -> (B, C)"
+        )
+
     @property
     def train_cfg(self) -> SequentialTrainConfig:
         return self.cfg.train
+
+    # -- persistence (training.checkpoint) -------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.encoder.state_dict()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], device: str = "cpu") -> None:
+        num_behaviors = self.encoder_catalog_size(tensors)
+        self.device = select_device(device)
+        self.amp_dtype = device_info(self.device).amp_dtype
+        self.encoder = self.build_encoder(num_behaviors).to(self.device)
+        self.encoder.load_state_dict(tensors)
+        self.encoder.eval()
+
+    @staticmethod
+    def encoder_catalog_size(tensors: dict[str, torch.Tensor]) -> int:
+        """Behaviours in the catalog a saved encoder was built for (its item table has one padding row)."""
+        return int(tensors["item_emb.weight"].shape[0]) - 1
 
     # -- scoring ---------------------------------------------------------------------------------------
 
@@ -176,14 +202,15 @@ class SequentialRecommender:
     # -- training --------------------------------------------------------------------------------------
 
     def _autocast(self):
-        kind = self.device.type
-        return torch.autocast(kind, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and self.train_cfg.amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and self.train_cfg.amp)
 
     def _log_q(self, train: EventLog, num_tokens: int) -> torch.Tensor | None:
         """Log expected count of each token among one batch's negatives; None when it is a constant."""
         tc = self.train_cfg
         if tc.in_batch_negatives == 0:
             return None  # uniform only: the correction shifts every logit equally
+        # In-batch negatives are targets picked uniformly among a batch's positions, so token j is drawn
+        # with its training frequency; uniform negatives add num_negatives / num_behaviors to every token.
         counts = np.bincount(train.behavior.astype(np.int64) + 1, minlength=num_tokens).astype(np.float64)
         expected = tc.in_batch_negatives * counts / max(counts.sum(), 1.0)
         expected[1:] += tc.num_negatives / (num_tokens - 1)
@@ -249,7 +276,7 @@ class SequentialRecommender:
                 if tc.grad_clip:
                     nn.utils.clip_grad_norm_(self.encoder.parameters(), tc.grad_clip)
                 optimizer.step()
-                loss_sum, steps = loss_sum + float(loss), steps + 1
+                loss_sum, steps = loss_sum + loss.item(), steps + 1
                 bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
             seq_per_s = len(order) / max(time.perf_counter() - t_epoch, 1e-9)
             metrics = evaluate(self, split.log, split.valid, candidates, eval_cfg, desc=f"{self.name} valid")

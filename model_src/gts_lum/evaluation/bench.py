@@ -1,0 +1,197 @@
+"""Benchmark: train a list of models on one split, evaluate them on its test cases, write the table.
+
+The table follows the paper's Table 2: one row per method, Recall and NDCG at 5/10/50/200 in percent
+with two decimals, and "Impv.(avg)", the mean over those columns of the relative improvement over a
+reference row (the paper's reference is HSTU, its first row; here the first model unless named).
+
+    from gts_lum.evaluation.bench import run_bench
+    rows = run_bench(
+        split,
+        [("hstu", None, []), ("sasrec", None, []), ("markov", None, []), ("popularity", None, [])],
+        out_dir="bench_out",
+        eval_cfg=EvalConfig(history_filter=True),
+    )  # writes bench_out/table.md and bench_out/table.json
+
+A model spec is (name, config path or None for the packaged `pkg:models/<name>.yaml`, overrides such
+as ["train.lr=0.001"]), optionally with a fourth element, the label shown in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from gts_lum.config import load_config, to_dict
+from gts_lum.evaluation.protocol import EvalConfig, evaluate
+from gts_lum.modeling.baselines import MarkovChain, MarkovConfig, Popularity, PopularityConfig
+from gts_lum.modeling.hstu import HSTU, HSTUConfig
+from gts_lum.modeling.sasrec import SASRec, SASRecConfig
+from gts_lum.sequence.splits import Split
+
+log = logging.getLogger(__name__)
+
+TABLE2_COLUMNS = ("R@5", "R@10", "R@50", "R@200", "NDCG@5", "NDCG@10", "NDCG@50", "NDCG@200")
+
+# name -> (config dataclass, model class). A model class takes its config and has
+# fit(split, eval_cfg, candidates) -> dict and score(log, cases, candidates) -> (B, C).
+MODELS: dict[str, tuple[type, type]] = {
+    "popularity": (PopularityConfig, Popularity),
+    "markov": (MarkovConfig, MarkovChain),
+    "sasrec": (SASRecConfig, SASRec),
+    "hstu": (HSTUConfig, HSTU),
+}
+
+
+def register_model(name: str, config_cls: type, model_cls: type) -> None:
+    """Make a model buildable by name (bench, CLI). Re-registering a name is an error, not an override."""
+    if name in MODELS:
+        raise ValueError(f"model {name!r} is already registered as {MODELS[name][1].__name__}")
+    MODELS[name] = (config_cls, model_cls)
+
+
+def default_config_path(name: str) -> str | None:
+    """`pkg:models/<name>.yaml` when the package ships one."""
+    rel = f"models/{name}.yaml"
+    return f"pkg:{rel}" if resources.files("gts_lum.configs").joinpath(rel).is_file() else None
+
+
+def build_model(name: str, cfg_path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Any:
+    """The model `name` configured from `cfg_path` (default: its packaged YAML) plus `overrides`."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    config_cls, model_cls = MODELS[name]
+    return model_cls(load_config(config_cls, cfg_path or default_config_path(name), overrides))
+
+
+def improvements(rows: Sequence[dict], reference: int, columns: Sequence[str]) -> list[float]:
+    """Mean over `columns` of row / reference - 1, per row; NaN where the reference has a zero."""
+    ref = np.array([rows[reference][c] for c in columns], dtype=np.float64)
+    out = []
+    for row in rows:
+        values = np.array([row[c] for c in columns], dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = values / ref - 1.0
+        out.append(float(rel.mean()) if np.all(ref > 0) else math.nan)
+    return out
+
+
+def _reference_index(rows: Sequence[dict], reference: str | int | None) -> int:
+    if not rows:
+        raise ValueError("no rows to tabulate")
+    if reference is None:
+        return 0
+    if isinstance(reference, int):
+        if not -len(rows) <= reference < len(rows):
+            raise ValueError(f"reference row {reference} out of range for {len(rows)} rows")
+        return reference % len(rows)
+    methods = [r["method"] for r in rows]
+    if reference not in methods:
+        raise ValueError(f"reference {reference!r} is not a method of the table: {methods}")
+    return methods.index(reference)
+
+
+def format_table(rows: Sequence[dict], reference: str | int | None = None, columns: Sequence[str] = TABLE2_COLUMNS) -> str:
+    """A Markdown table in the paper's format: metrics in % (2 decimals), Impv.(avg) vs `reference`.
+
+    `rows` are dicts with "method" and the metric values as fractions; `reference` is a method name or
+    row index (default: the first row). A "Train (s)" column is added when every row has
+    "train_seconds".
+    """
+    ref = _reference_index(rows, reference)
+    missing = [(r.get("method"), c) for r in rows for c in ("method", *columns) if c not in r]
+    if missing:
+        raise ValueError(f"rows lack (method, column) {missing[:5]}")
+    impv = improvements(rows, ref, columns)
+    with_time = all("train_seconds" in r for r in rows)
+    header = ["Methods", *columns, "Impv.(avg)"] + (["Train (s)"] if with_time else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for row, gain in zip(rows, impv):
+        cells = [str(row["method"]), *(f"{100.0 * row[c]:.2f}" for c in columns)]
+        cells.append("n/a" if math.isnan(gain) else f"{100.0 * gain:.2f}%")
+        if with_time:
+            cells.append(f"{row['train_seconds']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _spec(spec: Sequence) -> tuple[str, str | None, list | dict, str]:
+    if not 3 <= len(spec) <= 4:
+        raise ValueError(f"model spec {spec!r}: expected (name, config path or None, overrides[, label])")
+    name, cfg_path, overrides = spec[0], spec[1], spec[2] or []
+    return name, cfg_path, overrides, spec[3] if len(spec) == 4 else name
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars and NaN made JSON-safe (NaN -> null)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def write_tables(rows: list[dict], out_dir: str | Path, reference: str | int | None = None, meta: dict | None = None) -> None:
+    """`table.md` (format_table) and `table.json` (rows with raw fractions, MRR, impv_avg, fit stats)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = _reference_index(rows, reference)
+    for row, gain in zip(rows, improvements(rows, ref, TABLE2_COLUMNS)):
+        row["impv_avg"] = gain
+    (out / "table.md").write_text(format_table(rows, ref))
+    payload = {"reference": rows[ref]["method"], "columns": list(TABLE2_COLUMNS), **(meta or {}), "rows": rows}
+    (out / "table.json").write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+
+
+def run_bench(
+    split: Split,
+    models: Sequence[Sequence],
+    out_dir: str | Path,
+    candidates: np.ndarray | None = None,
+    eval_cfg: EvalConfig | None = None,
+    reference: str | int | None = None,
+) -> list[dict]:
+    """Fit each model on `split` (train / valid), evaluate on `split.test`, write table.md + table.json.
+
+    Returns one dict per model: method, model, config, overrides, the metrics (fractions), MRR, n,
+    train_seconds, impv_avg and the model's fit statistics under "fit".
+    """
+    eval_cfg = eval_cfg or EvalConfig()
+    specs = [_spec(s) for s in models]
+    labels = [s[3] for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate method labels {labels}: give repeated models a fourth element, the label")
+    rows = []
+    for name, cfg_path, overrides, label in specs:
+        model = build_model(name, cfg_path, overrides)
+        log.info("bench: fitting %s (%s)", label, cfg_path or default_config_path(name) or "defaults")
+        t0 = time.perf_counter()
+        stats = model.fit(split, eval_cfg, candidates)
+        train_seconds = time.perf_counter() - t0
+        metrics = evaluate(model, split.log, split.test, candidates, eval_cfg, desc=f"{label} test")
+        log.info("bench: %s test NDCG@10 %.4f R@10 %.4f (%.1f s)", label, metrics["NDCG@10"], metrics["R@10"], train_seconds)
+        rows.append(
+            {
+                "method": label,
+                "model": name,
+                "config": str(cfg_path or default_config_path(name)),
+                "overrides": overrides,
+                "model_config": to_dict(model.cfg),
+                **metrics,
+                "train_seconds": train_seconds,
+                "fit": stats,
+            }
+        )
+    write_tables(rows, out_dir, reference, meta={"split": split.kind, "eval": asdict(eval_cfg)})
+    return rows

@@ -1,0 +1,113 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gts_lum.data.events import EventLog
+from gts_lum.evaluation.bench import (
+    MODELS,
+    TABLE2_COLUMNS,
+    build_model,
+    format_table,
+    improvements,
+    register_model,
+    run_bench,
+)
+from gts_lum.evaluation.protocol import EvalConfig
+from gts_lum.modeling.baselines import MarkovChain, MarkovConfig, PopularityConfig
+from gts_lum.modeling.hstu import HSTU
+from gts_lum.sequence.splits import leave_one_out
+
+
+def row(method, values, **extra):
+    return {"method": method, **dict(zip(TABLE2_COLUMNS, values)), **extra}
+
+
+def test_format_table_percent_and_impv_by_hand():
+    ref = row("HSTU", [0.02, 0.04, 0.10, 0.20, 0.01, 0.02, 0.05, 0.08])
+    double = row("Double", [0.04, 0.08, 0.20, 0.40, 0.02, 0.04, 0.10, 0.16])
+    # relative changes +50%, -50%, 0 x 6 -> mean 0; then +100% on one column only -> 12.5%
+    mixed = row("Mixed", [0.03, 0.02, 0.10, 0.20, 0.01, 0.02, 0.05, 0.08])
+    one = row("One", [0.04, 0.04, 0.10, 0.20, 0.01, 0.02, 0.05, 0.08])
+    table = format_table([ref, double, mixed, one])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| Methods | R@5 | R@10 | R@50 | R@200 | NDCG@5 | NDCG@10 | NDCG@50 | NDCG@200 | Impv.(avg) |"
+    assert lines[2] == "| HSTU | 2.00 | 4.00 | 10.00 | 20.00 | 1.00 | 2.00 | 5.00 | 8.00 | 0.00% |"
+    assert lines[3].endswith("| 100.00% |")
+    assert lines[4].endswith("| 0.00% |")
+    assert lines[5].endswith("| 12.50% |")
+    # another reference, by name: Double vs itself 0, HSTU vs Double -50%
+    assert improvements([ref, double], 1, TABLE2_COLUMNS) == pytest.approx([-0.5, 0.0])
+    assert format_table([ref, double], reference="Double").splitlines()[2].endswith("| -50.00% |")
+
+
+def test_format_table_subset_columns_time_and_zero_reference():
+    rows = [
+        row("A", [0.0, 0.1, 0, 0, 0.1, 0.2, 0, 0], train_seconds=1.25),
+        row("B", [0.1, 0.2, 0, 0, 0.1, 0.1, 0, 0], train_seconds=10.0),
+    ]
+    cols = ("R@10", "NDCG@10")
+    lines = format_table(rows, columns=cols).splitlines()
+    assert lines[0] == "| Methods | R@10 | NDCG@10 | Impv.(avg) | Train (s) |"
+    assert lines[3] == "| B | 20.00 | 10.00 | 25.00% | 10.0 |"  # (+100% - 50%) / 2
+    assert format_table(rows, columns=("R@5",)).splitlines()[3].split(" | ")[2] == "n/a"
+    with pytest.raises(ValueError, match="not a method"):
+        format_table(rows, reference="C")
+    with pytest.raises(ValueError, match="lack"):
+        format_table([{"method": "A"}])
+
+
+def popular_and_sequential_log() -> EventLog:
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(30):
+        start, n = int(rng.integers(5)), int(rng.integers(5, 10))
+        rows += [(f"u{u}", f"s{(start + t) % 5}", 60 * t) for t in range(n)]
+    return EventLog.from_frame(pd.DataFrame(rows, columns=["user_id", "behavior_id", "timestamp"]))
+
+
+def test_run_bench_writes_both_tables_deterministically(tmp_path):
+    split = leave_one_out(popular_and_sequential_log())
+    models = [
+        ("markov", None, []),
+        ("popularity", None, None),
+        ("hstu", None, ["dim=8", "qk_dim=4", "v_dim=4", "num_layers=1", "train.epochs=2", "train.max_len=6", "train.num_negatives=4", "train.device=cpu"]),
+        ("markov", None, {"smoothing": 1000.0}, "markov-smooth"),
+    ]
+    cfg = EvalConfig(ks=(5, 10, 50, 200))
+    rows = run_bench(split, models, tmp_path / "a", eval_cfg=cfg)
+    md = (tmp_path / "a" / "table.md").read_text().splitlines()
+    assert md[0].startswith("| Methods | R@5 | R@10 | R@50 | R@200 | NDCG@5 | NDCG@10 | NDCG@50 | NDCG@200 | Impv.(avg) | Train (s) |")
+    assert [line.split(" | ")[0] for line in md[2:]] == ["| markov", "| popularity", "| hstu", "| markov-smooth"]
+    assert md[2].split(" | ")[9] == "0.00%"  # the reference row is the first
+    payload = json.loads((tmp_path / "a" / "table.json").read_text())
+    assert payload["reference"] == "markov" and payload["columns"] == list(TABLE2_COLUMNS)
+    by_method = {r["method"]: r for r in payload["rows"]}
+    assert by_method["markov"]["R@5"] == 1.0  # a 5-cycle: the chain is perfect
+    assert by_method["markov-smooth"]["model_config"]["smoothing"] == 1000.0
+    for r in payload["rows"]:
+        assert {"MRR", "train_seconds", "impv_avg", "fit"} <= set(r)
+        expected = np.mean([r[c] / by_method["markov"][c] - 1 for c in TABLE2_COLUMNS])
+        assert r["impv_avg"] == pytest.approx(expected)
+    again = run_bench(split, models, tmp_path / "b", eval_cfg=cfg, reference="popularity")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("train_seconds", "fit", "impv_avg")} for r in rs]
+    assert strip(again) == strip(rows)
+    assert json.loads((tmp_path / "b" / "table.json").read_text())["reference"] == "popularity"
+
+
+def test_registry_builds_from_name_yaml_and_overrides(tmp_path):
+    assert set(MODELS) >= {"popularity", "markov", "sasrec", "hstu"}
+    packaged = build_model("hstu")
+    assert isinstance(packaged, HSTU) and packaged.cfg.train.max_len > 0
+    path = tmp_path / "markov.yaml"
+    path.write_text("smoothing: 5.0\npopularity:\n  half_life_days: 30.0\n")
+    model = build_model("markov", path, ["popularity.half_life_days=7.0"])
+    assert isinstance(model, MarkovChain)
+    assert model.cfg == MarkovConfig(smoothing=5.0, popularity=PopularityConfig(half_life_days=7.0))
+    with pytest.raises(ValueError, match="unknown model 'gru4rec'"):
+        build_model("gru4rec")
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("markov", MarkovConfig, MarkovChain)
+    with pytest.raises(ValueError, match="duplicate method labels"):
+        run_bench(leave_one_out(popular_and_sequential_log()), [("markov", None, []), ("markov", None, [])], tmp_path)
