@@ -29,6 +29,8 @@ def run(pipeline_name: str, output: Path, params: dict) -> Path:
     # The components name the project's image, which holds Python; the runner warns about any image
     # without "python" in its name. Locally the image is this virtualenv.
     warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+    # Display names, caching and resources are cluster settings; the local runner says it ignores them.
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     before = set(root.iterdir()) if root.exists() else set()
     started = time.perf_counter()
@@ -45,9 +47,8 @@ def report(run_dir: Path) -> str:
     for md in sorted(run_dir.rglob("*")):
         if md.is_file() and md.parent.name.startswith(("evaluate", "validate", "build-sequences")) and md.name in ("table", "report", "preview"):
             lines += ["", f"--- {md.relative_to(run_dir)} ---", md.read_text()]
-    for metrics in sorted(run_dir.rglob("metrics")):
-        if metrics.is_file():
-            lines.append(f"metrics: {metrics}")
+    for executor_output in sorted(run_dir.glob("*/executor_output.json")):
+        lines.append(f"metrics and artifacts of {executor_output.parent.name}: {executor_output}")
     return "\n".join(lines)
 
 

@@ -19,13 +19,13 @@ def training_pipeline(
     validation_overrides: str = "{}",
     sequence_config: str = "pkg:sequence/default.yaml",
     sequence_overrides: str = "{}",
-    split_config: str = '{"kind": "leave_one_out"}',
+    split_config: str = '{"kind": "leave_one_out", "target_filter": "type=ott"}',
     model_name: str = "sasrec",
     model_config: str = "",
-    model_overrides: str = "{}",
+    model_overrides: str = '{"train": {"windows_per_epoch": 8192, "epochs": 4}}',
     baseline_name: str = "markov",
     device: str = "auto",
-    eval_config: str = '{"candidate_filter": "", "history_filter": false}',
+    eval_config: str = '{"history_filter": false}',
 ):
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")

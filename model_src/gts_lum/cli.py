@@ -52,6 +52,22 @@ def cmd_sequences(args) -> None:
     _print(build_sequence_dataset(args.clean, args.out, args.config, args.set, split))
 
 
+def cmd_train(args) -> None:
+    from gts_lum.config import parse_overrides
+    from gts_lum.training.train import train_model
+
+    stats = train_model(args.sequences, args.model, args.config, parse_overrides(args.set), args.out, device=args.device)
+    _print({k: v for k, v in stats.items() if k != "history"})
+
+
+def cmd_evaluate(args) -> None:
+    from gts_lum.config import parse_overrides
+    from gts_lum.evaluation.evaluate import evaluate_saved_models
+
+    result = evaluate_saved_models(args.sequences, args.models, parse_overrides(args.set))
+    print(result["markdown"])
+
+
 def cmd_bench(args) -> None:
     from gts_lum.evaluation.bench_runner import BenchConfig, run_bench_config
     from gts_lum.config import load_config
@@ -107,6 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="append", default=[], metavar="KEY=VALUE", help="override a split setting, e.g. --split target_filter=type=ott")
     overrides(p)
     p.set_defaults(func=cmd_sequences)
+
+    p = sub.add_parser("train", help="train a registered model on a sequence data set; saves safetensors + model.yaml")
+    p.add_argument("sequences", help="output folder of `gts-lum sequences`")
+    p.add_argument("--model", default="sasrec", help="popularity, markov, sasrec, hstu, ...")
+    p.add_argument("--config", help="model YAML (default pkg:models/MODEL.yaml)")
+    p.add_argument("--device", default="auto", help="auto (NPU, else CUDA, else CPU), npu, cuda or cpu")
+    p.add_argument("--out", required=True)
+    overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="rank the test cases with saved models (the last one is the Impv. reference)")
+    p.add_argument("sequences")
+    p.add_argument("models", nargs="+", help="saved model folders")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EvalConfig fields and candidate_filter")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="train and evaluate models on a data set; writes the paper's Table 2 format (md + json)")
     p.add_argument("--config", default="movielens", help="a bench config in gts_lum/configs/bench or a YAML path")

@@ -48,6 +48,9 @@ class SequentialTrainConfig:
     weight_decay: float = 0.0
     epochs: int = 100
     patience: int = 5  # epochs without a better validation metric before stopping
+    # Windows trained per epoch: a fresh seeded sample each epoch (None: every window, every epoch).
+    # Bounds an epoch on large logs, where validating more often beats one pass over everything.
+    windows_per_epoch: int | None = None
     num_negatives: int = 256  # uniform negatives shared by every position of a batch
     in_batch_negatives: int = 0  # negatives drawn from the batch's targets (popularity-distributed)
     temperature: float = 1.0
@@ -254,7 +257,7 @@ class SequentialRecommender:
         t_start = time.perf_counter()
         for epoch in range(tc.epochs):
             self.encoder.train()
-            order = rng.permutation(len(starts))
+            order = rng.permutation(len(starts))[: tc.windows_per_epoch]
             t_epoch, loss_sum, steps = time.perf_counter(), 0.0, 0
             bar = tqdm(range(0, len(order), tc.batch_size), desc=f"{self.name} epoch {epoch}", leave=False, disable=None)
             for lo in bar:
