@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench compile check-compiled clean
+.PHONY: demo test bench compile clean
 
 $(BIN)/gts-lum: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,8 +18,11 @@ demo: $(BIN)/gts-lum
 test: $(BIN)/gts-lum
 	$(BIN)/pytest -q
 
+# The figures of BENCHMARKS.md (reads ../shared/data; tens of minutes on 2 cores).
 bench: $(BIN)/gts-lum
-	$(BIN)/gts-lum bench-all --output runs/bench
+	$(BIN)/gts-lum speed --out runs/bench/speed
+	$(BIN)/gts-lum bench --config movielens --out runs/bench/movielens
+	$(BIN)/gts-lum bench --config synth --out runs/bench/synth
 
 compile: $(BIN)/gts-lum
 	$(BIN)/python -m pipelines.compile
