@@ -22,7 +22,7 @@ def training_pipeline(
     split_config: str = '{"kind": "leave_one_out", "target_filter": "type=ott"}',
     model_name: str = "sasrec",
     model_config: str = "",
-    model_overrides: str = '{"train": {"windows_per_epoch": 8192, "epochs": 4}}',
+    model_overrides: str = '{"train": {"windows_per_epoch": 8192, "epochs": 10}}',
     baseline_name: str = "markov",
     device: str = "auto",
     eval_config: str = '{"history_filter": false}',
