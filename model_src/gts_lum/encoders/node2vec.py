@@ -416,3 +416,30 @@ def bench_graph_encoder(synth: str = "synth:demo", workdir: str | Path | None = 
     }
     logger.info("bench_graph_encoder: %s", out)
     return out
+
+
+def graph_summary_markdown(out_dir: str | Path, examples: int = 5, neighbours: int = 4) -> str:
+    """The saved graph and embeddings in a few lines for the Kubeflow UI: sizes, timings, and the nearest
+    behaviours (cosine of node2vec vectors) of the most frequent ones."""
+    graph = CooccurrenceGraph.load(out_dir)
+    emb = GraphEmbeddings.load(out_dir)
+    s = graph.summary()
+    origins = {name: int((emb.origin == i).sum()) for i, name in enumerate(ORIGINS)}
+    lines = [
+        "## Behaviour co-occurrence graph + node2vec",
+        "",
+        f"- nodes {s['nodes']:,} ({s['connected_nodes']:,} with an edge), edges {s['edges']:,}, mean degree {s['mean_degree']}",
+        f"- embedding dim {emb.vectors.shape[1]}; origins {origins}",
+        f"- walks {emb.metadata.get('walks', 0):,} ({emb.metadata.get('walk_steps_per_second', 0):,} steps/s), "
+        f"skip-gram {emb.metadata.get('skipgram_seconds', 0)} s",
+        "",
+        "| behaviour | nearest behaviours (cosine) |",
+        "|---|---|",
+    ]
+    unit = emb.vectors / np.maximum(np.linalg.norm(emb.vectors, axis=1, keepdims=True), 1e-12)
+    for b in np.argsort(-graph.occurrences, kind="stable")[:examples]:
+        sims = unit @ unit[b]
+        sims[b] = -np.inf
+        near = np.argsort(-sims, kind="stable")[:neighbours]
+        lines.append(f"| {emb.behavior_ids[b]} | " + ", ".join(f"{emb.behavior_ids[n]} ({sims[n]:.2f})" for n in near) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,22 @@
+"""Multi-modal encoder steps (paper 3.2): semantic IDs, co-occurrence graph + node2vec, table encoder.
+
+They read the same inputs and not each other's outputs, so the pipeline runs them in parallel.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def encode_graph(sequences: Input[Dataset], graph_config: str, graph_overrides: str, graph: Output[Dataset], summary: Output[Markdown]):
+    """Co-occurrence graph of the training events (15-minute intervals) -> node2vec embedding per behaviour."""
+    import json
+
+    from gts_lum.encoders.node2vec import graph_summary_markdown, run_graph_encoder
+
+    meta = run_graph_encoder(sequences.path, graph.path, graph_config or "pkg:encoders/graph.yaml", json.loads(graph_overrides or "{}"))
+    graph.metadata.update({k: v for k, v in meta.items() if isinstance(v, (int, float, str))})
+    with open(summary.path, "w") as f:
+        f.write(graph_summary_markdown(graph.path))
