@@ -20,3 +20,17 @@ def encode_graph(sequences: Input[Dataset], graph_config: str, graph_overrides: 
     graph.metadata.update({k: v for k, v in meta.items() if isinstance(v, (int, float, str))})
     with open(summary.path, "w") as f:
         f.write(graph_summary_markdown(graph.path))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def semantic_ids(clean: Input[Dataset], tokenizer_config: str, tokenizer_overrides: str, ids: Output[Dataset], summary: Output[Markdown]):
+    """Text embeddings of behaviour descriptions -> spectral-clustering tree -> semantic ID per behaviour."""
+    import json
+    import shutil
+
+    from gts_lum.tokenizer.semantic_ids import tokenize_dataset
+
+    card = tokenize_dataset(clean.path, ids.path, tokenizer_config or "pkg:tokenizer/default.yaml", json.loads(tokenizer_overrides or "{}"), progress=False)
+    ids.metadata.update({k: v for k, v in card.items() if isinstance(v, (int, float, str))})
+    ids.metadata["codebook_sizes"] = card["codebook_sizes"]
+    shutil.copyfile(f"{ids.path}/summary.md", summary.path)

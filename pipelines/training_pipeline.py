@@ -1,4 +1,4 @@
-"""The training pipeline: ingest -> validate -> sequences -> train (model + baseline) -> evaluate.
+"""The training pipeline: ingest -> validate -> sequences -> encoders (semantic IDs, graph) -> train -> evaluate.
 
 Every setting is a pipeline parameter (strings hold JSON objects of config overrides), so a run from the
 Kubeflow UI changes data, interval length, model sizes or device without a rebuild.
@@ -6,6 +6,7 @@ Kubeflow UI changes data, interval length, model sizes or device without a rebui
 
 from kfp import dsl
 
+from components.encoders import encode_graph, semantic_ids
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
 from components.training import evaluate_models, train_model
@@ -26,6 +27,10 @@ def training_pipeline(
     baseline_name: str = "markov",
     device: str = "auto",
     eval_config: str = '{"history_filter": false}',
+    tokenizer_config: str = "pkg:tokenizer/default.yaml",
+    tokenizer_overrides: str = "{}",
+    graph_config: str = "pkg:encoders/graph.yaml",
+    graph_overrides: str = "{}",
 ):
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
@@ -35,6 +40,9 @@ def training_pipeline(
         sequence_overrides=sequence_overrides,
         split_config=split_config,
     ).set_display_name("sequences")
+    # Multi-modal encoders: independent of each other, so they run in parallel on a cluster.
+    semantic_ids(clean=clean.outputs["clean"], tokenizer_config=tokenizer_config, tokenizer_overrides=tokenizer_overrides).set_display_name("semantic-ids")
+    encode_graph(sequences=seqs.outputs["sequences"], graph_config=graph_config, graph_overrides=graph_overrides).set_display_name("graph-node2vec")
     model = train_model(
         sequences=seqs.outputs["sequences"], model_name=model_name, model_config=model_config, model_overrides=model_overrides, device=device
     ).set_display_name("train")

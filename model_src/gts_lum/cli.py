@@ -52,6 +52,21 @@ def cmd_sequences(args) -> None:
     _print(build_sequence_dataset(args.clean, args.out, args.config, args.set, split))
 
 
+def cmd_semantic_ids(args) -> None:
+    from gts_lum.tokenizer.semantic_ids import tokenize_dataset
+
+    card = tokenize_dataset(args.clean, args.out, args.config, args.set)
+    _print(card)
+    print((Path(args.out) / "summary.md").read_text())
+
+
+def cmd_graph(args) -> None:
+    from gts_lum.encoders.node2vec import graph_summary_markdown, run_graph_encoder
+
+    run_graph_encoder(args.sequences, args.out, args.config, args.set)
+    print(graph_summary_markdown(args.out))
+
+
 def cmd_train(args) -> None:
     from gts_lum.config import parse_overrides
     from gts_lum.training.train import train_model
@@ -123,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="append", default=[], metavar="KEY=VALUE", help="override a split setting, e.g. --split target_filter=type=ott")
     overrides(p)
     p.set_defaults(func=cmd_sequences)
+
+    p = sub.add_parser("semantic-ids", help="semantic tokenizer: text embeddings -> spectral-clustering tree -> semantic IDs")
+    p.add_argument("clean", help="a validated data set folder (its behaviours table)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default="pkg:tokenizer/default.yaml")
+    overrides(p)
+    p.set_defaults(func=cmd_semantic_ids)
+
+    p = sub.add_parser("graph", help="behaviour co-occurrence graph of the training events -> node2vec embeddings")
+    p.add_argument("sequences", help="output folder of `gts-lum sequences` (its training split)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default="pkg:encoders/graph.yaml")
+    overrides(p)
+    p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("train", help="train a registered model on a sequence data set; saves safetensors + model.yaml")
     p.add_argument("sequences", help="output folder of `gts-lum sequences`")

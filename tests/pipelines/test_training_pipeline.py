@@ -16,15 +16,18 @@ def test_compiled_yaml_matches_the_python(tmp_path):
         assert yaml.safe_load(kept.read_text()) == yaml.safe_load(path.read_text()), f"{kept} is stale: run `make compile`"
 
 
-def test_training_pipeline_runs_end_to_end_locally(tmp_path):
+def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
     params = {
         "data_source": "synth:tiny",
         "model_name": "sasrec",
         "model_overrides": json.dumps({"train": {"windows_per_epoch": 256, "epochs": 1, "max_len": 20}}),
+        # the tokenizer tests' embedding cache: the catalog's texts are encoded once per test session
+        "tokenizer_overrides": json.dumps({"encoder": {"cache_dir": str(request.config.cache.mkdir("gts-lum-text-embeddings"))}}),
+        "graph_overrides": json.dumps({"node2vec": {"walk": {"walks_per_node": 2, "walk_length": 10}, "skipgram": {"epochs": 1, "dim": 16}}}),
     }
     run_dir = run("training", tmp_path, params)
     steps = {p.name for p in run_dir.iterdir() if p.is_dir()}
-    assert {"ingest", "validate", "build-sequences", "train-model", "train-model-2", "evaluate-models"} <= steps
+    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "train-model", "train-model-2", "evaluate-models"} <= steps
     table = (run_dir / "evaluate-models" / "table").read_text()
     assert "| sasrec |" in table and "| markov |" in table and "864 candidates" in table
     evaluation = json.loads((run_dir / "evaluate-models" / "executor_output.json").read_text())
@@ -34,3 +37,12 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path):
     model_dir = run_dir / "train-model" / "model"
     assert (model_dir / "weights.safetensors").exists() and (model_dir / "model.yaml").exists()
     assert "Validation of" in report(run_dir)
+    # the encoders' artifacts: a semantic ID per behaviour and a node2vec vector per behaviour
+    from gts_lum.encoders.node2vec import GraphEmbeddings
+    from gts_lum.tokenizer.semantic_ids import SemanticIds
+
+    ids = SemanticIds.load(run_dir / "semantic-ids" / "ids")
+    vectors = GraphEmbeddings.load(run_dir / "encode-graph" / "graph")
+    assert len(ids.behavior_ids) == len(vectors.behavior_ids) == 1267
+    assert len({tuple(c) for c in ids.codes}) == 1267  # unique IDs
+    assert "semantic" in (run_dir / "semantic-ids" / "summary").read_text().lower()
