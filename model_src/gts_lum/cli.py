@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("speed", help="speed benchmarks (simulator, validation, sequence building)")
-    p.add_argument("--what", default="simulator,validation,sequences")
+    p = sub.add_parser("speed", help="speed benchmarks (simulator, validation, sequence building, spectral tree, graph)")
+    p.add_argument("--what", default="simulator,validation,sequences,tree,graph")
     p.add_argument("--out", default="runs/speed")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.set_defaults(func=cmd_speed)

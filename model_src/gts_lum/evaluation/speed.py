@@ -1,4 +1,4 @@
-"""Speed benchmarks: the simulator, validation, and sequence building, at sizes set here.
+"""Speed benchmarks: simulator, validation, sequence building, spectral tree, graph + node2vec.
 
 Figures, not assertions: `gts-lum speed` prints them and writes `speed.json`; `make bench` copies them
 into BENCHMARKS.md. The issue's targets: >= 1M events/s for the simulator at 10k users x 90 days, and
@@ -62,5 +62,13 @@ def run_speed_benchmarks(what: list[str], out_dir: str | Path, quick: bool = Fal
     if "validation" in what or "sequences" in what:
         results["validation_and_sequences"] = bench_validation_and_sequences(out / "pipeline", users=users // 2 if not quick else users, days=days)
         shutil.rmtree(out / "pipeline", ignore_errors=True)
+    if "tree" in what:
+        from gts_lum.tokenizer.spectral_tree import bench_spectral_tree
+
+        results["spectral_tree"] = bench_spectral_tree(sizes=(1_000,) if quick else (10_000,))
+    if "graph" in what:
+        from gts_lum.encoders.node2vec import bench_graph_encoder
+
+        results["graph_node2vec"] = bench_graph_encoder("synth:tiny" if quick else "synth:demo", workdir=out)
     (out / "speed.json").write_text(json.dumps(results, indent=2))
     return results
