@@ -1,0 +1,669 @@
+"""Phase I: Q-former pretraining (paper section 3.3, Figure 2(b-1), (b-2)).
+
+Six alignment tasks, BLIP-2 style, each weighted by `LossWeights`:
+
+behaviour level (b = a catalog behaviour, t = its description)
+- BTC  behaviour-text contrastive: InfoNCE between the query outputs (similarity = max over queries)
+       and the text's [CLS] output, learnable temperature, unimodal mask; identical texts in a batch
+       count as positives of each other.
+- BTM  behaviour-text matching: bidirectional mask, binary head on the mean query output; per
+       behaviour one hard negative text and per text one hard negative behaviour, sampled from the
+       BTC similarities (softmax weights), never a pair with an identical text.
+- BTG  behaviour-grounded text generation: causal mask, text sees all queries, queries do not see
+       text; LM head; teacher forcing with [DEC] in place of [CLS].
+sequence level (the same three, "STC/STM/STG"): a window of K consecutive behaviours of a user's
+TRAINING events against a text describing it (`build_windows`): the data set's `scenarios` rows where
+it has them, else the most frequent values of a behaviours-table column over the window
+(`describe_windows`). The queries cross-attend to the window's K behaviour embeddings (paper Eq. 4).
+
+The trainer (`Phase1Trainer`): AdamW with warm-up + cosine decay, seeded, fp32 on CPU (bf16 autocast
+only on NPU/CUDA), tqdm + logs of every loss, BTC retrieval and BTM accuracy on behaviours and windows
+HELD OUT of training. Checkpoints every `save_every` steps (`checkpoints/step-NNNNNNNN/`):
+`checkpoint.safetensors` holds model + AdamW state + RNG states, its metadata the data position (the
+global step: epoch orders are a pure function of seed and epoch, so the step is the whole position),
+`config.yaml` the config. Resuming from the last checkpoint reproduces an uninterrupted run.
+
+Output folder: `qformer.safetensors` + `qformer.yaml` (the adapter, `modeling.qformer.load_adapter`),
+`fused_embeddings.npy` (N, decoder_hidden_size) b^F of every catalog behaviour, `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from gts_lum.config import load_config
+from gts_lum.data.events import EventLog, ragged_arange
+from gts_lum.modeling.behavior_features import BehaviorFeatures
+from gts_lum.modeling.qformer import BehaviorSide, QFormer, QFormerConfig, adapter_card, build_adapter, save_adapter, trim_text
+from gts_lum.training.device import device_info, select_device
+
+log = logging.getLogger(__name__)
+
+WINDOW_TEXTS = ("auto", "scenarios", "column")
+# Settings that may change between a run and its resumption without changing what is computed.
+RESUMABLE_CHANGES = ("max_steps", "device", "save_every", "keep_checkpoints", "eval_every")
+
+
+@dataclass
+class LossWeights:
+    btc: float = 1.0
+    btm: float = 1.0
+    btg: float = 1.0
+    stc: float = 1.0
+    stm: float = 1.0
+    stg: float = 1.0
+
+
+@dataclass
+class WindowConfig:
+    size: int = 16  # K behaviours per window (<= qformer.max_window)
+    text: str = "auto"  # auto (scenarios where the data set has them, else column) | scenarios | column
+    text_column: str = "family"  # behaviours-table column whose frequent values describe a window
+    top_values: int = 3  # values named in a built description
+    value_separator: str = "|"  # multi-valued cells, e.g. MovieLens genres "Action|Comedy"
+    min_behaviors: int = 2  # shorter windows are dropped
+
+
+@dataclass
+class Phase1Config:
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    windows: WindowConfig = field(default_factory=WindowConfig)
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    epochs: int = 20  # passes over the training behaviours; windows are drawn alongside
+    batch_size: int = 64  # behaviours per step
+    window_batch_size: int = 32  # windows per step
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    # Hard negatives for matching are drawn with softmax(cosine / t) weights; None: t = the learned BTC
+    # temperature (BLIP-2, which starts from pretrained towers). From scratch, the near-argmax negatives of
+    # a sharp learned temperature leave the matching head at chance; a softer t mixes in easier ones.
+    mining_temperature: float | None = 1.0
+    holdout_fraction: float = 0.1  # behaviours and windows held out of training for the alignment metrics
+    eval_every: int = 0  # steps between held-out evaluations; 0: at the end of each epoch
+    save_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2
+    max_steps: int | None = None  # stop after this many steps in all (a time-boxed run; the schedule still spans `epochs`)
+    seed: int = 0
+    device: str = "auto"  # see training.device.select_device
+    amp: bool = True  # bf16 autocast on NPU/CUDA; never on CPU
+
+    def __post_init__(self) -> None:
+        if self.windows.text not in WINDOW_TEXTS:
+            raise ValueError(f"Phase1Config.windows.text {self.windows.text!r}: expected one of {WINDOW_TEXTS}")
+        if self.windows.size > self.qformer.max_window:
+            raise ValueError(f"Phase1Config.windows.size {self.windows.size} exceeds qformer.max_window {self.qformer.max_window}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"Phase1Config.holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
+        if self.batch_size < 2 or self.window_batch_size < 2:
+            raise ValueError("Phase1Config: batch_size and window_batch_size must be >= 2 (in-batch negatives)")
+
+
+# -- sequence-level windows ------------------------------------------------------------------------
+@dataclass
+class WindowSet:
+    """Windows of consecutive training behaviours and the texts that describe them."""
+
+    behaviors: np.ndarray  # (W, K) int64 catalog index, 0 under padding
+    mask: np.ndarray  # (W, K) bool, True for real entries (a prefix of each row)
+    texts: list[str]  # (W,)
+    users: np.ndarray  # (W,) int64 user index
+    source: str  # "scenarios" or "column:<name>"
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: np.ndarray) -> "WindowSet":
+        return WindowSet(self.behaviors[idx], self.mask[idx], [self.texts[i] for i in idx], self.users[idx], self.source)
+
+
+def _gather(log_: EventLog, first_row: np.ndarray, length: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Behaviours of events first_row[i] : first_row[i] + length[i] as (W, size) rows + mask."""
+    mask = np.arange(size)[None, :] < np.minimum(length, size)[:, None]
+    rows = np.where(mask, first_row[:, None] + np.arange(size)[None, :], 0)
+    return np.where(mask, log_.behavior[rows], 0).astype(np.int64), mask
+
+
+def consecutive_windows(log_: EventLog, size: int, min_behaviors: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-overlapping windows of `size` consecutive events of each user: behaviours (W, K), mask, users (W,)."""
+    lengths = log_.lengths()
+    per_user = -(-lengths // size)
+    users = np.repeat(np.arange(log_.num_users), per_user)
+    index = ragged_arange(np.zeros(len(per_user), np.int64), per_user)  # window number within its user
+    first = log_.offsets[users] + index * size
+    length = np.minimum(size, log_.offsets[users + 1] - first)
+    keep = length >= min_behaviors
+    behaviors, mask = _gather(log_, first[keep], length[keep], size)
+    return behaviors, mask, users[keep].astype(np.int64)
+
+
+def scenario_windows(log_: EventLog, scenarios: pd.DataFrame, size: int, min_behaviors: int = 2) -> WindowSet:
+    """One window per scenario row: the user's first `size` events inside [start, end]."""
+    missing = {"user_id", "start", "end", "text"} - set(scenarios.columns)
+    if missing:
+        raise ValueError(f"scenarios table lacks column(s) {sorted(missing)}")
+    users = pd.Index(log_.user_ids.astype(str)).get_indexer(scenarios["user_id"].astype(str))
+    start, end = _seconds(scenarios["start"], "start"), _seconds(scenarios["end"], "end")
+    bad = np.flatnonzero(end < start)
+    if len(bad):
+        raise ValueError(f"scenarios row {bad[0]}: end precedes start ({len(bad)} rows at fault)")
+    # events are sorted by (user, time): one searchsorted over a combined key finds every span
+    t0 = int(log_.timestamp.min()) if log_.num_events else 0
+    shift = np.int64(1 << 34)  # > any span of seconds in the log
+    key = log_.user_of_event().astype(np.int64) * shift + (log_.timestamp - t0)
+    known = users >= 0
+    u = users[known].astype(np.int64)
+    lo = np.searchsorted(key, u * shift + np.clip(start[known] - t0, 0, shift - 1), "left")
+    hi = np.searchsorted(key, u * shift + np.clip(end[known] - t0, -1, shift - 1), "right")
+    length = hi - lo
+    keep = length >= min_behaviors
+    behaviors, mask = _gather(log_, lo[keep], length[keep], size)
+    texts = scenarios["text"].astype(str).to_numpy()[known][keep].tolist()
+    log.info("scenario windows: %d of %d scenarios hold >= %d training events (%d of unknown users)",
+             int(keep.sum()), len(scenarios), min_behaviors, int((~known).sum()))
+    return WindowSet(behaviors, mask, texts, u[keep], "scenarios")
+
+
+def _seconds(column: pd.Series, what: str) -> np.ndarray:
+    """Unix seconds of a scenarios time column: datetimes (naive ones read as UTC) or integers."""
+    if column.isna().any():
+        raise ValueError(f"scenarios column {what!r}: row {int(np.flatnonzero(column.isna().to_numpy())[0])} is empty")
+    if pd.api.types.is_datetime64_any_dtype(column):
+        return pd.to_datetime(column, utc=True).astype("datetime64[s, UTC]").astype("int64").to_numpy()
+    try:
+        return column.to_numpy(dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ValueError(f"scenarios column {what!r}: expected datetimes or unix seconds, got {column.dtype}") from None
+
+
+def describe_windows(behaviors: np.ndarray, mask: np.ndarray, values: pd.Series, top: int = 3, separator: str = "|") -> list[str]:
+    """A description per window: its `top` most frequent values of a behaviour attribute, most frequent first.
+
+    `values` (N,): the attribute of every catalog behaviour (a behaviours-table column); cells may hold
+    several values joined by `separator`. Ties go to the value that sorts first; "_" reads as a space.
+    """
+    cells = values.reset_index(drop=True).astype("string").fillna("").str.split(separator).explode().str.strip()
+    cells = cells[cells != ""]
+    codes, words = pd.factorize(cells, sort=True)
+    has = sp.csr_matrix((np.ones(len(codes), np.float32), (cells.index.to_numpy(), codes)), shape=(len(values), len(words)))
+    w = np.repeat(np.arange(len(behaviors)), mask.sum(1))
+    member = sp.csr_matrix((np.ones(len(w), np.float32), (w, behaviors[mask])), shape=(len(behaviors), len(values)))
+    counts = member @ has  # (W, V) sparse
+    out: list[str] = []
+    names = np.array([str(x).replace("_", " ") for x in words], dtype=object)
+    for s in range(0, len(behaviors), 4096):  # dense in chunks: W x V may not fit at once
+        block = counts[s : s + 4096].toarray()
+        order = np.argsort(-block, axis=1, kind="stable")[:, :top]
+        present = np.take_along_axis(block, order, 1) > 0
+        out += [", ".join(names[o[p]]) for o, p in zip(order, present)]
+    return out
+
+
+def build_windows(train: EventLog, behaviors: pd.DataFrame, scenarios: pd.DataFrame | None, cfg: WindowConfig) -> WindowSet:
+    """Sequence-level pairs from the TRAINING events: scenario windows, or consecutive windows described by a column."""
+    use_scenarios = cfg.text == "scenarios" or (cfg.text == "auto" and scenarios is not None and len(scenarios))
+    if use_scenarios:
+        if scenarios is None:
+            raise ValueError("windows.text=scenarios but the data set has no scenarios table")
+        return scenario_windows(train, scenarios, cfg.size, cfg.min_behaviors)
+    if cfg.text_column not in behaviors.columns:
+        raise ValueError(f"windows.text_column {cfg.text_column!r} is not a behaviours-table column (have {list(behaviors.columns)})")
+    if len(behaviors) != train.num_behaviors:
+        raise ValueError(f"behaviours table has {len(behaviors)} rows, the event log's catalog {train.num_behaviors}")
+    windows, mask, users = consecutive_windows(train, cfg.size, cfg.min_behaviors)
+    texts = describe_windows(windows, mask, behaviors[cfg.text_column], cfg.top_values, cfg.value_separator)
+    return WindowSet(windows, mask, texts, users, f"column:{cfg.text_column}")
+
+
+# -- losses ----------------------------------------------------------------------------------------
+def same_text(ids: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: rows i and j hold the same token ids (identical texts are not negatives of each other)."""
+    return (ids[:, None, :] == ids[None, :, :]).all(-1)
+
+
+def contrastive_similarity(model: QFormer, query_out: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:
+    """(B_b, B_t) cosine similarity; a behaviour's similarity to a text is its best query's (BLIP-2)."""
+    return torch.einsum("iqc,jc->ijq", model.behavior_features(query_out), model.text_features(text_out)).amax(-1)
+
+
+def contrastive_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets spread over all positives of a row (identical texts)."""
+    targets = positives.float() / positives.float().sum(1, keepdim=True)
+    b2t = -(targets * F.log_softmax(logits, 1)).sum(1).mean()
+    t2b = -(targets.T * F.log_softmax(logits.T, 1)).sum(1).mean()
+    return (b2t + t2b) / 2
+
+
+def hard_negatives(logits: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row one column sampled with softmax(logits) weights among non-positives; and whether one exists."""
+    weights = torch.softmax(logits.detach().float(), 1).masked_fill(positives, 0.0)
+    has = weights.sum(1) > 0
+    weights[~has] = 1.0  # a placeholder draw, masked out of the loss
+    return torch.multinomial(weights, 1).squeeze(1), has
+
+
+def alignment_losses(
+    model: QFormer,
+    side: BehaviorSide,
+    text_ids: torch.Tensor,
+    text_pad: torch.Tensor,
+    weights: tuple[float, float, float],
+    names: tuple[str, str, str],
+    mining_temperature: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Contrastive, matching and generation losses (+ batch accuracies) of behaviour sides against texts.
+
+    Tasks with weight 0 are not computed (matching still needs the contrastive pass for its negatives).
+    """
+    w_c, w_m, w_g = weights
+    c, m, g = names
+    out: dict[str, torch.Tensor] = {}
+    b = len(side)
+    arange = torch.arange(b, device=text_ids.device)
+    if w_c or w_m:
+        positives = same_text(text_ids)
+        query_out, text_out = model.encode(side, text_ids, text_pad, "unimodal")
+        sim = contrastive_similarity(model, query_out, text_out)
+        logits = sim / model.temperature.clamp(0.001, 0.5)
+        out[c] = contrastive_loss(logits, positives)
+        out[f"{c}_acc"] = positives[arange, logits.argmax(1)].float().mean().detach()
+        if w_m:
+            mining = logits if mining_temperature is None else sim / mining_temperature
+            neg_text, has_text = hard_negatives(mining, positives)
+            neg_beh, has_beh = hard_negatives(mining.T, positives.T)
+            # streams: (b_i, t_i) match; (b_i, hard t) and (hard b, t_i) do not
+            beh_rows = torch.cat([arange, arange, neg_beh])
+            text_rows = torch.cat([arange, neg_text, arange])
+            query_out, _ = model.encode(side.select(beh_rows), text_ids[text_rows], text_pad[text_rows], "bidirectional")
+            match = model.match_logits(query_out)
+            labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(match.device)
+            valid = torch.cat([torch.ones(b, dtype=torch.bool, device=match.device), has_text, has_beh])
+            # classes balanced: with two negatives per positive, "never a match" would otherwise be a cheap optimum
+            balance = torch.where(labels == 1, 2.0, 1.0)[valid]
+            out[m] = (F.cross_entropy(match[valid].float(), labels[valid], reduction="none") * balance).sum() / balance.sum()
+            out[f"{m}_acc"] = (match[valid].argmax(1) == labels[valid]).float().mean().detach()
+    if w_g:
+        dec_ids = text_ids.clone()
+        dec_ids[:, 0] = model.dec_token
+        _, text_out = model.encode(side, dec_ids, text_pad, "causal")
+        labels = text_ids[:, 1:].masked_fill(text_pad[:, 1:], -100)
+        out[g] = F.cross_entropy(model.lm_logits(text_out[:, :-1]).flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    return out
+
+
+@torch.no_grad()
+def alignment_accuracy(
+    model: QFormer, side_of, text_ids: torch.Tensor, text_pad: torch.Tensor, seed: int = 0, chunk: int = 256
+) -> dict[str, float]:
+    """Held-out alignment: contrastive retrieval top-1 among the held-out set (both directions, identical
+    texts count as hits) with its chance level, and matching accuracy on positives vs random non-identical
+    texts (chance 0.5). `side_of(rows)` gives the behaviour side of held-out rows."""
+    n = len(text_ids)
+    was_training = model.training
+    model.eval()
+    feats_b, feats_t = [], []
+    for s in range(0, n, chunk):
+        rows = torch.arange(s, min(s + chunk, n), device=text_ids.device)
+        ids, pad = trim_text(text_ids[rows], text_pad[rows])
+        q, t = model.encode(side_of(rows), ids, pad, "unimodal")
+        feats_b.append(model.behavior_features(q))
+        feats_t.append(model.text_features(t))
+    sim = torch.einsum("iqc,jc->ijq", torch.cat(feats_b), torch.cat(feats_t)).amax(-1)  # (n, n)
+    positives = same_text(text_ids)
+    arange = torch.arange(n, device=text_ids.device)
+    generator = torch.Generator().manual_seed(seed)
+    weights = (~positives).float().cpu()
+    has = weights.sum(1) > 0
+    weights[~has] = 1.0
+    negative = torch.multinomial(weights, 1, generator=generator).squeeze(1).to(text_ids.device)
+    correct = []
+    for s in range(0, n, chunk):
+        rows = torch.arange(s, min(s + chunk, n), device=text_ids.device)
+        for texts, label in ((rows, 1), (negative[rows], 0)):
+            ids, pad = trim_text(text_ids[texts], text_pad[texts])
+            q, _ = model.encode(side_of(rows), ids, pad, "bidirectional")
+            keep = has[rows.cpu()].to(q.device) if label == 0 else torch.ones(len(rows), dtype=torch.bool, device=q.device)
+            correct.append((model.match_logits(q).argmax(1) == label)[keep])
+    model.train(was_training)
+    return {
+        "retrieval_top1": float(positives[arange, sim.argmax(1)].float().mean()),
+        "retrieval_top1_text_to_behavior": float(positives[sim.argmax(0), arange].float().mean()),
+        "retrieval_chance": float(positives.float().sum(1).mean() / n),
+        "matching_acc": float(torch.cat(correct).float().mean()),
+        "cases": n,
+    }
+
+
+# -- trainer ---------------------------------------------------------------------------------------
+def _holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, held-out) split of range(n), both sorted."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * fraction))
+    return np.sort(order[cut:]), np.sort(order[:cut])
+
+
+class Phase1Trainer:
+    """Pretrains a Q-former on the six tasks; see the module doc for outputs and checkpoints."""
+
+    def __init__(self, cfg: Phase1Config, features: BehaviorFeatures, windows: WindowSet | None, out_dir: str | Path):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.device = select_device(cfg.device)
+        amp = device_info(self.device).amp_dtype if cfg.amp else None
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp is not None else nullcontext
+        torch.manual_seed(cfg.seed)
+        windows = windows if windows is not None and len(windows) else None
+        self.model = build_adapter(cfg.qformer, features, windows.texts if windows else []).to(self.device)
+        self.train_behaviors, self.eval_behaviors = _holdout(features.num_behaviors, cfg.holdout_fraction, cfg.seed)
+        self.windows = windows
+        if windows is not None and isinstance(self.model, QFormer):
+            self.train_windows, self.eval_windows = _holdout(len(windows), cfg.holdout_fraction, cfg.seed + 1)
+            ids, pad = self.model.tokenizer(windows.texts)
+            self.window_ids, self.window_pad = ids.to(self.device), pad.to(self.device)
+            self.window_behaviors = torch.from_numpy(windows.behaviors).to(self.device)
+            self.window_mask = torch.from_numpy(windows.mask).to(self.device)
+        self.steps_per_epoch = max(1, -(-len(self.train_behaviors) // cfg.batch_size))
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, betas=(0.9, 0.98)) if isinstance(self.model, QFormer) else None
+        self.global_step = 0
+        self.history: list[dict] = []
+
+    def _param_groups(self) -> list[dict]:
+        """Weight decay on matrices only (not biases, norms, the temperature)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 10% of `lr` over the whole schedule."""
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps))
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    # -- data order: a pure function of (seed, epoch) so that the step alone is the data position --
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        behaviors = self.train_behaviors[rng.permutation(len(self.train_behaviors))]
+        if self.windows is None or not len(self.train_windows):
+            return behaviors, None
+        need = self.steps_per_epoch * self.cfg.window_batch_size
+        reps = -(-need // len(self.train_windows))
+        windows = np.concatenate([self.train_windows[rng.permutation(len(self.train_windows))] for _ in range(reps)])[:need]
+        return behaviors, windows
+
+    def _batch(self, order: tuple[np.ndarray, np.ndarray | None], step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        behaviors, windows = order
+        b, wb = self.cfg.batch_size, self.cfg.window_batch_size
+        beh = torch.from_numpy(behaviors[step * b : (step + 1) * b]).to(self.device)
+        win = None if windows is None else torch.from_numpy(windows[step * wb : (step + 1) * wb]).to(self.device)
+        return beh, win
+
+    def losses(self, behaviors: torch.Tensor, windows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Every task's loss (and batch accuracies) on one behaviour batch and one window batch."""
+        w = self.cfg.loss_weights
+        out: dict[str, torch.Tensor] = {}
+        if (w.btc or w.btm or w.btg) and len(behaviors) > 1:
+            ids, pad = self.model.descriptions(behaviors)
+            out |= alignment_losses(self.model, self.model.behavior_side(behaviors), ids, pad, (w.btc, w.btm, w.btg), ("btc", "btm", "btg"), self.cfg.mining_temperature)
+        if windows is not None and (w.stc or w.stm or w.stg) and len(windows) > 1:
+            side = self.model.window_side(self.window_behaviors[windows], self.window_mask[windows])
+            ids, pad = trim_text(self.window_ids[windows], self.window_pad[windows])
+            out |= alignment_losses(self.model, side, ids, pad, (w.stc, w.stm, w.stg), ("stc", "stm", "stg"), self.cfg.mining_temperature)
+        return out
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = dataclasses.asdict(self.cfg.loss_weights)
+        return sum(weights[k] * v for k, v in losses.items() if k in weights and weights[k])
+
+    def evaluate(self) -> dict[str, float]:
+        """Alignment on held-out behaviours (btc/btm) and held-out windows (stc/stm)."""
+        model, out = self.model, {}
+        if len(self.eval_behaviors) > 1:
+            held = torch.from_numpy(self.eval_behaviors).to(self.device)
+            ids, pad = model.descriptions(held)
+            acc = alignment_accuracy(model, lambda rows: model.behavior_side(held[rows]), ids, pad, self.cfg.seed)
+            out |= {f"behavior_{k}": v for k, v in acc.items()}
+        if self.windows is not None and len(self.eval_windows) > 1:
+            held = torch.from_numpy(self.eval_windows).to(self.device)
+            side_of = lambda rows: model.window_side(self.window_behaviors[held[rows]], self.window_mask[held[rows]])  # noqa: E731
+            acc = alignment_accuracy(model, side_of, self.window_ids[held], self.window_pad[held], self.cfg.seed)
+            out |= {f"window_{k}": v for k, v in acc.items()}
+        return out
+
+    def train(self, resume: bool = True) -> dict:
+        """Train (resuming from the last checkpoint when there is one); write the outputs; return the metrics."""
+        if not isinstance(self.model, QFormer):
+            log.info("variant %s has no Q-former: nothing to pretrain; writing its (untrained) projection", self.cfg.qformer.variant)
+            return self._finish({}, 0.0)
+        cfg = self.cfg
+        if resume and (last := self.last_checkpoint()) is not None:
+            self.load_checkpoint(last)
+        stop = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        log.info("phase I: %d behaviours (%d held out), %d windows, %d steps/epoch, %d epochs, from step %d to %d on %s",
+                 len(self.train_behaviors), len(self.eval_behaviors), len(self.windows) if self.windows else 0,
+                 self.steps_per_epoch, cfg.epochs, self.global_step, stop, self.device)
+        started, steps_run = time.perf_counter(), 0
+        bar = tqdm(total=stop, initial=self.global_step, desc="phase I", unit="step", dynamic_ncols=True)
+        self.model.train()
+        while self.global_step < stop:
+            epoch, step = divmod(self.global_step, self.steps_per_epoch)
+            order = self._epoch_order(epoch)
+            for step in range(step, self.steps_per_epoch):
+                if self.global_step >= stop:
+                    break
+                logs = self._train_step(*self._batch(order, step))
+                steps_run += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if not k.endswith("_acc")})
+                if cfg.save_every and self.global_step % cfg.save_every == 0:
+                    self.save_checkpoint()
+                end_of_epoch = self.global_step % self.steps_per_epoch == 0
+                if (cfg.eval_every and self.global_step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
+                    self._log_eval(logs)
+        bar.close()
+        seconds = time.perf_counter() - started
+        if not self.history or self.history[-1]["step"] != self.global_step:
+            self._log_eval({})
+        self.save_checkpoint()
+        return self._finish(self.history[-1], seconds / max(steps_run, 1))
+
+    def _train_step(self, behaviors: torch.Tensor, windows: torch.Tensor | None) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.global_step)
+        with self.autocast():
+            losses = self.losses(behaviors, windows)
+            total = self.total_loss(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.global_step += 1
+        return {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(total.detach())}
+
+    def _log_eval(self, train_logs: dict[str, float]) -> None:
+        metrics = self.evaluate()
+        record = {"step": self.global_step, "epoch": self.global_step / self.steps_per_epoch} | train_logs | metrics
+        self.history.append(record)
+        log.info("step %d: %s", self.global_step, " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+
+    def _finish(self, metrics: dict, seconds_per_step: float) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "variant": self.cfg.qformer.variant,
+            "modalities_used": self.model.modalities_used,
+            "steps": self.global_step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "seconds_per_step": seconds_per_step,
+            "device": str(self.device),
+            "windows": len(self.windows) if self.windows else 0,
+            "window_text": self.windows.source if self.windows else None,
+            "final": metrics,
+            "history": self.history,
+        }
+        save_adapter(self.model, self.out, {"phase1_steps": self.global_step})
+        np.save(self.out / "fused_embeddings.npy", self.model.fuse_all())
+        (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        log.info("phase I outputs in %s: %s", self.out, {k: v for k, v in summary.items() if k != "history"})
+        return summary
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def last_checkpoint(self) -> Path | None:
+        found = sorted(p for p in self.checkpoint_dir().glob("step-*") if (p / "checkpoint.safetensors").exists())
+        return found[-1] if found else None
+
+    def save_checkpoint(self) -> Path:
+        """model + AdamW state + RNG states + position, written to a temporary folder then renamed."""
+        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        for pid, state in self.optimizer.state_dict()["state"].items():
+            for name, value in state.items():
+                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        epoch, step = divmod(self.global_step, self.steps_per_epoch)
+        meta = {"global_step": str(self.global_step), "epoch": str(epoch), "step_in_epoch": str(step)}
+        final = self.checkpoint_dir() / f"step-{self.global_step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, tmp / "checkpoint.safetensors", metadata=meta)
+        card = {"phase1": dataclasses.asdict(self.cfg), "adapter": adapter_card(self.model), "position": meta}
+        (tmp / "config.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(self.checkpoint_dir().glob("step-*"))[: -self.cfg.keep_checkpoints or None]:
+            if old.suffix != ".tmp":
+                shutil.rmtree(old)
+        log.info("checkpoint %s", final)
+        return final
+
+    def load_checkpoint(self, folder: Path) -> None:
+        card = yaml.safe_load((folder / "config.yaml").read_text())
+        now, then = dataclasses.asdict(self.cfg), card["phase1"]
+        changed = sorted(k for k in set(now) | set(then) if k not in RESUMABLE_CHANGES and now.get(k) != then.get(k))
+        if changed:
+            raise ValueError(f"checkpoint {folder}: config differs in {changed}; resume with the same config or use a new output folder")
+        tensors = load_file(folder / "checkpoint.safetensors")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = value.to(self.device) if value.ndim else value
+        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        with open(folder / "checkpoint.safetensors", "rb") as fh:  # the position lives in the header metadata
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        self.global_step = int(header["__metadata__"]["global_step"])
+        log.info("resumed from %s at step %d", folder, self.global_step)
+
+
+def pretrain_phase1(
+    features: BehaviorFeatures,
+    windows: WindowSet | None,
+    out_dir: str | Path,
+    config: str | Path | None = "pkg:qformer/default.yaml",
+    overrides: list[str] | dict | None = None,
+    resume: bool = True,
+) -> dict:
+    """Load the config, train, write the outputs (see module doc); returns the metrics summary."""
+    cfg = load_config(Phase1Config, config, overrides)
+    return Phase1Trainer(cfg, features, windows, out_dir).train(resume=resume)
+
+
+# -- benchmark -------------------------------------------------------------------------------------
+PAPER_TRAIN_USERS = 193_799  # Table 1
+PAPER_AVG_SEQUENCE = 4_832  # Table 1
+
+
+def bench_phase1(
+    dataset: str = "synth:tiny",
+    overrides: list[str] | dict | None = None,
+    max_steps: int = 20,
+    workdir: str | Path | None = None,
+    paper_catalog: int = 10_000,
+) -> dict:
+    """Time phase I at the default sizes on this machine and extrapolate an epoch to the paper's scale.
+
+    Builds `dataset` (synth:tiny by default), stand-in features (`stand_in_features`: MiniLM text
+    embeddings, residual k-means semantic IDs, attribute-table business embeddings), trains
+    `max_steps` steps of the default config (+ `overrides`) and reports seconds per step, the epoch time
+    here, held-out alignment after those steps, and the arithmetic of a paper-scale epoch:
+
+        windows/epoch = 193,799 users x 4,832 events / K           (Table 1; non-overlapping windows)
+        steps/epoch   = max(windows / window_batch, catalog / batch)
+        epoch time    = steps x seconds per step (this machine; a lower bound of its speed when shared)
+
+    The catalog size of the paper's data set is not published: `paper_catalog` is an assumption.
+    """
+    import tempfile
+
+    from gts_lum.data.contract import read_table
+    from gts_lum.data.ingest import prepare_dataset
+    from gts_lum.data.validate import load_event_log
+    from gts_lum.modeling.behavior_features import stand_in_features
+    from gts_lum.sequence.splits import leave_one_out
+    from gts_lum.tokenizer.text_encoder import TextEncoderConfig, encode
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(workdir or tmp)
+        clean = Path(prepare_dataset(dataset, work / "data"))
+        behaviors = read_table(clean, "behaviors")
+        split = leave_one_out(load_event_log(clean))
+        text = encode(behaviors["description"].astype(str).tolist(), TextEncoderConfig(device="cpu"))
+        features = stand_in_features(behaviors, text)
+        cfg = load_config(Phase1Config, "pkg:qformer/default.yaml", overrides)
+        windows = build_windows(split.train, behaviors, read_table(clean, "scenarios"), cfg.windows)
+        cfg = dataclasses.replace(cfg, max_steps=max_steps, save_every=0, eval_every=0)
+        trainer = Phase1Trainer(cfg, features, windows, work / "phase1")
+        summary = trainer.train(resume=False)
+    sec = summary["seconds_per_step"]
+    paper_windows = PAPER_TRAIN_USERS * PAPER_AVG_SEQUENCE // cfg.windows.size
+    paper_steps = max(-(-paper_windows // cfg.window_batch_size), -(-paper_catalog // cfg.batch_size))
+    return {
+        "device": summary["device"],
+        "config": {"hidden_size": cfg.qformer.hidden_size, "num_layers": cfg.qformer.num_layers, "num_queries": cfg.qformer.num_queries,
+                   "batch_size": cfg.batch_size, "window_batch_size": cfg.window_batch_size, "window_size": cfg.windows.size},
+        "catalog": features.num_behaviors,
+        "windows": summary["windows"],
+        "steps_timed": summary["steps"],
+        "seconds_per_step": sec,
+        "steps_per_epoch": summary["steps_per_epoch"],
+        "seconds_per_epoch": sec * summary["steps_per_epoch"],
+        "alignment_after_steps": summary["final"],
+        "paper_windows_per_epoch": paper_windows,
+        "paper_steps_per_epoch": paper_steps,
+        "paper_hours_per_epoch_here": sec * paper_steps / 3600,
+        "paper_arithmetic": (
+            f"{PAPER_TRAIN_USERS:,} users x {PAPER_AVG_SEQUENCE:,} events / K={cfg.windows.size} = {paper_windows:,} windows; "
+            f"/ {cfg.window_batch_size} per step = {paper_steps:,} steps x {sec:.3f} s = {sec * paper_steps / 3600:,.1f} h per epoch here"
+        ),
+    }
