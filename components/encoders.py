@@ -1,10 +1,11 @@
-"""Multi-modal encoder steps (paper 3.2): semantic IDs, co-occurrence graph + node2vec, table encoder.
+"""Multi-modal steps (paper 3.2): semantic IDs, co-occurrence graph + node2vec, and the Q-former's phase I.
 
-They read the same inputs and not each other's outputs, so the pipeline runs them in parallel.
+The encoders read the same inputs and not each other's outputs, so the pipeline runs them in parallel;
+phase I reads them all.
 """
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Output
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -34,3 +35,25 @@ def semantic_ids(clean: Input[Dataset], tokenizer_config: str, tokenizer_overrid
     ids.metadata.update({k: v for k, v in card.items() if isinstance(v, (int, float, str))})
     ids.metadata["codebook_sizes"] = card["codebook_sizes"]
     shutil.copyfile(f"{ids.path}/summary.md", summary.path)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def qformer_pretrain(
+    sequences: Input[Dataset],
+    ids: Input[Dataset],
+    graph: Input[Dataset],
+    qformer_config: str,
+    qformer_overrides: str,
+    qformer: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Phase I: the Q-former aligns business embeddings with semantic IDs (six alignment tasks) -> fused b^F."""
+    import json
+
+    from gts_lum.training.phase1 import run_phase1
+
+    summary = run_phase1(sequences.path, qformer.path, ids.path, graph.path, None, qformer_config or "pkg:qformer/default.yaml", json.loads(qformer_overrides or "{}"))
+    qformer.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    for key, value in summary["final"].items():
+        if isinstance(value, (int, float)):
+            metrics.log_metric(key, value)

@@ -1,4 +1,5 @@
-"""The training pipeline: ingest -> validate -> sequences -> encoders (semantic IDs, graph) -> train -> evaluate.
+"""The training pipeline: ingest -> validate -> sequences -> encoders (semantic IDs, graph) -> Q-former phase I;
+sequences -> train (model + baseline) -> evaluate.
 
 Every setting is a pipeline parameter (strings hold JSON objects of config overrides), so a run from the
 Kubeflow UI changes data, interval length, model sizes or device without a rebuild.
@@ -6,7 +7,7 @@ Kubeflow UI changes data, interval length, model sizes or device without a rebui
 
 from kfp import dsl
 
-from components.encoders import encode_graph, semantic_ids
+from components.encoders import encode_graph, qformer_pretrain, semantic_ids
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
 from components.training import evaluate_models, train_model
@@ -31,6 +32,8 @@ def training_pipeline(
     tokenizer_overrides: str = "{}",
     graph_config: str = "pkg:encoders/graph.yaml",
     graph_overrides: str = "{}",
+    qformer_config: str = "pkg:qformer/default.yaml",
+    qformer_overrides: str = '{"epochs": 5, "qformer": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 256}}',
 ):
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
@@ -41,8 +44,15 @@ def training_pipeline(
         split_config=split_config,
     ).set_display_name("sequences")
     # Multi-modal encoders: independent of each other, so they run in parallel on a cluster.
-    semantic_ids(clean=clean.outputs["clean"], tokenizer_config=tokenizer_config, tokenizer_overrides=tokenizer_overrides).set_display_name("semantic-ids")
-    encode_graph(sequences=seqs.outputs["sequences"], graph_config=graph_config, graph_overrides=graph_overrides).set_display_name("graph-node2vec")
+    ids = semantic_ids(clean=clean.outputs["clean"], tokenizer_config=tokenizer_config, tokenizer_overrides=tokenizer_overrides).set_display_name("semantic-ids")
+    graph = encode_graph(sequences=seqs.outputs["sequences"], graph_config=graph_config, graph_overrides=graph_overrides).set_display_name("graph-node2vec")
+    qformer_pretrain(
+        sequences=seqs.outputs["sequences"],
+        ids=ids.outputs["ids"],
+        graph=graph.outputs["graph"],
+        qformer_config=qformer_config,
+        qformer_overrides=qformer_overrides,
+    ).set_display_name("qformer-pretrain").set_caching_options(False)
     model = train_model(
         sequences=seqs.outputs["sequences"], model_name=model_name, model_config=model_config, model_overrides=model_overrides, device=device
     ).set_display_name("train")

@@ -225,3 +225,42 @@ def stand_in_features(
         text_embeddings,
         behaviors["description"].astype(str).tolist(),
     )
+
+
+def features_from_artifacts(
+    sequences_dir: str | Path,
+    semantic_ids_dir: str | Path | None = None,
+    graph_dir: str | Path | None = None,
+    table_embeddings: str | Path | None = None,
+    text_encoder=None,
+) -> "BehaviorFeatures":
+    """The bundle for the catalog of a sequence data set (row i = behaviour index i of its EventLog),
+    from the pipeline's artifacts: semantic IDs (tokenizer), node2vec (graph encoder), and behaviour
+    table embeddings (an .npz with `behavior_ids`, `vectors`). Any of them may be absent."""
+    from gts_lum.encoders.node2vec import GraphEmbeddings
+    from gts_lum.sequence.dataset import SequenceDataset
+    from gts_lum.tokenizer.semantic_ids import SemanticIds
+    from gts_lum.tokenizer.text_encoder import encode
+
+    data = SequenceDataset.load(sequences_dir)
+    ids = data.event_log.behavior_ids.astype(str)
+    descriptions = data.behaviors()["description"].astype(str).tolist()
+    text = text_encoder(descriptions) if text_encoder is not None else encode(descriptions)
+    semantic, sizes = None, None
+    if semantic_ids_dir is not None:
+        sem = SemanticIds.load(semantic_ids_dir)
+        semantic, sizes = sem.lookup(ids), sem.codebook_sizes
+    business, seen = {}, {}
+    if graph_dir is not None:
+        graph = GraphEmbeddings.load(graph_dir)
+        rows = pd.Index(graph.behavior_ids.astype(str)).get_indexer(ids)
+        if (rows < 0).any():
+            raise KeyError(f"{graph_dir}: {int((rows < 0).sum())} catalog behaviours have no node2vec vector, e.g. {ids[rows < 0][:3].tolist()}")
+        business["graph"], seen["graph"] = graph.vectors[rows], graph.seen[rows]
+    if table_embeddings is not None:
+        with np.load(table_embeddings, allow_pickle=False) as z:
+            rows = pd.Index(z["behavior_ids"].astype(str)).get_indexer(ids)
+            if (rows < 0).any():
+                raise KeyError(f"{table_embeddings}: {int((rows < 0).sum())} catalog behaviours have no table vector")
+            business["table"], seen["table"] = z["vectors"][rows].astype(np.float32), np.ones(len(ids), bool)
+    return BehaviorFeatures.build(descriptions, text, semantic, sizes, business, seen)

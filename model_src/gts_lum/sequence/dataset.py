@@ -5,6 +5,7 @@ A folder:
     split.yaml             how to split it (kind, seed, fractions): splits are recomputed, not stored
     sequence_config.yaml   the timestamp-process settings (timezone from the data set)
     behavior_stats.npz     importance + sources fitted on the *training* events of the split
+    behaviors.parquet, scenarios.parquet   the catalog and (where the data set has it) scenario texts
     test_sequences.npz     token sequences of the test cases (what the decoder will read)
     summary.json, preview.md
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,11 @@ class SequenceDataset:
     def split(self) -> Split:
         return self.split_cfg.make(self.event_log, self.behaviors())
 
+    def scenarios(self) -> pd.DataFrame | None:
+        """The data set's scenarios table (windows of events described in words), if it has one."""
+        path = self.root / "scenarios.parquet"
+        return pd.read_parquet(path) if path.exists() else None
+
     def behaviors(self) -> pd.DataFrame:
         """The clean behaviours table, in catalog order."""
         table = pd.read_parquet(self.root / "behaviors.parquet")
@@ -114,6 +121,8 @@ def build_sequence_dataset(
     stats.save(out / "behavior_stats.npz")
     tokens.save(out / "test_sequences.npz")
     behaviors.to_parquet(out / "behaviors.parquet", index=False)
+    if (clean_dir / "scenarios.parquet").exists():  # phase I's sequence-level texts
+        shutil.copyfile(clean_dir / "scenarios.parquet", out / "scenarios.parquet")
     (out / "split.yaml").write_text(yaml.safe_dump(dataclasses.asdict(split_cfg), sort_keys=False))
     (out / "sequence_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     lengths = tokens.lengths()

@@ -599,6 +599,32 @@ def pretrain_phase1(
     return Phase1Trainer(cfg, features, windows, out_dir).train(resume=resume)
 
 
+def run_phase1(
+    sequences_dir: str | Path,
+    out_dir: str | Path,
+    semantic_ids_dir: str | Path | None = None,
+    graph_dir: str | Path | None = None,
+    table_embeddings: str | Path | None = None,
+    config: str | Path | None = "pkg:qformer/default.yaml",
+    overrides: list[str] | dict | None = None,
+) -> dict:
+    """Pipeline stage: the real artifacts (semantic IDs, node2vec, table vectors) -> phase I -> fused b^F.
+
+    Windows come from the split's training events only; their texts from the scenarios table where
+    the data set has one.
+    """
+    from gts_lum.modeling.behavior_features import features_from_artifacts
+    from gts_lum.sequence.dataset import SequenceDataset
+
+    cfg = load_config(Phase1Config, config, overrides)
+    data = SequenceDataset.load(sequences_dir)
+    features = features_from_artifacts(sequences_dir, semantic_ids_dir, graph_dir, table_embeddings)
+    windows = build_windows(data.split().train, data.behaviors(), data.scenarios(), cfg.windows)
+    log.info("phase I: %d behaviours, modalities %s, %d semantic-ID levels, %d windows (%s)",
+             features.num_behaviors, features.modalities, len(features.codebook_sizes), len(windows), windows.source)
+    return Phase1Trainer(cfg, features, windows, out_dir).train(resume=True)
+
+
 # -- benchmark -------------------------------------------------------------------------------------
 PAPER_TRAIN_USERS = 193_799  # Table 1
 PAPER_AVG_SEQUENCE = 4_832  # Table 1
