@@ -75,6 +75,31 @@ def _codes(column: pd.Series, vocab: np.ndarray | None, what: str) -> tuple[np.n
     return codes.astype(np.int32), np.asarray(vocab_index, dtype=object)
 
 
+def event_order(user: np.ndarray, seconds: np.ndarray, behavior: np.ndarray, seed: int) -> np.ndarray:
+    """The permutation that sorts events by (user, time, seeded hash tie-break).
+
+    One int64 key (user, time) sorts in a single pass (and not at all when the input is already in
+    order, as exports by user usually are); only the events that tie on it are ordered by the hash.
+    """
+    n = len(user)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    t0, span = int(seconds.min()), int(seconds.max()) - int(seconds.min())
+    if span >= 1 << 34 or int(user.max()) >= 1 << 29:  # the key would overflow: three-key sort
+        return np.lexsort((tiebreak_keys(user, behavior, np.arange(n), seed), seconds, user))
+    key = (user.astype(np.int64) << 34) | (seconds - t0)
+    order = np.arange(n, dtype=np.int64) if bool(np.all(key[1:] >= key[:-1])) else np.argsort(key, kind="stable")
+    k = key[order]
+    tie = np.zeros(n, dtype=bool)
+    same = np.flatnonzero(k[1:] == k[:-1])
+    tie[same] = tie[same + 1] = True
+    members = np.flatnonzero(tie)  # contiguous runs of equal keys
+    if len(members):
+        sub = order[members]
+        order[members] = sub[np.lexsort((tiebreak_keys(user[sub], behavior[sub], sub, seed), k[members]))]
+    return order
+
+
 @dataclass
 class EventLog:
     """Events grouped by user. Users `u`'s events are rows `offsets[u]:offsets[u+1]`, oldest first."""
@@ -157,8 +182,7 @@ class EventLog:
             if pd.api.types.is_datetime64_any_dtype(ts)
             else ts.to_numpy(dtype=np.int64)
         )
-        rows = np.arange(len(events), dtype=np.int64)
-        order = np.lexsort((tiebreak_keys(user_codes, beh_codes, rows, seed), seconds, user_codes))
+        order = event_order(user_codes, seconds, beh_codes, seed)
         counts = np.bincount(user_codes, minlength=len(user_ids))
         value = events["value"].to_numpy(dtype=np.float32, na_value=np.nan)[order] if "value" in events else None
         return cls(
