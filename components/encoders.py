@@ -1,4 +1,4 @@
-"""Multi-modal steps (paper 3.2): semantic IDs, co-occurrence graph + node2vec, and the Q-former's phase I.
+"""Multi-modal steps (paper 3.2): semantic IDs, graph + node2vec, table encoders, and the Q-former's phase I.
 
 The encoders read the same inputs and not each other's outputs, so the pipeline runs them in parallel;
 phase I reads them all.
@@ -42,6 +42,7 @@ def qformer_pretrain(
     sequences: Input[Dataset],
     ids: Input[Dataset],
     graph: Input[Dataset],
+    tables: Input[Dataset],
     qformer_config: str,
     qformer_overrides: str,
     qformer: Output[Model],
@@ -52,8 +53,29 @@ def qformer_pretrain(
 
     from gts_lum.training.phase1 import run_phase1
 
-    summary = run_phase1(sequences.path, qformer.path, ids.path, graph.path, None, qformer_config or "pkg:qformer/default.yaml", json.loads(qformer_overrides or "{}"))
+    from pathlib import Path
+
+    table = Path(tables.path) / "behavior_table.npz"
+    summary = run_phase1(
+        sequences.path, qformer.path, ids.path, graph.path, table if table.exists() else None,
+        qformer_config or "pkg:qformer/default.yaml", json.loads(qformer_overrides or "{}"),
+    )
     qformer.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     for key, value in summary["final"].items():
         if isinstance(value, (int, float)):
             metrics.log_metric(key, value)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def encode_tables(clean: Input[Dataset], table_config: str, behavior_overrides: str, user_overrides: str, tables: Output[Dataset]):
+    """Attribute tables -> business embedding per behaviour (Q-former "table" modality) and per user (profile)."""
+    import json
+
+    from gts_lum.encoders.table import encode_tables as encode
+
+    summary = encode(clean.path, tables.path, table_config or "pkg:encoders/table.yaml", json.loads(behavior_overrides or "{}"),
+                     table_config or "pkg:encoders/table.yaml", json.loads(user_overrides or "{}"))
+    for name, info in summary.items():
+        tables.metadata[f"{name}_rows"] = info["rows"]
+        tables.metadata[f"{name}_dim"] = info["dim"]
+        tables.metadata[f"{name}_kind"] = info["kind"]

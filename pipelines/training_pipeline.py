@@ -1,4 +1,4 @@
-"""The training pipeline: ingest -> validate -> sequences -> encoders (semantic IDs, graph) -> Q-former phase I;
+"""The training pipeline: ingest -> validate -> sequences -> encoders (semantic IDs, graph, tables) -> Q-former phase I;
 sequences -> train (model + baseline) -> evaluate.
 
 Every setting is a pipeline parameter (strings hold JSON objects of config overrides), so a run from the
@@ -7,7 +7,7 @@ Kubeflow UI changes data, interval length, model sizes or device without a rebui
 
 from kfp import dsl
 
-from components.encoders import encode_graph, qformer_pretrain, semantic_ids
+from components.encoders import encode_graph, encode_tables, qformer_pretrain, semantic_ids
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
 from components.training import evaluate_models, train_model
@@ -32,6 +32,9 @@ def training_pipeline(
     tokenizer_overrides: str = "{}",
     graph_config: str = "pkg:encoders/graph.yaml",
     graph_overrides: str = "{}",
+    table_config: str = "pkg:encoders/table.yaml",
+    behavior_table_overrides: str = "{}",
+    user_table_overrides: str = '{"kind": "learned"}',
     qformer_config: str = "pkg:qformer/default.yaml",
     qformer_overrides: str = '{"epochs": 5, "qformer": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 256}}',
 ):
@@ -46,10 +49,14 @@ def training_pipeline(
     # Multi-modal encoders: independent of each other, so they run in parallel on a cluster.
     ids = semantic_ids(clean=clean.outputs["clean"], tokenizer_config=tokenizer_config, tokenizer_overrides=tokenizer_overrides).set_display_name("semantic-ids")
     graph = encode_graph(sequences=seqs.outputs["sequences"], graph_config=graph_config, graph_overrides=graph_overrides).set_display_name("graph-node2vec")
+    tables = encode_tables(
+        clean=clean.outputs["clean"], table_config=table_config, behavior_overrides=behavior_table_overrides, user_overrides=user_table_overrides
+    ).set_display_name("table-encoders")
     qformer_pretrain(
         sequences=seqs.outputs["sequences"],
         ids=ids.outputs["ids"],
         graph=graph.outputs["graph"],
+        tables=tables.outputs["tables"],
         qformer_config=qformer_config,
         qformer_overrides=qformer_overrides,
     ).set_display_name("qformer-pretrain").set_caching_options(False)

@@ -67,6 +67,20 @@ def cmd_graph(args) -> None:
     print(graph_summary_markdown(args.out))
 
 
+def cmd_tables(args) -> None:
+    from gts_lum.config import parse_overrides
+    from gts_lum.encoders.table import encode_tables
+
+    _print(encode_tables(args.clean, args.out, args.config, parse_overrides(args.behaviors), args.config, parse_overrides(args.users)))
+
+
+def cmd_phase1(args) -> None:
+    from gts_lum.training.phase1 import run_phase1
+
+    summary = run_phase1(args.sequences, args.out, args.semantic_ids, args.graph, args.table, args.config, args.set)
+    _print({k: v for k, v in summary.items() if k != "history"})
+
+
 def cmd_train(args) -> None:
     from gts_lum.config import parse_overrides
     from gts_lum.training.train import train_model
@@ -152,6 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="pkg:encoders/graph.yaml")
     overrides(p)
     p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("tables", help="table encoders: an embedding per behaviour (attributes) and per user (profile)")
+    p.add_argument("clean", help="a validated data set folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default="pkg:encoders/table.yaml")
+    p.add_argument("--behaviors", action="append", default=[], metavar="KEY=VALUE", help="override for the behaviours table, e.g. kind=learned")
+    p.add_argument("--users", action="append", default=[], metavar="KEY=VALUE", help="override for the users table")
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("phase1", help="Q-former phase I: align semantic IDs with business embeddings (six tasks); resumes")
+    p.add_argument("sequences", help="output folder of `gts-lum sequences`")
+    p.add_argument("--semantic-ids", help="output folder of `gts-lum semantic-ids`")
+    p.add_argument("--graph", help="output folder of `gts-lum graph`")
+    p.add_argument("--table", help="behavior_table.npz of `gts-lum tables`")
+    p.add_argument("--config", default="pkg:qformer/default.yaml")
+    p.add_argument("--out", required=True)
+    overrides(p)
+    p.set_defaults(func=cmd_phase1)
 
     p = sub.add_parser("train", help="train a registered model on a sequence data set; saves safetensors + model.yaml")
     p.add_argument("sequences", help="output folder of `gts-lum sequences`")

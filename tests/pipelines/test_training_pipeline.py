@@ -24,11 +24,13 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
         # the tokenizer tests' embedding cache: the catalog's texts are encoded once per test session
         "tokenizer_overrides": json.dumps({"encoder": {"cache_dir": str(request.config.cache.mkdir("gts-lum-text-embeddings"))}}),
         "graph_overrides": json.dumps({"node2vec": {"walk": {"walks_per_node": 2, "walk_length": 10}, "skipgram": {"epochs": 1, "dim": 16}}}),
+        "behavior_table_overrides": json.dumps({"kind": "learned", "learned": {"epochs": 2, "progress": False}}),
+        "user_table_overrides": json.dumps({"kind": "learned", "learned": {"epochs": 2, "progress": False}}),
         "qformer_overrides": json.dumps({"max_steps": 2, "batch_size": 16, "window_batch_size": 8, "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2}}),
     }
     run_dir = run("training", tmp_path, params)
     steps = {p.name for p in run_dir.iterdir() if p.is_dir()}
-    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "qformer-pretrain", "train-model", "train-model-2", "evaluate-models"} <= steps
+    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-model", "train-model-2", "evaluate-models"} <= steps
     table = (run_dir / "evaluate-models" / "table").read_text()
     assert "| sasrec |" in table and "| markov |" in table and "864 candidates" in table
     evaluation = json.loads((run_dir / "evaluate-models" / "executor_output.json").read_text())
@@ -52,3 +54,7 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
 
     fused = np.load(run_dir / "qformer-pretrain" / "qformer" / "fused_embeddings.npy")
     assert fused.shape[0] == 1267 and np.isfinite(fused).all()
+    card = yaml.safe_load((run_dir / "qformer-pretrain" / "qformer" / "qformer.yaml").read_text())
+    assert "graph" in str(card) and "table" in str(card)  # both business modalities reached the Q-former
+    with np.load(run_dir / "encode-tables" / "tables" / "user_table.npz") as users:
+        assert users["vectors"].shape[0] == 200
