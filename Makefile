@@ -23,6 +23,7 @@ bench: $(BIN)/gts-lum
 	$(BIN)/gts-lum speed --out runs/bench/speed
 	$(BIN)/gts-lum bench --config movielens --out runs/bench/movielens
 	$(BIN)/gts-lum bench --config synth --out runs/bench/synth
+	$(BIN)/gts-lum table-auc --out runs/bench/table_auc
 
 compile: $(BIN)/gts-lum
 	$(BIN)/python -m pipelines.compile

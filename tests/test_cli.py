@@ -28,7 +28,7 @@ def test_bad_input_exits_with_a_message(tmp_path, caplog):
 
 
 def test_help_for_every_stage(capsys):
-    for stage in ("synth", "ingest", "validate", "sequences", "semantic-ids", "graph", "tables", "phase1", "train", "evaluate", "bench", "speed"):
+    for stage in ("synth", "ingest", "validate", "sequences", "semantic-ids", "graph", "tables", "phase1", "train", "evaluate", "bench", "table-auc", "speed"):
         with pytest.raises(SystemExit) as exit_:
             main([stage, "--help"])
         assert exit_.value.code == 0

@@ -110,6 +110,15 @@ def cmd_bench(args) -> None:
     print(f"tables written to {args.out}")
 
 
+def cmd_table_auc(args) -> None:
+    from gts_lum.encoders.table_bench import telco_auc_comparison
+
+    result = telco_auc_comparison(args.data, overrides=args.set, include_text=not args.no_text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "table_auc.json").write_text(json.dumps(result, indent=2, default=str))
+    _print(result)
+
+
 def cmd_speed(args) -> None:
     from gts_lum.evaluation.speed import run_speed_benchmarks
 
@@ -206,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     overrides(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("table-auc", help="churn ROC-AUC on telco-churn: learned/text table encoders vs gradient-boosted trees")
+    p.add_argument("--data", default="../shared/data/telco-churn")
+    p.add_argument("--out", default="runs/bench/table_auc")
+    p.add_argument("--no-text", action="store_true", help="skip the text encoder (slow on CPU)")
+    overrides(p)
+    p.set_defaults(func=cmd_table_auc)
 
     p = sub.add_parser("speed", help="speed benchmarks (simulator, validation, sequence building, spectral tree, graph)")
     p.add_argument("--what", default="simulator,validation,sequences,tree,graph")
