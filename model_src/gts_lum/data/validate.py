@@ -277,7 +277,7 @@ def _validate_events(root, out, tz, cfg, catalog, known_users, progress) -> tupl
     if not files:
         raise ContractError(f"{root}: required table 'events' not found (events/ folder of shards, events.parquet or events.csv)")
     report, quarantine = TableReport(), []
-    hashes, shard_of, pos_in_shard = [], [], []
+    shard_users = []
     clean_paths = []
     for i, file in enumerate(tqdm(files, desc="validate events", unit="shard", disable=not progress or None)):
         frame = read_file(file, dictionary=("user_id", "behavior_id", "source"))
@@ -299,18 +299,35 @@ def _validate_events(root, out, tz, cfg, catalog, known_users, progress) -> tupl
         path = out / "events" / f"part-{i:05d}.parquet"
         _write(clean, path)
         clean_paths.append(path)
-        hashes.append(key_hash(clean, list(spec.key)))
-        shard_of.append(np.full(len(clean), i, dtype=np.int32))
-        pos_in_shard.append(np.arange(len(clean), dtype=np.int64))
+        shard_users.append(clean["user_id"].cat.remove_unused_categories().cat.categories.astype(str).to_numpy())
         quarantine.append(rej.quarantined())
         report.add(rej.report())
     if len(files) > 1:
-        _drop_cross_shard_duplicates(clean_paths, np.concatenate(hashes), np.concatenate(shard_of), np.concatenate(pos_in_shard), report, quarantine)
+        _drop_cross_shard_duplicates(clean_paths, shard_users, report, quarantine)
     return report, quarantine
 
 
-def _drop_cross_shard_duplicates(paths, hashes, shard_of, pos, report, quarantine) -> None:
-    order = np.argsort(hashes, kind="stable")  # stable: the earliest shard keeps the row
+def _drop_cross_shard_duplicates(paths: list[Path], shard_users: list[np.ndarray], report: TableReport, quarantine: list) -> None:
+    """A duplicate can span shards only through a user present in several; exports split by user have none.
+
+    Only those users' rows are read again and hashed; the earliest shard keeps a row.
+    """
+    users, counts = np.unique(np.concatenate(shard_users), return_counts=True)
+    shared = users[counts > 1]
+    if not len(shared):
+        return
+    key = list(TABLES["events"].key)
+    hashes, shard_of, pos = [], [], []
+    for i, path in enumerate(paths):
+        if not np.isin(shard_users[i], shared).any():
+            continue
+        frame = pd.read_parquet(path, columns=key)
+        rows = np.flatnonzero(frame["user_id"].astype(str).isin(shared).to_numpy())
+        hashes.append(key_hash(frame.iloc[rows], key))
+        shard_of.append(np.full(len(rows), i, dtype=np.int32))
+        pos.append(rows.astype(np.int64))
+    hashes, shard_of, pos = np.concatenate(hashes), np.concatenate(shard_of), np.concatenate(pos)
+    order = np.lexsort((shard_of, hashes))  # by hash, then shard: the earliest shard keeps the row
     sorted_h = hashes[order]
     later = np.zeros(len(hashes), dtype=bool)
     later[order[1:][sorted_h[1:] == sorted_h[:-1]]] = True
