@@ -26,3 +26,14 @@ def movielens_dir() -> Path:
 @pytest.fixture
 def telco_dir() -> Path:
     return shared_data("telco-churn")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small torch models on 2 shared cores: one intra-op thread beats a contended pool by up to 10x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,13 +27,7 @@ TINY_QF = dict(num_queries=3, num_layers=2, num_heads=2, hidden_size=16, interme
                decoder_hidden_size=24, contrast_size=8, max_text_len=16, max_window=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: torch's thread pool under contention is 10x slower than one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_features(n=16, seed=0) -> BehaviorFeatures:
