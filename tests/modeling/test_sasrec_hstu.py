@@ -37,10 +37,11 @@ def build(name, **train):
     return model_cls(load_config(config_cls, None, {**arch, "train": {**TINY_TRAIN, **train}}))
 
 
+@pytest.mark.parametrize("full_softmax", [False, True])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_learns_a_cycle_and_scores_full_shape(name):
+def test_learns_a_cycle_and_scores_full_shape(name, full_softmax):
     split = leave_one_out(cyclic_log())
-    model = build(name)
+    model = build(name, full_softmax=full_softmax)
     stats = model.fit(split, EvalConfig(ks=(1, 10)))
     assert 0 <= stats["best_epoch"] < stats["epochs"] <= TINY_TRAIN["epochs"]
     scores = model.score(split.log, split.test, np.array([0, 2, 4]))

@@ -71,6 +71,19 @@ def build_model(name: str, cfg_path: str | Path | None = None, overrides: list[s
     return model_cls(load_config(config_cls, cfg_path or default_config_path(name), overrides))
 
 
+def attach_dataset(model: Any, dataset: Any) -> None:
+    """Give the sequence data set (`SequenceDataset`) to a model that reads more than the event log.
+
+    Models with an `attach(dataset)` method (behaviour texts, encoder artifacts, timestamp process)
+    get it before `fit`; ID-only models have none and need nothing.
+    """
+    if not hasattr(model, "attach"):
+        return
+    if dataset is None:
+        raise ValueError(f"model {getattr(model, 'name', type(model).__name__)!r} reads the sequence data set: pass dataset=")
+    model.attach(dataset)
+
+
 def improvements(rows: Sequence[dict], reference: int, columns: Sequence[str]) -> list[float]:
     """Mean over `columns` of row / reference - 1, per row; NaN where the reference has a zero."""
     ref = np.array([rows[reference][c] for c in columns], dtype=np.float64)
@@ -161,8 +174,11 @@ def run_bench(
     candidates: np.ndarray | None = None,
     eval_cfg: EvalConfig | None = None,
     reference: str | int | None = None,
+    dataset: Any = None,
 ) -> list[dict]:
     """Fit each model on `split` (train / valid), evaluate on `split.test`, write table.md + table.json.
+
+    `dataset`: the `SequenceDataset` the split comes from, for models that read more than the log.
 
     Returns one dict per model: method, model, config, overrides, the metrics (fractions), MRR, n,
     train_seconds, impv_avg and the model's fit statistics under "fit".
@@ -175,6 +191,7 @@ def run_bench(
     rows = []
     for name, cfg_path, overrides, label in specs:
         model = build_model(name, cfg_path, overrides)
+        attach_dataset(model, dataset)
         log.info("bench: fitting %s (%s)", label, cfg_path or default_config_path(name) or "defaults")
         t0 = time.perf_counter()
         stats = model.fit(split, eval_cfg, candidates)

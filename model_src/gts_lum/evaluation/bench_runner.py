@@ -48,5 +48,5 @@ def run_bench_config(cfg: BenchConfig, out_dir: str | Path) -> dict:
     candidates = select_candidates(data.behaviors(), data.event_log.behavior_ids, expr) if expr else None
     specs = [(name, cfg.model_configs.get(name), cfg.model_overrides.get(name, {})) for name in cfg.models]
     log.info("bench %s: %d test cases, %s candidates, models %s", cfg.name, len(split.test), "all" if candidates is None else len(candidates), cfg.models)
-    rows = run_bench(split, specs, out, candidates, cfg.eval, cfg.reference)
+    rows = run_bench(split, specs, out, candidates, cfg.eval, cfg.reference, dataset=data)
     return {"rows": rows, "table_md": (out / "table.md").read_text()}

@@ -51,6 +51,10 @@ class SequentialTrainConfig:
     # Windows trained per epoch: a fresh seeded sample each epoch (None: every window, every epoch).
     # Bounds an epoch on large logs, where validating more often beats one pass over everything.
     windows_per_epoch: int | None = None
+    # full_softmax: every behaviour of the catalog is a negative (exact cross-entropy). Affordable for
+    # catalogs up to ~10^5 on CPU and the strongest objective there (Klenitskiy & Vasilev 2023); the
+    # sampled settings below are then ignored.
+    full_softmax: bool = False
     num_negatives: int = 256  # uniform negatives shared by every position of a batch
     in_batch_negatives: int = 0  # negatives drawn from the batch's targets (popularity-distributed)
     temperature: float = 1.0
@@ -210,7 +214,7 @@ class SequentialRecommender:
     def _log_q(self, train: EventLog, num_tokens: int) -> torch.Tensor | None:
         """Log expected count of each token among one batch's negatives; None when it is a constant."""
         tc = self.train_cfg
-        if tc.in_batch_negatives == 0:
+        if tc.full_softmax or tc.in_batch_negatives == 0:
             return None  # uniform only: the correction shifts every logit equally
         # In-batch negatives are targets picked uniformly among a batch's positions, so token j is drawn
         # with its training frequency; uniform negatives add num_negatives / num_behaviors to every token.
@@ -232,7 +236,7 @@ class SequentialRecommender:
     def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None) -> dict:
         """Train on `split.train`, select the epoch on `split.valid`; returns training statistics."""
         tc = self.train_cfg
-        if tc.num_negatives + tc.in_batch_negatives <= 0:
+        if not tc.full_softmax and tc.num_negatives + tc.in_batch_negatives <= 0:
             raise ValueError("train.num_negatives + train.in_batch_negatives must be positive")
         if tc.max_len < 1 or tc.batch_size < 1:
             raise ValueError(f"train.max_len and train.batch_size must be >= 1, got {tc.max_len}, {tc.batch_size}")
@@ -273,7 +277,11 @@ class SequentialRecommender:
                 pos = targets[has_target]
                 if tc.l2_norm:
                     h = F.normalize(h, dim=-1)
-                loss = sampled_softmax_loss(h, pos, self._negatives(pos, num_tokens, gen), self._output_table().float(), log_q, tc.temperature)
+                table = self._output_table().float()
+                if tc.full_softmax:
+                    loss = F.cross_entropy(h @ table[1:].T / tc.temperature, pos - 1)  # (P, V - 1) logits
+                else:
+                    loss = sampled_softmax_loss(h, pos, self._negatives(pos, num_tokens, gen), table, log_q, tc.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip:

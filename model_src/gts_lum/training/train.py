@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from gts_lum.evaluation.bench import build_model
+from gts_lum.evaluation.bench import attach_dataset, build_model
 from gts_lum.evaluation.candidates import select_candidates
 from gts_lum.evaluation.protocol import EvalConfig
 from gts_lum.sequence.dataset import SequenceDataset
@@ -35,6 +35,7 @@ def train_model(
     if device != "auto" and isinstance(overrides, dict) and model_name not in ("popularity", "markov"):
         overrides.setdefault("train", {}).setdefault("device", device)
     model = build_model(model_name, model_config, overrides)
+    attach_dataset(model, data)
     # Validation ranks the same candidates the evaluation will: the split's target subset.
     candidates = select_candidates(data.behaviors(), data.event_log.behavior_ids, data.split_cfg.target_filter) if data.split_cfg.target_filter else None
     started = time.perf_counter()
