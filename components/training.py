@@ -1,4 +1,4 @@
-"""Training and evaluation steps for the sequence models (baselines now; GTS-LUM plugs in by name)."""
+"""Training and evaluation steps: GTS-LUM (phase II over the encoders' artifacts), baselines, evaluation."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
@@ -21,20 +21,49 @@ def train_model(sequences: Input[Dataset], model_name: str, model_config: str, m
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_gts_lum(
+    sequences: Input[Dataset],
+    ids: Input[Dataset],
+    graph: Input[Dataset],
+    tables: Input[Dataset],
+    qformer: Input[Model],
+    model_config: str,
+    model_overrides: str,
+    device: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Phase II: the target-aware decoder over the phase-I Q-former, the semantic IDs and the business encoders."""
+    import json
+
+    from gts_lum.config import deep_merge
+    from gts_lum.training.train import train_model as train
+
+    artifacts = {"artifacts": {"semantic_ids": ids.path, "graph": graph.path, "tables": tables.path, "qformer": qformer.path}}
+    overrides = deep_merge(json.loads(model_overrides or "{}"), artifacts)
+    stats = train(sequences.path, "gts_lum", model_config or None, overrides, model.path, device=device)
+    model.metadata.update({"model": "gts_lum", **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
+    for key, value in stats.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, value)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_models(
     sequences: Input[Dataset],
     model: Input[Model],
     baseline: Input[Model],
+    sequence_baseline: Input[Model],
     eval_config: str,
     metrics: Output[Metrics],
     table: Output[Markdown],
 ):
-    """Leave-one-out full ranking on the test cases: R@K, NDCG@K, MRR for the model and the baseline."""
+    """Leave-one-out full ranking on the test cases: R@K, NDCG@K, MRR for the model and the baselines."""
     import json
 
     from gts_lum.evaluation.evaluate import evaluate_saved_models
 
-    result = evaluate_saved_models(sequences.path, [model.path, baseline.path], json.loads(eval_config or "{}"))
+    result = evaluate_saved_models(sequences.path, [model.path, sequence_baseline.path, baseline.path], json.loads(eval_config or "{}"))
     for row in result["rows"]:
         for key, value in row.items():
             if isinstance(value, float):

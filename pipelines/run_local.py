@@ -1,6 +1,6 @@
 """Run a pipeline on this machine through `kfp.local` (the main job: `make demo`).
 
-    python -m pipelines.run_local --output runs/demo [--param data_source=synth:demo --param model_name=hstu]
+    python -m pipelines.run_local --output runs/demo [--params pipelines/params/movielens.yaml] [--param model_name=hstu]
 
 Each component runs as a subprocess of this virtualenv (SubprocessRunner without a venv of its own),
 exactly the code the cluster runs in the project's image. Outputs land in `<output>/local_outputs/`.
@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+import yaml
 from kfp import local
 
 from pipelines import PIPELINES
@@ -52,14 +53,25 @@ def report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def load_params(path: Path | None) -> dict[str, str]:
+    """Pipeline parameters from YAML; mappings become the JSON strings the override parameters take."""
+    if path is None:
+        return {}
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of pipeline parameters, got {type(raw).__name__}")
+    return {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in raw.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default="training", choices=sorted(PIPELINES))
     parser.add_argument("--output", default="runs/demo", type=Path)
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter (repeatable)")
+    parser.add_argument("--params", type=Path, help="a YAML file of pipeline parameters (e.g. pipelines/params/movielens.yaml)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter (repeatable; wins over --params)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    params = dict(p.split("=", 1) for p in args.param)
+    params = {**load_params(args.params), **dict(p.split("=", 1) for p in args.param)}
     run_dir = run(args.pipeline, args.output, params)
     text = report(run_dir)
     print(text)

@@ -1,5 +1,5 @@
-"""The training pipeline: ingest -> validate -> sequences -> encoders (semantic IDs, graph, tables) -> Q-former phase I;
-sequences -> train (model + baseline) -> evaluate.
+"""The training pipeline: ingest -> validate -> sequences -> encoders (semantic IDs, graph, tables) -> Q-former
+phase I -> GTS-LUM phase II; sequences -> baselines (a sequence model and the Markov floor); evaluate all three.
 
 Every setting is a pipeline parameter (strings hold JSON objects of config overrides), so a run from the
 Kubeflow UI changes data, interval length, model sizes or device without a rebuild.
@@ -10,7 +10,7 @@ from kfp import dsl
 from components.encoders import encode_graph, encode_tables, qformer_pretrain, semantic_ids
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
-from components.training import evaluate_models, train_model
+from components.training import evaluate_models, train_gts_lum, train_model
 
 
 @dsl.pipeline(name="gts-lum-training", description="GTS-LUM: data to an evaluated model (leave-one-out R@K / NDCG@K).")
@@ -22,6 +22,8 @@ def training_pipeline(
     sequence_config: str = "pkg:sequence/default.yaml",
     sequence_overrides: str = "{}",
     split_config: str = '{"kind": "leave_one_out", "target_filter": "type=ott"}',
+    gts_lum_config: str = "pkg:models/gts_lum.yaml",
+    gts_lum_overrides: str = '{"train": {"epochs": 3, "prefixes_per_user": 1, "hard_negatives": 2, "valid_cases": 200}, "rerank_depth": 20}',
     model_name: str = "sasrec",
     model_config: str = "",
     model_overrides: str = '{"train": {"windows_per_epoch": 8192, "epochs": 10}}',
@@ -52,7 +54,7 @@ def training_pipeline(
     tables = encode_tables(
         clean=clean.outputs["clean"], table_config=table_config, behavior_overrides=behavior_table_overrides, user_overrides=user_table_overrides
     ).set_display_name("table-encoders")
-    qformer_pretrain(
+    phase1 = qformer_pretrain(
         sequences=seqs.outputs["sequences"],
         ids=ids.outputs["ids"],
         graph=graph.outputs["graph"],
@@ -60,16 +62,28 @@ def training_pipeline(
         qformer_config=qformer_config,
         qformer_overrides=qformer_overrides,
     ).set_display_name("qformer-pretrain").set_caching_options(False)
+    lum = train_gts_lum(
+        sequences=seqs.outputs["sequences"],
+        ids=ids.outputs["ids"],
+        graph=graph.outputs["graph"],
+        tables=tables.outputs["tables"],
+        qformer=phase1.outputs["qformer"],
+        model_config=gts_lum_config,
+        model_overrides=gts_lum_overrides,
+        device=device,
+    ).set_display_name("train-gts-lum")
+    lum.set_caching_options(False)  # training is not deterministic across devices: always rerun
     model = train_model(
         sequences=seqs.outputs["sequences"], model_name=model_name, model_config=model_config, model_overrides=model_overrides, device=device
-    ).set_display_name("train")
-    model.set_caching_options(False)  # training is not deterministic across devices: always rerun
+    ).set_display_name("train-sequence-baseline")
+    model.set_caching_options(False)
     floor = train_model(
         sequences=seqs.outputs["sequences"], model_name=baseline_name, model_config="", model_overrides="{}", device="cpu"
     ).set_display_name("train-baseline")
     evaluate_models(
         sequences=seqs.outputs["sequences"],
-        model=model.outputs["model"],
+        model=lum.outputs["model"],
+        sequence_baseline=model.outputs["model"],
         baseline=floor.outputs["model"],
         eval_config=eval_config,
     ).set_display_name("evaluate")

@@ -37,3 +37,47 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_torch_thread` for module-scoped fixtures that train."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# The cycle's behaviours differ only in their words; the ids are opaque to text-reading models.
+CYCLE_TEXTS = ["watch a football match", "stream a music album", "call the family", "read the morning news", "play an online game", "pay the phone bill"]
+# Never in the events: two share a text, one has its own.
+CYCLE_EXTRA = {"twin_a": "top up prepaid credit", "twin_b": "top up prepaid credit", "single": "roam abroad on holiday"}
+
+
+@pytest.fixture(scope="session")
+def cycle_data(tmp_path_factory):
+    """A sequence data set made by the real stages: 40 users walk a 6-behaviour cycle, one event an hour."""
+    import numpy as np
+    import pandas as pd
+
+    from gts_lum.data.contract import DatasetManifest
+    from gts_lum.data.validate import validate_dataset
+    from gts_lum.sequence.dataset import SequenceDataset, build_sequence_dataset
+
+    root = tmp_path_factory.mktemp("cycle")
+    raw = root / "raw"
+    raw.mkdir()
+    DatasetManifest(name="cycle").write(raw)
+    ids = [f"b{i}" for i in range(len(CYCLE_TEXTS))] + list(CYCLE_EXTRA)
+    pd.DataFrame({"behavior_id": ids, "description": CYCLE_TEXTS + list(CYCLE_EXTRA.values())}).to_csv(raw / "behaviors.csv", index=False)
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(40):
+        start, n = int(rng.integers(6)), int(rng.integers(6, 14))
+        rows += [(f"u{u:02d}", str(1_700_000_000 + 3600 * t), f"b{(start + t) % 6}") for t in range(n)]
+    pd.DataFrame(rows, columns=["user_id", "timestamp", "behavior_id"]).to_csv(raw / "events.csv", index=False)
+    validate_dataset(raw, root / "clean", progress=False)
+    build_sequence_dataset(root / "clean", root / "seq")
+    return SequenceDataset.load(root / "seq")

@@ -33,3 +33,15 @@ def test_save_load_roundtrip(tmp_path):
     log.save(tmp_path / "log.npz")
     back = EventLog.load(tmp_path / "log.npz")
     assert np.array_equal(back.behavior, log.behavior) and np.isnan(back.value[1])
+
+
+def test_from_frame_reads_any_timestamp_unit_and_skips_unused_categories():
+    df = pd.DataFrame(
+        {
+            "user_id": pd.Categorical(["b", "a"], categories=["z", "b", "a"]),  # "z" is in no event
+            "timestamp": pd.Series(pd.to_datetime([5, 6], unit="s", utc=True)).dt.as_unit("ms"),
+            "behavior_id": ["p", "q"],
+        }
+    )
+    log = EventLog.from_frame(df)
+    assert list(log.user_ids) == ["a", "b"] and list(log.timestamp) == [6, 5]

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from gts_lum.data.contract import DatasetManifest
-from gts_lum.data.validate import ContractError, ValidationConfig, load_event_log, validate_dataset
+from gts_lum.data.validate import ContractError, ValidationConfig, load_event_log, repeated_keys, validate_dataset
 
 
 def _write_raw(root, events: pd.DataFrame, timezone="Asia/Shanghai", shards=1):
@@ -97,3 +97,26 @@ def test_parquet_ids_are_checked_on_their_distinct_values(tmp_path):
     assert summary["tables"]["events"]["rejected"] == {"null": 2, "unknown_behavior": 1}
     log = load_event_log(tmp_path / "clean")
     assert list(log.user_ids) == ["u1"] and list(log.behavior_ids[log.behavior]) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "user_scale, spacing",
+    [
+        (1, 10**9),  # (user, time in ns) fits one int64 as it is
+        (2**24, 17_000_001 * 10**6),  # fits only once times are read in ms
+        (2**30, 2**50 + 1),  # never fits: three-key sort
+    ],
+)
+@pytest.mark.parametrize("presorted", [False, True])
+def test_repeated_keys_equal_pandas_duplicated(user_scale, spacing, presorted):
+    rng = np.random.default_rng(spacing)
+    n = 20_000
+    user = rng.integers(0, 200, n) * user_scale
+    time = rng.integers(0, 60, n) * spacing - 10**15
+    behavior = rng.integers(0, 4, n)
+    if presorted:
+        order = np.lexsort((time, user))
+        user, time, behavior = user[order], time[order], behavior[order]
+    expected = pd.DataFrame({"u": user, "t": time, "b": behavior}).duplicated(keep="first").to_numpy()
+    assert expected.sum() > 1000
+    assert np.array_equal(repeated_keys(user, time, behavior), expected)

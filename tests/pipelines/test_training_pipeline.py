@@ -21,6 +21,13 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
         "data_source": "synth:tiny",
         "model_name": "sasrec",
         "model_overrides": json.dumps({"train": {"windows_per_epoch": 256, "epochs": 1, "max_len": 20}}),
+        "gts_lum_overrides": json.dumps(
+            {
+                "net": {"decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}, "compressor": {"windows": 1, "window_size": 8}},
+                "train": {"epochs": 1, "prefixes_per_user": 1, "max_cases_per_epoch": 64, "hard_negatives": 1, "sampled_negatives": 32, "valid_cases": 20, "device": "cpu"},
+                "rerank_depth": 3,
+            }
+        ),
         # the tokenizer tests' embedding cache: the catalog's texts are encoded once per test session
         "tokenizer_overrides": json.dumps({"encoder": {"cache_dir": str(request.config.cache.mkdir("gts-lum-text-embeddings"))}}),
         "graph_overrides": json.dumps({"node2vec": {"walk": {"walks_per_node": 2, "walk_length": 10}, "skipgram": {"epochs": 1, "dim": 16}}}),
@@ -30,12 +37,15 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
     }
     run_dir = run("training", tmp_path, params)
     steps = {p.name for p in run_dir.iterdir() if p.is_dir()}
-    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-model", "train-model-2", "evaluate-models"} <= steps
+    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-gts-lum", "train-model", "train-model-2", "evaluate-models"} <= steps
     table = (run_dir / "evaluate-models" / "table").read_text()
-    assert "| sasrec |" in table and "| markov |" in table and "864 candidates" in table
+    assert "| gts_lum |" in table and "| sasrec |" in table and "| markov |" in table and "864 candidates" in table
     evaluation = json.loads((run_dir / "evaluate-models" / "executor_output.json").read_text())
     metrics = evaluation["artifacts"]["metrics"]["artifacts"][0]["metadata"]
-    assert 0.0 < metrics["markov_R@200"] <= 1.0 and metrics["sasrec_NDCG@10"] >= 0.0
+    assert 0.0 < metrics["markov_R@200"] <= 1.0 and metrics["sasrec_NDCG@10"] >= 0.0 and metrics["gts_lum_R@200"] > 0.0
+    # GTS-LUM was trained over the real artifacts: its saved assets carry the semantic IDs' codebooks
+    lum_card = yaml.safe_load((run_dir / "train-gts-lum" / "model" / "model.yaml").read_text())
+    assert lum_card["config"]["artifacts"]["qformer"].endswith("qformer")
     # the trained model is a safetensors file with its config beside it, never a pickle
     model_dir = run_dir / "train-model" / "model"
     assert (model_dir / "weights.safetensors").exists() and (model_dir / "model.yaml").exists()

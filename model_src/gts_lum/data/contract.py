@@ -121,19 +121,27 @@ def table_files(root: str | Path, table: str) -> list[Path]:
     return [root / f"{table}{ext}" for ext in TABLE_FORMATS if (root / f"{table}{ext}").exists()][:1]
 
 
-def read_file(path: Path, columns: list[str] | None = None, dictionary: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Read one parquet or CSV file. CSV cells are read as strings so validation sees them as written.
-
-    Parquet string columns named in `dictionary` come back as pandas categoricals: ids repeat millions
-    of times, and checks on the few distinct values are far cheaper than on every cell.
-    """
+def read_file(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read one parquet or CSV file. CSV cells are read as strings so validation sees them as written."""
     if path.suffix == ".parquet":
         have = pq.read_schema(path)
         if columns is not None:
             columns = [c for c in columns if c in have.names]
-        strings = [c for c in dictionary if c in have.names and (columns is None or c in columns) and pa.types.is_string(have.field(c).type)]
-        return pq.read_table(path, columns=columns, read_dictionary=strings).to_pandas()
+        return pq.read_table(path, columns=columns).to_pandas()
     return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], usecols=columns and (lambda c: c in columns))
+
+
+def read_arrow(path: Path, dictionary: tuple[str, ...] = ()) -> pa.Table:
+    """`read_file` as an Arrow table, for large tables that are checked without a pandas round trip.
+
+    Parquet string columns named in `dictionary` stay dictionary-encoded: ids repeat millions of times,
+    and checks on the few distinct values are far cheaper than on every cell. CSV is read as `read_file`
+    reads it (cells as strings), so both formats are validated alike.
+    """
+    if path.suffix == ".parquet":
+        have = pq.read_schema(path)
+        return pq.read_table(path, read_dictionary=[c for c in dictionary if c in have.names and pa.types.is_string(have.field(c).type)])
+    return pa.Table.from_pandas(read_file(path), preserve_index=False)
 
 
 def read_table(root: str | Path, table: str, columns: list[str] | None = None) -> pd.DataFrame | None:

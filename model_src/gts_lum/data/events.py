@@ -55,14 +55,14 @@ def _codes(column: pd.Series, vocab: np.ndarray | None, what: str) -> tuple[np.n
     """
     if isinstance(column.dtype, pd.CategoricalDtype):
         cats = column.cat.categories.astype(str)
+        raw = column.cat.codes.to_numpy()
         if vocab is None:
-            used = np.unique(column.cat.codes.to_numpy())
-            used = used[used >= 0]
-            vocab_index = pd.Index(np.sort(cats[used].to_numpy()))
+            used = np.zeros(len(cats) + 1, dtype=bool)
+            used[raw] = True  # marks the categories in use without sorting every event; -1 (missing) marks the spare last slot
+            vocab_index = pd.Index(np.sort(cats[used[:-1]].to_numpy()))
         else:
             vocab_index = pd.Index(np.asarray(vocab, dtype=object))
-        remap = vocab_index.get_indexer(cats)
-        codes = np.where(column.cat.codes.to_numpy() >= 0, remap[column.cat.codes.to_numpy()], -1)
+        codes = np.append(vocab_index.get_indexer(cats), -1).astype(np.int32)[raw]  # -1 (missing) picks the appended -1
     elif vocab is None:
         codes, uniq = pd.factorize(column.astype(str), sort=True)
         vocab_index = pd.Index(uniq)
@@ -72,7 +72,7 @@ def _codes(column: pd.Series, vocab: np.ndarray | None, what: str) -> tuple[np.n
     if (codes < 0).any():
         bad = column.astype(str)[codes < 0].iloc[0]
         raise ValueError(f"events name {what} {bad!r} (and {int((codes < 0).sum()) - 1} more) outside the given {what} list")
-    return codes.astype(np.int32), np.asarray(vocab_index, dtype=object)
+    return codes.astype(np.int32, copy=False), np.asarray(vocab_index, dtype=object)
 
 
 def event_order(user: np.ndarray, seconds: np.ndarray, behavior: np.ndarray, seed: int) -> np.ndarray:
@@ -88,8 +88,9 @@ def event_order(user: np.ndarray, seconds: np.ndarray, behavior: np.ndarray, see
     if span >= 1 << 34 or int(user.max()) >= 1 << 29:  # the key would overflow: three-key sort
         return np.lexsort((tiebreak_keys(user, behavior, np.arange(n), seed), seconds, user))
     key = (user.astype(np.int64) << 34) | (seconds - t0)
-    order = np.arange(n, dtype=np.int64) if bool(np.all(key[1:] >= key[:-1])) else np.argsort(key, kind="stable")
-    k = key[order]
+    in_order = bool(np.all(key[1:] >= key[:-1]))
+    order = np.arange(n, dtype=np.int64) if in_order else np.argsort(key, kind="stable")
+    k = key if in_order else key[order]
     tie = np.zeros(n, dtype=bool)
     same = np.flatnonzero(k[1:] == k[:-1])
     tie[same] = tie[same + 1] = True
@@ -178,7 +179,7 @@ class EventLog:
         beh_codes, behavior_ids = _codes(events["behavior_id"], behavior_ids, "behaviour")
         ts = events["timestamp"]
         seconds = (
-            ts.astype("int64").to_numpy() // 10**9
+            ts.array.asi8 // {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[ts.dt.unit]  # parquet may hold ms or us; asi8 is a view
             if pd.api.types.is_datetime64_any_dtype(ts)
             else ts.to_numpy(dtype=np.int64)
         )

@@ -32,6 +32,8 @@ import numpy as np
 from gts_lum.config import load_config, to_dict
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
 from gts_lum.modeling.baselines import MarkovChain, MarkovConfig, Popularity, PopularityConfig
+from gts_lum.modeling.gts_lum_model import GTSLUM, GTSLUMConfig
+from gts_lum.modeling.hllm import HLLM, HLLMConfig
 from gts_lum.modeling.hstu import HSTU, HSTUConfig
 from gts_lum.modeling.sasrec import SASRec, SASRecConfig
 from gts_lum.sequence.splits import Split
@@ -47,6 +49,8 @@ MODELS: dict[str, tuple[type, type]] = {
     "markov": (MarkovConfig, MarkovChain),
     "sasrec": (SASRecConfig, SASRec),
     "hstu": (HSTUConfig, HSTU),
+    "hllm": (HLLMConfig, HLLM),
+    "gts_lum": (GTSLUMConfig, GTSLUM),
 }
 
 

@@ -28,7 +28,10 @@ def evaluate_saved_models(sequences_dir: str | Path, model_dirs: list[str | Path
     rows = []
     for model_dir in model_dirs:
         card = read_card(model_dir)
-        metrics = evaluate(load_model(model_dir), split.log, split.test, candidates, eval_cfg, desc=f"test {card['name']}")
+        model = load_model(model_dir)
+        if hasattr(model, "history_filter"):  # two-stage scorers re-rank only what the filter leaves
+            model.history_filter = eval_cfg.history_filter
+        metrics = evaluate(model, split.log, split.test, candidates, eval_cfg, desc=f"test {card['name']}")
         rows.append({"method": card["name"], **metrics, "train_seconds": card["metadata"].get("train_stats", {}).get("train_seconds", 0.0)})
     ref = len(rows) - 1 if len(rows) > 1 else 0  # the last model given is the floor the others are compared with
     header = f"## Test ranking ({split.kind}, {rows[0]['n']:,} cases, {rows[0]['num_candidates']:,} candidates{', history filtered' if eval_cfg.history_filter else ''})\n\n"

@@ -212,16 +212,19 @@ def stand_in_features(
     attributes get close vectors, as a table encoder's would.
     """
     columns = [c for c in behaviors.columns if c not in ("behavior_id", "description") and behaviors[c].nunique(dropna=False) <= max_values]
-    onehot = pd.get_dummies(behaviors[columns].astype("string").fillna("<none>"), dtype=np.float32).to_numpy()
-    rng = np.random.default_rng(seed)
-    table = onehot @ rng.normal(size=(onehot.shape[1], dim)).astype(np.float32) / np.sqrt(max(len(columns), 1))
+    business, seen = {}, {}
+    if columns:  # a catalog without attribute columns has no table modality
+        onehot = pd.get_dummies(behaviors[columns].astype("string").fillna("<none>"), dtype=np.float32).to_numpy()
+        rng = np.random.default_rng(seed)
+        table = onehot @ rng.normal(size=(onehot.shape[1], dim)).astype(np.float32) / np.sqrt(len(columns))
+        business, seen = {"table": table.astype(np.float32)}, {"table": np.ones(len(behaviors), bool)}
     sizes = list(levels)
     ids = residual_codes(text_embeddings, sizes, seed)
     return BehaviorFeatures(
         ids,
         [int(ids[:, l].max()) + 1 if len(ids) else k for l, k in enumerate(sizes)],
-        {"table": table.astype(np.float32)},
-        {"table": np.ones(len(behaviors), bool)},
+        business,
+        seen,
         text_embeddings,
         behaviors["description"].astype(str).tolist(),
     )

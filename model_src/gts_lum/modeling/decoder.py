@@ -1,0 +1,132 @@
+"""The LLM decoder of GTS-LUM (paper section 3.2 "Target-aware Modeling"): any Hugging Face model.
+
+    decoder, info = build_decoder(DecoderConfig())                        # small Llama from a config
+    decoder, info = build_decoder(DecoderConfig(pretrained="/models/TinyLlama-1.1B"))  # from_pretrained
+
+The decoder only ever reads `inputs_embeds` (behaviour embeddings from the Q-former, descriptors,
+[SEP], ...), so its own token table serves one purpose: embedding the interval descriptors' words when
+it is a pretrained LLM (`word_embedder`). As in the paper a pretrained decoder is frozen (the Q-former
+and projections train around it), optionally with LoRA adapters (peft); the from-config default knows
+no words and no language, so it is trained with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class DecoderConfig:
+    pretrained: str = ""  # a local Hugging Face folder (TinyLlama in production); "" = Llama from this config
+    # from-config Llama (ignored with `pretrained`)
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 384
+    max_positions: int = 2048
+    rope_theta: float = 10_000.0
+    # None: frozen when pretrained, trained when built from the config (it has learned nothing yet)
+    freeze: bool | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if not self.pretrained and self.hidden_size % self.num_heads:
+            raise ValueError(f"DecoderConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+@dataclass
+class DecoderInfo:
+    hidden_size: int
+    pretrained: bool
+    frozen: bool
+    lora: bool
+    trainable_parameters: int
+    total_parameters: int
+
+
+def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
+    """The decoder's base model (hidden states out, no LM head), frozen / LoRA-wrapped as configured."""
+    from transformers import AutoModel, LlamaConfig
+
+    if cfg.pretrained:
+        folder = Path(cfg.pretrained).expanduser()
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"DecoderConfig.pretrained: {folder} is not a local Hugging Face model folder (nothing is downloaded)")
+        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    else:
+        config = LlamaConfig(
+            vocab_size=2,  # inputs_embeds only: the token table is never read
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_positions,
+            rope_theta=cfg.rope_theta,
+            attn_implementation=cfg.attn_implementation,
+        )
+        model = AutoModel.from_config(config)
+    frozen = bool(cfg.pretrained) if cfg.freeze is None else cfg.freeze
+    if frozen:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)))
+    info = DecoderInfo(
+        hidden_size=int(model.config.hidden_size),
+        pretrained=bool(cfg.pretrained),
+        frozen=frozen,
+        lora=cfg.lora.enabled,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    log.info("decoder: %s", dataclasses.asdict(info) | {"source": cfg.pretrained or "LlamaConfig"})
+    return model, info
+
+
+@torch.no_grad()
+def word_embedder(cfg: DecoderConfig, decoder: nn.Module):
+    """texts -> (N, hidden) with a pretrained decoder's own tokenizer and input embeddings (mean over tokens).
+
+    A descriptor such as "weekday evening rush hour" becomes one decoder token carrying what the LLM
+    knows of those words. None for the from-config decoder: it knows no words (use the sentence encoder).
+    """
+    if not cfg.pretrained:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(cfg.pretrained).expanduser()))
+    table = decoder.get_input_embeddings()
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            rows.append(table(ids.to(table.weight.device)).float().mean(0))
+        return torch.stack(rows)
+
+    return embed

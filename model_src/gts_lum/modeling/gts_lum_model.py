@@ -1,0 +1,642 @@
+"""GTS-LUM: the Q-former's behaviour embeddings in a target-aware LLM decoder (paper sections 3.2-3.3).
+
+Decoder input of one case (left to right; `[..]` optional):
+
+    [target c | task t]  [profile]  [compressed history: W windows x Q tokens]  recent history  [target c]
+     front placement                                                             end placement
+
+- recent history: the timestamp process's tokens (`TokenSequences`): each behaviour as its fused
+  embedding b^F (`adapter.fuse`, computed once per unique behaviour of a step), interval descriptors
+  ("weekday evening rush hour") as text embeddings projected to the decoder width (sentence encoder
+  for the from-config decoder, the LLM's own word embeddings when pretrained), [SEP] as a learned
+  vector; the Table 3 variants add time-component embeddings (HLLM-style) or share position IDs.
+- compressed history: events older than the token budget, cut into windows of K consecutive
+  behaviours (oldest first) and compressed by the Q-former to Q tokens each (`adapter.compress`).
+- profile: the user's attribute-table embedding (table encoder), projected; a learned vector when the
+  user has no row. One leading token: it conditions everything after it.
+- target: the candidate's b^F only (no time, no descriptor). For label heads a learned task token
+  takes the target's place, so one mechanism serves next behaviour and heterogeneous labels.
+- position IDs: consecutive over the real tokens (the "position" variant: shared inside an interval).
+
+Scoring, defined:
+
+    score(user, c) = cosine( h_last([c, history]), P b^F_c ) / temperature
+
+with h_last the decoder's last hidden state (the user embedding), P a learned projection, and c FIRST
+in the sequence. The target-agnostic score is the same with the plain sequence (no target token):
+one decoder pass per user ranks the whole catalog, while the target-aware score costs one pass per
+(user, candidate). `two_stage_scores` retrieves with the first and re-ranks the top N with the second.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gts_lum.data.events import EventLog
+from gts_lum.modeling.decoder import DecoderConfig, build_decoder, word_embedder
+from gts_lum.modeling.qformer import BehaviorAdapter, QFormerConfig
+from gts_lum.sequence.tokens import TokenKind, TokenSequences
+from gts_lum.training.phase2 import Phase2Config
+
+log = logging.getLogger(__name__)
+
+TARGET_PLACEMENTS = ("front", "end", "none")
+PAD_KIND = -1
+COMPONENT_SIZES = (64, 13, 32, 24, 60, 60)  # year (mod 64), month, day, hour, minute, second
+
+
+@dataclass
+class CompressorConfig:
+    enabled: bool = True  # compress history older than the token budget (Table 4 "w/o compressor": False)
+    windows: int = 4  # W: most windows per case (the oldest history beyond W x K events is dropped)
+    window_size: int = 16  # K behaviours per window (<= QFormerConfig.max_window)
+
+
+@dataclass
+class GTSLUMNetConfig:
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    target_placement: str = "front"  # front (GTS-LUM) | end | none (Table 5)
+    profile_token: bool = True
+    compressor: CompressorConfig = field(default_factory=CompressorConfig)
+    temperature: float = 0.07  # initial; learned (as a log scale, clamped to >= 0.01)
+    tasks: list[str] = field(default_factory=list)  # label tasks with a learned front token each
+
+    def __post_init__(self) -> None:
+        if self.target_placement not in TARGET_PLACEMENTS:
+            raise ValueError(f"target_placement {self.target_placement!r}: use one of {TARGET_PLACEMENTS}")
+        if self.compressor.windows < 0 or self.compressor.window_size < 1:
+            raise ValueError(f"compressor: windows >= 0 and window_size >= 1, got {self.compressor}")
+
+
+@dataclass
+class SequenceBatch:
+    """Decoder-ready arrays of B cases (numpy, built by `make_batch`; `to(device)` gives tensors)."""
+
+    users: np.ndarray  # (B,) user index (profile lookup)
+    kind: np.ndarray  # (B, L) int64 TokenKind, PAD_KIND under left padding
+    value: np.ndarray  # (B, L) int64 behaviour index / descriptor id
+    position: np.ndarray  # (B, L) int64 position id within the recent history
+    components: np.ndarray | None  # (B, L, 6) int64 local time components ("component" variant)
+    windows: np.ndarray  # (N_w, K) int64 behaviour index of compressed windows
+    window_mask: np.ndarray  # (N_w, K) bool real entries
+    window_case: np.ndarray  # (N_w,) int64 case of each window
+    window_slot: np.ndarray  # (N_w,) int64 slot 0..W-1, oldest first
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def make_batch(tokens: TokenSequences, log_: EventLog, history_end: np.ndarray, compressor: CompressorConfig) -> SequenceBatch:
+    """Left-pad the token sequences of B cases and cut their older history into compressor windows.
+
+    `tokens` must have been built from `log_` (its `source_row`s index it) with `history_end` the
+    cases' exclusive history ends. Older history = the user's events before the first behaviour the
+    budget kept; its most recent W x K events become W windows of K (a partial window is the oldest).
+    """
+    from gts_lum.data.events import ragged_arange
+
+    b = len(tokens)
+    lengths = tokens.lengths()
+    width = max(int(lengths.max()) if b else 0, 1)
+    rows = np.repeat(np.arange(b), lengths)
+    cols = ragged_arange(width - lengths, lengths)
+    kind = np.full((b, width), PAD_KIND, np.int64)
+    value = np.zeros((b, width), np.int64)
+    position = np.zeros((b, width), np.int64)
+    kind[rows, cols] = tokens.kind
+    value[rows, cols] = np.maximum(tokens.value, 0)
+    position[rows, cols] = tokens.position
+    components = None
+    if tokens.components is not None:
+        components = np.zeros((b, width, 6), np.int64)
+        comp = tokens.components.astype(np.int64)
+        comp[:, 0] %= COMPONENT_SIZES[0]
+        components[rows, cols] = comp
+    # first log row the budget kept, per case (history_end when no behaviour was kept)
+    first_kept = np.asarray(history_end, np.int64).copy()
+    is_behavior = tokens.kind == TokenKind.BEHAVIOR
+    np.minimum.at(first_kept, rows[is_behavior], tokens.source_row[is_behavior])
+    w, k = (compressor.windows, compressor.window_size) if compressor.enabled else (0, compressor.window_size)
+    user_start = log_.offsets[tokens.users].astype(np.int64)
+    slot = np.arange(w)
+    hi = first_kept[:, None] - (w - 1 - slot)[None] * k  # (B, W) exclusive end of each window
+    idx = hi[:, :, None] - k + np.arange(k)[None, None]  # (B, W, K)
+    mask = idx >= user_start[:, None, None]
+    keep = mask.any(-1)  # (B, W)
+    case, slot_of = np.nonzero(keep)
+    win_idx, win_mask = idx[keep], mask[keep]
+    windows = log_.behavior[np.where(win_mask, win_idx, 0)].astype(np.int64) if len(win_idx) else np.zeros((0, k), np.int64)
+    return SequenceBatch(tokens.users.astype(np.int64), kind, value, position, components, windows, win_mask, case, slot_of)
+
+
+class GTSLUMNetwork(nn.Module):
+    """Adapter (Q-former) + projections + the decoder. See the module docstring for the input layout."""
+
+    def __init__(
+        self,
+        cfg: GTSLUMNetConfig,
+        adapter: BehaviorAdapter,
+        descriptor_texts: list[str],
+        descriptor_embeddings: np.ndarray | None,
+        user_vectors: np.ndarray | None,
+    ):
+        """`descriptor_embeddings`: sentence embeddings of `descriptor_texts` (from-config decoder) or None
+        to use the pretrained decoder's word embeddings. `user_vectors`: (num_users, D_u) profile table
+        (NaN rows: no profile) or None."""
+        super().__init__()
+        self.cfg = cfg
+        self.decoder, self.decoder_info = build_decoder(cfg.decoder)
+        h = self.decoder_info.hidden_size
+        self.hidden_size = h
+        if adapter.cfg.decoder_hidden_size != h:
+            raise ValueError(f"adapter projects to {adapter.cfg.decoder_hidden_size}, the decoder is {h} wide: set qformer.decoder_hidden_size")
+        self.adapter = adapter
+        if descriptor_embeddings is None:
+            embed = word_embedder(cfg.decoder, self.decoder)
+            if embed is None:
+                raise ValueError("descriptor_embeddings are required with the from-config decoder (it knows no words)")
+            table = embed(list(descriptor_texts)).cpu().numpy()
+        else:
+            table = np.asarray(descriptor_embeddings, np.float32)
+        self.register_buffer("descriptor_table", torch.as_tensor(table, dtype=torch.float32))  # (n_desc, D_d)
+        self.descriptor_projection = nn.Linear(table.shape[1], h)
+        if table.shape[1] == h and cfg.decoder.pretrained:
+            with torch.no_grad():  # the LLM's own word space: start from the identity
+                self.descriptor_projection.weight.copy_(torch.eye(h))
+                self.descriptor_projection.bias.zero_()
+        self.sep = nn.Parameter(torch.randn(h) * 0.02)
+        self.components = nn.ModuleList(nn.Embedding(n, h) for n in COMPONENT_SIZES)
+        for emb in self.components:
+            nn.init.normal_(emb.weight, std=0.02)
+        self.task_tokens = nn.Embedding(max(len(cfg.tasks), 1), h)
+        nn.init.normal_(self.task_tokens.weight, std=0.02)
+        # user profile token
+        self.profile_dim = 0 if user_vectors is None else int(user_vectors.shape[1])
+        if cfg.profile_token and user_vectors is not None:
+            vectors = np.asarray(user_vectors, np.float32)
+            has = ~np.isnan(vectors).any(1)
+            self.register_buffer("user_vectors", torch.as_tensor(np.nan_to_num(vectors)), persistent=False)
+            self.register_buffer("user_has_profile", torch.as_tensor(has), persistent=False)
+            self.profile_projection = nn.Linear(self.profile_dim, h)
+            self.missing_profile = nn.Parameter(torch.randn(h) * 0.02)
+        else:
+            self.profile_projection = None
+        self.item_projection = nn.Linear(h, h)  # P in the score
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+
+    # -- pieces ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.sep.device
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=math.log(100.0)).exp()
+
+    def set_user_vectors(self, user_vectors: np.ndarray) -> None:
+        """Profiles of another user set (a new log): same width as at training."""
+        if self.profile_projection is None:
+            return
+        vectors = np.asarray(user_vectors, np.float32)
+        if vectors.shape[1] != self.profile_dim:
+            raise ValueError(f"user vectors have {vectors.shape[1]} dims, the model {self.profile_dim}")
+        self.register_buffer("user_vectors", torch.as_tensor(np.nan_to_num(vectors)).to(self.device), persistent=False)
+        self.register_buffer("user_has_profile", torch.as_tensor(~np.isnan(vectors).any(1)).to(self.device), persistent=False)
+
+    def item_embeddings(self, fused: torch.Tensor) -> torch.Tensor:
+        """(N, H) b^F -> unit vectors P b^F, the scored side."""
+        return F.normalize(self.item_projection(fused), dim=-1)
+
+    def fuse_unique(self, *index_arrays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """b^F of each unique behaviour among the arrays, once: (unique (U,), fused (U, H))."""
+        flat = torch.cat([a.reshape(-1) for a in index_arrays])
+        unique = torch.unique(flat)
+        return unique, self.adapter.fuse(unique)
+
+    # -- decoder input -------------------------------------------------------------------------------
+    def _history(self, batch: SequenceBatch, unique: torch.Tensor, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, H) history embeddings, (B, L) mask, (B, L) positions."""
+        dev = self.device
+        kind = torch.as_tensor(batch.kind, device=dev)
+        value = torch.as_tensor(batch.value, device=dev)
+        emb = torch.zeros(*kind.shape, self.hidden_size, device=dev, dtype=fused.dtype)
+        is_b = kind == TokenKind.BEHAVIOR
+        emb[is_b] = fused[torch.searchsorted(unique, value[is_b])]
+        is_d = (kind == TokenKind.DESCRIPTOR) | (kind == TokenKind.TIME_TEXT)
+        if is_d.any():
+            emb[is_d] = self.descriptor_projection(self.descriptor_table[value[is_d]]).to(emb.dtype)
+        emb[kind == TokenKind.SEP] = self.sep.to(emb.dtype)
+        if batch.components is not None:
+            comp = torch.as_tensor(batch.components, device=dev)
+            extra = sum(table(comp[..., i]) for i, table in enumerate(self.components))
+            emb = emb + extra * is_b[..., None]
+        return emb, kind != PAD_KIND, torch.as_tensor(batch.position, device=dev)
+
+    def _compressed(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, W * Q, H) compressed-history tokens and their (B, W * Q) mask."""
+        w = self.cfg.compressor.windows if self.cfg.compressor.enabled else 0
+        q = self.adapter.compressed_tokens
+        out = torch.zeros(len(batch), w * q, self.hidden_size, device=self.device)
+        mask = torch.zeros(len(batch), w * q, dtype=torch.bool, device=self.device)
+        if w and len(batch.windows):
+            tokens = self.adapter.compress(torch.as_tensor(batch.windows, device=self.device), torch.as_tensor(batch.window_mask, device=self.device))
+            case = torch.as_tensor(batch.window_case, device=self.device)
+            cols = torch.as_tensor(batch.window_slot, device=self.device)[:, None] * q + torch.arange(q, device=self.device)[None]
+            out[case[:, None], cols] = tokens.to(out.dtype)
+            mask[case[:, None], cols] = True
+        return out, mask
+
+    def _profile(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.profile_projection is None:
+            return None
+        users = torch.as_tensor(batch.users, device=self.device)
+        emb = self.profile_projection(self.user_vectors[users])
+        emb = torch.where(self.user_has_profile[users][:, None], emb, self.missing_profile)
+        return emb[:, None], torch.ones(len(batch), 1, dtype=torch.bool, device=self.device)
+
+    def context(self, batch: SequenceBatch, extra_behaviors: torch.Tensor | None = None) -> dict:
+        """Everything of the B cases that does not depend on the target: computed once, reused per candidate."""
+        hist_values = torch.as_tensor(batch.value[batch.kind == TokenKind.BEHAVIOR], device=self.device)
+        parts = [hist_values] + ([extra_behaviors] if extra_behaviors is not None else [])
+        unique, fused = self.fuse_unique(*parts)
+        hist, hist_mask, hist_pos = self._history(batch, unique, fused)
+        comp, comp_mask = self._compressed(batch)
+        prefix, prefix_mask = [comp], [comp_mask]
+        profile = self._profile(batch)
+        if profile is not None:
+            prefix, prefix_mask = [profile[0], comp], [profile[1], comp_mask]
+        return {
+            "unique": unique,
+            "fused": fused,
+            "prefix": torch.cat(prefix, 1),
+            "prefix_mask": torch.cat(prefix_mask, 1),
+            "hist": hist,
+            "hist_mask": hist_mask,
+            "hist_pos": hist_pos,
+        }
+
+    def lookup(self, ctx: dict, behaviors: torch.Tensor) -> torch.Tensor:
+        """b^F of behaviours that were part of the context's unique set."""
+        pos = torch.searchsorted(ctx["unique"], behaviors)
+        if bool((pos >= len(ctx["unique"])).any()) or not bool((ctx["unique"][pos.clamp(max=len(ctx["unique"]) - 1)] == behaviors).all()):
+            raise KeyError("behaviour not in the context: pass it as extra_behaviors to context()")
+        return ctx["fused"][pos]
+
+    def user_states(
+        self, ctx: dict, rows: torch.Tensor | None = None, target: torch.Tensor | None = None, task: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last hidden states (N, H) for cases `rows` of the context, each with its `target` behaviour (or
+        label `task`) placed as configured; no target and no task: the target-agnostic sequence."""
+        rows = torch.arange(len(ctx["hist"]), device=self.device) if rows is None else rows
+        n = len(rows)
+        front, front_mask, end, end_mask = [], [], [], []
+        one = torch.ones(n, 1, dtype=torch.bool, device=self.device)
+        if task is not None:
+            front, front_mask = [self.task_tokens(task)[:, None]], [one]
+        elif target is not None and self.cfg.target_placement != "none":
+            tok = self.lookup(ctx, target)[:, None]
+            if self.cfg.target_placement == "front":
+                front, front_mask = [tok], [one]
+            else:
+                end, end_mask = [tok], [one]
+        parts = front + [ctx["prefix"][rows], ctx["hist"][rows]] + end
+        masks = front_mask + [ctx["prefix_mask"][rows], ctx["hist_mask"][rows]] + end_mask
+        x = torch.cat([p.to(ctx["hist"].dtype) for p in parts], 1)  # (N, T, H)
+        mask = torch.cat(masks, 1)
+        n_front = sum(m.shape[1] for m in front_mask) + ctx["prefix_mask"].shape[1]
+        lead = mask[:, :n_front].long()
+        lead_pos = lead.cumsum(1) - 1
+        hist_pos = lead.sum(1, keepdim=True) + ctx["hist_pos"][rows]
+        pos = [lead_pos.clamp_min(0), hist_pos]
+        if end:
+            last = torch.where(ctx["hist_mask"][rows], hist_pos, torch.zeros_like(hist_pos)).amax(1, keepdim=True)
+            pos.append(last + 1)
+        position_ids = torch.cat(pos, 1)
+        hidden = self.decoder(inputs_embeds=x, attention_mask=mask.long(), position_ids=position_ids).last_hidden_state
+        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # the last real token of each row
+        return hidden[torch.arange(n, device=self.device), last].float()
+
+    # -- scores --------------------------------------------------------------------------------------
+    def agnostic_scores(self, ctx: dict, items: torch.Tensor) -> torch.Tensor:
+        """(B, C): cosine(h_last(history), P b^F) * scale against unit item vectors (C, H)."""
+        return F.normalize(self.user_states(ctx), dim=-1) @ items.T * self.scale
+
+    def aware_scores(self, ctx: dict, candidates: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """(B, C) target-aware scores of candidates (B, C) (behaviour indices, in the context's unique set).
+
+        One decoder pass per (case, candidate), batched `chunk` sequences at a time."""
+        b, c = candidates.shape
+        rows = torch.arange(b, device=self.device).repeat_interleave(c)
+        flat = candidates.reshape(-1)
+        out = []
+        for s in range(0, len(flat), chunk):
+            r, t = rows[s : s + chunk], flat[s : s + chunk]
+            u = F.normalize(self.user_states(ctx, r, target=t), dim=-1)
+            out.append((u * self.item_embeddings(self.lookup(ctx, t))).sum(-1) * self.scale)
+        return torch.cat(out).view(b, c)
+
+    # -- phase II objective --------------------------------------------------------------------------
+    def forward(
+        self,
+        batch: SequenceBatch,
+        positives: torch.Tensor,  # (B,) next behaviour of each case
+        sampled: torch.Tensor,  # (S,) sampled negatives shared by the batch
+        hard_negatives: int,
+        agnostic_weight: float = 1.0,
+        aware_weight: float = 1.0,
+    ) -> dict[str, torch.Tensor]:
+        """Phase II: two InfoNCE terms, each over ONE scoring path (never mixed in one softmax).
+
+        target-agnostic: h_last(history) against the batch's candidates = every case's positive (the
+            in-batch targets of the other users) + the sampled negatives; behaviours are unique columns,
+            so a negative equal to the positive (a false negative) cannot occur.
+        target-aware: each case's positive and its `hard_negatives` highest-scoring agnostic negatives,
+            each a decoder pass with that candidate placed as configured; positive at index 0.
+        """
+        candidates = torch.unique(torch.cat([positives, sampled]))  # (U,)
+        ctx = self.context(batch, extra_behaviors=candidates)
+        items = self.item_embeddings(self.lookup(ctx, candidates))  # (U, H)
+        scores = self.agnostic_scores(ctx, items)  # (B, U)
+        label = torch.searchsorted(candidates, positives)
+        loss_agnostic = F.cross_entropy(scores, label)
+        out = {"agnostic": loss_agnostic.detach(), "scale": self.scale.detach()}
+        loss = agnostic_weight * loss_agnostic
+        k = min(hard_negatives, len(candidates) - 1)
+        if k > 0 and aware_weight > 0 and self.cfg.target_placement != "none":
+            with torch.no_grad():
+                masked = scores.detach().clone()
+                masked[torch.arange(len(label), device=self.device), label] = -torch.inf
+                hard = candidates[masked.topk(k, dim=1).indices]  # (B, k)
+            logits = self.aware_scores(ctx, torch.cat([positives[:, None], hard], 1), chunk=len(positives) * (k + 1))
+            loss_aware = F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=self.device))
+            out["aware"] = loss_aware.detach()
+            loss = loss + aware_weight * loss_aware
+        out["loss"] = loss
+        return out
+
+
+# -- the model as the bench, the pipeline and the scorer use it -------------------------------------
+@dataclass
+class ArtifactPaths:
+    """Encoder artifacts of the pipeline; any left empty falls back (see `GTSLUM.attach`)."""
+
+    semantic_ids: str = ""  # tokenizer stage folder
+    graph: str = ""  # node2vec stage folder
+    tables: str = ""  # table stage folder (behavior_table.npz, user_table.npz)
+    qformer: str = ""  # phase-I folder (qformer.yaml + qformer.safetensors): the adapter starts from it
+
+
+def _default_qformer() -> QFormerConfig:
+    return QFormerConfig(num_queries=4, num_layers=2, num_heads=4, hidden_size=128, intermediate_size=256, max_window=16)
+
+
+@dataclass
+class GTSLUMConfig:
+    net: GTSLUMNetConfig = field(default_factory=GTSLUMNetConfig)
+    qformer: QFormerConfig = field(default_factory=_default_qformer)  # used when artifacts.qformer is empty
+    artifacts: ArtifactPaths = field(default_factory=ArtifactPaths)
+    train: Phase2Config = field(default_factory=Phase2Config)
+    rerank_depth: int = 50  # two-stage scoring: re-rank the agnostic top N target-aware (0: agnostic only)
+    score_chunk: int = 512  # sequences per decoder pass when scoring
+
+
+class GTSLUM:
+    """GTS-LUM for `gts-lum bench`, the training stage and the scorer: attach / fit / score / save.
+
+        model = build_model("gts_lum", "pkg:models/gts_lum.yaml", overrides)
+        model.attach(SequenceDataset.load("runs/demo/sequences"))   # catalog, timestamp process, artifacts
+        model.fit(split, eval_cfg, candidates)                        # phase II, epoch picked on validation
+        scores = model.score(split.log, split.test, candidates)       # two-stage: agnostic, then target-aware
+    """
+
+    name = "gts_lum"
+
+    def __init__(self, cfg: GTSLUMConfig | None = None):
+        self.cfg = cfg or GTSLUMConfig()
+        self.net: GTSLUMNetwork | None = None
+        self.device = torch.device("cpu")
+        self.amp_dtype = None
+        self.history_filter = False
+        self._assets: dict = {}
+
+    @classmethod
+    def describe(cls) -> str:
+        return "gts_lum: attach(dataset), fit(split, eval_cfg, candidates), score(log, cases, candidates) -> (B, C)"
+
+    # -- building --------------------------------------------------------------------------------------
+    def attach(self, dataset) -> None:
+        """Catalog features (real artifacts where given, stand-ins otherwise), timestamp process, profiles."""
+        from gts_lum.modeling.behavior_features import features_from_artifacts, stand_in_features
+        from gts_lum.sequence.timestamp_process import TimeGrid
+        from gts_lum.tokenizer.text_encoder import encode
+
+        art = self.cfg.artifacts
+        behaviors = dataset.behaviors()
+        if art.semantic_ids or art.graph or art.tables:
+            table = Path(art.tables) / "behavior_table.npz" if art.tables else None
+            features = features_from_artifacts(
+                dataset.root, art.semantic_ids or None, art.graph or None, table if table is not None and table.exists() else None
+            )
+        else:
+            log.info("gts_lum: no encoder artifacts given; stand-in semantic IDs and table embeddings (stand_in_features)")
+            features = stand_in_features(behaviors, encode(behaviors["description"].astype(str).tolist()))
+        user_vectors = None
+        if art.tables and (Path(art.tables) / "user_table.npz").exists():
+            with np.load(Path(art.tables) / "user_table.npz", allow_pickle=False) as z:
+                user_vectors = _align_users(dataset.event_log.user_ids, z["user_ids"], z["vectors"])
+        self._assets = {
+            "features": features,
+            "sequence_cfg": dataset.sequence_cfg,
+            "stats": dataset.stats,
+            "user_ids": dataset.event_log.user_ids.astype(str),
+            "user_vectors": user_vectors,
+            "adapter_card": None,
+        }
+        self._build(descriptor_texts=list(TimeGrid(dataset.sequence_cfg).descriptor_texts))
+
+    def _build(self, descriptor_texts: list[str], adapter_state: dict | None = None) -> None:
+        from gts_lum.modeling.qformer import adapter_card, adapter_from_card, build_adapter, load_adapter
+        from gts_lum.tokenizer.text_encoder import encode
+        from gts_lum.training.device import device_info, select_device
+
+        self.device = select_device(self.cfg.train.device)
+        self.amp_dtype = device_info(self.device).amp_dtype
+        torch.manual_seed(self.cfg.train.seed)
+        features = self._assets["features"]
+        hidden = _decoder_width(self.cfg.net.decoder)
+        card = self._assets.get("adapter_card")
+        if card is not None:  # a saved GTS-LUM model: the adapter exactly as trained
+            adapter = adapter_from_card(card)  # its catalog is set once the weights (vocabulary) are in
+        elif self.cfg.artifacts.qformer:
+            adapter = load_adapter(self.cfg.artifacts.qformer, features)
+            if adapter.cfg.decoder_hidden_size != hidden:
+                # phase I never trains the decoder projection: size it for this decoder
+                adapter.cfg.decoder_hidden_size = hidden
+                adapter.decoder_projection = nn.Linear(adapter.cfg.hidden_size, hidden)
+        else:
+            import dataclasses
+
+            adapter = build_adapter(dataclasses.replace(self.cfg.qformer, decoder_hidden_size=hidden), features)
+        self._assets["adapter_card"] = adapter_card(adapter)
+        descriptors = None if self.cfg.net.decoder.pretrained else encode(descriptor_texts)
+        self.net = GTSLUMNetwork(self.cfg.net, adapter, descriptor_texts, descriptors, self._assets["user_vectors"]).to(self.device)
+        if adapter_state is not None:
+            self.net.load_state_dict(adapter_state)
+        self.net.adapter.set_catalog(features)  # buffers onto the device
+
+    # -- data ------------------------------------------------------------------------------------------
+    def sequences(self, log_: EventLog, cases) -> TokenSequences:
+        from gts_lum.sequence.timestamp_process import build_sequences
+
+        return build_sequences(log_, cases, self._assets["sequence_cfg"], self._assets["stats"])
+
+    def batch(self, tokens: TokenSequences, log_: EventLog, history_end: np.ndarray) -> SequenceBatch:
+        return make_batch(tokens, log_, history_end, self.cfg.net.compressor)
+
+    def autocast(self):
+        enabled = self.amp_dtype is not None and self.cfg.train.amp
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled)
+
+    def _require(self) -> GTSLUMNetwork:
+        if self.net is None:
+            raise RuntimeError("gts_lum: attach(dataset) (or load the saved model) before fit/score")
+        return self.net
+
+    # -- training --------------------------------------------------------------------------------------
+    def fit(self, split, eval_cfg=None, candidates: np.ndarray | None = None, checkpoint_dir: str | Path | None = None) -> dict:
+        from gts_lum.evaluation.protocol import EvalConfig, evaluate
+        from gts_lum.modeling.baselines import validation_metric
+        from gts_lum.training.phase2 import Phase2Trainer
+
+        self._require()
+        eval_cfg = eval_cfg or EvalConfig()
+        self.history_filter = eval_cfg.history_filter
+        tc = self.cfg.train
+        targets = candidates  # the split's target subset (None: every behaviour)
+        valid_cfg = EvalConfig(ks=eval_cfg.ks, batch_size=eval_cfg.batch_size, history_filter=eval_cfg.history_filter, max_users=tc.valid_cases, seed=tc.seed)
+
+        def valid_fn() -> float:
+            metrics = evaluate(self, split.log, split.valid, candidates, valid_cfg, desc="gts_lum valid")
+            return validation_metric(metrics, tc.select_metric)
+
+        stats = Phase2Trainer(self, tc, checkpoint_dir).fit(split, targets, valid_fn)
+        stats["num_parameters"] = sum(p.numel() for p in self.net.parameters())
+        stats["device"] = str(self.device)
+        return stats
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, log_: EventLog, cases, candidates: np.ndarray) -> np.ndarray:
+        """(B, C) scores. Two-stage: agnostic over all candidates, the top `rerank_depth` re-scored
+        target-aware and placed above the rest in their new order (the rest keep agnostic order)."""
+        from gts_lum.evaluation.protocol import history_mask
+
+        net = self._require()
+        was_training = net.training
+        net.eval()
+        candidates = np.asarray(candidates, np.int64)
+        tokens = self.sequences(log_, cases)
+        batch = self.batch(tokens, log_, np.asarray(cases.history_end))
+        cand = torch.as_tensor(candidates, device=self.device)
+        with self.autocast():
+            ctx = net.context(batch, extra_behaviors=cand)
+            scores = net.agnostic_scores(ctx, net.item_embeddings(net.lookup(ctx, cand)))  # (B, C)
+            depth = min(self.cfg.rerank_depth, len(candidates))
+            if depth and self.cfg.net.target_placement != "none":
+                masked = scores.clone()
+                if self.history_filter:
+                    masked[torch.as_tensor(history_mask(log_, cases, candidates), device=self.device)] = -torch.inf
+                top = masked.topk(depth, dim=1).indices  # (B, N) columns
+                aware = net.aware_scores(ctx, cand[top], chunk=self.cfg.score_chunk)  # (B, N)
+                # above every agnostic score: cosine * scale lies in [-scale, scale]
+                scores.scatter_(1, top, aware + 4 * net.scale)
+        net.train(was_training)
+        return scores.float().cpu().numpy()
+
+    @torch.no_grad()
+    def user_embeddings(self, log_: EventLog, cases, task: int | None = None) -> np.ndarray:
+        """(B, H) last hidden states: target-agnostic, or with label task `task`'s token in front."""
+        net = self._require()
+        tokens = self.sequences(log_, cases)
+        ctx = net.context(self.batch(tokens, log_, np.asarray(cases.history_end)))
+        task_t = None if task is None else torch.full((len(cases),), task, dtype=torch.long, device=self.device)
+        return net.user_states(ctx, task=task_t).cpu().numpy()
+
+    # -- persistence (training.checkpoint) -------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self._require().state_dict()
+
+    def save_assets(self, folder: str | Path) -> None:
+        import dataclasses
+
+        import yaml
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        a = self._assets
+        a["features"].save(folder / "features.npz")
+        a["stats"].save(folder / "behavior_stats.npz")
+        users = {"user_ids": np.asarray(a["user_ids"], dtype=str)}
+        if a["user_vectors"] is not None:
+            users["vectors"] = a["user_vectors"]
+        np.savez(folder / "users.npz", **users)
+        card = {"sequence_config": dataclasses.asdict(a["sequence_cfg"]), "adapter": a["adapter_card"]}
+        (folder / "assets.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+
+    def load_assets(self, folder: str | Path) -> None:
+        import yaml
+
+        from gts_lum.config import from_dict
+        from gts_lum.modeling.behavior_features import BehaviorFeatures
+        from gts_lum.sequence.timestamp_process import BehaviorStats, SequenceConfig
+
+        folder = Path(folder)
+        card = yaml.safe_load((folder / "assets.yaml").read_text())
+        with np.load(folder / "users.npz", allow_pickle=False) as z:
+            user_ids, vectors = z["user_ids"], (z["vectors"] if "vectors" in z.files else None)
+        self._assets = {
+            "features": BehaviorFeatures.load(folder / "features.npz"),
+            "sequence_cfg": from_dict(SequenceConfig, card["sequence_config"]),
+            "stats": BehaviorStats.load(folder / "behavior_stats.npz"),
+            "user_ids": user_ids,
+            "user_vectors": vectors,
+            "adapter_card": card["adapter"],
+        }
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], device: str = "cpu") -> None:
+        from gts_lum.sequence.timestamp_process import TimeGrid
+
+        if not self._assets:
+            raise RuntimeError("gts_lum: load_assets(folder) first (training.checkpoint.load_model does it)")
+        self.cfg.train.device = device
+        self._build(list(TimeGrid(self._assets["sequence_cfg"]).descriptor_texts), adapter_state=tensors)
+        self.net.eval()
+
+
+def _decoder_width(cfg: DecoderConfig) -> int:
+    if not cfg.pretrained:
+        return cfg.hidden_size
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(Path(cfg.pretrained).expanduser())).hidden_size)
+
+
+def _align_users(log_users: np.ndarray, table_users: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Profile rows in the log's user order; NaN rows for users the table lacks."""
+    import pandas as pd
+
+    rows = pd.Index(table_users.astype(str)).get_indexer(log_users.astype(str))
+    out = np.full((len(log_users), vectors.shape[1]), np.nan, np.float32)
+    out[rows >= 0] = vectors[rows[rows >= 0]]
+    missing = int((rows < 0).sum())
+    if missing:
+        log.info("gts_lum: %d of %d users have no profile row (a learned 'missing profile' token stands in)", missing, len(log_users))
+    return out

@@ -1,0 +1,260 @@
+"""Phase II (paper section 3.3): the target-aware decoder trained on next-behaviour prediction.
+
+Per epoch, each training user contributes `prefixes_per_user` prediction cases: a prefix of its
+TRAINING events whose next event (a target behaviour, where the split restricts targets) is the
+positive. They are a fresh seeded draw every epoch, without replacement inside a user, so over the
+epochs a model sees many different prefixes of every sequence. The token sequences of all of an
+epoch's cases are built at once by the timestamp process (vectorized).
+
+Loss: `GTSLUMNetwork.forward` (target-agnostic InfoNCE with in-batch + sampled negatives, then
+target-aware InfoNCE over the positive and k hard negatives), AdamW, gradient clipping.
+
+Determinism and resume: the epoch's cases come from (seed, epoch); each step seeds torch (dropout) and
+its negative sampler from (seed, epoch, step). A checkpoint every `checkpoint_every` steps holds the
+weights, the optimizer state and the position (epoch, step, selection history), all in safetensors +
+JSON; a run restarted from it replays the rest of the data identically, so its final weights equal an
+uninterrupted run's.
+
+Distributed data parallel: under `torchrun` (WORLD_SIZE > 1) the process group starts on the device's
+backend (HCCL on NPU, NCCL on CUDA, gloo on CPU), the network is wrapped in DistributedDataParallel,
+each rank takes every world-th batch of the same seeded case order, and rank 0 validates, logs and
+writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gts_lum.data.events import EventLog
+from gts_lum.sequence.splits import EvalSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Phase2Config:
+    batch_size: int = 32  # cases per optimizer step (per process under DDP)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    epochs: int = 10
+    patience: int = 3
+    prefixes_per_user: int = 4  # training cases per user and epoch (see the module docstring)
+    max_cases_per_epoch: int | None = None  # a seeded cap on an epoch's cases
+    sampled_negatives: int = 256  # uniform catalog negatives shared by a batch (plus the in-batch targets)
+    hard_negatives: int = 4  # target-aware negatives per case (each one decoder pass)
+    agnostic_weight: float = 1.0
+    aware_weight: float = 1.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on NPU/CUDA only (training.device)
+    select_metric: str = "NDCG@10"
+    valid_cases: int | None = 500  # fixed seeded sample of validation cases scored each epoch
+    checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only, when a folder is given)
+
+
+def training_cases(train: EventLog, per_user: int, seed: int, targets: np.ndarray | None = None, cap: int | None = None) -> EvalSet:
+    """Up to `per_user` prefixes per user of the training log, each predicting its next event.
+
+    Eligible positions: every event with at least one event before it (and a target behaviour, when
+    `targets` restricts them). Drawn without replacement inside a user, seeded; users interleaved.
+    """
+    rng = np.random.default_rng(seed)
+    row = np.arange(train.num_events, dtype=np.int64)
+    user = np.repeat(np.arange(train.num_users), np.diff(train.offsets))
+    ok = row > train.offsets[user]
+    if targets is not None:
+        allowed = np.zeros(train.num_behaviors, bool)
+        allowed[targets] = True
+        ok &= allowed[train.behavior]
+    row, user = row[ok], user[ok]
+    order = np.lexsort((rng.random(len(row)), user))
+    row, user = row[order], user[order]
+    first = np.searchsorted(user, user, side="left")
+    take = (np.arange(len(row)) - first) < per_user
+    row, user = row[take], user[take]
+    mix = rng.permutation(len(row))[:cap]
+    row, user = row[mix], user[mix]
+    return EvalSet(user, row, train.behavior[row].astype(np.int32), train.timestamp[row])
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as named tensors + a JSON-able rest (safetensors holds no Python objects)."""
+    state = optimizer.state_dict()
+    tensors, rest = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, slots in state["state"].items():
+        rest["state"][str(pid)] = {}
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                rest["state"][str(pid)][name] = value
+    return tensors, rest
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict = {int(pid): dict(slots) for pid, slots in rest["state"].items()}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def distributed_context(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        from gts_lum.training.device import device_info
+
+        dist.init_process_group(backend=device_info(device).dist_backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Phase2Trainer:
+    """Trains `model.net` (a `GTSLUMNetwork`) for a `GTSLUM` model; see the module docstring."""
+
+    def __init__(self, model, cfg: Phase2Config, checkpoint_dir: str | Path | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _save(self, optimizer, position: dict, best_state: dict | None) -> None:
+        from safetensors.torch import save_file
+
+        if self.checkpoint_dir is None:
+            return
+        folder = self.checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        net = self.model.net
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, folder / "weights.tmp")
+        opt_tensors, opt_rest = _flatten_optimizer(optimizer)
+        save_file(opt_tensors or {"_empty": torch.zeros(0)}, folder / "optimizer.tmp")
+        if best_state is not None:
+            save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, folder / "best.tmp")
+        (folder / "position.tmp").write_text(json.dumps({**position, "optimizer": opt_rest}))
+        # renames last, position file last of all: a kill mid-save leaves the previous checkpoint whole
+        for name in ("weights", "optimizer", "best"):
+            if (folder / f"{name}.tmp").exists():
+                os.replace(folder / f"{name}.tmp", folder / f"{name}.safetensors")
+        os.replace(folder / "position.tmp", folder / "position.json")
+
+    def _load(self, optimizer) -> tuple[dict, dict | None] | None:
+        from safetensors.torch import load_file
+
+        folder = self.checkpoint_dir
+        if folder is None or not (folder / "position.json").exists():
+            return None
+        position = json.loads((folder / "position.json").read_text())
+        self.model.net.load_state_dict(load_file(folder / "weights.safetensors"))
+        opt = {k: v for k, v in load_file(folder / "optimizer.safetensors").items() if k != "_empty"}
+        optimizer.load_state_dict(_unflatten_optimizer(opt, position.pop("optimizer")))
+        best = load_file(folder / "best.safetensors") if (folder / "best.safetensors").exists() and position.get("best_epoch", -1) >= 0 else None
+        log.info("phase II: resuming from %s at epoch %d step %d", folder, position["epoch"], position["step"])
+        return position, best
+
+    # -- training ------------------------------------------------------------------------------------
+    def fit(self, split, targets: np.ndarray | None, valid_fn) -> dict:
+        """Train on `split.train`; `valid_fn()` -> validation metric value (higher is better)."""
+        cfg, model = self.cfg, self.model
+        net: nn.Module = model.net
+        device = model.device
+        rank, world = distributed_context(device)
+        ddp = world > 1
+        train_net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if ddp else net
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        position = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+        best_state = None
+        loaded = self._load(optimizer)
+        if loaded is not None:
+            position, best_state = loaded
+            position["best"] = float(position["best"])
+        train = split.train
+        num_behaviors = train.num_behaviors
+        t_start = time.perf_counter()
+        log.info(
+            "phase II: %s trainable of %s parameters, %d users, device %s, world %d",
+            f"{sum(p.numel() for p in params):,}", f"{sum(p.numel() for p in net.parameters()):,}", train.num_users, device, world,
+        )
+        while position["epoch"] < cfg.epochs and position["bad_epochs"] < cfg.patience:
+            epoch = position["epoch"]
+            cases = training_cases(train, cfg.prefixes_per_user, cfg.seed * 7919 + epoch, targets, cfg.max_cases_per_epoch)
+            batches = [np.arange(s, min(s + cfg.batch_size, len(cases))) for s in range(0, len(cases), cfg.batch_size)]
+            batches = batches[: len(batches) - len(batches) % world] if ddp else batches  # equal steps per rank
+            tokens = model.sequences(train, cases)
+            net.train()
+            sums: dict[str, float] = {}
+            t_epoch, seen = time.perf_counter(), 0
+            steps = range(position["step"], len(batches) // world)
+            bar = tqdm(steps, desc=f"phase II epoch {epoch}", leave=False, disable=None if rank == 0 else True)
+            for step in bar:
+                idx = batches[step * world + rank]
+                torch.manual_seed(cfg.seed * 1_000_003 + epoch * 10_007 + step)
+                gen = np.random.default_rng([cfg.seed, epoch, step, rank])
+                batch = model.batch(tokens.subset(idx), train, cases.history_end[idx])
+                positives = torch.as_tensor(cases.target[idx].astype(np.int64), device=device)
+                sampled = torch.as_tensor(gen.integers(0, num_behaviors, cfg.sampled_negatives), device=device)
+                with model.autocast():
+                    out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                seen += len(idx) * world
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                done = step - steps.start + 1
+                bar.set_postfix({k: f"{v / done:.3f}" for k, v in sums.items() if k != "scale"})
+                position["step"] = step + 1
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and rank == 0:
+                    self._save(optimizer, position, best_state)
+            seconds = time.perf_counter() - t_epoch
+            done = max(len(steps), 1)
+            value = valid_fn() if rank == 0 else 0.0
+            if ddp:
+                import torch.distributed as dist
+
+                shared = torch.tensor([value], dtype=torch.float64)
+                dist.broadcast(shared, 0)
+                value = float(shared)
+            record = {"epoch": epoch, **{k: round(v / done, 4) for k, v in sums.items()}, "cases_per_s": round(seen / max(seconds, 1e-9), 1),
+                      f"valid_{cfg.select_metric}": value}
+            position["history"].append(record)
+            if value > position["best"]:
+                position.update(best=value, best_epoch=epoch, bad_epochs=0)
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                position["bad_epochs"] += 1
+            if rank == 0:
+                log.info("phase II epoch %d: %s", epoch, record)
+            position.update(epoch=epoch + 1, step=0)
+            if rank == 0:
+                self._save(optimizer, position, best_state)
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        net.eval()
+        return {
+            "epochs": len(position["history"]),
+            "best_epoch": position["best_epoch"],
+            f"valid_{cfg.select_metric}": position["best"],
+            "train_seconds": time.perf_counter() - t_start,
+            "world_size": world,
+            "history": position["history"],
+        }

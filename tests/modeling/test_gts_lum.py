@@ -1,0 +1,120 @@
+"""GTS-LUM: decoder input layout, target placement, the score's definition, phase II, save/load, resume."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gts_lum.data.events import EventLog
+from gts_lum.evaluation.bench import attach_dataset, build_model
+from gts_lum.evaluation.protocol import EvalConfig, evaluate
+from gts_lum.modeling.gts_lum_model import PAD_KIND, CompressorConfig, make_batch
+from gts_lum.sequence.splits import EvalSet
+from gts_lum.sequence.timestamp_process import SequenceConfig, build_sequences
+from gts_lum.sequence.tokens import TokenKind
+from gts_lum.training.checkpoint import load_model, save_model
+
+TINY = {
+    "net": {"decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}, "compressor": {"windows": 2, "window_size": 4}},
+    "qformer": {"num_queries": 2, "num_layers": 1, "num_heads": 2, "hidden_size": 32, "intermediate_size": 64, "max_window": 4},
+    "train": {"batch_size": 16, "lr": 0.001, "epochs": 6, "patience": 6, "prefixes_per_user": 6, "sampled_negatives": 8, "hard_negatives": 2, "valid_cases": None, "device": "cpu"},
+    "rerank_depth": 3,
+}
+
+
+def build(data, **overrides):
+    cfg = {**TINY, **overrides}
+    model = build_model("gts_lum", None, cfg)
+    attach_dataset(model, data)
+    return model
+
+
+def test_make_batch_pads_left_and_cuts_old_history_into_windows():
+    # one user, 20 events an hour apart; a budget that keeps the last few intervals only
+    log_ = EventLog.from_frame(
+        __import__("pandas").DataFrame({"user_id": "u", "behavior_id": [f"b{i % 5}" for i in range(20)], "timestamp": 3600 * np.arange(20)}),
+        behavior_ids=np.array([f"b{i}" for i in range(5)], dtype=object),
+    )
+    cases = EvalSet(np.array([0, 0]), np.array([20, 3]), np.array([0, 3], np.int32), np.array([0, 0]))
+    tokens = build_sequences(log_, cases, SequenceConfig(token_budget=9))
+    batch = make_batch(tokens, log_, cases.history_end, CompressorConfig(windows=2, window_size=4))
+    assert batch.kind.shape[0] == 2 and (batch.kind[1, : batch.kind.shape[1] - tokens.lengths()[1]] == PAD_KIND).all()
+    assert batch.kind[0, -1] == TokenKind.BEHAVIOR and batch.value[0, -1] == 19 % 5  # newest event last
+    kept = tokens.source_row[tokens.offsets[0] : tokens.offsets[1]]
+    first_kept = kept[kept >= 0].min()
+    # case 0: the 8 events before the first kept one, oldest window first; case 1 kept everything
+    assert list(batch.window_case) == [0, 0] and list(batch.window_slot) == [0, 1]
+    np.testing.assert_array_equal(batch.windows.ravel(), log_.behavior[first_kept - 8 : first_kept])
+    assert batch.window_mask.all()
+
+
+@pytest.fixture(scope="module")
+def trained(cycle_data, one_thread_module):
+    split = cycle_data.split()
+    model = build(cycle_data)
+    return split, model, model.fit(split, EvalConfig(ks=(1, 10)))
+
+
+def test_learns_the_cycle_and_scores(trained):
+    split, model, stats = trained
+    assert stats["epochs"] >= 1 and np.isfinite([h["loss"] for h in stats["history"]]).all()
+    assert stats["history"][-1]["agnostic"] < stats["history"][0]["agnostic"]
+    metrics = evaluate(model, split.log, split.test, cfg=EvalConfig(ks=(1, 3)))
+    assert metrics["R@3"] >= 0.8  # 9 behaviours: chance is 1/3
+
+
+def test_score_is_the_defined_cosine_with_the_target_in_front(trained):
+    split, model, _ = trained
+    net = model.net
+    cases = split.test.subset(np.arange(3))
+    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
+    cand = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        ctx = net.context(batch, extra_behaviors=cand)
+        aware = net.aware_scores(ctx, cand.repeat(3, 1))
+        # by hand: decoder over [c, profile, compressed, history], last hidden state, cosine with P b^F_c
+        for i in range(3):
+            for j, c in enumerate(cand.tolist()):
+                h = net.user_states(ctx, torch.tensor([i]), target=torch.tensor([c]))
+                item = net.item_projection(net.adapter.fuse(torch.tensor([c])))
+                expected = F.cosine_similarity(h, item) * net.scale
+                assert torch.allclose(aware[i, j], expected[0], atol=1e-5)
+        # the target changes the user state (it is in front, and attention is causal from it)
+        h0 = net.user_states(ctx, torch.tensor([0]), target=torch.tensor([0]))
+        h1 = net.user_states(ctx, torch.tensor([0]), target=torch.tensor([1]))
+        assert not torch.allclose(h0, h1)
+
+
+def test_placements_end_and_none(cycle_data, one_thread_module):
+    for placement in ("end", "none"):
+        model = build(cycle_data, net={**TINY["net"], "target_placement": placement})
+        split = cycle_data.split()
+        scores = model.score(split.log, split.test.subset(np.arange(4)), np.arange(split.log.num_behaviors))
+        assert scores.shape == (4, split.log.num_behaviors) and np.isfinite(scores).all()
+    with pytest.raises(ValueError, match="target_placement"):
+        build(cycle_data, net={**TINY["net"], "target_placement": "middle"})
+
+
+def test_save_load_scores_identically(trained, tmp_path):
+    split, model, _ = trained
+    save_model(model, "gts_lum", tmp_path / "m")
+    assert not list((tmp_path / "m").rglob("*.pkl")) and (tmp_path / "m" / "weights.safetensors").exists()
+    again = load_model(tmp_path / "m")
+    cands = np.arange(split.log.num_behaviors)
+    np.testing.assert_allclose(again.score(split.log, split.test, cands), model.score(split.log, split.test, cands), atol=1e-5)
+
+
+def test_resume_after_interruption_equals_uninterrupted(cycle_data, one_thread_module, tmp_path):
+    split = cycle_data.split()
+    short = {**TINY["train"], "epochs": 2, "checkpoint_every": 3}
+    full = build(cycle_data, train=short)
+    full.fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "a")
+    # interrupted: one epoch, then a new process-like model resumes from the checkpoint folder
+    first = build(cycle_data, train={**short, "epochs": 1})
+    first.fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "b")
+    resumed = build(cycle_data, train=short)
+    resumed.fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "b")
+    a, b = full.state_tensors(), resumed.state_tensors()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
