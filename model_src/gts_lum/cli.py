@@ -85,7 +85,7 @@ def cmd_train(args) -> None:
     from gts_lum.config import parse_overrides
     from gts_lum.training.train import train_model
 
-    stats = train_model(args.sequences, args.model, args.config, parse_overrides(args.set), args.out, device=args.device)
+    stats = train_model(args.sequences, args.model, args.config, parse_overrides(args.set), args.out, device=args.device, checkpoint_dir=args.checkpoints)
     _print({k: v for k, v in stats.items() if k != "history"})
 
 
@@ -103,8 +103,10 @@ def cmd_bench(args) -> None:
 
     path = args.config if args.config.endswith((".yaml", ".yml")) else f"pkg:bench/{args.config}.yaml"
     cfg = load_config(BenchConfig, path, args.set)
-    if args.models:
-        cfg.models = args.models.split(",")
+    if args.models:  # names or labels of the config's entries; other names run with their defaults
+        wanted = args.models.split(",")
+        entries = {(e if isinstance(e, str) else e.get("label", e.get("model"))): e for e in cfg.models}
+        cfg.models = [entries.get(w, w) for w in wanted]
     result = run_bench_config(cfg, args.out)
     print(result["table_md"])
     print(f"tables written to {args.out}")
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="sasrec", help="popularity, markov, sasrec, hstu, ...")
     p.add_argument("--config", help="model YAML (default pkg:models/MODEL.yaml)")
     p.add_argument("--device", default="auto", help="auto (NPU, else CUDA, else CPU), npu, cuda or cpu")
+    p.add_argument("--checkpoints", help="checkpoint folder (GTS-LUM): resumes from it after an interruption")
     p.add_argument("--out", required=True)
     overrides(p)
     p.set_defaults(func=cmd_train)
@@ -211,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="train and evaluate models on a data set; writes the paper's Table 2 format (md + json)")
     p.add_argument("--config", default="movielens", help="a bench config in gts_lum/configs/bench or a YAML path")
-    p.add_argument("--models", help="comma-separated model names (overrides the config's list)")
+    p.add_argument("--models", help="comma-separated model names or entry labels (overrides the config's list)")
     p.add_argument("--out", required=True)
     overrides(p)
     p.set_defaults(func=cmd_bench)

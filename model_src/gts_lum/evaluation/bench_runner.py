@@ -2,6 +2,12 @@
 
     gts-lum bench --config movielens --out runs/bench/movielens     # pkg:bench/movielens.yaml
     gts-lum bench --config synth --models markov,sasrec --out runs/bench/synth
+    gts-lum bench --config table5_synth --out runs/bench/table5_synth          # an ablation table
+
+A `models` entry is a registered name, or a mapping {model, label, config, overrides} for variants of
+one model (the ablation tables list GTS-LUM several times). With `encoders: true` the bench runs the
+pipeline's encoder stages (semantic IDs, graph + node2vec, table encoders) once under `<out>/encoders`
+and hands their artifacts to every GTS-LUM entry that names none.
 
 The data set is prepared (simulated or adapted, then validated) under `<out>/data`, the sequence
 artifact under `<out>/sequences`; the table is `<out>/table.md` + `<out>/table.json`.
@@ -32,10 +38,45 @@ class BenchConfig:
     sequence_overrides: dict = field(default_factory=dict)
     candidate_filter: str = ""  # what to rank; default: the split's target subset
     eval: EvalConfig = field(default_factory=EvalConfig)
-    models: list[str] = field(default_factory=lambda: ["popularity", "markov", "sasrec", "hstu"])
+    models: list = field(default_factory=lambda: ["popularity", "markov", "sasrec", "hstu"])  # names or {model, label, config, overrides}
     model_configs: dict[str, str] = field(default_factory=dict)  # name -> YAML (default pkg:models/NAME.yaml)
     model_overrides: dict[str, dict] = field(default_factory=dict)  # name -> overrides
     reference: str | None = None  # the Impv.(avg) reference row (default: the first model)
+    encoders: bool = False  # run the encoder stages for GTS-LUM entries (see the module docstring)
+    encoder_overrides: dict = field(default_factory=dict)  # {tokenizer: {...}, graph: {...}, tables: {...}}
+
+
+def model_specs(cfg: BenchConfig, artifacts: dict | None = None) -> list[tuple]:
+    """(name, config, overrides, label) per `models` entry; GTS-LUM entries get the encoder artifacts."""
+    from gts_lum.config import deep_merge
+
+    specs = []
+    for entry in cfg.models:
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ValueError(f"bench models entry {entry!r}: a model name or a mapping with a 'model' key")
+        unknown = set(entry) - {"model", "label", "config", "overrides"}
+        if unknown:
+            raise ValueError(f"bench models entry {entry['model']!r}: unknown key(s) {sorted(unknown)} (model, label, config, overrides)")
+        name = entry["model"]
+        overrides = deep_merge(cfg.model_overrides.get(name, {}), entry.get("overrides") or {})
+        if name == "gts_lum" and artifacts:
+            overrides = deep_merge({"artifacts": artifacts}, overrides)
+        specs.append((name, entry.get("config") or cfg.model_configs.get(name), overrides, entry.get("label", name)))
+    return specs
+
+
+def run_encoders(clean: Path, sequences: Path, out: Path, overrides: dict) -> dict:
+    """The pipeline's encoder stages, as the bench's GTS-LUM entries read them: {kind: folder}."""
+    from gts_lum.encoders.node2vec import run_graph_encoder
+    from gts_lum.encoders.table import encode_tables
+    from gts_lum.tokenizer.semantic_ids import tokenize_dataset
+
+    tokenize_dataset(clean, out / "semantic_ids", "pkg:tokenizer/default.yaml", overrides.get("tokenizer", {}), progress=False)
+    run_graph_encoder(sequences, out / "graph", "pkg:encoders/graph.yaml", overrides.get("graph", {}))
+    encode_tables(clean, out / "tables", behavior_overrides=overrides.get("tables", {}), user_overrides={"kind": "learned", **overrides.get("users", {})})
+    return {"semantic_ids": str(out / "semantic_ids"), "graph": str(out / "graph"), "tables": str(out / "tables")}
 
 
 def run_bench_config(cfg: BenchConfig, out_dir: str | Path) -> dict:
@@ -46,7 +87,8 @@ def run_bench_config(cfg: BenchConfig, out_dir: str | Path) -> dict:
     split = data.split()
     expr = cfg.candidate_filter or cfg.split.target_filter
     candidates = select_candidates(data.behaviors(), data.event_log.behavior_ids, expr) if expr else None
-    specs = [(name, cfg.model_configs.get(name), cfg.model_overrides.get(name, {})) for name in cfg.models]
-    log.info("bench %s: %d test cases, %s candidates, models %s", cfg.name, len(split.test), "all" if candidates is None else len(candidates), cfg.models)
+    artifacts = run_encoders(Path(clean), out / "sequences", out / "encoders", cfg.encoder_overrides) if cfg.encoders else None
+    specs = model_specs(cfg, artifacts)
+    log.info("bench %s: %d test cases, %s candidates, models %s", cfg.name, len(split.test), "all" if candidates is None else len(candidates), [s[3] for s in specs])
     rows = run_bench(split, specs, out, candidates, cfg.eval, cfg.reference, dataset=data)
     return {"rows": rows, "table_md": (out / "table.md").read_text()}

@@ -403,6 +403,9 @@ class GTSLUMConfig:
     net: GTSLUMNetConfig = field(default_factory=GTSLUMNetConfig)
     qformer: QFormerConfig = field(default_factory=_default_qformer)  # used when artifacts.qformer is empty
     artifacts: ArtifactPaths = field(default_factory=ArtifactPaths)
+    # timestamp-process overrides for this model (Table 3: {"variant": "none" | "text" | "component" |
+    # "position"}); the data set's settings otherwise
+    sequence: dict = field(default_factory=dict)
     train: Phase2Config = field(default_factory=Phase2Config)
     rerank_depth: int = 50  # two-stage scoring: re-rank the agnostic top N target-aware (0: agnostic only)
     score_chunk: int = 512  # sequences per decoder pass when scoring
@@ -452,15 +455,22 @@ class GTSLUM:
         if art.tables and (Path(art.tables) / "user_table.npz").exists():
             with np.load(Path(art.tables) / "user_table.npz", allow_pickle=False) as z:
                 user_vectors = _align_users(dataset.event_log.user_ids, z["user_ids"], z["vectors"])
+        sequence_cfg = dataset.sequence_cfg
+        if self.cfg.sequence:
+            import dataclasses
+
+            from gts_lum.config import from_dict
+
+            sequence_cfg = from_dict(type(sequence_cfg), {**dataclasses.asdict(sequence_cfg), **self.cfg.sequence})
         self._assets = {
             "features": features,
-            "sequence_cfg": dataset.sequence_cfg,
+            "sequence_cfg": sequence_cfg,
             "stats": dataset.stats,
             "user_ids": dataset.event_log.user_ids.astype(str),
             "user_vectors": user_vectors,
             "adapter_card": None,
         }
-        self._build(descriptor_texts=list(TimeGrid(dataset.sequence_cfg).descriptor_texts))
+        self._build(descriptor_texts=list(TimeGrid(sequence_cfg).descriptor_texts))
 
     def _build(self, descriptor_texts: list[str], adapter_state: dict | None = None) -> None:
         from gts_lum.modeling.qformer import adapter_card, adapter_from_card, build_adapter, load_adapter
@@ -499,7 +509,21 @@ class GTSLUM:
         return build_sequences(log_, cases, self._assets["sequence_cfg"], self._assets["stats"])
 
     def batch(self, tokens: TokenSequences, log_: EventLog, history_end: np.ndarray) -> SequenceBatch:
+        self._align_profiles(log_)
         return make_batch(tokens, log_, history_end, self.cfg.net.compressor)
+
+    def _align_profiles(self, log_: EventLog) -> None:
+        """Profile rows follow the user order of the log being scored (a serving request's one-user log,
+        a held-out log): matched by user id against the profiles the model was trained with."""
+        net = self._require()
+        if net.profile_projection is None or self._assets.get("profiles_for") is log_:
+            return
+        known = self._assets["user_ids"].astype(str)
+        vectors = self._assets["user_vectors"]
+        if len(known) != log_.num_users or not np.array_equal(known, log_.user_ids.astype(str)):
+            vectors = _align_users(log_.user_ids, known, vectors)
+        net.set_user_vectors(vectors)
+        self._assets["profiles_for"] = log_
 
     def autocast(self):
         enabled = self.amp_dtype is not None and self.cfg.train.amp

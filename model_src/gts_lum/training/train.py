@@ -27,8 +27,16 @@ def train_model(
     out_dir: str | Path = "model",
     device: str = "auto",
     eval_cfg: EvalConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict:
-    """Fit `model_name` on the training split (model selection on validation) and save it to `out_dir`."""
+    """Fit `model_name` on the training split (model selection on validation) and save it to `out_dir`.
+
+    `checkpoint_dir`: where models that checkpoint (GTS-LUM) keep and resume their training state.
+    Under torchrun only rank 0 writes the model.
+    """
+    import inspect
+    import os
+
     data = SequenceDataset.load(sequences_dir)
     split = data.split()
     overrides = dict(overrides or {}) if isinstance(overrides, dict) or not overrides else overrides
@@ -39,8 +47,11 @@ def train_model(
     # Validation ranks the same candidates the evaluation will: the split's target subset.
     candidates = select_candidates(data.behaviors(), data.event_log.behavior_ids, data.split_cfg.target_filter) if data.split_cfg.target_filter else None
     started = time.perf_counter()
-    stats = model.fit(split, eval_cfg or EvalConfig(), candidates)
+    extra = {"checkpoint_dir": checkpoint_dir} if checkpoint_dir and "checkpoint_dir" in inspect.signature(model.fit).parameters else {}
+    stats = model.fit(split, eval_cfg or EvalConfig(), candidates, **extra)
     stats = {**stats, "train_seconds": round(time.perf_counter() - started, 2)}
+    if int(os.environ.get("RANK", "0")) != 0:
+        return stats
     save_model(model, model_name, out_dir, {"sequences": str(sequences_dir), "train_stats": json.loads(json.dumps(stats, default=str))})
     log.info("trained %s in %.1f s -> %s", model_name, stats["train_seconds"], out_dir)
     return stats
