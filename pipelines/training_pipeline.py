@@ -3,14 +3,31 @@ phase I -> GTS-LUM phase II; sequences -> baselines (a sequence model and the Ma
 
 Every setting is a pipeline parameter (strings hold JSON objects of config overrides), so a run from the
 Kubeflow UI changes data, interval length, model sizes or device without a rebuild.
+
+Cluster settings (kfp-kubernetes; `kfp.local` ignores them, so the local run is unchanged): the GTS-LUM
+training task asks for an Ascend NPU, lands on Ascend nodes (node selector + toleration: a dict and a
+list parameter), runs the NPU image and mounts the data PVC; deterministic steps are cached, training
+steps are not.
 """
 
-from kfp import dsl
+import os
+
+from kfp import dsl, kubernetes
 
 from components.encoders import encode_graph, encode_tables, qformer_pretrain, semantic_ids
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
 from components.training import evaluate_models, train_gts_lum, train_model
+
+# Where the training task runs. Every value is a pipeline parameter's default, so a run on a CPU cluster
+# drops them from the UI: train_accelerator="" (no accelerator limit), train_node_selector={},
+# train_tolerations=[], train_image=the CPU image (components.IMAGE). For NVIDIA GPUs:
+# train_accelerator="nvidia.com/gpu" with that cluster's node label and taint.
+ASCEND_RESOURCE = "huawei.com/Ascend910"  # the Ascend device plugin's extended resource
+ASCEND_NODE_SELECTOR = {"accelerator": "huawei-Ascend910"}  # the node label of Ascend's cluster tooling
+ASCEND_TOLERATIONS = [{"key": ASCEND_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+NPU_IMAGE = os.environ.get("GTS_LUM_NPU_IMAGE", "ghcr.io/gts-lum/gts-lum-npu:0.1.0")  # docker/Dockerfile.npu
+DATA_MOUNT = "/mnt/gts-lum"  # the data PVC in the training pod: pretrained decoders (net.decoder.pretrained), checkpoints
 
 
 @dsl.pipeline(name="gts-lum-training", description="GTS-LUM: data to an evaluated model (leave-one-out R@K / NDCG@K).")
@@ -39,6 +56,12 @@ def training_pipeline(
     user_table_overrides: str = '{"kind": "learned"}',
     qformer_config: str = "pkg:qformer/default.yaml",
     qformer_overrides: str = '{"epochs": 5, "qformer": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 256}}',
+    train_accelerator: str = ASCEND_RESOURCE,
+    train_accelerator_count: str = "1",
+    train_node_selector: dict = ASCEND_NODE_SELECTOR,
+    train_tolerations: list = ASCEND_TOLERATIONS,
+    train_image: str = NPU_IMAGE,
+    data_pvc: str = "gts-lum-data",  # manifests/base/pvc.yaml
 ):
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
@@ -73,6 +96,10 @@ def training_pipeline(
         device=device,
     ).set_display_name("train-gts-lum")
     lum.set_caching_options(False)  # training is not deterministic across devices: always rerun
+    lum.set_container_image(train_image).set_accelerator_type(train_accelerator).set_accelerator_limit(train_accelerator_count)
+    kubernetes.add_node_selector_json(lum, train_node_selector)
+    kubernetes.add_toleration_json(lum, train_tolerations)
+    kubernetes.mount_pvc(lum, pvc_name=data_pvc, mount_path=DATA_MOUNT)
     model = train_model(
         sequences=seqs.outputs["sequences"], model_name=model_name, model_config=model_config, model_overrides=model_overrides, device=device
     ).set_display_name("train-sequence-baseline")
@@ -80,10 +107,15 @@ def training_pipeline(
     floor = train_model(
         sequences=seqs.outputs["sequences"], model_name=baseline_name, model_config="", model_overrides="{}", device="cpu"
     ).set_display_name("train-baseline")
-    evaluate_models(
+    evaluation = evaluate_models(
         sequences=seqs.outputs["sequences"],
         model=lum.outputs["model"],
         sequence_baseline=model.outputs["model"],
         baseline=floor.outputs["model"],
         eval_config=eval_config,
     ).set_display_name("evaluate")
+    # Deterministic (seeded) steps are cached whatever the cluster's default: the same inputs give the
+    # same artifacts. Ingest is keyed by the source's name, so a source whose contents change under the
+    # same path needs a run with caching off (or a dated snapshot path).
+    for task in (raw, clean, seqs, ids, graph, tables, floor, evaluation):
+        task.set_caching_options(True)

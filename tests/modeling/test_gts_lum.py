@@ -118,3 +118,14 @@ def test_resume_after_interruption_equals_uninterrupted(cycle_data, one_thread_m
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_next_behavior_skips_descriptors_and_separators():
+    from gts_lum.modeling.gts_lum_model import _next_behavior
+
+    B, D, S, P = TokenKind.BEHAVIOR, TokenKind.DESCRIPTOR, TokenKind.SEP, PAD_KIND
+    kind = torch.tensor([[P, D, B, B, S, D, B], [D, B, S, D, B, B, S]])
+    value = torch.tensor([[0, 3, 7, 8, 0, 2, 9], [1, 4, 0, 1, 5, 6, 0]])
+    nxt = _next_behavior(kind == B, value)
+    assert nxt[0].tolist() == [7, 7, 8, 9, 9, 9, -1]
+    assert nxt[1].tolist() == [4, 5, 5, 5, 6, -1, -1]

@@ -68,6 +68,10 @@ class GTSLUMNetConfig:
     compressor: CompressorConfig = field(default_factory=CompressorConfig)
     temperature: float = 0.07  # initial; learned (as a log scale, clamped to >= 0.01)
     tasks: list[str] = field(default_factory=list)  # label tasks with a learned front token each
+    # False: the Q-former stays as phase I left it and only its decoder projection trains; b^F before
+    # the projection is then computed once for the catalog instead of every step (several times faster
+    # on CPU). The paper trains the Q-former in phase II: True.
+    adapter_trainable: bool = True
 
     def __post_init__(self) -> None:
         if self.target_placement not in TARGET_PLACEMENTS:
@@ -92,6 +96,18 @@ class SequenceBatch:
 
     def __len__(self) -> int:
         return len(self.users)
+
+
+def _next_behavior(is_behavior: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """(B, L) value of the next behaviour token to the right in the same row, -1 where there is none."""
+    b, l = value.shape
+    col = torch.arange(l, device=value.device).expand(b, l)
+    # index of the nearest behaviour token at or after each column (l where none), then shift by one
+    idx = torch.where(is_behavior, col, torch.full_like(col, l))
+    nearest = torch.flip(torch.cummin(torch.flip(idx, [1]), 1).values, [1])  # (B, L)
+    after = torch.cat([nearest[:, 1:], torch.full((b, 1), l, device=value.device, dtype=nearest.dtype)], 1)
+    padded = torch.cat([value, torch.full((b, 1), -1, device=value.device, dtype=value.dtype)], 1)
+    return padded.gather(1, after)
 
 
 def make_batch(tokens: TokenSequences, log_: EventLog, history_end: np.ndarray, compressor: CompressorConfig) -> SequenceBatch:
@@ -191,6 +207,27 @@ class GTSLUMNetwork(nn.Module):
             self.profile_projection = None
         self.item_projection = nn.Linear(h, h)  # P in the score
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+        self._unprojected: torch.Tensor | None = None  # catalog cache of a frozen adapter
+        if not cfg.adapter_trainable:
+            for name, p in adapter.named_parameters():
+                p.requires_grad_(False)
+            for p in self._projection_parameters():
+                p.requires_grad_(True)
+
+    def _projection_parameters(self):
+        return [p for n, p in self.adapter.named_parameters() if n.startswith(("decoder_projection.", "projection."))]
+
+    def _fuse(self, behaviors: torch.Tensor) -> torch.Tensor:
+        if self.cfg.adapter_trainable:
+            return self.adapter.fuse(behaviors)
+        if self._unprojected is None or self._unprojected.device != self.device:
+            was = self.adapter.training
+            self.adapter.eval()
+            with torch.no_grad():
+                n = self.adapter.num_behaviors
+                self._unprojected = torch.cat([self.adapter.unprojected(torch.arange(s, min(s + 512, n), device=self.device)) for s in range(0, n, 512)])
+            self.adapter.train(was)
+        return self.adapter.project(self._unprojected[behaviors])
 
     # -- pieces ------------------------------------------------------------------------------------
     @property
@@ -219,7 +256,7 @@ class GTSLUMNetwork(nn.Module):
         """b^F of each unique behaviour among the arrays, once: (unique (U,), fused (U, H))."""
         flat = torch.cat([a.reshape(-1) for a in index_arrays])
         unique = torch.unique(flat)
-        return unique, self.adapter.fuse(unique)
+        return unique, self._fuse(unique)
 
     # -- decoder input -------------------------------------------------------------------------------
     def _history(self, batch: SequenceBatch, unique: torch.Tensor, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,7 +284,8 @@ class GTSLUMNetwork(nn.Module):
         out = torch.zeros(len(batch), w * q, self.hidden_size, device=self.device)
         mask = torch.zeros(len(batch), w * q, dtype=torch.bool, device=self.device)
         if w and len(batch.windows):
-            tokens = self.adapter.compress(torch.as_tensor(batch.windows, device=self.device), torch.as_tensor(batch.window_mask, device=self.device))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.adapter_trainable):
+                tokens = self.adapter.compress(torch.as_tensor(batch.windows, device=self.device), torch.as_tensor(batch.window_mask, device=self.device))
             case = torch.as_tensor(batch.window_case, device=self.device)
             cols = torch.as_tensor(batch.window_slot, device=self.device)[:, None] * q + torch.arange(q, device=self.device)[None]
             out[case[:, None], cols] = tokens.to(out.dtype)
@@ -291,10 +329,13 @@ class GTSLUMNetwork(nn.Module):
         return ctx["fused"][pos]
 
     def user_states(
-        self, ctx: dict, rows: torch.Tensor | None = None, target: torch.Tensor | None = None, task: torch.Tensor | None = None
+        self, ctx: dict, rows: torch.Tensor | None = None, target: torch.Tensor | None = None, task: torch.Tensor | None = None,
+        history_states: bool = False,
     ) -> torch.Tensor:
         """Last hidden states (N, H) for cases `rows` of the context, each with its `target` behaviour (or
-        label `task`) placed as configured; no target and no task: the target-agnostic sequence."""
+        label `task`) placed as configured; no target and no task: the target-agnostic sequence.
+
+        `history_states`: also return the hidden states over the history columns (N, L, H) (no end target)."""
         rows = torch.arange(len(ctx["hist"]), device=self.device) if rows is None else rows
         n = len(rows)
         front, front_mask, end, end_mask = [], [], [], []
@@ -322,7 +363,10 @@ class GTSLUMNetwork(nn.Module):
         position_ids = torch.cat(pos, 1)
         hidden = self.decoder(inputs_embeds=x, attention_mask=mask.long(), position_ids=position_ids).last_hidden_state
         last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # the last real token of each row
-        return hidden[torch.arange(n, device=self.device), last].float()
+        states = hidden[torch.arange(n, device=self.device), last].float()
+        if history_states:
+            return states, hidden[:, hidden.shape[1] - ctx["hist"].shape[1] - len(end) :][:, : ctx["hist"].shape[1]].float()
+        return states
 
     # -- scores --------------------------------------------------------------------------------------
     def agnostic_scores(self, ctx: dict, items: torch.Tensor) -> torch.Tensor:
@@ -352,23 +396,39 @@ class GTSLUMNetwork(nn.Module):
         hard_negatives: int,
         agnostic_weight: float = 1.0,
         aware_weight: float = 1.0,
+        allowed_targets: torch.Tensor | None = None,  # (num_behaviors,) bool: which behaviours may be targets
     ) -> dict[str, torch.Tensor]:
         """Phase II: two InfoNCE terms, each over ONE scoring path (never mixed in one softmax).
 
-        target-agnostic: h_last(history) against the batch's candidates = every case's positive (the
-            in-batch targets of the other users) + the sampled negatives; behaviours are unique columns,
-            so a negative equal to the positive (a false negative) cannot occur.
+        target-agnostic: the decoder's state after each prefix against the batch's candidates = every
+            prefix's next behaviour (the in-batch targets of the other users and positions) + the sampled
+            negatives. Prefixes: the case's whole history (target: the case's positive) and every inner
+            behaviour token followed by another behaviour token of the sequence (target: that one), so
+            one pass trains as many prefixes as the sequence has behaviours. Behaviours are unique
+            columns, so a negative equal to the positive (a false negative) cannot occur.
         target-aware: each case's positive and its `hard_negatives` highest-scoring agnostic negatives,
             each a decoder pass with that candidate placed as configured; positive at index 0.
         """
-        candidates = torch.unique(torch.cat([positives, sampled]))  # (U,)
+        # every history behaviour that is followed by another one is a training prefix too (the causal
+        # decoder's state there has seen exactly that prefix): next-behaviour targets for the agnostic term
+        kind = torch.as_tensor(batch.kind, device=self.device)
+        value = torch.as_tensor(batch.value, device=self.device)
+        is_b = kind == TokenKind.BEHAVIOR
+        nxt = _next_behavior(is_b, value)  # (B, L) next behaviour token's value, -1 where none
+        prefix_ok = is_b & (nxt >= 0)
+        if allowed_targets is not None:
+            prefix_ok &= allowed_targets[nxt.clamp_min(0)]
+        candidates = torch.unique(torch.cat([positives, sampled, nxt[prefix_ok]]))  # (U,)
         ctx = self.context(batch, extra_behaviors=candidates)
         items = self.item_embeddings(self.lookup(ctx, candidates))  # (U, H)
-        scores = self.agnostic_scores(ctx, items)  # (B, U)
-        label = torch.searchsorted(candidates, positives)
+        last, hist = self.user_states(ctx, history_states=True)  # (B, H), (B, L, H)
+        states = torch.cat([last, hist[prefix_ok]])  # (B + P, H): the case's own prefix first
+        scores = F.normalize(states, dim=-1) @ items.T * self.scale  # (B + P, U)
+        label = torch.searchsorted(candidates, torch.cat([positives, nxt[prefix_ok]]))
         loss_agnostic = F.cross_entropy(scores, label)
-        out = {"agnostic": loss_agnostic.detach(), "scale": self.scale.detach()}
+        out = {"agnostic": loss_agnostic.detach(), "scale": self.scale.detach(), "prefixes": torch.tensor(float(len(label)))}
         loss = agnostic_weight * loss_agnostic
+        scores, label = scores[: len(positives)], label[: len(positives)]
         k = min(hard_negatives, len(candidates) - 1)
         if k > 0 and aware_weight > 0 and self.cfg.target_placement != "none":
             with torch.no_grad():

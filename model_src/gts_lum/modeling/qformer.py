@@ -373,6 +373,14 @@ class BehaviorAdapter(nn.Module):
 
     def fuse(self, behavior_idx: torch.Tensor) -> torch.Tensor:
         """(B,) catalog indices -> (B, decoder_hidden_size) fused behaviour embeddings b^F."""
+        return self.project(self.unprojected(behavior_idx))
+
+    def unprojected(self, behavior_idx: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B, D_a): b^F before the decoder projection (what a frozen adapter caches)."""
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear projection to the decoder width (trained in phase II, also when the rest is frozen)."""
         raise NotImplementedError
 
     def compress(self, windows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -427,8 +435,11 @@ class TextProjectionAdapter(BehaviorAdapter):
         self._check_catalog(features)
         self._catalog_buffer("catalog_text", features.text_embeddings)
 
-    def fuse(self, behavior_idx: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.catalog_text[behavior_idx])
+    def unprojected(self, behavior_idx: torch.Tensor) -> torch.Tensor:
+        return self.catalog_text[behavior_idx]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(x)
 
     def compress(self, windows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = torch.ones_like(windows, dtype=torch.bool) if mask is None else mask
@@ -595,9 +606,12 @@ class QFormer(BehaviorAdapter):
         """The feed-forward layer over query outputs: (B, Q, H) -> (B, Q, H); its mean over Q is b^F before projection."""
         return query_out + self.fusion(self.fusion_norm(query_out))
 
-    def fuse(self, behavior_idx: torch.Tensor) -> torch.Tensor:
+    def unprojected(self, behavior_idx: torch.Tensor) -> torch.Tensor:
         query_out, _ = self.encode(self.behavior_side(behavior_idx))
-        return self.decoder_projection(self.fused_queries(query_out).mean(1))  # (B, D_dec)
+        return self.fused_queries(query_out).mean(1)  # (B, H)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder_projection(x)  # (B, D_dec)
 
     def compress(self, windows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         query_out, _ = self.encode(self.window_side(windows, mask))

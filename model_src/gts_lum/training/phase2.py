@@ -187,6 +187,10 @@ class Phase2Trainer:
             position["best"] = float(position["best"])
         train = split.train
         num_behaviors = train.num_behaviors
+        allowed = None
+        if targets is not None:
+            allowed = torch.zeros(num_behaviors, dtype=torch.bool, device=device)
+            allowed[torch.as_tensor(np.asarray(targets, np.int64), device=device)] = True
         t_start = time.perf_counter()
         log.info(
             "phase II: %s trainable of %s parameters, %d users, device %s, world %d",
@@ -211,7 +215,7 @@ class Phase2Trainer:
                 positives = torch.as_tensor(cases.target[idx].astype(np.int64), device=device)
                 sampled = torch.as_tensor(gen.integers(0, num_behaviors, cfg.sampled_negatives), device=device)
                 with model.autocast():
-                    out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight)
+                    out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if cfg.grad_clip:
