@@ -26,7 +26,7 @@ from components.training import evaluate_models, train_gts_lum, train_model
 ASCEND_RESOURCE = "huawei.com/Ascend910"  # the Ascend device plugin's extended resource
 ASCEND_NODE_SELECTOR = {"accelerator": "huawei-Ascend910"}  # the node label of Ascend's cluster tooling
 ASCEND_TOLERATIONS = [{"key": ASCEND_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-NPU_IMAGE = os.environ.get("GTS_LUM_NPU_IMAGE", "ghcr.io/gts-lum/gts-lum-npu:0.1.0")  # docker/Dockerfile.npu
+NPU_IMAGE = os.environ.get("GTS_LUM_NPU_IMAGE", "ghcr.io/gts-lum/gts-lum-npu:0.1.0")  # images/Dockerfile.npu
 DATA_MOUNT = "/mnt/gts-lum"  # the data PVC in the training pod: pretrained decoders (net.decoder.pretrained), checkpoints
 
 
@@ -40,13 +40,15 @@ def training_pipeline(
     sequence_overrides: str = "{}",
     split_config: str = '{"kind": "leave_one_out", "target_filter": "type=ott"}',
     gts_lum_config: str = "pkg:models/gts_lum.yaml",
-    gts_lum_overrides: str = '{"train": {"epochs": 3, "prefixes_per_user": 1, "hard_negatives": 2, "valid_cases": 200}, "rerank_depth": 20}',
+    # CPU-sized phase II for the demo: 2 epochs of 384 cases (each trains every prefix of its sequence),
+    # the last 120 tokens; on an accelerator raise them from the UI
+    gts_lum_overrides: str = '{"sequence": {"token_budget": 120}, "train": {"epochs": 2, "prefixes_per_user": 1, "max_cases_per_epoch": 384, "hard_negatives": 1, "valid_cases": 100}, "rerank_depth": 10}',
     model_name: str = "sasrec",
     model_config: str = "",
     model_overrides: str = '{"train": {"windows_per_epoch": 8192, "epochs": 10}}',
     baseline_name: str = "markov",
     device: str = "auto",
-    eval_config: str = '{"history_filter": false}',
+    eval_config: str = '{"history_filter": false, "max_users": 500}',  # a fixed seeded sample of test users
     tokenizer_config: str = "pkg:tokenizer/default.yaml",
     tokenizer_overrides: str = "{}",
     graph_config: str = "pkg:encoders/graph.yaml",

@@ -127,6 +127,63 @@ def cmd_speed(args) -> None:
     _print(run_speed_benchmarks(args.what.split(","), args.out, quick=args.quick))
 
 
+def cmd_export(args) -> None:
+    from gts_lum.serving.export import export_model
+
+    card = export_model(args.model, args.out, version=args.version, heads_dir=args.heads, sequences_dir=args.sequences, name=args.name)
+    _print({k: v for k, v in card.items() if k not in ("catalog", "sequence_config", "files")} | {"catalog_size": card["catalog"]["size"]})
+
+
+def cmd_serve(args) -> None:
+    from gts_lum.serving.scorer import run_from_args
+
+    run_from_args(args)
+
+
+def cmd_batch_score(args) -> None:
+    from gts_lum.serving.batch import batch_score
+
+    users = Path(args.users).read_text().split() if args.users else None
+    _print(batch_score(args.export, args.data, args.out, users=users, chunk_size=args.chunk_size, top_k=args.top_k, max_chunks=args.max_chunks))
+
+
+def cmd_load_bench(args) -> None:
+    from gts_lum.evaluation.load_bench import load_bench
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    _print(load_bench(args.export, requests=args.requests, concurrency=args.concurrency, seconds_limit=args.seconds_limit, candidates=args.candidates, torch_threads=args.torch_threads, out_dir=args.out))
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The scorer's flags (`gts-lum serve` and `python -m gts_lum.serving.scorer`); limits left unset take
+    gts_lum.serving.scorer.ScorerConfig's defaults. Defined here: importing kserve parses sys.argv."""
+    p.add_argument("--export", required=True, help="a folder written by `gts-lum export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (a container passes 0.0.0.0)")
+    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--feature-repo", help="Feast repository: histories of requests that carry only a user_id")
+    p.add_argument("--name", help="model name on the routes (default: the export's)")
+    p.add_argument("--max-candidates", type=int, help="candidates per instance")
+    p.add_argument("--max-events", type=int, help="inline history events per instance")
+    p.add_argument("--max-instances", type=int, help="instances per request")
+    p.add_argument("--max-top-k", type=int)
+    p.add_argument("--max-body-bytes", type=int, help="request body size (413 above it)")
+    p.add_argument("--rerank-depth", type=int, help="target-aware re-ranking depth (default: the model's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+
+
+def cmd_features(args) -> None:
+    from gts_lum.serving.features import FeatureClient, export_feature_sources, publish_features
+
+    if args.features_command == "export":
+        _print(export_feature_sources(args.clean, args.out, args.semantic_ids, last_n=args.last_n, snapshot_days=args.snapshot_days or None))
+    elif args.features_command == "publish":
+        _print(publish_features(args.repo, args.sources, args.config))
+    else:
+        FeatureClient(args.repo, args.config).delete_user(args.user_id)
+        print(f"user {args.user_id} deleted from the online and offline stores of {args.repo}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gts-lum", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -226,11 +283,62 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_table_auc)
 
-    p = sub.add_parser("speed", help="speed benchmarks (simulator, validation, sequence building, spectral tree, graph)")
-    p.add_argument("--what", default="simulator,validation,sequences,tree,graph")
+    p = sub.add_parser("speed", help="speed benchmarks (simulator, validation, sequence building, spectral tree, graph, scoring)")
+    p.add_argument("--what", default="simulator,validation,sequences,tree,graph,scoring")
     p.add_argument("--out", default="runs/speed")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.set_defaults(func=cmd_speed)
+
+    p = sub.add_parser("export", help="serving export of a saved GTS-LUM model: weights, assets, catalog ids, heads, serving.yaml")
+    p.add_argument("model", help="a saved GTS-LUM model folder (`gts-lum train --model gts_lum`)")
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p.add_argument("--version", help="default: a content hash of the weights and assets")
+    p.add_argument("--heads", help="a folder of label heads (gts_lum.serving.export.save_head)")
+    p.add_argument("--sequences", help="the training sequence data set (default: the one model.yaml names)")
+    p.add_argument("--name", help="model name on the serving routes (default: gts_lum)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve an export with KServe (v1 + v2 REST, health, /metrics); blocks")
+    add_server_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch-score", help="top-K behaviours of every user (or --users) from an export, as parquet chunks; resumable")
+    p.add_argument("export", help="a folder written by `gts-lum export`")
+    p.add_argument("data", help="a sequence data set (event_log.npz) or a clean data set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", help="a text file of user ids (whitespace separated); default: every user")
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--max-chunks", type=int, help="stop after this many new chunks (run again to resume)")
+    p.set_defaults(func=cmd_batch_score)
+
+    p = sub.add_parser("load-bench", help="latency (p50/p99) and requests/s of the scorer on 127.0.0.1, 100 candidates a request")
+    p.add_argument("export", help="a folder written by `gts-lum export`")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--seconds-limit", type=float, default=60.0)
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--torch-threads", type=int, default=1, help="the server's torch threads")
+    p.add_argument("--out", help="also write load_bench.json and the server log here")
+    p.set_defaults(func=cmd_load_bench)
+
+    p = sub.add_parser("features", help="Feast feature store: export the sources, publish (apply + materialize), delete a user")
+    features = p.add_subparsers(dest="features_command", required=True)
+    f = features.add_parser("export", help="write the parquet sources (profile, last-N sequences, catalog) of a clean data set")
+    f.add_argument("--clean", required=True, help="a validated data set folder")
+    f.add_argument("--out", required=True, help="sources folder (the feature repo reads it through GTS_LUM_FEATURE_DATA)")
+    f.add_argument("--semantic-ids", help="output folder of `gts-lum semantic-ids` (catalog semantic IDs and version)")
+    f.add_argument("--last-n", type=int, default=512, help="events kept per user sequence")
+    f.add_argument("--snapshot-days", type=int, default=1, help="a sequence snapshot every this many local days (0: latest only)")
+    f = features.add_parser("publish", help="apply the feature repo with these sources and materialize them into the online store")
+    f.add_argument("--repo", default="feature_repo")
+    f.add_argument("--sources", required=True, help="output folder of `gts-lum features export`")
+    f.add_argument("--config", help="feature_store.yaml relative to the repo, e.g. production/feature_store.yaml")
+    f = features.add_parser("delete-user", help="remove a user from the online store and the offline parquet files")
+    f.add_argument("user_id", help="the operator's user id (pseudonymised with GTS_LUM_PSEUDONYM_KEY)")
+    f.add_argument("--repo", default="feature_repo")
+    f.add_argument("--config", help="feature_store.yaml relative to the repo")
+    p.set_defaults(func=cmd_features)
     return parser
 
 

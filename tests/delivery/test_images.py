@@ -1,4 +1,4 @@
-"""Static checks of the container images (docker/): no Docker engine here, so the Dockerfiles are read.
+"""Static checks of the container images (images/): no Docker engine here, so the Dockerfiles are read.
 
 What must hold for `docker build` to work and the result to be safe: every COPY source exists and enters
 the build context (.dockerignore), base images are pinned, the final user is a numeric non-root UID, the
@@ -21,7 +21,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
-DOCKER = REPO / "docker"
+DOCKER = REPO / "images"  # not docker/: a top-level folder of that name shadows the docker package kfp.local imports
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
 LOCK = DOCKER / "requirements.lock"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -226,7 +226,7 @@ def test_pip_installs_are_pinned_and_agree_with_pyproject(path):
             assert any(canonicalize_name(Requirement(r).name) == "torch-npu" for r in PYPROJECT["project"]["optional-dependencies"]["npu"])
     text = path.read_text()
     for lock in re.findall(r"-r (\S+)", text):
-        assert (REPO / "docker" / Path(lock).name).exists(), f"{path.name}: -r {lock}: the lock is not in docker/"
+        assert (REPO / "images" / Path(lock).name).exists(), f"{path.name}: -r {lock}: the lock is not in images/"
 
 
 def _lock() -> dict[str, str]:

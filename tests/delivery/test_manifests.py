@@ -446,7 +446,7 @@ def test_images_are_pinned_and_ours_are_built_in_docker(rendered):
                     name, _, tag = image.rpartition(":")
                     assert name and "/" not in tag and tag != "latest", f"{where}: image {image}: pin a tag or digest"
                     if image.startswith("ghcr.io/gts-lum/"):
-                        assert image in ours, f"{where}: {image} is built by no Dockerfile in docker/ (their `docker build -t` lines)"
+                        assert image in ours, f"{where}: {image} is built by no Dockerfile in images/ (their `docker build -t` lines)"
                     if "feast" in name:
                         assert tag == feast_pin, f"{where}: {image}: the feature server must match feast=={feast_pin} (pyproject.toml)"
 

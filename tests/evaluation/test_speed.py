@@ -11,3 +11,12 @@ def test_speed_benchmarks_smoke(tmp_path):
     assert pipe["events"] > 0 and pipe["tokens"] > 0 and pipe["events_per_s_end_to_end"] > 0
     assert out["spectral_tree"][0]["behaviors"] == 1000
     assert (tmp_path / "speed.json").exists()
+
+
+def test_scoring_benchmark_counts_flops():
+    from gts_lum.evaluation.speed import bench_target_aware_scoring, decoder_flops
+
+    # one layer, one token: 2 x (4 H^2 + 3 H I) + 4 T H multiply-add FLOPs
+    assert decoder_flops(8, 16, 1, 1) == 2 * (4 * 64 + 3 * 128) + 4 * 8
+    out = bench_target_aware_scoring(hidden=32, layers=1, tokens=16, sequences=32, chunk=16)
+    assert out["candidates"] == 32 and out["candidates_per_s"] > 0 and out["gflop_per_s"] > 0
