@@ -70,3 +70,17 @@ def evaluate_models(
                 metrics.log_metric(f"{row['method']}_{key}", value)
     with open(table.path, "w") as f:
         f.write(result["markdown"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote_model(sequences: Input[Dataset], model: Input[Model], registry: str, margin: float, metrics: Output[Metrics], decision: Output[Markdown]):
+    """The gate: the new model against production on the same validation users; registered when better by `margin`."""
+    from gts_lum.evaluation.promotion import PromotionConfig, promotion_gate
+
+    result = promotion_gate(sequences.path, model.path, registry, PromotionConfig(margin=margin), uri=model.uri)
+    metrics.log_metric("promoted", float(result["promoted"]))
+    metrics.log_metric(f"candidate_{result['metric']}", result["candidate"])
+    if result["production"] is not None:
+        metrics.log_metric(f"production_{result['metric']}", result["production"])
+    with open(decision.path, "w") as f:
+        f.write(f"## Promotion gate\n\n**{'promoted' if result['promoted'] else 'not promoted'}**: {result['reason']}\n")

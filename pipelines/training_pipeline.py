@@ -17,7 +17,7 @@ from kfp import dsl, kubernetes
 from components.encoders import encode_graph, encode_tables, qformer_pretrain, semantic_ids
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
-from components.training import evaluate_models, train_gts_lum, train_model
+from components.training import evaluate_models, promote_model, train_gts_lum, train_model
 
 # Where the training task runs. Every value is a pipeline parameter's default, so a run on a CPU cluster
 # drops them from the UI: train_accelerator="" (no accelerator limit), train_node_selector={},
@@ -64,6 +64,9 @@ def training_pipeline(
     train_tolerations: list = ASCEND_TOLERATIONS,
     train_image: str = NPU_IMAGE,
     data_pvc: str = "gts-lum-data",  # manifests/base/pvc.yaml
+    # the life cycle: promote the new GTS-LUM when it beats production on validation by `promotion_margin`
+    registry: str = "runs/registry",  # a folder (local JSON registry) or the Kubeflow Model Registry's http(s) address
+    promotion_margin: float = 0.01,
 ):
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
@@ -116,6 +119,9 @@ def training_pipeline(
         baseline=floor.outputs["model"],
         eval_config=eval_config,
     ).set_display_name("evaluate")
+    promote_model(sequences=seqs.outputs["sequences"], model=lum.outputs["model"], registry=registry, margin=promotion_margin).set_display_name(
+        "promotion-gate"
+    ).set_caching_options(False)
     # Deterministic (seeded) steps are cached whatever the cluster's default: the same inputs give the
     # same artifacts. Ingest is keyed by the source's name, so a source whose contents change under the
     # same path needs a run with caching off (or a dated snapshot path).

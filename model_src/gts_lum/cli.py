@@ -81,6 +81,15 @@ def cmd_phase1(args) -> None:
     _print({k: v for k, v in summary.items() if k != "history"})
 
 
+def cmd_phase1_bench(args) -> None:
+    from gts_lum.training.phase1 import bench_phase1
+
+    result = bench_phase1(args.data, args.set, max_steps=args.steps, paper_catalog=args.paper_catalog)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "phase1.json").write_text(json.dumps(result, indent=2, default=str))
+    _print(result)
+
+
 def cmd_train(args) -> None:
     from gts_lum.config import parse_overrides
     from gts_lum.training.train import train_model
@@ -252,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     overrides(p)
     p.set_defaults(func=cmd_phase1)
+
+    p = sub.add_parser("phase1-bench", help="time phase I, report held-out alignment, and an epoch at the paper's scale")
+    p.add_argument("--data", default="synth:tiny", help="synth:NAME or a clean data set folder")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps to train and time")
+    p.add_argument("--paper-catalog", type=int, default=10_000, help="assumed catalog size of the paper's data (not published)")
+    p.add_argument("--out", default="runs/bench/phase1")
+    overrides(p)
+    p.set_defaults(func=cmd_phase1_bench)
 
     p = sub.add_parser("train", help="train a registered model on a sequence data set; saves safetensors + model.yaml")
     p.add_argument("sequences", help="output folder of `gts-lum sequences`")

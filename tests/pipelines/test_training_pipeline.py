@@ -36,9 +36,10 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
         "user_table_overrides": json.dumps({"kind": "learned", "learned": {"epochs": 2, "progress": False}}),
         "qformer_overrides": json.dumps({"max_steps": 2, "batch_size": 16, "window_batch_size": 8, "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2}}),
     }
+    params["registry"] = str(tmp_path / "registry")
     run_dir = run("training", tmp_path, params)
     steps = {p.name for p in run_dir.iterdir() if p.is_dir()}
-    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-gts-lum", "train-model", "train-model-2", "evaluate-models"} <= steps
+    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-gts-lum", "train-model", "train-model-2", "evaluate-models", "promote-model"} <= steps
     table = (run_dir / "evaluate-models" / "table").read_text()
     assert "| gts_lum |" in table and "| sasrec |" in table and "| markov |" in table and "864 candidates" in table
     evaluation = json.loads((run_dir / "evaluate-models" / "executor_output.json").read_text())
@@ -51,6 +52,10 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
     model_dir = run_dir / "train-model" / "model"
     assert (model_dir / "weights.safetensors").exists() and (model_dir / "model.yaml").exists()
     assert "Validation of" in report(run_dir)
+    # the first model meets an empty registry: promoted and registered with its metric and data version
+    assert "**promoted**" in (run_dir / "promote-model" / "decision").read_text()
+    entry = json.loads((tmp_path / "registry" / "registry.json").read_text())["versions"][0]
+    assert entry["name"] == "gts-lum" and "NDCG@10" in entry["metrics"] and entry["data_version"]
     # the encoders' artifacts: a semantic ID per behaviour and a node2vec vector per behaviour
     from gts_lum.encoders.node2vec import GraphEmbeddings
     from gts_lum.tokenizer.semantic_ids import SemanticIds

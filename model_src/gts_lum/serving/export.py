@@ -1,0 +1,314 @@
+"""The serving export: a saved GTS-LUM model, its catalog and optional label heads, in one folder.
+
+Written by `export_model`, read by `load_export` (the KServe scorer and batch scoring both score
+through the `ServingModel` it returns, so online and offline ranks cannot drift apart):
+
+    serving.yaml         name, version (default: a hash of the weights, assets and heads), the catalog's
+                         behaviour ids (catalog order), the timestamp-process settings (`sequence_config`:
+                         timezone, interval, budget, ...; Feast parity reads them), the heads, a sha256 per file
+    weights.safetensors, model.yaml, assets/   the model as `training.checkpoint.save_model` wrote it
+    heads/               optional: heads.yaml + NAME.safetensors per label head (`save_head`)
+
+Nothing is pickled: tensors are safetensors, arrays .npz read with allow_pickle=False, the rest YAML.
+The saved model does not record its behaviour ids (only their texts), so the export takes them from
+the training sequence data set (`sequences_dir`, by default the one named in model.yaml's metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from gts_lum.data.events import EventLog
+from gts_lum.evaluation.labels import LabelTask
+from gts_lum.modeling.heads import HeadsConfig, LabelHead, UpliftHead, build_head
+from gts_lum.sequence.splits import EvalSet
+from gts_lum.training.checkpoint import load_model, read_card
+
+log = logging.getLogger(__name__)
+
+SERVING_CARD = "serving.yaml"
+HEADS_DIR = "heads"
+HEADS_CARD = "heads.yaml"
+ASSET_SUFFIXES = (".npz", ".yaml", ".yml", ".json", ".safetensors", ".txt")  # never .pt / .pkl / .bin
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a KServe route segment and a file name
+
+
+# -- label heads ----------------------------------------------------------------------------------
+
+
+def save_head(folder: str | Path, task: LabelTask, head: LabelHead | UpliftHead, task_token: int | None = None) -> Path:
+    """Add one fitted head to a heads folder (NAME.safetensors + an entry in heads.yaml).
+
+    `task_token`: index of the task's learned front token in the model's `net.tasks` when the head was
+    fitted on embeddings with that token (`model.user_embeddings(..., task=i)`); None: target-agnostic.
+    """
+    if not NAME_PATTERN.match(task.name):
+        raise ValueError(f"head name {task.name!r}: use letters, digits, '_', '.', '-' (it names a file)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mlp = isinstance(head.net, torch.nn.Sequential)
+    entry = {
+        "kind": task.kind,
+        "num_classes": task.num_classes,
+        "classes": [float(c) for c in task.classes],
+        "hidden_size": int(head.input_mean.shape[0]),
+        "mlp_hidden": int(head.net[0].out_features) if mlp else 0,
+        "dropout": float(head.net[2].p) if mlp else 0.0,
+        "task_token": task_token,
+    }
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, folder / f"{task.name}.safetensors")
+    card_path = folder / HEADS_CARD
+    card = yaml.safe_load(card_path.read_text()) if card_path.exists() else {}
+    card[task.name] = entry
+    card_path.write_text(yaml.safe_dump(card, sort_keys=True))
+    return folder / f"{task.name}.safetensors"
+
+
+@dataclass
+class ServingHead:
+    task: LabelTask
+    head: LabelHead | UpliftHead
+    task_token: int | None  # front token of the user embedding it reads (None: target-agnostic)
+
+
+def load_heads(folder: str | Path) -> dict[str, ServingHead]:
+    """The heads `save_head` wrote to `folder` (an empty dict when it has none)."""
+    folder = Path(folder)
+    card_path = folder / HEADS_CARD
+    if not card_path.exists():
+        return {}
+    heads = {}
+    for name, entry in (yaml.safe_load(card_path.read_text()) or {}).items():
+        task = LabelTask(name, entry["kind"], int(entry["num_classes"]), tuple(entry["classes"]))
+        head = build_head(task, int(entry["hidden_size"]), HeadsConfig(mlp_hidden=int(entry["mlp_hidden"]), dropout=float(entry["dropout"])))
+        weights = folder / f"{name}.safetensors"
+        if not weights.exists():
+            raise FileNotFoundError(f"{card_path}: head {name!r} has no weights file {weights.name}")
+        head.load_state_dict(load_file(weights))
+        heads[name] = ServingHead(task, head.eval(), entry.get("task_token"))
+    return heads
+
+
+# -- writing the export ---------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _catalog_ids(model_dir: Path, card: dict, sequences_dir: str | Path | None) -> np.ndarray:
+    """The training log's behaviour ids: the catalog order the model's indices refer to."""
+    source = sequences_dir or card.get("metadata", {}).get("sequences")
+    if not source:
+        raise ValueError(f"{model_dir}: model.yaml names no training sequences; pass sequences_dir (the catalog's behaviour ids are read there)")
+    path = Path(source) / "event_log.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the training sequence data set is needed for the catalog's behaviour ids; pass sequences_dir")
+    with np.load(path, allow_pickle=False) as z:
+        return z["behavior_ids"].astype(str)
+
+
+def export_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    version: str | None = None,
+    heads_dir: str | Path | None = None,
+    sequences_dir: str | Path | None = None,
+    name: str | None = None,
+) -> dict:
+    """Copy the saved GTS-LUM model in `model_dir` (and the heads in `heads_dir`) into `out_dir` with
+    a serving.yaml; returns that card. `version`: default the first 12 hex digits of a sha256 over the
+    weights, assets and heads. The export is written to a temporary folder, loaded once as a check,
+    then moved into place, so a failed export leaves no half-written folder behind."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    card = read_card(model_dir)
+    if card["name"] != "gts_lum":
+        raise ValueError(f"{model_dir}: a {card['name']!r} model; the serving export takes GTS-LUM models (gts_lum)")
+    name = name or card["name"]
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"export name {name!r}: use letters, digits, '_', '.', '-'")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; export into a new folder")
+    behavior_ids = _catalog_ids(model_dir, card, sequences_dir)
+    assets = sorted(p for p in (model_dir / "assets").rglob("*") if p.is_file())
+    bad = [str(p.relative_to(model_dir)) for p in assets if p.suffix not in ASSET_SUFFIXES]
+    if bad:
+        raise ValueError(f"{model_dir}: assets {bad} are not of a safe kind {ASSET_SUFFIXES} (no pickles in an export)")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export is read by the serving user
+    try:
+        shutil.copy2(model_dir / "weights.safetensors", tmp / "weights.safetensors")
+        shutil.copy2(model_dir / "model.yaml", tmp / "model.yaml")
+        for path in assets:
+            target = tmp / path.relative_to(model_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        heads = load_heads(heads_dir) if heads_dir else {}
+        if heads_dir and not heads:
+            raise FileNotFoundError(f"{heads_dir}: no {HEADS_CARD} (write heads with gts_lum.serving.export.save_head)")
+        if heads:
+            (tmp / HEADS_DIR).mkdir()
+            for path in [Path(heads_dir) / HEADS_CARD, *(Path(heads_dir) / f"{n}.safetensors" for n in heads)]:
+                shutil.copy2(path, tmp / HEADS_DIR / path.name)
+        hashes = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        if version is None:  # model.yaml is left out: its metadata names training paths, not content
+            content = "".join(f"{k}:{v}\n" for k, v in sorted(hashes.items()) if k != "model.yaml")
+            version = hashlib.sha256(content.encode()).hexdigest()[:12]
+        model = load_model(tmp)  # the export must load as it will be served
+        catalog = model._assets["features"].descriptions
+        if len(catalog) != len(behavior_ids):
+            raise ValueError(f"the model's catalog has {len(catalog)} behaviours, the training log {len(behavior_ids)}: wrong sequences_dir?")
+        hidden = model.net.hidden_size
+        for head_name, head in heads.items():
+            if head.head.input_mean.shape[0] != hidden:
+                raise ValueError(f"head {head_name!r} reads {head.head.input_mean.shape[0]}-dim embeddings, the model gives {hidden}")
+            if head.task_token is not None and not 0 <= head.task_token < len(model.cfg.net.tasks):
+                raise ValueError(f"head {head_name!r}: task_token {head.task_token} but the model has tasks {model.cfg.net.tasks}")
+        serving = {
+            "name": name,
+            "version": str(version),
+            "model": card["name"],
+            "source": str(model_dir.resolve()),
+            "catalog": {"size": int(len(behavior_ids)), "behavior_ids": behavior_ids.tolist()},
+            "sequence_config": dataclasses.asdict(model._assets["sequence_cfg"]),
+            "rerank_depth": int(model.cfg.rerank_depth),
+            "hidden_size": int(hidden),
+            "heads": {k: {"kind": h.task.kind, "classes": list(h.task.classes)} for k, h in heads.items()},
+            "files": hashes,
+        }
+        (tmp / SERVING_CARD).write_text(yaml.safe_dump(serving, sort_keys=False))
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s version %s (%d behaviours, heads %s) -> %s", name, version, len(behavior_ids), sorted(heads) or "none", out_dir)
+    return serving
+
+
+# -- reading and scoring --------------------------------------------------------------------------
+
+
+def read_serving_card(export_dir: str | Path) -> dict:
+    path = Path(export_dir) / SERVING_CARD
+    if not path.exists():
+        raise FileNotFoundError(f"{export_dir}: no {SERVING_CARD} (not a gts-lum serving export; see `gts-lum export`)")
+    return yaml.safe_load(path.read_text())
+
+
+def history_log(user_id: str, behaviors: np.ndarray, timestamps: np.ndarray, catalog: np.ndarray) -> tuple[EventLog, EvalSet]:
+    """A one-user log of a whole history (behaviour indices, unix seconds) and the case that reads all of it.
+
+    Events are put in time order by a stable sort: events that share a timestamp keep the order they
+    were given in (the client's or the feature store's order is the truth, not a hash tie-break)."""
+    order = np.argsort(np.asarray(timestamps, np.int64), kind="stable")
+    n = len(order)
+    log_ = EventLog(
+        user_ids=np.array([user_id], dtype=object),
+        behavior_ids=catalog,
+        offsets=np.array([0, n], np.int64),
+        behavior=np.asarray(behaviors, np.int32)[order],
+        timestamp=np.asarray(timestamps, np.int64)[order],
+    )
+    last = int(log_.timestamp[-1]) if n else 0
+    return log_, EvalSet(np.zeros(1, np.int64), np.array([n], np.int64), np.zeros(1, np.int32), np.array([last], np.int64))
+
+
+class ServingModel:
+    """A loaded export: the model, its catalog and heads, and the ranking every serving path uses.
+
+    Scoring holds a lock: the model re-targets its profile table to each log it scores, so two
+    threads must not interleave inside it."""
+
+    def __init__(self, export_dir: str | Path, device: str = "cpu", rerank_depth: int | None = None):
+        self.root = Path(export_dir)
+        self.card = read_serving_card(self.root)
+        self.model = load_model(self.root, device=device)
+        self.catalog = np.asarray(self.card["catalog"]["behavior_ids"], dtype=object)
+        if len(self.catalog) != len(self.model._assets["features"].descriptions):
+            raise ValueError(f"{self.root}: serving.yaml lists {len(self.catalog)} behaviours, the model {len(self.model._assets['features'].descriptions)}")
+        self.index = {b: i for i, b in enumerate(self.catalog.tolist())}
+        if rerank_depth is not None:
+            if rerank_depth < 0:
+                raise ValueError(f"rerank_depth must be >= 0, got {rerank_depth}")
+            self.model.cfg.rerank_depth = rerank_depth
+        self.heads = load_heads(self.root / HEADS_DIR)
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def version(self) -> str:
+        return self.card["version"]
+
+    def rank(self, log_: EventLog, cases: EvalSet, candidates: np.ndarray | None = None, top_k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(B, K) candidate indices (catalog indices) and their scores, best first, K = min(top_k, C).
+
+        `candidates` given (catalog indices): every one scored target-aware (`GTSLUM.score` with the
+        re-ranking depth set to C). None: the whole catalog by the model's two-stage retrieval (agnostic
+        over all, the top `rerank_depth` re-scored target-aware). Ties keep candidate order (stable sort)."""
+        cand = np.arange(len(self.catalog), dtype=np.int64) if candidates is None else np.asarray(candidates, np.int64)
+        with self._lock:
+            depth = self.model.cfg.rerank_depth
+            if candidates is not None:
+                self.model.cfg.rerank_depth = len(cand)
+            try:
+                scores = self.model.score(log_, cases, cand)  # (B, C)
+            finally:
+                self.model.cfg.rerank_depth = depth
+        k = min(int(top_k), len(cand))
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return cand[order], np.take_along_axis(scores, order, axis=1)
+
+    def aware_threshold(self) -> float:
+        """Scores above this were re-ranked target-aware (two-stage places them above 2 x scale)."""
+        return 2.0 * float(self.model.net.scale.detach())
+
+    def head_outputs(self, log_: EventLog, cases: EvalSet, names: list[str]) -> list[dict]:
+        """Per case, {head name: outputs} of the requested heads (KeyError naming a head the export lacks)."""
+        missing = [n for n in names if n not in self.heads]
+        if missing:
+            raise KeyError(f"head(s) {missing} not in this export (it has {sorted(self.heads) or 'no heads'})")
+        out: list[dict] = [{} for _ in range(len(cases))]
+        for name in names:
+            spec = self.heads[name]
+            with self._lock:
+                emb = torch.as_tensor(self.model.user_embeddings(log_, cases, task=spec.task_token)).float()
+            if isinstance(spec.head, UpliftHead):
+                p = spec.head.predict_proba(emb).numpy()
+                values = [{"uplift": float(r[1] - r[0]), "p_control": float(r[0]), "p_treated": float(r[1])} for r in p]
+            elif spec.task.kind == "binary":
+                values = [{"probability": float(v)} for v in spec.head.predict_proba(emb).numpy()]
+            else:
+                classes = [format(c, "g") for c in spec.task.classes]
+                values = [{"probabilities": dict(zip(classes, map(float, r)))} for r in spec.head.predict_proba(emb).numpy()]
+            for row, value in zip(out, values):
+                row[name] = {"kind": spec.task.kind, **value}
+        return out
+
+
+def load_export(export_dir: str | Path, device: str = "cpu", rerank_depth: int | None = None) -> ServingModel:
+    """Load an export for scoring (`rerank_depth` overrides the model's re-ranking depth)."""
+    return ServingModel(export_dir, device, rerank_depth)

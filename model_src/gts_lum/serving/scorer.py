@@ -1,0 +1,593 @@
+"""The KServe model server of a GTS-LUM export: next-behaviour ranking and label heads for one user a request.
+
+    python -m gts_lum.serving.scorer --export runs/demo/export --host 127.0.0.1 --http-port 8080 [--feature-repo DIR]
+
+A request instance (JSON object):
+
+    {"user_id": "U000001",                                    # the history comes from Feast ...
+     "events": {"behavior_ids": [...], "timestamps": [...]},   # ... unless given inline (unix s)
+     "candidates": ["ott.video...", ...],                      # optional; absent: the whole catalog
+     "top_k": 10,                                              # optional; default 10 (catalog) / all candidates
+     "heads": ["churn"]}                                       # optional label heads of the export
+
+Its prediction: {"user_id", "model", "version", "history": {"source", "events", "dropped_unknown"},
+"ranking": [{"behavior_id", "score", "target_aware"}, ...] best first, "heads": {name: {...}}}.
+Request candidates are all scored target-aware (one decoder pass per candidate, hence --max-candidates);
+without candidates the whole catalog goes through the model's two-stage retrieval (agnostic over all,
+the top rerank_depth re-scored target-aware). Scores are `GTSLUM.score`'s: target-aware ones sit above
+the agnostic ones (`target_aware` marks them), and they equal offline scoring of the same history.
+
+Protocols (kserve's own routes):
+- v1: POST /v1/models/NAME:predict {"instances": [instance, ...]} -> {"predictions": [prediction, ...]}
+- v2 / Open Inference: POST /v2/models/NAME/infer with one input tensor, datatype BYTES (each element a
+  JSON-encoded instance) or JSON (each element an instance object); the output tensor "response" is
+  BYTES, each element a JSON-encoded prediction.
+- health: GET /v2/health/live, /v2/health/ready, /v1/models/NAME, /v2/models/NAME/ready; metrics: GET /metrics
+  (kserve's latency histograms plus gts_lum_requests_total / gts_lum_request_errors_total /
+  gts_lum_request_seconds by endpoint and status code; kserve counts no errors).
+
+Bad input is a 4xx naming the problem: 400 for malformed JSON, wrong types, unknown behaviour ids or
+heads, empty histories, too many candidates / events / instances; 404 for a user the feature store
+does not know; 413 for a body over the size limit; 422 for a v2 body that is not an inference request.
+kserve binds 0.0.0.0 and cannot be told otherwise; this server binds `--host` (127.0.0.1 by default;
+a container passes 0.0.0.0). gRPC is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
+
+import kserve
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, INFERENCE_CONTENT_LENGTH_HEADER
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.rest.server import RESTServer
+
+from gts_lum.serving.export import ServingModel, history_log, read_serving_card
+
+log = logging.getLogger(__name__)
+
+INSTANCE_KEYS = ("user_id", "events", "candidates", "top_k", "heads")
+EVENT_KEYS = ("behavior_ids", "timestamps")
+MAX_TIMESTAMP = 4_102_444_800  # 2100-01-01: beyond it a timestamp is a unit mistake (ms, ns)
+MAX_USER_ID_CHARS = 256
+
+REQUESTS = Counter("gts_lum_requests_total", "HTTP requests by endpoint and status code", ["endpoint", "code"])
+ERRORS = Counter("gts_lum_request_errors_total", "HTTP responses with status >= 400 by endpoint and status code", ["endpoint", "code"])
+LATENCY = Histogram("gts_lum_request_seconds", "HTTP request latency by endpoint", ["endpoint"])
+
+
+@dataclass
+class ScorerConfig:
+    """Limits and settings of the scorer (every limit is a 4xx when exceeded, never a crash)."""
+
+    max_candidates: int = 500  # candidates per instance (each costs a target-aware decoder pass)
+    max_events: int = 10_000  # inline history events per instance
+    max_instances: int = 32  # instances per request
+    max_top_k: int = 1000
+    max_body_bytes: int = 2_000_000  # request body (413 above it)
+    rerank_depth: int | None = None  # None: the model's own
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ScorerConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+
+
+class UnknownUser(InvalidInput):
+    """The feature store has no history for the user: a 404."""
+
+
+@dataclass
+class ScoreCase:
+    """One validated instance; `behaviors` / `timestamps` are filled from Feast when not inline."""
+
+    user_id: str | None
+    behaviors: np.ndarray | None  # (n,) catalog indices
+    timestamps: np.ndarray | None  # (n,) unix seconds
+    candidates: np.ndarray | None  # (C,) catalog indices; None: the whole catalog
+    top_k: int
+    heads: list[str]
+    source: str = "inline"
+    dropped_unknown: int = 0
+
+
+@dataclass
+class Prepared:
+    """What preprocess hands to predict: the validated cases and how to answer (v1 dict or v2 tensors)."""
+
+    protocol: str  # v1 | v2
+    cases: list[ScoreCase]
+    request_id: str | None = None
+
+
+# -- request validation --------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _string_list(value, where: str, limit: int, limit_flag: str) -> list[str]:
+    if not isinstance(value, list):
+        raise InvalidInput(f"{where}: expected a list of strings, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput(f"{where}: empty list")
+    if len(value) > limit:
+        raise InvalidInput(f"{where}: {len(value)} items, more than the limit of {limit} ({limit_flag})")
+    bad = next((i for i, v in enumerate(value) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise InvalidInput(f"{where}[{bad}]: expected a string, got {type(value[bad]).__name__}")
+    return value
+
+
+def _catalog_indices(ids: list[str], serving: ServingModel, where: str) -> np.ndarray:
+    index = serving.index
+    unknown = [i for i, b in enumerate(ids) if b not in index]
+    if unknown:
+        first = unknown[0]
+        raise InvalidInput(f"{where}: {len(unknown)} unknown behaviour id(s) not in the model's catalog, e.g. {where}[{first}]={ids[first]!r:.80}")
+    return np.fromiter((index[b] for b in ids), np.int64, len(ids))
+
+
+def parse_instance(obj, where: str, serving: ServingModel, cfg: ScorerConfig, has_feature_store: bool) -> ScoreCase:
+    """Validate one instance (see the module docstring); InvalidInput naming the field otherwise."""
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(str(k)[:40] for k in set(obj) - set(INSTANCE_KEYS))
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field(s) {unknown}; known: {list(INSTANCE_KEYS)}")
+    user_id = obj.get("user_id")
+    if user_id is not None and (not isinstance(user_id, str) or not user_id or len(user_id) > MAX_USER_ID_CHARS):
+        raise InvalidInput(f"{where}.user_id: expected a non-empty string of at most {MAX_USER_ID_CHARS} characters, got {type(user_id).__name__}")
+    behaviors = timestamps = None
+    events = obj.get("events")
+    if events is not None:
+        if not isinstance(events, dict):
+            raise InvalidInput(f"{where}.events: expected an object with behavior_ids and timestamps, got {type(events).__name__}")
+        extra = sorted(str(k)[:40] for k in set(events) - set(EVENT_KEYS))
+        if extra or any(k not in events for k in EVENT_KEYS):
+            raise InvalidInput(f"{where}.events: expected exactly the fields {list(EVENT_KEYS)}, got {sorted(str(k)[:40] for k in events)}")
+        ids = events["behavior_ids"]
+        if isinstance(ids, list) and not ids:
+            raise InvalidInput(f"{where}.events: empty history (no events to score)")
+        ids = _string_list(ids, f"{where}.events.behavior_ids", cfg.max_events, "--max-events")
+        ts = events["timestamps"]
+        if not isinstance(ts, list) or len(ts) != len(ids):
+            got = f"{len(ts)} items" if isinstance(ts, list) else type(ts).__name__
+            raise InvalidInput(f"{where}.events.timestamps: expected a list of {len(ids)} integers (one per behaviour id), got {got}")
+        bad = next((i for i, t in enumerate(ts) if not _is_int(t) or not 0 <= t < MAX_TIMESTAMP), None)
+        if bad is not None:
+            raise InvalidInput(f"{where}.events.timestamps[{bad}]: expected unix seconds as an integer in [0, {MAX_TIMESTAMP}), got {ts[bad]!r:.40}")
+        behaviors = _catalog_indices(ids, serving, f"{where}.events.behavior_ids")
+        timestamps = np.asarray(ts, np.int64)
+    elif user_id is None:
+        raise InvalidInput(f"{where}: give a user_id (history from the feature store) or inline events")
+    elif not has_feature_store:
+        raise InvalidInput(f"{where}: no inline events and this server has no feature store (--feature-repo) to read user {user_id!r} from")
+    candidates = None
+    if "candidates" in obj:
+        cand_ids = _string_list(obj["candidates"], f"{where}.candidates", cfg.max_candidates, "--max-candidates")
+        if len(set(cand_ids)) != len(cand_ids):
+            seen: set[str] = set()
+            dup = next(i for i, c in enumerate(cand_ids) if c in seen or seen.add(c))
+            raise InvalidInput(f"{where}.candidates[{dup}]: duplicate candidate {cand_ids[dup]!r:.80}")
+        candidates = _catalog_indices(cand_ids, serving, f"{where}.candidates")
+    pool = len(serving.catalog) if candidates is None else len(candidates)
+    top_k = obj.get("top_k", 10 if candidates is None else pool)  # default: 10 of the catalog, every candidate
+    if "top_k" in obj and (not _is_int(top_k) or not 1 <= top_k <= cfg.max_top_k):
+        raise InvalidInput(f"{where}.top_k: expected an integer in [1, {cfg.max_top_k}], got {top_k!r:.40}")
+    heads = obj.get("heads", [])
+    if heads:
+        heads = _string_list(heads, f"{where}.heads", 64, "at most 64 heads")
+        missing = [h for h in heads if h not in serving.heads]
+        if missing:
+            raise InvalidInput(f"{where}.heads: head {missing[0]!r:.80} is not in this export (it has {sorted(serving.heads) or 'no heads'})")
+        heads = list(dict.fromkeys(heads))
+    elif heads != []:
+        raise InvalidInput(f"{where}.heads: expected a list of head names, got {heads!r:.40}")
+    return ScoreCase(user_id, behaviors, timestamps, candidates, min(top_k, pool), heads)
+
+
+def _v2_instances(request: InferRequest) -> list:
+    """The instances carried by the one input tensor of a v2 request (BYTES: JSON strings; JSON: objects)."""
+    if len(request.inputs) != 1:
+        raise InvalidInput(f"inputs: expected exactly one input tensor carrying the request JSON, got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    where = f"inputs[0] ({str(tensor.name)[:40]!r})"
+    if tensor.datatype == "JSON":
+        if tensor._raw_data is not None or not isinstance(tensor.data, list):
+            raise InvalidInput(f"{where}: a JSON tensor carries its objects in 'data'")
+        items = tensor.data
+    elif tensor.datatype == "BYTES":
+        try:
+            items = tensor.as_numpy().ravel().tolist()
+        except Exception as err:  # shape / data mismatch, undecodable binary data
+            raise InvalidInput(f"{where}: cannot read the BYTES tensor: {err}") from None
+    else:
+        raise InvalidInput(f"{where}: datatype {tensor.datatype!r:.20}; send the request JSON as BYTES or JSON")
+    instances = []
+    for i, item in enumerate(items):
+        if isinstance(item, (bytes, str)):
+            try:
+                item = json.loads(item)
+            except (UnicodeDecodeError, ValueError) as err:
+                raise InvalidInput(f"{where}.data[{i}]: not valid JSON ({err})") from None
+        instances.append(item)
+    return instances
+
+
+# -- the KServe model ------------------------------------------------------------------------------
+
+
+class GTSLUMScorer(kserve.Model):
+    """kserve.Model over a serving export: preprocess validates and fetches histories, predict ranks."""
+
+    def __init__(self, export_dir: str | Path, feature_repo: str | Path | None = None, cfg: ScorerConfig | None = None, name: str | None = None):
+        self.export_dir = Path(export_dir)
+        self.cfg = cfg or ScorerConfig()
+        super().__init__(name or read_serving_card(self.export_dir)["name"])
+        self.feature_repo = feature_repo
+        self.serving: ServingModel | None = None
+        self.features = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def load(self) -> bool:
+        started = time.perf_counter()
+        self.serving = ServingModel(self.export_dir, self.cfg.device, self.cfg.rerank_depth)
+        if self.feature_repo:
+            from gts_lum.serving.features import FeatureClient  # lazy: the Feast side is optional
+
+            self.features = FeatureClient(self.feature_repo)
+        # one scoring thread: the event loop stays free for health checks, and the model is not re-entrant
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gts-lum-score")
+        self.ready = True
+        log.info(
+            "loaded %s version %s: %d behaviours, heads %s, feature store %s (%.1f s)",
+            self.serving.name, self.serving.version, len(self.serving.catalog), sorted(self.serving.heads) or "none",
+            self.feature_repo or "none", time.perf_counter() - started,
+        )
+        return self.ready
+
+    def validate(self, payload):
+        return payload  # preprocess validated it (kserve's own check assumes a dict)
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "request", "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "response", "datatype": "BYTES", "shape": [-1]}]
+
+    async def preprocess(self, payload, headers: dict | None = None) -> Prepared:
+        if isinstance(payload, InferRequest):
+            protocol, request_id, instances, where = "v2", payload.id, _v2_instances(payload), "inputs[0].data"
+        elif isinstance(payload, dict):
+            unknown = sorted(str(k)[:40] for k in set(payload) - {"instances"})
+            if unknown or "instances" not in payload:
+                raise InvalidInput(f"request: expected {{\"instances\": [...]}} (v1), got the field(s) {sorted(str(k)[:40] for k in payload)}")
+            protocol, request_id, instances, where = "v1", None, payload["instances"], "instances"
+            if not isinstance(instances, list):
+                raise InvalidInput(f"instances: expected a list, got {type(instances).__name__}")
+        else:
+            raise InvalidInput(f"request: expected a JSON object, got {type(payload).__name__} (is the content-type application/json?)")
+        if not instances:
+            raise InvalidInput(f"{where}: no instances")
+        if len(instances) > self.cfg.max_instances:
+            raise InvalidInput(f"{where}: {len(instances)} instances, more than the limit of {self.cfg.max_instances} (--max-instances)")
+        has_store = self.features is not None
+        cases = [parse_instance(obj, f"{where}[{i}]", self.serving, self.cfg, has_store) for i, obj in enumerate(instances)]
+        loop = asyncio.get_running_loop()
+        for i, case in enumerate(cases):
+            if case.behaviors is None:
+                await loop.run_in_executor(None, self._fetch_history, case, f"{where}[{i}]")
+        return Prepared(protocol, cases, request_id)
+
+    def _fetch_history(self, case: ScoreCase, where: str) -> None:
+        try:
+            history = self.features.get_history(case.user_id)
+        except KeyError:
+            raise UnknownUser(f"{where}.user_id: user {case.user_id!r} is not in the feature store") from None
+        ids = [str(b) for b in history["behavior_ids"]]
+        known = np.fromiter((b in self.serving.index for b in ids), bool, len(ids))
+        case.dropped_unknown = int((~known).sum())
+        if case.dropped_unknown:
+            log.warning("%s: %d feature-store events name behaviours outside the model's catalog; dropped", where, case.dropped_unknown)
+        if not known.any():
+            raise InvalidInput(f"{where}.user_id: user {case.user_id!r} has no events the model knows in the feature store (empty history)")
+        case.behaviors = np.fromiter((self.serving.index[b] for b, k in zip(ids, known) if k), np.int64)
+        case.timestamps = np.asarray(history["timestamps"], np.int64)[known]
+        case.source = "feature_store"
+
+    async def predict(self, payload: Prepared, headers: dict | None = None):
+        loop = asyncio.get_running_loop()
+        predictions = await loop.run_in_executor(self._executor, self._score_all, payload.cases)
+        if payload.protocol == "v1":
+            return {"predictions": predictions}
+        data = [json.dumps(p) for p in predictions]
+        output = InferOutput(name="response", shape=[len(data)], datatype="BYTES", data=data)
+        return InferResponse(payload.request_id or str(uuid.uuid4()), self.name, [output], model_version=self.serving.version)
+
+    def _score_all(self, cases: list[ScoreCase]) -> list[dict]:
+        return [self._score(case) for case in cases]
+
+    def _score(self, case: ScoreCase) -> dict:
+        s = self.serving
+        log_, cases = history_log(case.user_id or "", case.behaviors, case.timestamps, s.catalog)
+        idx, scores = s.rank(log_, cases, case.candidates, case.top_k)
+        threshold = s.aware_threshold()
+        prediction = {
+            "user_id": case.user_id,
+            "model": s.name,
+            "version": s.version,
+            "history": {"source": case.source, "events": int(len(case.behaviors)), "dropped_unknown": case.dropped_unknown},
+            "ranking": [
+                {"behavior_id": str(s.catalog[i]), "score": float(v), "target_aware": bool(v > threshold)} for i, v in zip(idx[0], scores[0])
+            ],
+        }
+        if case.heads:
+            prediction["heads"] = s.head_outputs(log_, cases, case.heads)[0]
+        return prediction
+
+
+# -- the HTTP server -----------------------------------------------------------------------------
+
+
+def _endpoint(path: str) -> str:
+    if path.startswith("/v1/models/") and path.endswith(":predict"):
+        return "v1_predict"
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "v2_infer"
+    if path.startswith(("/v2/health", "/v1/models", "/v2/models")) or path == "/":
+        return "health"
+    return "metrics" if path == "/metrics" else "other"
+
+
+class ServingMiddleware:
+    """ASGI middleware: counts every response (errors included) and caps the request body size.
+
+    The body is read here, at most `max_body_bytes` of it, and replayed to the app; a larger one is a
+    413 before kserve reads anything. A binary v2 request's JSON-length header must be a number that
+    fits the body (kserve would fail on it with a 500)."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint, started, status = _endpoint(scope.get("path", "")), time.perf_counter(), [500]
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if scope.get("method") in ("POST", "PUT", "PATCH"):
+                body, problem = await self._read_body(scope, receive)
+                if problem is not None:
+                    return await self._reply(counted_send, *problem)
+                replayed = False
+
+                async def replay():
+                    nonlocal replayed
+                    if replayed:
+                        return await receive()
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                return await self.app(scope, replay, counted_send)
+            return await self.app(scope, receive, counted_send)
+        finally:
+            code = str(status[0])
+            REQUESTS.labels(endpoint, code).inc()
+            if status[0] >= 400:
+                ERRORS.labels(endpoint, code).inc()
+            LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _read_body(self, scope, receive) -> tuple[bytes, tuple[int, str] | None]:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        limit = self.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return b"", (413, f"request body of {declared[:20]} bytes exceeds the limit of {limit} bytes (--max-body-bytes)")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", (400, "client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", (413, f"request body exceeds the limit of {limit} bytes (--max-body-bytes)")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
+        if json_length is not None and (not json_length.isdigit() or int(json_length) > len(body)):
+            return body, (400, f"header {INFERENCE_CONTENT_LENGTH_HEADER}={json_length[:20]!r}: expected the byte length of the JSON part (<= {len(body)})")
+        return body, None
+
+    @staticmethod
+    async def _reply(send, code: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": code, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _client_error(request, exc: InvalidInput) -> JSONResponse:
+    """A 4xx with the reason, logged as one line (kserve logs a traceback for each)."""
+    code = 404 if isinstance(exc, UnknownUser) else 400
+    log.warning("%d %s %s: %s", code, request.method, request.url.path, exc)
+    return JSONResponse(status_code=code, content={"error": str(exc)})
+
+
+class LocalRESTServer(RESTServer):
+    """kserve's REST server bound to `host` (kserve hard-codes 0.0.0.0), with `ServingMiddleware`."""
+
+    def __init__(self, host: str, max_body_bytes: int, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config.host = host
+        self.max_body_bytes = max_body_bytes
+
+    def _add_middlewares(self, app: FastAPI) -> None:
+        super()._add_middlewares(app)
+        app.add_middleware(ServingMiddleware, max_body_bytes=self.max_body_bytes)  # outermost: sees every response
+
+    def _add_exception_handlers(self, app: FastAPI) -> None:
+        super()._add_exception_handlers(app)
+        app.add_exception_handler(InvalidInput, _client_error)  # UnknownUser, a subclass, resolves here too
+
+
+class LocalModelServer(kserve.ModelServer):
+    """kserve.ModelServer whose REST server is `LocalRESTServer` (single process, no gRPC)."""
+
+    def __init__(self, host: str, http_port: int, max_body_bytes: int):
+        super().__init__(http_port=http_port, enable_grpc=False, workers=1)
+        self.host = host
+        self.max_body_bytes = max_body_bytes
+
+    def start(self, models: list) -> None:
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = LocalRESTServer(
+            self.host,
+            self.max_body_bytes,
+            FASTAPI_APP_IMPORT_STRING,
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            access_log_format=self.access_log_format,
+            grace_period=self.grace_period,
+            event_loop=self.event_loop,
+            timeout_keep_alive=self.timeout_keep_alive,
+        )
+        self.servers.append(self._rest_server.start())
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
+
+
+def serve(export_dir: str | Path, host: str = "127.0.0.1", http_port: int = 8080, feature_repo: str | Path | None = None, cfg: ScorerConfig | None = None, name: str | None = None) -> None:
+    """Load the export and serve it until SIGTERM / SIGINT (blocks)."""
+    cfg = cfg or ScorerConfig()
+    model = GTSLUMScorer(export_dir, feature_repo, cfg, name)
+    model.load()
+    LocalModelServer(host, http_port, cfg.max_body_bytes).start([model])
+
+
+# -- a server in a subprocess (tests, load bench) --------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m gts_lum.serving.scorer` started on 127.0.0.1; `stop()` ends it by its PID."""
+
+    def __init__(self, export_dir: str | Path, log_path: str | Path, feature_repo: str | Path | None = None, port: int | None = None, extra_args: list[str] | None = None, torch_threads: int = 1):
+        self.host, self.port = "127.0.0.1", port or free_port()
+        self.name = read_serving_card(export_dir)["name"]
+        self.log_path = Path(log_path)
+        cmd = [sys.executable, "-m", "gts_lum.serving.scorer", "--export", str(export_dir), "--host", self.host, "--http-port", str(self.port), "--torch-threads", str(torch_threads)]
+        if feature_repo:
+            cmd += ["--feature-repo", str(feature_repo)]
+        self._log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd + list(extra_args or []), stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Poll GET /v2/health/ready and /v1/models/NAME until both answer 200 (bounded by `timeout`)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"scorer exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}")
+            try:
+                ready = httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200
+                if ready and httpx.get(f"{self.url}/v1/models/{self.name}", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"scorer not ready within {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        self._log_file.close()
+
+
+def launch_server(export_dir: str | Path, log_path: str | Path, feature_repo: str | Path | None = None, extra_args: list[str] | None = None, ready_timeout: float = 120.0, torch_threads: int = 1) -> ServerProcess:
+    """Start the scorer in a subprocess on a free 127.0.0.1 port and wait until it is ready."""
+    server = ServerProcess(export_dir, log_path, feature_repo, extra_args=extra_args, torch_threads=torch_threads)
+    server.wait_ready(ready_timeout)
+    return server
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gts_lum.cli import add_server_arguments
+
+    p = argparse.ArgumentParser(prog="python -m gts_lum.serving.scorer", description="Serve a GTS-LUM export with KServe (v1 and v2 REST).")
+    add_server_arguments(p)
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    # per-request INFO lines of the sequence builder and profile alignment would drown the access log
+    logging.getLogger("gts_lum.sequence.timestamp_process").setLevel(logging.WARNING)
+    logging.getLogger("gts_lum.modeling.gts_lum_model").setLevel(logging.WARNING)
+    limits = ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "rerank_depth")
+    cfg = ScorerConfig(device=args.device, **{k: getattr(args, k) for k in limits if getattr(args, k) is not None})
+    serve(args.export, args.host, args.http_port, args.feature_repo, cfg, args.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run_from_args(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
