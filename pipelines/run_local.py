@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import sys
 import time
 import warnings
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     params = {**load_params(args.params), **dict(p.split("=", 1) for p in args.param)}
+    if not os.environ.get("GTS_LUM_PSEUDONYM_KEY"):
+        # Feast keys users by a keyed hash; the key is never written to a file. Without one this run
+        # makes a throw-away key: its feature store is then readable only within the run.
+        os.environ["GTS_LUM_PSEUDONYM_KEY"] = secrets.token_hex(32)
+        log.warning("GTS_LUM_PSEUDONYM_KEY is unset: using a throw-away key for this run's feature store")
     run_dir = run(args.pipeline, args.output, params)
     text = report(run_dir)
     print(text)

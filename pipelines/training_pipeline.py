@@ -17,6 +17,7 @@ from kfp import dsl, kubernetes
 from components.encoders import encode_graph, encode_tables, qformer_pretrain, semantic_ids
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
+from components.serving import export_model, publish_features
 from components.training import evaluate_models, promote_model, train_gts_lum, train_model
 
 # Where the training task runs. Every value is a pipeline parameter's default, so a run on a CPU cluster
@@ -67,6 +68,9 @@ def training_pipeline(
     # the life cycle: promote the new GTS-LUM when it beats production on validation by `promotion_margin`
     registry: str = "runs/registry",  # a folder (local JSON registry) or the Kubeflow Model Registry's http(s) address
     promotion_margin: float = 0.01,
+    # serving: Feast (the local sqlite repo by default) and the KServe export
+    feature_repo: str = "feature_repo",
+    feature_last_n: int = 512,
 ):
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
@@ -119,6 +123,10 @@ def training_pipeline(
         baseline=floor.outputs["model"],
         eval_config=eval_config,
     ).set_display_name("evaluate")
+    publish_features(clean=clean.outputs["clean"], ids=ids.outputs["ids"], feature_repo=feature_repo, last_n=feature_last_n).set_display_name(
+        "publish-features"
+    ).set_caching_options(False)
+    export_model(model=lum.outputs["model"], sequences=seqs.outputs["sequences"]).set_display_name("export-model")
     promote_model(sequences=seqs.outputs["sequences"], model=lum.outputs["model"], registry=registry, margin=promotion_margin).set_display_name(
         "promotion-gate"
     ).set_caching_options(False)

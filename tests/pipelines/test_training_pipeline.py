@@ -1,11 +1,14 @@
 """The main job through kfp.local on tiny simulated data, and the compiled YAML kept in the repository."""
 
 import json
+from pathlib import Path
 
 import yaml
 
 from pipelines.compile import COMPILED, compile_all
 from pipelines.run_local import report, run
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_compiled_yaml_matches_the_python(tmp_path):
@@ -17,7 +20,13 @@ def test_compiled_yaml_matches_the_python(tmp_path):
         assert list(yaml.safe_load_all(kept.read_text())) == list(yaml.safe_load_all(path.read_text())), f"{kept} is stale: run `make compile`"
 
 
-def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
+def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatch):
+    import shutil
+
+    
+    monkeypatch.setenv("GTS_LUM_PSEUDONYM_KEY", "pipeline-test-key")
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(REPO / "feature_repo", repo, ignore=shutil.ignore_patterns("data"))
     params = {
         "data_source": "synth:tiny",
         "model_name": "sasrec",
@@ -37,9 +46,10 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
         "qformer_overrides": json.dumps({"max_steps": 2, "batch_size": 16, "window_batch_size": 8, "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2}}),
     }
     params["registry"] = str(tmp_path / "registry")
+    params["feature_repo"] = str(repo)
     run_dir = run("training", tmp_path, params)
     steps = {p.name for p in run_dir.iterdir() if p.is_dir()}
-    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-gts-lum", "train-model", "train-model-2", "evaluate-models", "promote-model"} <= steps
+    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-gts-lum", "train-model", "train-model-2", "evaluate-models", "promote-model", "publish-features", "export-model"} <= steps
     table = (run_dir / "evaluate-models" / "table").read_text()
     assert "| gts_lum |" in table and "| sasrec |" in table and "| markov |" in table and "864 candidates" in table
     evaluation = json.loads((run_dir / "evaluate-models" / "executor_output.json").read_text())
@@ -52,6 +62,14 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request):
     model_dir = run_dir / "train-model" / "model"
     assert (model_dir / "weights.safetensors").exists() and (model_dir / "model.yaml").exists()
     assert "Validation of" in report(run_dir)
+    # the run ends serving-ready: features in Feast (online), the model exported for KServe
+    from gts_lum.serving.export import read_serving_card
+    from gts_lum.serving.features import FeatureClient
+
+    card = read_serving_card(run_dir / "export-model" / "export")
+    assert card["name"] == "gts_lum" and len(card["catalog"]["behavior_ids"]) == 1267
+    history = FeatureClient(repo).get_history("U000000")
+    assert history["behavior_ids"] and history["timestamps"] == sorted(history["timestamps"])
     # the first model meets an empty registry: promoted and registered with its metric and data version
     assert "**promoted**" in (run_dir / "promote-model" / "decision").read_text()
     entry = json.loads((tmp_path / "registry" / "registry.json").read_text())["versions"][0]

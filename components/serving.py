@@ -1,0 +1,39 @@
+"""Serving steps: publish features to Feast, export the model for KServe, batch scoring."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def publish_features(clean: Input[Dataset], ids: Input[Dataset], feature_repo: str, last_n: int, sources: Output[Dataset], summary: Output[Markdown]):
+    """Feast: export the user profile, last-N behaviour sequences and the catalog's semantic IDs; apply + materialize.
+
+    User ids are pseudonymised with the key in GTS_LUM_PSEUDONYM_KEY (a Secret on the cluster)."""
+    from gts_lum.serving.features import export_feature_sources, publish_features as publish
+
+    exported = export_feature_sources(clean.path, sources.path, ids.path, last_n=last_n)
+    published = publish(feature_repo, sources.path)
+    sources.metadata.update({k: v for k, v in {**exported, **published}.items() if isinstance(v, (int, float, str))})
+    with open(summary.path, "w") as f:
+        f.write("## Feature store\n\n")
+        f.writelines(f"- {k}: {v}\n" for k, v in {**exported, **published}.items() if isinstance(v, (int, float, str)))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def export_model(model: Input[Model], sequences: Input[Dataset], export: Output[Model]):
+    """The KServe export: safetensors weights + assets + serving.yaml (catalog, timestamp settings, version)."""
+    from gts_lum.serving.export import export_model as export_
+
+    card = export_(model.path, export.path, sequences_dir=sequences.path)
+    export.metadata.update({"name": card["name"], "version": card["version"], "catalog_size": card["catalog"]["size"]})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def batch_score(export: Input[Model], data: Input[Dataset], users: str, chunk_size: int, top_k: int, scores: Output[Dataset]):
+    """Score every user of `data` (or the comma-separated `users`) into parquet chunks; resumes after a kill."""
+    from gts_lum.serving.batch import batch_score as score
+
+    summary = score(export.path, data.path, scores.path, users=[u for u in users.split(",") if u] or None, chunk_size=chunk_size, top_k=top_k, progress=False)
+    scores.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})

@@ -1,0 +1,29 @@
+"""The batch-scoring pipeline: an exported model (KServe's export) scores every user of a data set.
+
+    ingest -> validate -> batch-score(export)     the export comes in through a dsl.importer (its URI)
+"""
+
+from kfp import dsl
+from kfp.dsl import Model
+
+from components.ingest import ingest, validate
+from components.serving import batch_score
+
+
+@dsl.pipeline(name="gts-lum-batch-scoring", description="GTS-LUM: score all users (or a list) with an exported model; writes parquet.")
+def batch_scoring_pipeline(
+    export_uri: str = "runs/export",  # the exported model: a local folder, or its object-store / PVC URI on a cluster
+    data_source: str = "synth:demo",
+    mapping: str = "",
+    synth_overrides: str = "{}",
+    validation_overrides: str = "{}",
+    users: str = "",  # comma-separated user ids; empty: every user
+    chunk_size: int = 256,
+    top_k: int = 10,
+):
+    export = dsl.importer(artifact_uri=export_uri, artifact_class=Model, reimport=False).set_display_name("exported-model")
+    raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
+    clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
+    batch_score(
+        export=export.output, data=clean.outputs["clean"], users=users, chunk_size=chunk_size, top_k=top_k
+    ).set_display_name("batch-score").set_caching_options(False)
