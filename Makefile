@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench compile clean
+.PHONY: demo test bench load-bench compile clean
 
 $(BIN)/gts-lum: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,12 +18,23 @@ demo: $(BIN)/gts-lum
 test: $(BIN)/gts-lum
 	$(BIN)/pytest -q
 
-# The figures of BENCHMARKS.md (reads ../shared/data; tens of minutes on 2 cores).
+# The figures of BENCHMARKS.md (reads ../shared/data; hours on 2 cores: the GTS-LUM tables dominate).
 bench: $(BIN)/gts-lum
 	$(BIN)/gts-lum speed --out runs/bench/speed
+	$(BIN)/gts-lum phase1-bench --steps 100 --out runs/bench/phase1
 	$(BIN)/gts-lum bench --config movielens --out runs/bench/movielens
 	$(BIN)/gts-lum bench --config synth --out runs/bench/synth
 	$(BIN)/gts-lum table-auc --out runs/bench/table_auc
+	$(BIN)/gts-lum bench --config gts_lum_movielens --out runs/bench/gts_lum_movielens
+	$(BIN)/gts-lum bench --config gts_lum_synth --out runs/bench/gts_lum_synth
+
+# Serving load on loopback with the model `make demo` trained (run `make demo` first).
+load-bench: $(BIN)/gts-lum
+	rm -rf runs/export
+	$(BIN)/gts-lum export $$(ls -d runs/demo/local_outputs/*/ | tail -1)train-gts-lum/model --out runs/export \
+	    --sequences $$(ls -d runs/demo/local_outputs/*/ | tail -1)build-sequences/sequences
+	$(BIN)/gts-lum load-bench runs/export --requests 100 --concurrency 1 --out runs/bench/load_c1
+	$(BIN)/gts-lum load-bench runs/export --requests 200 --concurrency 4 --out runs/bench/load_c4
 
 compile: $(BIN)/gts-lum
 	$(BIN)/python -m pipelines.compile
