@@ -1,7 +1,7 @@
 """Training and evaluation steps: GTS-LUM (phase II over the encoders' artifacts), baselines, evaluation."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -32,6 +32,7 @@ def train_gts_lum(
     device: str,
     model: Output[Model],
     metrics: Output[Metrics],
+    curve: Output[HTML],
 ):
     """Phase II: the target-aware decoder over the phase-I Q-former, the semantic IDs and the business encoders."""
     import json
@@ -41,11 +42,15 @@ def train_gts_lum(
 
     artifacts = {"artifacts": {"semantic_ids": ids.path, "graph": graph.path, "tables": tables.path, "qformer": qformer.path}}
     overrides = deep_merge(json.loads(model_overrides or "{}"), artifacts)
+    from gts_lum.evaluation.plots import training_curve_html
+
     stats = train(sequences.path, "gts_lum", model_config or None, overrides, model.path, device=device)
     model.metadata.update({"model": "gts_lum", **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
     for key, value in stats.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)
+    with open(curve.path, "w") as f:
+        f.write(training_curve_html(stats["history"], "GTS-LUM phase II"))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

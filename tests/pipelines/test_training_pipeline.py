@@ -56,6 +56,7 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
     metrics = evaluation["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert 0.0 < metrics["markov_R@200"] <= 1.0 and metrics["sasrec_NDCG@10"] >= 0.0 and metrics["gts_lum_R@200"] > 0.0
     # GTS-LUM was trained over the real artifacts: its saved assets carry the semantic IDs' codebooks
+    assert "data:image/png;base64," in (run_dir / "train-gts-lum" / "curve").read_text()  # the training curve for the UI
     lum_card = yaml.safe_load((run_dir / "train-gts-lum" / "model" / "model.yaml").read_text())
     assert lum_card["config"]["artifacts"]["qformer"].endswith("qformer")
     # the trained model is a safetensors file with its config beside it, never a pickle
