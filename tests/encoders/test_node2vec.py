@@ -286,3 +286,11 @@ def test_stage_reads_training_events_only(tmp_path):
     assert summary["origins"] == {"node2vec": 3, "family_mean": 3, "zeros": 0}
     with pytest.raises(ValueError, match="fallback_column='segment'"):
         run_graph_encoder(tmp_path / "seq", tmp_path / "out2", overrides={"node2vec": {"fallback_column": "segment"}})
+
+
+def test_auto_fallback_column_works_on_a_catalog_without_families(cycle_data, tmp_path):
+    # the cycle catalog has only behavior_id + description: "auto" falls back to zeros instead of failing
+    overrides = {"node2vec": {"walk": {"walks_per_node": 2, "walk_length": 5}, "skipgram": {"dim": 8, "epochs": 1}}}
+    summary = run_graph_encoder(cycle_data.root, tmp_path / "out", overrides=overrides)
+    origins = summary["origins"]  # hourly events never share an interval: no edges, every vector a fallback
+    assert origins["family_mean"] == 0 and origins["zeros"] == 9

@@ -66,6 +66,7 @@ from gts_lum.encoders.cooccurrence import CooccurrenceConfig, CooccurrenceGraph,
 
 logger = logging.getLogger(__name__)
 
+AUTO_FALLBACK_COLUMNS = ("family", "category", "type")
 FALLBACKS = ("family_mean", "zeros")
 ORIGINS = ("node2vec", "family_mean", "zeros")  # `GraphEmbeddings.origin` codes
 
@@ -116,7 +117,9 @@ class Node2VecConfig:
     walk: WalkConfig = field(default_factory=WalkConfig)
     skipgram: SkipGramConfig = field(default_factory=SkipGramConfig)
     fallback: str = "family_mean"  # vectors of behaviours no walk visits: one of FALLBACKS
-    fallback_column: str = "family"  # behaviours-table column whose groups `family_mean` averages over
+    # behaviours-table column whose groups `family_mean` averages over; "auto": the first of
+    # AUTO_FALLBACK_COLUMNS the table has (none: zeros), so the default works on any catalog
+    fallback_column: str = "auto"
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -367,12 +370,16 @@ def run_graph_encoder(
     groups = None
     if cfg.node2vec.fallback == "family_mean":
         behaviors = data.behaviors()
-        if cfg.node2vec.fallback_column not in behaviors:
+        column = cfg.node2vec.fallback_column
+        if column == "auto":
+            column = next((c for c in AUTO_FALLBACK_COLUMNS if c in behaviors), None)
+            logger.info("node2vec fallback for unvisited behaviours: %s", f"mean of their {column!r} group" if column else "zeros (no family column)")
+        if column is not None and column not in behaviors:
             raise ValueError(
-                f"node2vec.fallback_column={cfg.node2vec.fallback_column!r} is not a column of the behaviours table "
+                f"node2vec.fallback_column={column!r} is not a column of the behaviours table "
                 f"{list(behaviors.columns)}: name another column or set node2vec.fallback=zeros"
             )
-        groups = behaviors[cfg.node2vec.fallback_column].to_numpy()
+        groups = None if column is None else behaviors[column].to_numpy()
     graph = build_cooccurrence_graph(data.split().train, cfg.graph)
     embeddings = fit_graph_embeddings(graph, cfg.node2vec, groups)
     graph.save(out_dir)
