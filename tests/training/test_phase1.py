@@ -162,6 +162,10 @@ def test_build_windows_falls_back_to_a_column():
     assert w.source == "column:family" and len(w) == 9 and w.texts[0] == "voice"
     with pytest.raises(ValueError, match="text_column 'genres'"):
         build_windows(log, table, None, WindowConfig(size=4, text_column="genres"))
+    # auto: a family column when there is one, else the descriptions (a MovieLens-like catalog has neither)
+    assert build_windows(log, table, None, WindowConfig(size=4)).source == "column:family"
+    plain = pd.DataFrame({"behavior_id": table["behavior_id"], "description": [f"movie {i}" for i in range(16)], "type": "movie"})
+    assert build_windows(log, plain, None, WindowConfig(size=4)).source == "column:description"
 
 
 def _cfg(**kw) -> Phase1Config:

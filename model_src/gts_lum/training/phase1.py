@@ -56,6 +56,7 @@ from gts_lum.training.device import device_info, select_device
 
 log = logging.getLogger(__name__)
 
+AUTO_TEXT_COLUMNS = ("family", "category", "genres", "type")
 WINDOW_TEXTS = ("auto", "scenarios", "column")
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = ("max_steps", "device", "save_every", "keep_checkpoints", "eval_every")
@@ -75,7 +76,9 @@ class LossWeights:
 class WindowConfig:
     size: int = 16  # K behaviours per window (<= qformer.max_window)
     text: str = "auto"  # auto (scenarios where the data set has them, else column) | scenarios | column
-    text_column: str = "family"  # behaviours-table column whose frequent values describe a window
+    # behaviours-table column whose frequent values describe a window; "auto": the first of
+    # AUTO_TEXT_COLUMNS with more than one value (else the descriptions), so any catalog works
+    text_column: str = "auto"
     top_values: int = 3  # values named in a built description
     value_separator: str = "|"  # multi-valued cells, e.g. MovieLens genres "Action|Comedy"
     min_behaviors: int = 2  # shorter windows are dropped
@@ -224,13 +227,17 @@ def build_windows(train: EventLog, behaviors: pd.DataFrame, scenarios: pd.DataFr
         if scenarios is None:
             raise ValueError("windows.text=scenarios but the data set has no scenarios table")
         return scenario_windows(train, scenarios, cfg.size, cfg.min_behaviors)
-    if cfg.text_column not in behaviors.columns:
-        raise ValueError(f"windows.text_column {cfg.text_column!r} is not a behaviours-table column (have {list(behaviors.columns)})")
+    column = cfg.text_column
+    if column == "auto":
+        column = next((c for c in AUTO_TEXT_COLUMNS if c in behaviors.columns and behaviors[c].nunique() > 1), "description")
+        log.info("window texts from the behaviours' %r column", column)
+    if column not in behaviors.columns:
+        raise ValueError(f"windows.text_column {column!r} is not a behaviours-table column (have {list(behaviors.columns)})")
     if len(behaviors) != train.num_behaviors:
         raise ValueError(f"behaviours table has {len(behaviors)} rows, the event log's catalog {train.num_behaviors}")
     windows, mask, users = consecutive_windows(train, cfg.size, cfg.min_behaviors)
-    texts = describe_windows(windows, mask, behaviors[cfg.text_column], cfg.top_values, cfg.value_separator)
-    return WindowSet(windows, mask, texts, users, f"column:{cfg.text_column}")
+    texts = describe_windows(windows, mask, behaviors[column], cfg.top_values, cfg.value_separator)
+    return WindowSet(windows, mask, texts, users, f"column:{column}")
 
 
 # -- losses ----------------------------------------------------------------------------------------
