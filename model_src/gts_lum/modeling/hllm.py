@@ -29,8 +29,6 @@ change. Items are length-sorted into chunks of `item_batch` so little compute go
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -43,8 +41,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gts_lum.data.events import EventLog
-from gts_lum.evaluation.protocol import EvalConfig, evaluate
-from gts_lum.modeling.baselines import check_catalog, validation_metric
+from gts_lum.evaluation.protocol import EvalConfig
+from gts_lum.modeling.baselines import check_catalog
 from gts_lum.modeling.qformer import DEFAULT_TOKENIZER, TextTokenizer
 from gts_lum.sequence.splits import EvalSet, Split
 from gts_lum.training.device import device_info, select_device
@@ -54,7 +52,6 @@ from gts_lum.training.sequential import (
     SequentialTrainConfig,
     left_padded,
     sampled_softmax_loss,
-    training_windows,
 )
 
 log = logging.getLogger(__name__)
@@ -277,7 +274,7 @@ class HLLM(SequentialRecommender):
 
     # -- training --------------------------------------------------------------------------------------
 
-    def _step_loss(self, tokens: torch.Tensor, num_tokens: int, log_q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    def _step_loss(self, tokens: torch.Tensor, times: torch.Tensor, num_tokens: int, log_q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
         """InfoNCE of one batch of (B, L + 1) windows; the item LLM runs once per distinct item."""
         tc = self.train_cfg
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -294,78 +291,10 @@ class HLLM(SequentialRecommender):
             h, slot[n_in : n_in + n_pos], slot[n_in + n_pos :], table, None if log_q is None else log_q[uniq], tc.temperature
         )
 
-    def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None) -> dict:
-        """Train both LLMs on `split.train`, keep the epoch best on `split.valid`; returns training statistics."""
-        tc = self.train_cfg
-        if tc.full_softmax:
-            raise ValueError("HLLMConfig.train.full_softmax is not supported: every step would run the item LLM over the whole catalog")
-        if tc.num_negatives + tc.in_batch_negatives <= 0:
-            raise ValueError("train.num_negatives + train.in_batch_negatives must be positive")
-        if tc.max_len < 1 or tc.batch_size < 1:
-            raise ValueError(f"train.max_len and train.batch_size must be >= 1, got {tc.max_len}, {tc.batch_size}")
-        torch.manual_seed(tc.seed)
-        gen = torch.Generator().manual_seed(tc.seed)
-        rng = np.random.default_rng(tc.seed)
-        self.device = select_device(tc.device)
-        self.amp_dtype = device_info(self.device).amp_dtype
-        train = split.train
-        num_tokens = train.num_behaviors + 1
-        self.encoder = self.build_encoder(train.num_behaviors).to(self.device)
-        self._catalog = None
-        optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        log_q = self._log_q(train, num_tokens)
-        starts, ends = training_windows(train, tc.max_len)
-        if len(starts) == 0:
-            raise ValueError("split.train has no user with two or more events: nothing to learn a next event from")
-        num_params = sum(p.numel() for p in self.encoder.parameters())
-        log.info("%s: %d parameters, %d training windows, device %s", self.name, num_params, len(starts), self.device)
+    def _weights_changed(self) -> None:
+        self._catalog = None  # the cached catalog embeddings came from the old weights
 
-        best, best_state, best_epoch, bad_epochs = -math.inf, None, -1, 0
-        history = []
-        t_start = time.perf_counter()
-        for epoch in range(tc.epochs):
-            self.encoder.train()
-            order = rng.permutation(len(starts))[: tc.windows_per_epoch]
-            t_epoch, loss_sum, steps = time.perf_counter(), 0.0, 0
-            bar = tqdm(range(0, len(order), tc.batch_size), desc=f"{self.name} epoch {epoch}", leave=False, disable=None)
-            for lo in bar:
-                idx = order[lo : lo + tc.batch_size]
-                tokens = torch.from_numpy(left_padded(train, starts[idx], ends[idx], tc.max_len + 1)[0]).to(self.device)
-                loss = self._step_loss(tokens, num_tokens, log_q, gen)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip:
-                    nn.utils.clip_grad_norm_(self.encoder.parameters(), tc.grad_clip)
-                optimizer.step()
-                self._catalog = None
-                loss_sum, steps = loss_sum + loss.item(), steps + 1
-                bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
-            seq_per_s = len(order) / max(time.perf_counter() - t_epoch, 1e-9)
-            metrics = evaluate(self, split.log, split.valid, candidates, eval_cfg, desc=f"{self.name} valid")
-            value = validation_metric(metrics, tc.select_metric)
-            history.append({"epoch": epoch, "loss": loss_sum / steps, "seq_per_s": seq_per_s, f"valid_{tc.select_metric}": value})
-            improved = value > best
-            if improved:
-                best, best_epoch, bad_epochs = value, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
-            else:
-                bad_epochs += 1
-            log.info(
-                "%s epoch %d: loss %.4f, %.0f seq/s, valid %s %.4f%s",
-                self.name, epoch, loss_sum / steps, seq_per_s, tc.select_metric, value, " (best)" if improved else "",
-            )
-            if bad_epochs >= tc.patience:
-                log.info("%s: early stop after epoch %d (best epoch %d)", self.name, epoch, best_epoch)
-                break
-        self.encoder.load_state_dict(best_state)
-        self.encoder.eval()
-        self._catalog = None
-        return {
-            "epochs": len(history),
-            "best_epoch": best_epoch,
-            f"valid_{tc.select_metric}": best,
-            "train_seconds": time.perf_counter() - t_start,
-            "num_parameters": num_params,
-            "device": str(self.device),
-            "history": history,
-        }
+    def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None) -> dict:
+        if self.train_cfg.full_softmax:
+            raise ValueError("HLLMConfig.train.full_softmax is not supported: every step would run the item LLM over the whole catalog")
+        return super().fit(split, eval_cfg, candidates)

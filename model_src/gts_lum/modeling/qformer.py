@@ -43,6 +43,7 @@ precede the recent, uncompressed behaviours b^F in the decoder's input.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -345,7 +346,7 @@ class BehaviorSide:
         return BehaviorSide(self.items[idx], self.item_pad[idx], pick(self.memory), pick(self.memory_pad))
 
 
-class BehaviorAdapter(nn.Module):
+class BehaviorAdapter(nn.Module, abc.ABC):
     """What the decoder needs from an adapter: b^F of catalog behaviours, and compressed windows.
 
     Holds the catalog's features as non-persistent buffers (`set_catalog`): the weights file stays
@@ -360,32 +361,33 @@ class BehaviorAdapter(nn.Module):
         return next(self.parameters()).device
 
     @property
+    @abc.abstractmethod
     def compressed_tokens(self) -> int:
         """Q_c: decoder tokens per compressed window."""
-        raise NotImplementedError
 
     @property
     def modalities_used(self) -> list[str]:
         return list(self.spec.business_dims)
 
+    @abc.abstractmethod
     def set_catalog(self, features: BehaviorFeatures) -> None:
-        raise NotImplementedError
+        """Hold the catalog's features (non-persistent buffers) and check them against the spec."""
 
     def fuse(self, behavior_idx: torch.Tensor) -> torch.Tensor:
         """(B,) catalog indices -> (B, decoder_hidden_size) fused behaviour embeddings b^F."""
         return self.project(self.unprojected(behavior_idx))
 
+    @abc.abstractmethod
     def unprojected(self, behavior_idx: torch.Tensor) -> torch.Tensor:
         """(B,) -> (B, D_a): b^F before the decoder projection (what a frozen adapter caches)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The linear projection to the decoder width (trained in phase II, also when the rest is frozen)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def compress(self, windows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(W, K) catalog indices (+ (W, K) bool mask of real entries) -> (W, Q_c, decoder_hidden_size)."""
-        raise NotImplementedError
 
     def _catalog_buffer(self, name: str, array: np.ndarray) -> None:
         self.register_buffer(name, torch.as_tensor(array).to(self.device), persistent=False)

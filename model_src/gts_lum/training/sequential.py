@@ -233,6 +233,25 @@ class SequentialRecommender:
             parts.append(targets[pick])
         return torch.cat(parts)
 
+    def _weights_changed(self) -> None:
+        """Called after every change of the weights: models that cache derived tensors drop them here."""
+
+    def _step_loss(self, tokens: torch.Tensor, times: torch.Tensor, num_tokens: int, log_q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+        """Loss of one batch of (B, L + 1) left-padded windows (tokens and unix seconds): next event at every position."""
+        tc = self.train_cfg
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        with self._autocast():
+            hidden = self.encoder(inputs, times[:, :-1])  # (B, L, D)
+        has_target = inputs != PAD  # left padding: a real input always has a real next event
+        h = hidden[has_target].float()
+        pos = targets[has_target]
+        if tc.l2_norm:
+            h = F.normalize(h, dim=-1)
+        table = self._output_table().float()
+        if tc.full_softmax:
+            return F.cross_entropy(h @ table[1:].T / tc.temperature, pos - 1)  # (P, V - 1) logits
+        return sampled_softmax_loss(h, pos, self._negatives(pos, num_tokens, gen), table, log_q, tc.temperature)
+
     def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None) -> dict:
         """Train on `split.train`, select the epoch on `split.valid`; returns training statistics."""
         tc = self.train_cfg
@@ -248,6 +267,7 @@ class SequentialRecommender:
         train = split.train
         num_tokens = train.num_behaviors + 1
         self.encoder = self.build_encoder(train.num_behaviors).to(self.device)
+        self._weights_changed()
         optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         log_q = self._log_q(train, num_tokens)
         starts, ends = training_windows(train, tc.max_len)
@@ -267,26 +287,13 @@ class SequentialRecommender:
             for lo in bar:
                 idx = order[lo : lo + tc.batch_size]
                 tokens, times = left_padded(train, starts[idx], ends[idx], tc.max_len + 1)
-                tokens = torch.from_numpy(tokens).to(self.device)
-                times = torch.from_numpy(times).to(self.device)
-                inputs, targets = tokens[:, :-1], tokens[:, 1:]
-                with self._autocast():
-                    hidden = self.encoder(inputs, times[:, :-1])  # (B, L, D)
-                has_target = inputs != PAD  # left padding: a real input always has a real next event
-                h = hidden[has_target].float()
-                pos = targets[has_target]
-                if tc.l2_norm:
-                    h = F.normalize(h, dim=-1)
-                table = self._output_table().float()
-                if tc.full_softmax:
-                    loss = F.cross_entropy(h @ table[1:].T / tc.temperature, pos - 1)  # (P, V - 1) logits
-                else:
-                    loss = sampled_softmax_loss(h, pos, self._negatives(pos, num_tokens, gen), table, log_q, tc.temperature)
+                loss = self._step_loss(torch.from_numpy(tokens).to(self.device), torch.from_numpy(times).to(self.device), num_tokens, log_q, gen)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip:
                     nn.utils.clip_grad_norm_(self.encoder.parameters(), tc.grad_clip)
                 optimizer.step()
+                self._weights_changed()
                 loss_sum, steps = loss_sum + loss.item(), steps + 1
                 bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
             seq_per_s = len(order) / max(time.perf_counter() - t_epoch, 1e-9)
@@ -308,6 +315,7 @@ class SequentialRecommender:
                 break
         self.encoder.load_state_dict(best_state)
         self.encoder.eval()
+        self._weights_changed()
         return {
             "epochs": len(history),
             "best_epoch": best_epoch,
