@@ -22,11 +22,11 @@ def publish_features(clean: Input[Dataset], ids: Input[Dataset], feature_repo: s
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def export_model(model: Input[Model], sequences: Input[Dataset], export: Output[Model]):
-    """The KServe export: safetensors weights + assets + serving.yaml (catalog, timestamp settings, version)."""
+def export_model(model: Input[Model], heads: Input[Model], sequences: Input[Dataset], export: Output[Model]):
+    """The KServe export: safetensors weights + assets + label heads + serving.yaml (catalog, timestamp settings, version)."""
     from gts_lum.serving.export import export_model as export_
 
-    card = export_(model.path, export.path, sequences_dir=sequences.path)
+    card = export_(model.path, export.path, heads_dir=heads.path, sequences_dir=sequences.path)
     export.metadata.update({"name": card["name"], "version": card["version"], "catalog_size": card["catalog"]["size"]})
 
 

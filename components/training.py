@@ -78,6 +78,51 @@ def evaluate_models(
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def label_tasks(
+    model: Input[Model],
+    sequences: Input[Dataset],
+    clean: Input[Dataset],
+    heads_config: str,
+    heads_overrides: str,
+    labelled: Output[Model],
+    heads: Output[Model],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+    qini: Output[HTML],
+):
+    """Label tasks (churn, plan change, campaign uplift): a task token tuned through the frozen decoder and a
+    head per task, evaluated on held-out users against the table baselines; the model with its tuned
+    tokens and the heads go on to the export. A data set without labels passes the model through."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from gts_lum.config import load_config
+    from gts_lum.evaluation.plots import as_html
+    from gts_lum.modeling.heads import HeadsConfig
+    from gts_lum.training.task_tokens import run_label_stage
+
+    cfg = load_config(HeadsConfig, heads_config, json.loads(heads_overrides or "{}"))
+    work = Path(tempfile.mkdtemp())
+    results = run_label_stage(model.path, sequences.path, clean.path, work, cfg)
+    shutil.copytree(work / "model", labelled.path)
+    shutil.copytree(work / "heads", heads.path)
+    labelled.metadata.update({"label_tasks": ",".join(results["tasks"])})
+    for name, entry in results["tasks"].items():
+        for scorer, values in entry["metrics"].items():
+            for metric, value in values.items():
+                if not metric.endswith("_std"):
+                    metrics.log_metric(f"{name}.{scorer}.{metric}", float(value))
+    with open(report.path, "w") as f:
+        f.write("## Label tasks (held-out users)\n\n" + (work / "labels.md").read_text())
+    pngs = sorted(work.glob("qini_*.png"))
+    pages = [as_html(p.read_bytes(), p.stem.removeprefix("qini_")) for p in pngs] or ["<html><body>No uplift task in this data set.</body></html>"]
+    with open(qini.path, "w") as f:
+        f.write("\n".join(pages))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def promote_model(sequences: Input[Dataset], model: Input[Model], registry: str, margin: float, metrics: Output[Metrics], decision: Output[Markdown]):
     """The gate: the new model against production on the same validation users; registered when better by `margin`."""
     from gts_lum.evaluation.promotion import PromotionConfig, promotion_gate

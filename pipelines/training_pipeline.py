@@ -18,7 +18,7 @@ from components.encoders import encode_graph, encode_tables, qformer_pretrain, s
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
 from components.serving import export_model, publish_features
-from components.training import evaluate_models, promote_model, train_gts_lum, train_model
+from components.training import evaluate_models, label_tasks, promote_model, train_gts_lum, train_model
 
 # Where the training task runs. Every value is a pipeline parameter's default, so a run on a CPU cluster
 # drops them from the UI: train_accelerator="" (no accelerator limit), train_node_selector={},
@@ -65,6 +65,9 @@ def training_pipeline(
     train_tolerations: list = ASCEND_TOLERATIONS,
     train_image: str = NPU_IMAGE,
     data_pvc: str = "gts-lum-data",  # manifests/base/pvc.yaml
+    # label tasks (task tokens + heads on the GTS-LUM user embedding), from the data set's labels table
+    heads_config: str = "pkg:heads/default.yaml",
+    heads_overrides: str = "{}",
     # the life cycle: promote the new GTS-LUM when it beats production on validation by `promotion_margin`
     registry: str = "runs/registry",  # a folder (local JSON registry) or the Kubeflow Model Registry's http(s) address
     promotion_margin: float = 0.01,
@@ -126,7 +129,11 @@ def training_pipeline(
     publish_features(clean=clean.outputs["clean"], ids=ids.outputs["ids"], feature_repo=feature_repo, last_n=feature_last_n).set_display_name(
         "publish-features"
     ).set_caching_options(False)
-    export_model(model=lum.outputs["model"], sequences=seqs.outputs["sequences"]).set_display_name("export-model")
+    labels = label_tasks(
+        model=lum.outputs["model"], sequences=seqs.outputs["sequences"], clean=clean.outputs["clean"], heads_config=heads_config, heads_overrides=heads_overrides
+    ).set_display_name("label-tasks")
+    labels.set_caching_options(False)
+    export_model(model=labels.outputs["labelled"], heads=labels.outputs["heads"], sequences=seqs.outputs["sequences"]).set_display_name("export-model")
     promote_model(sequences=seqs.outputs["sequences"], model=lum.outputs["model"], registry=registry, margin=promotion_margin).set_display_name(
         "promotion-gate"
     ).set_caching_options(False)

@@ -136,6 +136,18 @@ def cmd_speed(args) -> None:
     _print(run_speed_benchmarks(args.what.split(","), args.out, quick=args.quick))
 
 
+def cmd_labels(args) -> None:
+    from gts_lum.config import load_config
+    from gts_lum.evaluation.labels import format_label_table
+    from gts_lum.modeling.heads import HeadsConfig
+    from gts_lum.training.task_tokens import run_label_stage
+
+    cfg = load_config(HeadsConfig, args.config, args.set)
+    results = run_label_stage(args.model, args.sequences, args.clean, args.out, cfg)
+    print(format_label_table(results))
+    print(f"heads: {Path(args.out) / 'heads'}  model with task tokens: {Path(args.out) / 'model'}")
+
+
 def cmd_export(args) -> None:
     from gts_lum.serving.export import export_model
 
@@ -305,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/speed")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.set_defaults(func=cmd_speed)
+
+    p = sub.add_parser("labels", help="label tasks of a saved GTS-LUM: tune task tokens, fit heads, report vs table baselines, save")
+    p.add_argument("model", help="a saved GTS-LUM model folder")
+    p.add_argument("--sequences", required=True, help="the sequence data set whose event log holds the users' histories")
+    p.add_argument("--clean", required=True, help="the validated data set with the labels (and users) tables")
+    p.add_argument("--config", default="pkg:heads/default.yaml")
+    p.add_argument("--out", required=True)
+    overrides(p)
+    p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("export", help="serving export of a saved GTS-LUM model: weights, assets, catalog ids, heads, serving.yaml")
     p.add_argument("model", help="a saved GTS-LUM model folder (`gts-lum train --model gts_lum`)")

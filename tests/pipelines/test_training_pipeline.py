@@ -43,13 +43,14 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
         "graph_overrides": json.dumps({"node2vec": {"walk": {"walks_per_node": 2, "walk_length": 10}, "skipgram": {"epochs": 1, "dim": 16}}}),
         "behavior_table_overrides": json.dumps({"kind": "learned", "learned": {"epochs": 2, "progress": False}}),
         "user_table_overrides": json.dumps({"kind": "learned", "learned": {"epochs": 2, "progress": False}}),
+        "heads_overrides": json.dumps({"task_token": {"epochs": 2}, "train": {"epochs": 40}}),
         "qformer_overrides": json.dumps({"max_steps": 2, "batch_size": 16, "window_batch_size": 8, "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2}}),
     }
     params["registry"] = str(tmp_path / "registry")
     params["feature_repo"] = str(repo)
     run_dir = run("training", tmp_path, params)
     steps = {p.name for p in run_dir.iterdir() if p.is_dir()}
-    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-gts-lum", "train-model", "train-model-2", "evaluate-models", "promote-model", "publish-features", "export-model"} <= steps
+    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-gts-lum", "train-model", "train-model-2", "evaluate-models", "promote-model", "publish-features", "label-tasks", "export-model"} <= steps
     table = (run_dir / "evaluate-models" / "table").read_text()
     assert "| gts_lum |" in table and "| sasrec |" in table and "| markov |" in table and "864 candidates" in table
     evaluation = json.loads((run_dir / "evaluate-models" / "executor_output.json").read_text())
@@ -69,6 +70,10 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
 
     card = read_serving_card(run_dir / "export-model" / "export")
     assert card["name"] == "gts_lum" and len(card["catalog"]["behavior_ids"]) == 1267
+    # the label tasks' heads, each on its tuned task token, travel with the export
+    assert {"churn", "campaign_response"} <= set(card["heads"])
+    assert "| churn | binary |" in (run_dir / "label-tasks" / "report").read_text()
+    assert "data:image/png;base64," in (run_dir / "label-tasks" / "qini").read_text()
     history = FeatureClient(repo).get_history("U000000")
     assert history["behavior_ids"] and history["timestamps"] == sorted(history["timestamps"])
     # the first model meets an empty registry: promoted and registered with its metric and data version

@@ -48,6 +48,7 @@ KINDS = ("binary", "multiclass", "uplift")
 LABEL_COLUMNS = ("user_id", "task", "label")
 RANDOM_DRAWS = 100  # random-score draws behind the floor's mean and spread
 EmbedFn = Callable[[np.ndarray, "LabelTask"], np.ndarray]
+TuneFn = Callable[["LabelTask", np.ndarray, np.ndarray, "np.ndarray | None"], dict]
 
 
 @dataclass(frozen=True)
@@ -252,19 +253,33 @@ def _embed(embed_users: EmbedFn, ids: np.ndarray, task: LabelTask) -> torch.Tens
     return emb.float()
 
 
-def evaluate_label_tasks(embed_users: EmbedFn, clean_dir: str | Path, cfg: HeadsConfig, seed: int = 0) -> dict:
+def evaluate_label_tasks(
+    embed_users: EmbedFn, clean_dir: str | Path, cfg: HeadsConfig, seed: int = 0, tune: TuneFn | None = None,
+    known_users: np.ndarray | None = None, on_head: Callable | None = None,
+) -> dict:
     """Fit a head per task on embeddings of training users; report on held-out users.
 
     `embed_users(user_ids (M,) str array, task) -> (M, D)` embeds users for one task (the decoder puts
-    that task's TASK token in front). Users are split once over every labelled user, so a user is on
-    the same side for every task. Returns {"tasks": {name: {...}}, "config", "seed", "users"}; each task
-    holds its kind, counts, the head's fit stats and "metrics": {"head", "table_gbt", "random"} ->
-    {"auc"} (binary), {"accuracy", "macro_auc"} (multiclass) or {"qini", "auuc"} (uplift).
+    that task's TASK token in front). `tune(task, user_ids, y, treatment)`, when given, is called with the
+    task's training users first (GTS-LUM tunes the task token there: training.task_tokens). Users are
+    split once over every labelled user, so a user is on the same side for every task; with
+    `known_users`, labelled users outside it (no events to embed) are counted and left out.
+    `on_head(task, head, scores)` receives each fitted head and its held-out scores (to save or plot them).
+    Returns {"tasks": {name: {...}}, "config", "seed", "users"}; each task holds its kind, counts, the
+    head's fit stats and "metrics": {"head", "table_gbt", "random"} -> {"auc"} (binary),
+    {"accuracy", "macro_auc"} (multiclass) or {"qini", "auuc"} (uplift).
     """
     clean_dir = Path(clean_dir)
     labels = read_table(clean_dir, "labels")
     if labels is None:
         raise FileNotFoundError(f"{clean_dir}: the data set has no labels table")
+    unknown = 0
+    if known_users is not None:
+        keep = labels["user_id"].astype(str).isin(np.asarray(known_users).astype(str))
+        unknown = int(labels.loc[~keep, "user_id"].nunique())
+        if unknown:
+            log.warning("labels: %d labelled users have no events and are left out (%d label rows)", unknown, int((~keep).sum()))
+        labels = labels[keep]
     tasks = discover_tasks(labels, cfg.max_classes)
     user_ids = np.unique(labels["user_id"].astype(str).to_numpy())
     train_users, _ = user_split(user_ids, cfg.test_fraction, seed)
@@ -287,11 +302,13 @@ def evaluate_label_tasks(embed_users: EmbedFn, clean_dir: str | Path, cfg: Heads
         if not len(train) or not len(test):
             log.warning("task %r: %d train / %d test users; skipped", task.name, len(train), len(test))
             continue
+        tuned = None if tune is None else tune(task, user_ids[index][train], y[train], None if t is None else t[train])
         emb = _embed(embed_users, user_ids[index], task)
         head = build_head(task, emb.shape[1], cfg)
         fit = fit_head(head, emb[train], y[train], None if t is None else t[train], seed=seed, **dataclasses.asdict(cfg.train))
         y_test, t_test = y[test], None if t is None else t[test]
-        metrics = {"head": _metrics(task, y_test, _head_scores(head, emb[test]), t_test)}
+        scores = _head_scores(head, emb[test])
+        metrics = {"head": _metrics(task, y_test, scores, t_test)}
         if features is not None:
             baseline = _baseline_scores(task, features[index], categorical, y, t, train, test, seed)
             metrics["table_gbt"] = _metrics(task, y_test, baseline, t_test)
@@ -305,6 +322,10 @@ def evaluate_label_tasks(embed_users: EmbedFn, clean_dir: str | Path, cfg: Heads
             "fit": fit,
             "metrics": metrics,
         }
+        if tuned is not None:
+            entry["task_token"] = tuned
+        if on_head is not None:
+            on_head(task, head, {"head": scores, **({"table_gbt": baseline} if features is not None else {}), "y": y_test, "treatment": t_test})
         if task.kind == "multiclass":
             entry["class_counts"] = np.bincount(y, minlength=task.num_classes).tolist()
         else:
@@ -314,7 +335,8 @@ def evaluate_label_tasks(embed_users: EmbedFn, clean_dir: str | Path, cfg: Heads
             entry["treated_rate"] = float(t.mean())
         results[task.name] = entry
         log.info("task %s (%s): %s", task.name, task.kind, {k: {m: round(v, 4) for m, v in d.items()} for k, d in metrics.items()})
-    return {"tasks": results, "config": dataclasses.asdict(cfg), "seed": seed, "users": {"labelled": len(user_ids), "train": int(is_train.sum())}}
+    users_info = {"labelled": len(user_ids), "train": int(is_train.sum()), "left_out_without_events": unknown}
+    return {"tasks": results, "config": dataclasses.asdict(cfg), "seed": seed, "users": users_info}
 
 
 METRIC_NAMES = {"auc": "ROC-AUC", "accuracy": "accuracy", "macro_auc": "macro ROC-AUC", "qini": "Qini coefficient", "auuc": "AUUC"}

@@ -649,10 +649,37 @@ class GTSLUM:
     def user_embeddings(self, log_: EventLog, cases, task: int | None = None) -> np.ndarray:
         """(B, H) last hidden states: target-agnostic, or with label task `task`'s token in front."""
         net = self._require()
+        was_training = net.training
+        net.eval()
         tokens = self.sequences(log_, cases)
-        ctx = net.context(self.batch(tokens, log_, np.asarray(cases.history_end)))
-        task_t = None if task is None else torch.full((len(cases),), task, dtype=torch.long, device=self.device)
-        return net.user_states(ctx, task=task_t).cpu().numpy()
+        ends = np.asarray(cases.history_end)
+        out = []
+        for s in range(0, len(cases), self.cfg.score_chunk):  # bounded memory on any number of users
+            rows = np.arange(s, min(s + self.cfg.score_chunk, len(cases)))
+            ctx = net.context(self.batch(tokens.subset(rows), log_, ends[rows]))
+            task_t = None if task is None else torch.full((len(rows),), task, dtype=torch.long, device=self.device)
+            out.append(net.user_states(ctx, task=task_t).cpu().numpy())
+        net.train(was_training)
+        return np.concatenate(out) if out else np.zeros((0, net.hidden_size), np.float32)
+
+    # -- label tasks (training.task_tokens) ------------------------------------------------------------
+    def set_tasks(self, names: list[str]) -> None:
+        """One learned front token per label task (`cfg.net.tasks`); tokens of names already there are kept."""
+        net = self._require()
+        old = {name: net.task_tokens.weight[i].detach().clone() for i, name in enumerate(self.cfg.net.tasks)}
+        self.cfg.net.tasks = list(names)
+        table = nn.Embedding(max(len(names), 1), net.hidden_size).to(self.device)
+        nn.init.normal_(table.weight, std=0.02)
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                if name in old:
+                    table.weight[i] = old[name]
+        net.task_tokens = table
+
+    def task_index(self, name: str) -> int:
+        if name not in self.cfg.net.tasks:
+            raise KeyError(f"gts_lum: no task token for {name!r} (tasks: {self.cfg.net.tasks}); set_tasks first")
+        return self.cfg.net.tasks.index(name)
 
     # -- persistence (training.checkpoint) -------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

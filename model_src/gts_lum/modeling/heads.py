@@ -53,6 +53,17 @@ class HeadTrainConfig:
 
 
 @dataclass
+class TaskTokenConfig:
+    """How `training.task_tokens.tune_task_token` tunes a GTS-LUM task token (before the head is fitted)."""
+
+    epochs: int = 8  # passes over the training users (one decoder forward + backward per user)
+    lr: float = 1.0e-2  # the token and a temporary head
+    batch_size: int = 64
+    valid_fraction: float = 0.2  # held out (stratified); the token of the epoch with the lowest held-out loss is kept
+    seed: int = 0
+
+
+@dataclass
 class HeadsConfig:
     mlp_hidden: int = 0  # 0: linear head; > 0: one hidden layer (GELU, dropout) of this width
     dropout: float = 0.1  # MLP only
@@ -60,6 +71,7 @@ class HeadsConfig:
     max_classes: int = 20  # integer labels with up to this many distinct values are multi-class
     test_fraction: float = 0.3  # users held out to report on (evaluate_label_tasks)
     train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
+    task_token: TaskTokenConfig = field(default_factory=TaskTokenConfig)  # GTS-LUM only
 
     def __post_init__(self) -> None:
         checks = {
@@ -73,6 +85,9 @@ class HeadsConfig:
             "train.batch_size": self.train.batch_size >= 0,
             "train.valid_fraction": 0.0 <= self.train.valid_fraction < 1.0,
             "train.patience": self.train.patience >= 1,
+            "task_token.epochs": self.task_token.epochs >= 1,
+            "task_token.batch_size": self.task_token.batch_size >= 1,
+            "task_token.valid_fraction": 0.0 <= self.task_token.valid_fraction < 1.0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

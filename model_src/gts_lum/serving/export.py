@@ -163,7 +163,7 @@ def export_model(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
         heads = load_heads(heads_dir) if heads_dir else {}
-        if heads_dir and not heads:
+        if heads_dir and not (Path(heads_dir) / HEADS_CARD).exists():  # an empty card is fine: no label tasks
             raise FileNotFoundError(f"{heads_dir}: no {HEADS_CARD} (write heads with gts_lum.serving.export.save_head)")
         if heads:
             (tmp / HEADS_DIR).mkdir()

@@ -1,0 +1,180 @@
+"""Task tokens for heterogeneous labels (paper section 3.2: the target at the front is a learned task token).
+
+Phase II trains the decoder on next behaviours. A label task (churn, plan change, campaign response)
+gets its own front token, tuned here with everything else frozen (decoder, Q-former, projections): only
+the token and a temporary head learn, through the decoder (prompt tuning). One trained decoder then
+serves every task, and adding a task never changes next-behaviour scoring. The head that is reported
+and served is fitted afterwards on the tuned embeddings (`modeling.heads.fit_head`).
+
+    model.set_tasks(["churn", "campaign"])
+    stats = tune_task_token(model, log_, cases, y, treatment, model.task_index("churn"), head, TaskTokenConfig())
+
+`run_label_stage` is the pipeline's label step (`gts-lum labels`): every task of the data set's labels
+table gets its token tuned and its head fitted on training users, is reported on held-out users beside
+the table baselines (gradient-boosted trees; a T-learner for uplift, with Qini curves), and the heads
+plus the model with its tuned tokens are written for `gts-lum export`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gts_lum.data.events import EventLog
+from gts_lum.encoders.table_learned import holdout
+from gts_lum.modeling.heads import HeadsConfig, LabelHead, TaskTokenConfig, UpliftHead, build_head
+from gts_lum.sequence.splits import EvalSet
+
+log = logging.getLogger(__name__)
+
+
+def tune_task_token(
+    model, log_: EventLog, cases: EvalSet, y: np.ndarray, treatment: np.ndarray | None, task_index: int,
+    head: LabelHead | UpliftHead, cfg: TaskTokenConfig,
+) -> dict:
+    """Train row `task_index` of `model.net.task_tokens` (and `head`) on cases (one per user) and labels.
+
+    Every other weight of the network stays as it is. Returns stats (epochs, held-out loss per epoch)."""
+    net = model.net
+    started = time.perf_counter()
+    y_t = torch.as_tensor(np.asarray(y), dtype=torch.float32, device=model.device)
+    t_t = None if treatment is None else torch.as_tensor(np.asarray(treatment), dtype=torch.float32, device=model.device)
+    head.check_targets(y_t)
+    if isinstance(head, UpliftHead) and t_t is None:
+        raise ValueError("tune_task_token: an uplift task needs its treatment flags")
+    train, valid = holdout(len(cases), cfg.valid_fraction, cfg.seed, head.stratum(y_t, t_t).cpu())
+    tokens = model.sequences(log_, cases)
+    history_end = np.asarray(cases.history_end)
+    task = torch.tensor([task_index], device=model.device)
+
+    def states(rows: np.ndarray) -> torch.Tensor:
+        """(N, H) user embeddings of cases `rows` with the task token in front; grad to the token only."""
+        with torch.no_grad():
+            ctx = net.context(model.batch(tokens.subset(rows), log_, history_end[rows]))
+        return net.user_states(ctx, task=task.expand(len(rows)))
+
+    def loss_of(rows: np.ndarray) -> torch.Tensor:
+        idx = torch.as_tensor(rows, device=model.device)
+        return head.loss(head(states(rows)), y_t[idx], None if t_t is None else t_t[idx])
+
+    frozen = {name: p.requires_grad for name, p in net.named_parameters()}
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.task_tokens.weight.requires_grad_(True)
+    was_training = net.training
+    net.eval()  # no dropout in the frozen network: the token is tuned against the network as it scores
+    history = []
+    try:
+        generator = np.random.default_rng(cfg.seed)
+        with torch.no_grad():  # standardize the head's inputs on the untuned embeddings
+            head.set_input_stats(torch.cat([states(train[s : s + cfg.batch_size]) for s in range(0, len(train), cfg.batch_size)]))
+        if isinstance(head, UpliftHead):
+            head.propensity.fill_(float(t_t[torch.as_tensor(train, device=model.device)].mean()))
+        head.to(model.device).train()
+        optimizer = torch.optim.AdamW([net.task_tokens.weight, *head.parameters()], lr=cfg.lr, weight_decay=0.0)
+        best_loss, best = float("inf"), None
+        for epoch in tqdm(range(cfg.epochs), desc=f"task token {task_index}", unit="epoch", leave=False, disable=None):
+            order = generator.permutation(train)
+            total = 0.0
+            for s in range(0, len(order), cfg.batch_size):
+                rows = order[s : s + cfg.batch_size]
+                loss = loss_of(rows)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                net.task_tokens.weight.grad[torch.arange(len(net.task_tokens.weight)) != task_index] = 0.0  # other tasks keep theirs
+                optimizer.step()
+                total += loss.item() * len(rows)
+            with torch.no_grad():
+                valid_loss = float(loss_of(valid)) if len(valid) else total / len(order)
+            history.append({"epoch": epoch, "train_loss": round(total / len(order), 5), "valid_loss": round(valid_loss, 5)})
+            if valid_loss < best_loss:
+                best_loss = valid_loss
+                best = (net.task_tokens.weight[task_index].detach().clone(), copy.deepcopy(head.state_dict()))
+        with torch.no_grad():
+            net.task_tokens.weight[task_index] = best[0]
+        head.load_state_dict(best[1])
+    finally:
+        for name, p in net.named_parameters():
+            p.requires_grad_(frozen[name])
+        net.train(was_training)
+    head.eval()
+    log.info("task token %d: %d train / %d held-out users, held-out loss %.4f -> %.4f in %.1f s",
+             task_index, len(train), len(valid), history[0]["valid_loss"], best_loss, time.perf_counter() - started)
+    return {"epochs": len(history), "best_valid_loss": best_loss, "history": history, "seconds": time.perf_counter() - started}
+
+
+def user_cases(log_: EventLog, user_ids: np.ndarray) -> EvalSet:
+    """One case per user id: the user's whole history in `log_` (KeyError naming ids the log lacks)."""
+    import pandas as pd
+
+    rows = pd.Index(log_.user_ids.astype(str)).get_indexer(np.asarray(user_ids).astype(str))
+    if (rows < 0).any():
+        missing = np.asarray(user_ids)[rows < 0]
+        raise KeyError(f"{len(missing)} user id(s) not in the event log, e.g. {missing[:5].tolist()}")
+    ends = log_.offsets[rows + 1].astype(np.int64)
+    return EvalSet(rows.astype(np.int64), ends, np.zeros(len(rows), np.int32), log_.timestamp[np.maximum(ends - 1, 0)].astype(np.int64))
+
+
+def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir: str | Path, out_dir: str | Path, cfg: HeadsConfig) -> dict:
+    """Tune a task token and fit a head per label task of a saved GTS-LUM model; evaluate and save.
+
+    Writes under `out_dir`: labels.md / labels.json (head vs table baselines vs random, held-out users),
+    qini_<task>.png per uplift task, heads/ (`serving.export.save_head`, each with its task token) and
+    model/ (the GTS-LUM model with its tuned task tokens; everything else unchanged).
+    """
+    import json
+
+    from gts_lum.data.contract import read_table
+    from gts_lum.evaluation.labels import discover_tasks, evaluate_label_tasks, format_label_table
+    from gts_lum.evaluation.plots import qini_png
+    from gts_lum.sequence.dataset import SequenceDataset
+    from gts_lum.serving.export import HEADS_CARD, save_head
+    from gts_lum.training.checkpoint import load_model, read_card, save_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    card = read_card(model_dir)
+    if card["name"] != "gts_lum":
+        raise ValueError(f"{model_dir}: a {card['name']!r} model; label task tokens need a GTS-LUM model")
+    model = load_model(model_dir)
+    log_ = SequenceDataset.load(sequences_dir).event_log
+    labels = read_table(Path(clean_dir), "labels")
+    if labels is None:  # a data set without labels (e.g. MovieLens): the model passes through, no heads
+        log.warning("%s: the data set has no labels table; no label tasks, the model is saved unchanged", clean_dir)
+        (out / "heads").mkdir(exist_ok=True)
+        (out / "heads" / HEADS_CARD).write_text("{}\n")
+        save_model(model, "gts_lum", out / "model", metadata=card.get("metadata", {}))
+        (out / "labels.md").write_text("No labels table in this data set: no label tasks.\n")
+        return {"tasks": {}, "users": {"labelled": 0}}
+    tasks = discover_tasks(labels, cfg.max_classes)
+    model.set_tasks([t.name for t in tasks])
+
+    def tune(task, ids, y, t) -> dict:
+        head = build_head(task, model.net.hidden_size, cfg)
+        return tune_task_token(model, log_, user_cases(log_, ids), y, t, model.task_index(task.name), head, cfg.task_token)
+
+    def embed(ids, task) -> np.ndarray:
+        return model.user_embeddings(log_, user_cases(log_, ids), task=model.task_index(task.name))
+
+    def keep(task, head, scores) -> None:
+        save_head(out / "heads", task, head, task_token=model.task_index(task.name))
+        if task.kind == "uplift":
+            curves = {"GTS-LUM (task token + head)": scores["head"]}
+            if "table_gbt" in scores:
+                curves["T-learner (GBT on the users table)"] = scores["table_gbt"]
+            png = qini_png(curves, scores["y"], scores["treatment"], f"{task.name}: Qini curves, held-out users")
+            (out / f"qini_{task.name}.png").write_bytes(png)
+
+    results = evaluate_label_tasks(embed, clean_dir, cfg, seed=cfg.task_token.seed, tune=tune, known_users=log_.user_ids, on_head=keep)
+    save_model(model, "gts_lum", out / "model", metadata={**card.get("metadata", {}), "label_tasks": model.cfg.net.tasks})
+    (out / "labels.json").write_text(json.dumps(results, indent=2, default=float))
+    table = format_label_table(results)
+    (out / "labels.md").write_text(table + "\n")
+    log.info("label tasks:\n%s", table)
+    return results
