@@ -76,7 +76,9 @@ def test_score_is_the_defined_cosine_with_the_target_in_front(trained):
         for i in range(3):
             for j, c in enumerate(cand.tolist()):
                 h = net.user_states(ctx, torch.tensor([i]), target=torch.tensor([c]))
-                item = net.item_projection(net.adapter.fuse(torch.tensor([c])))
+                codes = net.semantic_ids[c]  # b^F: the Q-former's output + one embedding per semantic-ID level
+                fused = net.adapter.fuse(torch.tensor([c])) + sum(t.weight[codes[k]] for k, t in enumerate(net.semantic_id_embedding))
+                item = net.item_projection(fused)
                 expected = F.cosine_similarity(h, item) * net.scale
                 assert torch.allclose(aware[i, j], expected[0], atol=1e-5)
         # the target changes the user state (it is in front, and attention is causal from it)

@@ -6,7 +6,8 @@ Decoder input of one case (left to right; `[..]` optional):
      front placement                                                             end placement
 
 - recent history: the timestamp process's tokens (`TokenSequences`): each behaviour as its fused
-  embedding b^F (`adapter.fuse`, computed once per unique behaviour of a step), interval descriptors
+  embedding b^F (`adapter.fuse` plus, by default, its semantic-ID code embeddings; computed once per
+  unique behaviour of a step), interval descriptors
   ("weekday evening rush hour") as text embeddings projected to the decoder width (sentence encoder
   for the from-config decoder, the LLM's own word embeddings when pretrained), [SEP] as a learned
   vector; the Table 3 variants add time-component embeddings (HLLM-style) or share position IDs.
@@ -72,6 +73,11 @@ class GTSLUMNetConfig:
     # the projection is then computed once for the catalog instead of every step (several times faster
     # on CPU). The paper trains the Q-former in phase II: True.
     adapter_trainable: bool = True
+    # b^F += the sum of one learned embedding per semantic-ID level (codes from the tokenizer). The paper's
+    # b^F is the Q-former's output alone; a from-scratch Q-former in phase II makes every behaviour look
+    # alike at first (mean cosine ~0.85) and learns slowly on CPU budgets, while the code embeddings give
+    # each behaviour its own, hierarchically shared vector from step one (BENCHMARKS.md measures both).
+    semantic_id_embedding: bool = True
 
     def __post_init__(self) -> None:
         if self.target_placement not in TARGET_PLACEMENTS:
@@ -163,10 +169,13 @@ class GTSLUMNetwork(nn.Module):
         descriptor_texts: list[str],
         descriptor_embeddings: np.ndarray | None,
         user_vectors: np.ndarray | None,
+        semantic_ids: np.ndarray | None = None,
+        codebook_sizes: list[int] | None = None,
     ):
         """`descriptor_embeddings`: sentence embeddings of `descriptor_texts` (from-config decoder) or None
         to use the pretrained decoder's word embeddings. `user_vectors`: (num_users, D_u) profile table
-        (NaN rows: no profile) or None."""
+        (NaN rows: no profile) or None. `semantic_ids` (num_behaviors, levels) and `codebook_sizes`: the
+        catalog's semantic IDs, for `cfg.semantic_id_embedding`."""
         super().__init__()
         self.cfg = cfg
         self.decoder, self.decoder_info = build_decoder(cfg.decoder)
@@ -205,6 +214,14 @@ class GTSLUMNetwork(nn.Module):
             self.missing_profile = nn.Parameter(torch.randn(h) * 0.02)
         else:
             self.profile_projection = None
+        self.semantic_id_embedding = None
+        if cfg.semantic_id_embedding:
+            if semantic_ids is None or not codebook_sizes:
+                raise ValueError("net.semantic_id_embedding needs the catalog's semantic IDs and codebook sizes")
+            self.register_buffer("semantic_ids", torch.as_tensor(np.asarray(semantic_ids, np.int64)), persistent=False)  # (N, levels)
+            self.semantic_id_embedding = nn.ModuleList(nn.Embedding(int(n), h) for n in codebook_sizes)
+            for emb in self.semantic_id_embedding:
+                nn.init.normal_(emb.weight, std=0.1)
         self.item_projection = nn.Linear(h, h)  # P in the score
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         self._unprojected: torch.Tensor | None = None  # catalog cache of a frozen adapter
@@ -218,6 +235,14 @@ class GTSLUMNetwork(nn.Module):
         return [p for n, p in self.adapter.named_parameters() if n.startswith(("decoder_projection.", "projection."))]
 
     def _fuse(self, behaviors: torch.Tensor) -> torch.Tensor:
+        """(N,) behaviour indices -> (N, H) b^F (see `GTSLUMNetConfig.semantic_id_embedding`)."""
+        fused = self._adapter_fuse(behaviors)
+        if self.semantic_id_embedding is not None:
+            codes = self.semantic_ids[behaviors]  # (N, levels)
+            fused = fused + sum(table(codes[:, i]) for i, table in enumerate(self.semantic_id_embedding))
+        return fused
+
+    def _adapter_fuse(self, behaviors: torch.Tensor) -> torch.Tensor:
         if self.cfg.adapter_trainable:
             return self.adapter.fuse(behaviors)
         if self._unprojected is None or self._unprojected.device != self.device:
@@ -557,7 +582,9 @@ class GTSLUM:
             adapter = build_adapter(dataclasses.replace(self.cfg.qformer, decoder_hidden_size=hidden), features)
         self._assets["adapter_card"] = adapter_card(adapter)
         descriptors = None if self.cfg.net.decoder.pretrained else encode(descriptor_texts)
-        self.net = GTSLUMNetwork(self.cfg.net, adapter, descriptor_texts, descriptors, self._assets["user_vectors"]).to(self.device)
+        self.net = GTSLUMNetwork(
+            self.cfg.net, adapter, descriptor_texts, descriptors, self._assets["user_vectors"], features.semantic_ids, features.codebook_sizes
+        ).to(self.device)
         if adapter_state is not None:
             self.net.load_state_dict(adapter_state)
         self.net.adapter.set_catalog(features)  # buffers onto the device
