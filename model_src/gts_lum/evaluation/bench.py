@@ -214,5 +214,8 @@ def run_bench(
                 "fit": stats,
             }
         )
-    write_tables(rows, out_dir, reference, meta={"split": split.kind, "eval": asdict(eval_cfg)})
+        # after every row: a long bench (hours on CPU) leaves a readable partial table if it is stopped
+        done = [r["method"] for r in rows]
+        partial_ref = reference if reference in done or (isinstance(reference, int) and -len(rows) <= reference < len(rows)) else None
+        write_tables(rows, out_dir, partial_ref, meta={"split": split.kind, "eval": asdict(eval_cfg), "rows_done": f"{len(rows)} of {len(specs)}"})
     return rows
