@@ -122,6 +122,32 @@ def test_resume_after_interruption_equals_uninterrupted(cycle_data, one_thread_m
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+def test_resume_after_a_kill_mid_epoch_equals_uninterrupted(cycle_data, one_thread_module, tmp_path, monkeypatch):
+    from gts_lum.training.phase2 import Phase2Trainer
+
+    split = cycle_data.split()
+    short = {**TINY["train"], "epochs": 2, "checkpoint_every": 3}
+    full = build(cycle_data, train=short)
+    full.fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "a")
+    # the process dies right after the step-6 checkpoint of epoch 0 (the epoch has more steps than that)
+    save = Phase2Trainer._save
+
+    def save_then_die(self, optimizer, position, best_state):
+        save(self, optimizer, position, best_state)
+        if position["epoch"] == 0 and position["step"] == 6:
+            raise KeyboardInterrupt("killed mid-epoch")
+
+    monkeypatch.setattr(Phase2Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build(cycle_data, train=short).fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "b")
+    monkeypatch.setattr(Phase2Trainer, "_save", save)
+    resumed = build(cycle_data, train=short)  # a new process: fresh weights, then the checkpoint
+    resumed.fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "b")
+    a, b = full.state_tensors(), resumed.state_tensors()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_next_behavior_skips_descriptors_and_separators():
     from gts_lum.modeling.gts_lum_model import _next_behavior
 
