@@ -59,6 +59,9 @@ def test_learns_the_cycle_and_scores(trained):
     split, model, stats = trained
     assert stats["epochs"] >= 1 and np.isfinite([h["loss"] for h in stats["history"]]).all()
     assert stats["history"][-1]["agnostic"] < stats["history"][0]["agnostic"]
+    # the scoring (agnostic only, or two-stage re-ranking the top 3) was picked on validation
+    by_depth = {int(d): v for d, v in stats["valid_by_rerank_depth"].items()}
+    assert set(by_depth) == {0, 3} and model.cfg.rerank_depth == stats["rerank_depth"] == max(by_depth, key=lambda d: (by_depth[d], d))
     metrics = evaluate(model, split.log, split.test, cfg=EvalConfig(ks=(1, 3)))
     assert metrics["R@3"] >= 0.8  # 9 behaviours: chance is 1/3
 

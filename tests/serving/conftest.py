@@ -16,6 +16,7 @@ TINY_GTS_LUM = {
     "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2},
     "train": {"epochs": 1, "prefixes_per_user": 1, "max_cases_per_epoch": 64, "hard_negatives": 1, "sampled_negatives": 32, "valid_cases": 20, "device": "cpu"},
     "rerank_depth": 5,
+    "select_rerank": False,  # the scorer's two-stage path is under test: keep it whatever validation says
 }
 # The scorer under test runs with small limits so that the limit tests stay cheap.
 SERVER_LIMITS = ["--max-candidates", "300", "--max-events", "3000", "--max-body-bytes", "400000", "--max-instances", "4"]

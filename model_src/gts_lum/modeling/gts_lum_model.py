@@ -493,6 +493,9 @@ class GTSLUMConfig:
     sequence: dict = field(default_factory=dict)
     train: Phase2Config = field(default_factory=Phase2Config)
     rerank_depth: int = 50  # two-stage scoring: re-rank the agnostic top N target-aware (0: agnostic only)
+    # choose on validation between agnostic-only scoring (depth 0) and the two-stage `rerank_depth`: a
+    # target-aware path that has not learned to beat the agnostic order would only shuffle the top N
+    select_rerank: bool = True
     score_chunk: int = 512  # sequences per decoder pass when scoring
 
 
@@ -633,12 +636,28 @@ class GTSLUM:
         tc = self.cfg.train
         targets = candidates  # the split's target subset (None: every behaviour)
         valid_cfg = EvalConfig(ks=eval_cfg.ks, batch_size=eval_cfg.batch_size, history_filter=eval_cfg.history_filter, max_users=tc.valid_cases, seed=tc.seed)
+        configured = self.cfg.rerank_depth
+        depths = [0, configured] if self.cfg.select_rerank and configured and self.cfg.net.target_placement != "none" else [configured]
 
-        def valid_fn() -> float:
-            metrics = evaluate(self, split.log, split.valid, candidates, valid_cfg, desc="gts_lum valid")
-            return validation_metric(metrics, tc.select_metric)
+        def valid_by_depth() -> dict[int, float]:
+            values = {}
+            for depth in depths:
+                self.cfg.rerank_depth = depth
+                metrics = evaluate(self, split.log, split.valid, candidates, valid_cfg, desc=f"gts_lum valid (re-rank {depth})")
+                values[depth] = validation_metric(metrics, tc.select_metric)
+            self.cfg.rerank_depth = configured
+            return values
+
+        def valid_fn() -> float:  # an epoch is as good as its better scoring
+            return max(valid_by_depth().values())
 
         stats = Phase2Trainer(self, tc, checkpoint_dir).fit(split, targets, valid_fn)
+        if len(depths) > 1:  # the best epoch's weights are in: pick the scoring on validation
+            values = valid_by_depth()
+            self.cfg.rerank_depth = max(values, key=lambda d: (values[d], d))
+            stats["valid_by_rerank_depth"] = {str(d): v for d, v in values.items()}
+            log.info("gts_lum: validation %s by re-rank depth %s: scoring with depth %d", tc.select_metric, values, self.cfg.rerank_depth)
+        stats["rerank_depth"] = self.cfg.rerank_depth
         stats["num_parameters"] = sum(p.numel() for p in self.net.parameters())
         stats["device"] = str(self.device)
         return stats
