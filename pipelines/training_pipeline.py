@@ -67,7 +67,7 @@ def training_pipeline(
     data_pvc: str = "gts-lum-data",  # manifests/base/pvc.yaml
     # label tasks (task tokens + heads on the GTS-LUM user embedding), from the data set's labels table
     heads_config: str = "pkg:heads/default.yaml",
-    heads_overrides: str = "{}",
+    heads_overrides: str = '{"task_token": {"epochs": 3}}',  # CPU-sized for the demo (pkg default: 8)
     # the life cycle: promote the new GTS-LUM when it beats production on validation by `promotion_margin`
     registry: str = "runs/registry",  # a folder (local JSON registry) or the Kubeflow Model Registry's http(s) address
     promotion_margin: float = 0.01,
