@@ -197,6 +197,8 @@ def test_feature_store_histories_score_as_offline(tiny_serving, offline, tmp_pat
 
         unknown = predict_v1(server, [{"user_id": "nobody-at-all"}])
         assert unknown.status_code == 404 and "'nobody-at-all' is not in the feature store" in unknown.json()["error"]
+        log_text = (tmp_path / "server.log").read_text(errors="replace")
+        assert "404" in log_text and "id withheld" in log_text and "nobody-at-all" not in log_text  # no raw ids in logs
 
         # events pushed online are in the next score
         new_ids = offline.serving.catalog[:2].astype(str).tolist()

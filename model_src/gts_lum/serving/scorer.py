@@ -94,7 +94,12 @@ class ScorerConfig:
 
 
 class UnknownUser(InvalidInput):
-    """The feature store has no history for the user: a 404."""
+    """The feature store has no history for the user: a 404. The reply names the user (the caller's own
+    request); the server log does not (`redacted`), so raw subscriber ids never reach the logs."""
+
+    def __init__(self, where: str, user_id: str):
+        super().__init__(f"{where}.user_id: user {user_id!r} is not in the feature store")
+        self.redacted = f"{where}.user_id: a user that is not in the feature store (id withheld from the log)"
 
 
 @dataclass
@@ -305,7 +310,7 @@ class GTSLUMScorer(kserve.Model):
         try:
             history = self.features.get_history(case.user_id)
         except KeyError:
-            raise UnknownUser(f"{where}.user_id: user {case.user_id!r} is not in the feature store") from None
+            raise UnknownUser(where, case.user_id) from None
         ids = [str(b) for b in history["behavior_ids"]]
         known = np.fromiter((b in self.serving.index for b in ids), bool, len(ids))
         case.dropped_unknown = int((~known).sum())
@@ -439,7 +444,7 @@ class ServingMiddleware:
 async def _client_error(request, exc: InvalidInput) -> JSONResponse:
     """A 4xx with the reason, logged as one line (kserve logs a traceback for each)."""
     code = 404 if isinstance(exc, UnknownUser) else 400
-    log.warning("%d %s %s: %s", code, request.method, request.url.path, exc)
+    log.warning("%d %s %s: %s", code, request.method, request.url.path, getattr(exc, "redacted", exc))
     return JSONResponse(status_code=code, content={"error": str(exc)})
 
 
