@@ -37,7 +37,11 @@ def test_every_task_is_tuned_fitted_reported_and_saved(label_stage):
     for name, entry in tasks.items():
         assert heads[name]["task_token"] == names.index(name)  # each head reads its own token's embedding
         tuned = entry["task_token"]
-        assert tuned["best_valid_loss"] <= tuned["history"][0]["valid_loss"]
+        # tuning optimizes: the training loss falls below the untuned start (on 200 tiny users the held-out
+        # loss need not: it is reported, not asserted)
+        assert tuned["history"][-1]["train_loss"] < tuned["initial_train_loss"]
+        assert np.isfinite(tuned["initial_valid_loss"]) and np.isfinite(tuned["best_valid_loss"])
+        assert tuned["token_change"] > 0.0  # the gradient reached the task token itself, not only the head
         assert {"head", "table_gbt", "random"} <= set(entry["metrics"])
     assert tasks["campaign_response"]["kind"] == "uplift" and "qini" in tasks["campaign_response"]["metrics"]["table_gbt"]
     assert (out / "qini_campaign_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -78,6 +78,10 @@ def tune_task_token(
             head.propensity.fill_(float(t_t[torch.as_tensor(train, device=model.device)].mean()))
         head.to(model.device).train()
         optimizer = torch.optim.AdamW([net.task_tokens.weight, *head.parameters()], lr=cfg.lr, weight_decay=0.0)
+        initial_token = net.task_tokens.weight[task_index].detach().clone()
+        with torch.no_grad():  # the untuned token under the freshly initialized head: where tuning starts
+            initial_loss = float(loss_of(valid)) if len(valid) else float("nan")
+            initial_train_loss = float(loss_of(train))
         best_loss, best = float("inf"), None
         for epoch in tqdm(range(cfg.epochs), desc=f"task token {task_index}", unit="epoch", leave=False, disable=None):
             order = generator.permutation(train)
@@ -99,14 +103,18 @@ def tune_task_token(
         with torch.no_grad():
             net.task_tokens.weight[task_index] = best[0]
         head.load_state_dict(best[1])
+        token_change = float((best[0] - initial_token).norm())
     finally:
         for name, p in net.named_parameters():
             p.requires_grad_(frozen[name])
         net.train(was_training)
     head.eval()
     log.info("task token %d: %d train / %d held-out users, held-out loss %.4f -> %.4f in %.1f s",
-             task_index, len(train), len(valid), history[0]["valid_loss"], best_loss, time.perf_counter() - started)
-    return {"epochs": len(history), "best_valid_loss": best_loss, "history": history, "seconds": time.perf_counter() - started}
+             task_index, len(train), len(valid), initial_loss, best_loss, time.perf_counter() - started)
+    return {
+        "epochs": len(history), "initial_train_loss": initial_train_loss, "initial_valid_loss": initial_loss, "best_valid_loss": best_loss, "token_change": token_change,
+        "history": history, "seconds": time.perf_counter() - started,
+    }
 
 
 def user_cases(log_: EventLog, user_ids: np.ndarray) -> EvalSet:
