@@ -160,3 +160,29 @@ def test_next_behavior_skips_descriptors_and_separators():
     nxt = _next_behavior(kind == B, value)
     assert nxt[0].tolist() == [7, 7, 8, 9, 9, 9, -1]
     assert nxt[1].tolist() == [4, 5, 5, 5, 6, -1, -1]
+
+
+def test_target_aware_term_trains_on_the_reranking_lists(cycle_data, one_thread_module, monkeypatch):
+    """Hard negatives are target behaviours from the agnostic top list; only cases whose positive made
+    that list are trained (the situation of re-ranking at scoring time)."""
+    model = build(cycle_data)
+    net, split = model.net, cycle_data.split()
+    cases = split.test.subset(np.arange(8))
+    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
+    positives = torch.as_tensor(cases.target.astype(np.int64))
+    allowed = torch.zeros(split.log.num_behaviors, dtype=torch.bool)
+    allowed[positives] = True
+    allowed[:3] = True  # behaviours 0-2 and the positives may be targets; every other one may not
+    seen = []
+    real = net.aware_scores
+    monkeypatch.setattr(net, "aware_scores", lambda ctx, cand, chunk=256, cases=None: seen.append((cand, cases)) or real(ctx, cand, chunk, cases))
+    sampled = torch.arange(split.log.num_behaviors)
+    torch.manual_seed(0)
+    wide = net(batch, positives, sampled, 2, allowed_targets=allowed, hard_negative_pool=100)
+    assert float(wide["aware_cases"]) == 1.0 and torch.isfinite(wide["loss"])
+    cand, rows = seen[-1]
+    assert (cand[:, 0] == positives[rows]).all() and allowed[cand].all() and (cand[:, 1:] != cand[:, :1]).all()
+    narrow = net(batch, positives, sampled, 2, allowed_targets=allowed, hard_negative_pool=2)
+    assert float(narrow["aware_cases"]) < 1.0  # positives ranked below the top 2 are left to the agnostic term
+    if len(seen) > 1:
+        assert len(seen[-1][1]) == round(float(narrow["aware_cases"]) * len(positives))

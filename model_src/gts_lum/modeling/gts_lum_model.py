@@ -31,6 +31,7 @@ one decoder pass per user ranks the whole catalog, while the target-aware score 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -78,6 +79,13 @@ class GTSLUMNetConfig:
     # alike at first (mean cosine ~0.85) and learns slowly on CPU budgets, while the code embeddings give
     # each behaviour its own, hierarchically shared vector from step one (BENCHMARKS.md measures both).
     semantic_id_embedding: bool = True
+    # The target token enters as gate * b^F_c with a learned scalar gate starting at `target_gate_init`.
+    # At 0 the target-aware pass starts as the agnostic one (its loss then sharpens the agnostic ranking
+    # on hard negatives) and lets the candidate in as far as that helps; a from-scratch decoder given the
+    # full token from step one spent its steps on the 1-vs-k term at chance and dragged the agnostic
+    # term down with it (BENCHMARKS.md, Table 5). 1.0 with `target_gate_trainable: false`: the plain token.
+    target_gate_init: float = 0.0
+    target_gate_trainable: bool = True
 
     def __post_init__(self) -> None:
         if self.target_placement not in TARGET_PLACEMENTS:
@@ -223,6 +231,7 @@ class GTSLUMNetwork(nn.Module):
             for emb in self.semantic_id_embedding:
                 nn.init.normal_(emb.weight, std=0.1)
         self.item_projection = nn.Linear(h, h)  # P in the score
+        self.target_gate = nn.Parameter(torch.tensor(float(cfg.target_gate_init)), requires_grad=cfg.target_gate_trainable)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         self._unprojected: torch.Tensor | None = None  # catalog cache of a frozen adapter
         if not cfg.adapter_trainable:
@@ -368,7 +377,7 @@ class GTSLUMNetwork(nn.Module):
         if task is not None:
             front, front_mask = [self.task_tokens(task)[:, None]], [one]
         elif target is not None and self.cfg.target_placement != "none":
-            tok = self.lookup(ctx, target)[:, None]
+            tok = self.target_gate * self.lookup(ctx, target)[:, None]
             if self.cfg.target_placement == "front":
                 front, front_mask = [tok], [one]
             else:
@@ -398,12 +407,14 @@ class GTSLUMNetwork(nn.Module):
         """(B, C): cosine(h_last(history), P b^F) * scale against unit item vectors (C, H)."""
         return F.normalize(self.user_states(ctx), dim=-1) @ items.T * self.scale
 
-    def aware_scores(self, ctx: dict, candidates: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """(B, C) target-aware scores of candidates (B, C) (behaviour indices, in the context's unique set).
+    def aware_scores(self, ctx: dict, candidates: torch.Tensor, chunk: int = 256, cases: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C) target-aware scores of candidates (B, C) (behaviour indices, in the context's unique set)
+        for the context's cases `cases` (B,) (default: all, in order).
 
         One decoder pass per (case, candidate), batched `chunk` sequences at a time."""
         b, c = candidates.shape
-        rows = torch.arange(b, device=self.device).repeat_interleave(c)
+        cases = torch.arange(b, device=self.device) if cases is None else cases
+        rows = cases.repeat_interleave(c)
         flat = candidates.reshape(-1)
         out = []
         for s in range(0, len(flat), chunk):
@@ -422,6 +433,7 @@ class GTSLUMNetwork(nn.Module):
         agnostic_weight: float = 1.0,
         aware_weight: float = 1.0,
         allowed_targets: torch.Tensor | None = None,  # (num_behaviors,) bool: which behaviours may be targets
+        hard_negative_pool: int = 50,
     ) -> dict[str, torch.Tensor]:
         """Phase II: two InfoNCE terms, each over ONE scoring path (never mixed in one softmax).
 
@@ -431,8 +443,12 @@ class GTSLUMNetwork(nn.Module):
             behaviour token followed by another behaviour token of the sequence (target: that one), so
             one pass trains as many prefixes as the sequence has behaviours. Behaviours are unique
             columns, so a negative equal to the positive (a false negative) cannot occur.
-        target-aware: each case's positive and its `hard_negatives` highest-scoring agnostic negatives,
-            each a decoder pass with that candidate placed as configured; positive at index 0.
+        target-aware: the re-ranking stage's situation at scoring time. Cases whose positive the agnostic
+            score ranks in its top `hard_negative_pool` (of the batch's target candidates) score the
+            positive and `hard_negatives` negatives drawn uniformly from that top list, each a decoder
+            pass with the candidate placed as configured; positive at index 0. Drawing negatives from
+            the top only while positives come from anywhere taught the shortcut "what the agnostic
+            pass likes most is a negative" (training loss near 0, re-ranking worse than none).
         """
         # every history behaviour that is followed by another one is a training prefix too (the causal
         # decoder's state there has seen exactly that prefix): next-behaviour targets for the agnostic term
@@ -454,16 +470,27 @@ class GTSLUMNetwork(nn.Module):
         out = {"agnostic": loss_agnostic.detach(), "scale": self.scale.detach(), "prefixes": torch.tensor(float(len(label)))}
         loss = agnostic_weight * loss_agnostic
         scores, label = scores[: len(positives)], label[: len(positives)]
-        k = min(hard_negatives, len(candidates) - 1)
+        target_ok = allowed_targets[candidates] if allowed_targets is not None else torch.ones_like(candidates, dtype=torch.bool)
+        pool = min(hard_negative_pool, int(target_ok.sum()) - 1)
+        k = min(hard_negatives, pool)
         if k > 0 and aware_weight > 0 and self.cfg.target_placement != "none":
             with torch.no_grad():
-                masked = scores.detach().clone()
-                masked[torch.arange(len(label), device=self.device), label] = -torch.inf
-                hard = candidates[masked.topk(k, dim=1).indices]  # (B, k)
-            logits = self.aware_scores(ctx, torch.cat([positives[:, None], hard], 1), chunk=len(positives) * (k + 1))
-            loss_aware = F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=self.device))
-            out["aware"] = loss_aware.detach()
-            loss = loss + aware_weight * loss_aware
+                rows = torch.arange(len(label), device=self.device)
+                masked = scores.detach().masked_fill(~target_ok, -torch.inf)  # competitors at scoring time only
+                rank = (masked > masked[rows, label][:, None]).sum(1)  # (B,) the positive's agnostic rank
+                masked[rows, label] = -torch.inf
+                top = masked.topk(pool, dim=1).indices  # (B, pool) the re-ranking list without the positive
+                pick = torch.rand(top.shape, device=self.device).topk(k, dim=1).indices  # k uniform draws
+                hard = candidates[top.gather(1, pick)]  # (B, k)
+                cases = torch.nonzero(rank < pool).squeeze(1)
+            out["aware_cases"] = torch.tensor(len(cases) / max(len(label), 1))
+            if len(cases):
+                logits = self.aware_scores(ctx, torch.cat([positives[cases, None], hard[cases]], 1), chunk=len(cases) * (k + 1), cases=cases)
+                loss_aware = F.cross_entropy(logits, torch.zeros(len(cases), dtype=torch.long, device=self.device), reduction="sum")
+                out["aware"] = loss_aware.detach() / len(cases)
+                # a mean over the batch (cases outside the top list add 0): a mean over the few eligible
+                # cases gave a step with one of them a full-weight, noisy gradient that set back the agnostic term
+                loss = loss + aware_weight * loss_aware / len(label)
         out["loss"] = loss
         return out
 
@@ -651,6 +678,8 @@ class GTSLUM:
         def valid_fn() -> float:  # an epoch is as good as its better scoring
             return max(valid_by_depth().values())
 
+        if tc.hard_negative_pool is None:  # train the re-ranker on the lists it will re-rank
+            tc = dataclasses.replace(tc, hard_negative_pool=max(configured, 2 * tc.hard_negatives, 10))
         stats = Phase2Trainer(self, tc, checkpoint_dir).fit(split, targets, valid_fn)
         if len(depths) > 1:  # the best epoch's weights are in: pick the scoring on validation
             values = valid_by_depth()
@@ -732,8 +761,6 @@ class GTSLUM:
         return self._require().state_dict()
 
     def save_assets(self, folder: str | Path) -> None:
-        import dataclasses
-
         import yaml
 
         folder = Path(folder)

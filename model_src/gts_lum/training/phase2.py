@@ -51,8 +51,9 @@ class Phase2Config:
     patience: int = 3
     prefixes_per_user: int = 4  # training cases per user and epoch (see the module docstring)
     max_cases_per_epoch: int | None = None  # a seeded cap on an epoch's cases
-    sampled_negatives: int = 256  # uniform catalog negatives shared by a batch (plus the in-batch targets)
+    sampled_negatives: int = 256  # uniform negatives over the target behaviours, shared by a batch (plus the in-batch targets)
     hard_negatives: int = 4  # target-aware negatives per case (each one decoder pass)
+    hard_negative_pool: int | None = None  # they come from the agnostic top-N (None: the model's re-ranking depth)
     agnostic_weight: float = 1.0
     aware_weight: float = 1.0
     grad_clip: float | None = 1.0
@@ -188,6 +189,9 @@ class Phase2Trainer:
         train = split.train
         num_behaviors = train.num_behaviors
         allowed = None
+        # negatives come from the behaviours that can be targets: an off-target negative is an easy
+        # one (a shortcut: "is it a target type?"), never a competitor at scoring time
+        pool = np.arange(num_behaviors, dtype=np.int64) if targets is None else np.unique(np.asarray(targets, np.int64))
         if targets is not None:
             allowed = torch.zeros(num_behaviors, dtype=torch.bool, device=device)
             allowed[torch.as_tensor(np.asarray(targets, np.int64), device=device)] = True
@@ -204,6 +208,7 @@ class Phase2Trainer:
             tokens = model.sequences(train, cases)
             net.train()
             sums: dict[str, float] = {}
+            counts: dict[str, int] = {}  # steps that reported each figure (the aware term can skip a step)
             t_epoch, seen = time.perf_counter(), 0
             steps = range(position["step"], len(batches) // world)
             bar = tqdm(steps, desc=f"phase II epoch {epoch}", leave=False, disable=None if rank == 0 else True)
@@ -213,9 +218,9 @@ class Phase2Trainer:
                 gen = np.random.default_rng([cfg.seed, epoch, step, rank])
                 batch = model.batch(tokens.subset(idx), train, cases.history_end[idx])
                 positives = torch.as_tensor(cases.target[idx].astype(np.int64), device=device)
-                sampled = torch.as_tensor(gen.integers(0, num_behaviors, cfg.sampled_negatives), device=device)
+                sampled = torch.as_tensor(pool[gen.integers(0, len(pool), cfg.sampled_negatives)], device=device)
                 with model.autocast():
-                    out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed)
+                    out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed, cfg.hard_negative_pool or 50)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if cfg.grad_clip:
@@ -224,13 +229,12 @@ class Phase2Trainer:
                 seen += len(idx) * world
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
-                done = step - steps.start + 1
-                bar.set_postfix({k: f"{v / done:.3f}" for k, v in sums.items() if k != "scale"})
+                    counts[k] = counts.get(k, 0) + 1
+                bar.set_postfix({k: f"{v / counts[k]:.3f}" for k, v in sums.items() if k != "scale"})
                 position["step"] = step + 1
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and rank == 0:
                     self._save(optimizer, position, best_state)
             seconds = time.perf_counter() - t_epoch
-            done = max(len(steps), 1)
             value = valid_fn() if rank == 0 else 0.0
             if ddp:
                 import torch.distributed as dist
@@ -238,7 +242,7 @@ class Phase2Trainer:
                 shared = torch.tensor([value], dtype=torch.float64)
                 dist.broadcast(shared, 0)
                 value = float(shared)
-            record = {"epoch": epoch, **{k: round(v / done, 4) for k, v in sums.items()}, "cases_per_s": round(seen / max(seconds, 1e-9), 1),
+            record = {"epoch": epoch, **{k: round(v / counts[k], 4) for k, v in sums.items()}, "cases_per_s": round(seen / max(seconds, 1e-9), 1),
                       f"valid_{cfg.select_metric}": value}
             position["history"].append(record)
             if value > position["best"]:
