@@ -76,3 +76,19 @@ def test_the_export_serves_the_tuned_heads(label_stage, tiny_serving, tmp_path):
     assert set(rows[0]["campaign_response"]) == {"kind", "uplift", "p_control", "p_treated"}
     with pytest.raises(KeyError, match="not in the event log"):
         user_cases(log_, np.array(["no-such-user"]))
+
+
+def test_label_histories_end_at_the_label_time():
+    import pandas as pd
+
+    from gts_lum.data.events import EventLog
+    from gts_lum.training.task_tokens import user_cases
+
+    frame = pd.DataFrame({"user_id": ["a"] * 4 + ["b"] * 3, "behavior_id": "x", "timestamp": [10, 20, 30, 40, 15, 25, 35]})
+    log_ = EventLog.from_frame(frame, behavior_ids=np.array(["x"], dtype=object))
+    a, b = log_.offsets[list(log_.user_ids).index("a")], log_.offsets[list(log_.user_ids).index("b")]
+    whole = user_cases(log_, np.array(["a", "b"]))
+    assert list(whole.history_end) == [a + 4, b + 3]
+    cut = user_cases(log_, np.array(["a", "b", "b", "a"]), np.array([30.0, np.nan, 5.0, 1e9]))
+    # "a" before t=30 keeps 10 and 20; no time: everything; before all events: nothing; after all: everything
+    assert list(cut.history_end) == [a + 2, b + 3, b, a + 4]

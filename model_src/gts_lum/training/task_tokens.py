@@ -117,16 +117,29 @@ def tune_task_token(
     }
 
 
-def user_cases(log_: EventLog, user_ids: np.ndarray) -> EvalSet:
-    """One case per user id: the user's whole history in `log_` (KeyError naming ids the log lacks)."""
+def user_cases(log_: EventLog, user_ids: np.ndarray, before: np.ndarray | None = None) -> EvalSet:
+    """One case per user id: the user's history in `log_` (KeyError naming ids the log lacks).
+
+    `before` (M,) unix seconds: each history ends before that instant (a label's `time`: the label must
+    not see what happened after it); NaN, or no `before`, keeps the whole history."""
     import pandas as pd
 
     rows = pd.Index(log_.user_ids.astype(str)).get_indexer(np.asarray(user_ids).astype(str))
     if (rows < 0).any():
         missing = np.asarray(user_ids)[rows < 0]
         raise KeyError(f"{len(missing)} user id(s) not in the event log, e.g. {missing[:5].tolist()}")
-    ends = log_.offsets[rows + 1].astype(np.int64)
-    return EvalSet(rows.astype(np.int64), ends, np.zeros(len(rows), np.int32), log_.timestamp[np.maximum(ends - 1, 0)].astype(np.int64))
+    starts, ends = log_.offsets[rows].astype(np.int64), log_.offsets[rows + 1].astype(np.int64)
+    if before is not None and len(log_.timestamp):
+        cut = np.asarray(before, np.float64)
+        # one search over (user, time) keys: users are contiguous and their timestamps sorted
+        t0 = int(log_.timestamp.min())
+        span = int(log_.timestamp.max()) - t0 + 2
+        event_user = np.repeat(np.arange(len(log_.offsets) - 1, dtype=np.int64), np.diff(log_.offsets))
+        keys = event_user * span + (log_.timestamp.astype(np.int64) - t0)
+        offset = np.clip(np.nan_to_num(cut - t0, nan=span - 1), 0, span - 1).astype(np.int64)
+        ends = np.searchsorted(keys, rows.astype(np.int64) * span + offset, side="left").astype(np.int64)
+    last = np.maximum(ends - 1, starts)
+    return EvalSet(rows.astype(np.int64), ends, np.zeros(len(rows), np.int32), log_.timestamp[np.minimum(last, len(log_.timestamp) - 1)].astype(np.int64))
 
 
 def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir: str | Path, out_dir: str | Path, cfg: HeadsConfig) -> dict:
@@ -137,6 +150,8 @@ def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir:
     model/ (the GTS-LUM model with its tuned task tokens; everything else unchanged).
     """
     import json
+
+    import pandas as pd
 
     from gts_lum.data.contract import read_table
     from gts_lum.evaluation.labels import discover_tasks, evaluate_label_tasks, format_label_table
@@ -163,12 +178,21 @@ def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir:
     tasks = discover_tasks(labels, cfg.max_classes)
     model.set_tasks([t.name for t in tasks])
 
+    def cases(ids, task) -> EvalSet:  # histories end at the label's time (the latest row's, as label_arrays keeps)
+        if "time" not in labels.columns:
+            return user_cases(log_, ids)
+        rows = labels[labels["task"].astype(str) == task.name]
+        at = rows.groupby(rows["user_id"].astype(str))["time"].max()
+        at = pd.to_datetime(at.reindex(np.asarray(ids).astype(str)), utc=True).dt.tz_convert(None).to_numpy()
+        seconds = np.where(np.isnat(at), np.nan, at.astype("datetime64[s]").astype(np.int64).astype(np.float64))
+        return user_cases(log_, ids, seconds)
+
     def tune(task, ids, y, t) -> dict:
         head = build_head(task, model.net.hidden_size, cfg)
-        return tune_task_token(model, log_, user_cases(log_, ids), y, t, model.task_index(task.name), head, cfg.task_token)
+        return tune_task_token(model, log_, cases(ids, task), y, t, model.task_index(task.name), head, cfg.task_token)
 
     def embed(ids, task) -> np.ndarray:
-        return model.user_embeddings(log_, user_cases(log_, ids), task=model.task_index(task.name))
+        return model.user_embeddings(log_, cases(ids, task), task=model.task_index(task.name))
 
     def keep(task, head, scores) -> None:
         save_head(out / "heads", task, head, task_token=model.task_index(task.name))
