@@ -15,13 +15,14 @@ Decoder input of one case (left to right; `[..]` optional):
   behaviours (oldest first) and compressed by the Q-former to Q tokens each (`adapter.compress`).
 - profile: the user's attribute-table embedding (table encoder), projected; a learned vector when the
   user has no row. One leading token: it conditions everything after it.
-- target: the candidate's b^F only (no time, no descriptor). For label heads a learned task token
+- target: the candidate's b^F only (no time, no descriptor), scaled by a learned gate g that starts
+  at 0 (`GTSLUMNetConfig.target_gate_init`). For label heads a learned task token
   takes the target's place, so one mechanism serves next behaviour and heterogeneous labels.
 - position IDs: consecutive over the real tokens (the "position" variant: shared inside an interval).
 
 Scoring, defined:
 
-    score(user, c) = cosine( h_last([c, history]), P b^F_c ) / temperature
+    score(user, c) = cosine( h_last([g b^F_c, history]), P b^F_c ) / temperature
 
 with h_last the decoder's last hidden state (the user embedding), P a learned projection, and c FIRST
 in the sequence. The target-agnostic score is the same with the plain sequence (no target token):

@@ -7,7 +7,8 @@ epochs a model sees many different prefixes of every sequence. The token sequenc
 epoch's cases are built at once by the timestamp process (vectorized).
 
 Loss: `GTSLUMNetwork.forward` (target-agnostic InfoNCE with in-batch + sampled negatives, then
-target-aware InfoNCE over the positive and k hard negatives), AdamW, gradient clipping.
+target-aware InfoNCE over the positive and k negatives from the agnostic top `hard_negative_pool`, for
+the cases whose positive made that list), AdamW, gradient clipping.
 
 Determinism and resume: the epoch's cases come from (seed, epoch); each step seeds torch (dropout) and
 its negative sampler from (seed, epoch, step). A checkpoint every `checkpoint_every` steps holds the
