@@ -32,7 +32,6 @@ one decoder pass per user ranks the whole catalog, while the target-aware score 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -434,7 +433,7 @@ class GTSLUMNetwork(nn.Module):
         agnostic_weight: float = 1.0,
         aware_weight: float = 1.0,
         allowed_targets: torch.Tensor | None = None,  # (num_behaviors,) bool: which behaviours may be targets
-        hard_negative_pool: int = 50,
+        hard_negative_pool: int = 50,  # the trainer passes the re-ranking depth (Phase2Config.hard_negative_pool)
     ) -> dict[str, torch.Tensor]:
         """Phase II: two InfoNCE terms, each over ONE scoring path (never mixed in one softmax).
 
@@ -679,8 +678,6 @@ class GTSLUM:
         def valid_fn() -> float:  # an epoch is as good as its better scoring
             return max(valid_by_depth().values())
 
-        if tc.hard_negative_pool is None:  # train the re-ranker on the lists it will re-rank
-            tc = dataclasses.replace(tc, hard_negative_pool=max(configured, 2 * tc.hard_negatives, 10))
         stats = Phase2Trainer(self, tc, checkpoint_dir).fit(split, targets, valid_fn)
         if len(depths) > 1:  # the best epoch's weights are in: pick the scoring on validation
             values = valid_by_depth()
@@ -762,6 +759,8 @@ class GTSLUM:
         return self._require().state_dict()
 
     def save_assets(self, folder: str | Path) -> None:
+        import dataclasses
+
         import yaml
 
         folder = Path(folder)

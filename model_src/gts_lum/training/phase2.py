@@ -193,6 +193,8 @@ class Phase2Trainer:
         # negatives come from the behaviours that can be targets: an off-target negative is an easy
         # one (a shortcut: "is it a target type?"), never a competitor at scoring time
         pool = np.arange(num_behaviors, dtype=np.int64) if targets is None else np.unique(np.asarray(targets, np.int64))
+        # the target-aware term trains on the lists re-ranking will see: the model's re-ranking depth
+        list_size = cfg.hard_negative_pool or max(getattr(model.cfg, "rerank_depth", 0), 2 * cfg.hard_negatives, 10)
         if targets is not None:
             allowed = torch.zeros(num_behaviors, dtype=torch.bool, device=device)
             allowed[torch.as_tensor(np.asarray(targets, np.int64), device=device)] = True
@@ -221,7 +223,7 @@ class Phase2Trainer:
                 positives = torch.as_tensor(cases.target[idx].astype(np.int64), device=device)
                 sampled = torch.as_tensor(pool[gen.integers(0, len(pool), cfg.sampled_negatives)], device=device)
                 with model.autocast():
-                    out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed, cfg.hard_negative_pool or 50)
+                    out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed, list_size)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if cfg.grad_clip:
