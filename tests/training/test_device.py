@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from gts_lum.training.device import device_info, select_device
+from gts_lum.training.device import device_info, local_device_index, select_device
 
 
 def test_cpu_preference_gives_cpu_with_fp32_and_gloo():
@@ -55,3 +55,15 @@ def test_bad_preference_and_device_are_named():
         select_device("gpu")
     with pytest.raises(ValueError, match="meta"):
         device_info(torch.device("meta"))
+
+
+def test_each_torchrun_process_takes_the_accelerator_of_its_local_rank(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert local_device_index(4) == 0  # launched alone
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device_index(4) == 3
+    with pytest.raises(ValueError, match="LOCAL_RANK=3 but this node has 2 device"):
+        local_device_index(2)
+    monkeypatch.setenv("LOCAL_RANK", "first")
+    with pytest.raises(ValueError, match="'first'"):
+        local_device_index(2)

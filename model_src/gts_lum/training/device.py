@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -49,14 +50,31 @@ def _npu_device() -> torch.device | None:
     if npu is None or not npu.is_available():
         log.info("torch_npu imported but no NPU is visible")
         return None
-    return torch.device("npu", 0)
+    index = local_device_index(npu.device_count())
+    npu.set_device(index)
+    return torch.device("npu", index)
+
+
+def local_device_index(count: int) -> int:
+    """This process's accelerator: `LOCAL_RANK` (set by torchrun per process on a node), 0 when unset.
+
+    Every DDP process on device 0 is what NCCL/HCCL reject ("duplicate GPU"); one device per process."""
+    raw = os.environ.get("LOCAL_RANK", "0")
+    try:
+        rank = int(raw)
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK={raw!r}: expected a non-negative integer") from None
+    if not 0 <= rank < max(count, 1):
+        raise ValueError(f"LOCAL_RANK={rank} but this node has {count} device(s): start at most {count} processes per node (torchrun --nproc-per-node)")
+    return rank
 
 
 def select_device(prefer: str = "auto") -> torch.device:
     """Pick the device to run on.
 
     `prefer`: "auto" (NPU, else CUDA, else CPU), "npu" or "cuda" (that kind, falling back in the same
-    order with a warning when it is unavailable), or "cpu".
+    order with a warning when it is unavailable), or "cpu". Under torchrun each process takes the
+    accelerator of its `LOCAL_RANK` (see `local_device_index`).
     """
     if prefer not in PREFERENCES:
         raise ValueError(f"device preference {prefer!r}: expected one of {PREFERENCES}")
@@ -69,8 +87,10 @@ def select_device(prefer: str = "auto") -> torch.device:
             log.warning("NPU requested but not available; falling back to CUDA/CPU")
     if prefer in ("npu", "cuda", "auto"):
         if torch.cuda.is_available():
-            log.info("device: cuda:0 (%s)", torch.cuda.get_device_name(0))
-            return torch.device("cuda", 0)
+            index = local_device_index(torch.cuda.device_count())
+            torch.cuda.set_device(index)
+            log.info("device: cuda:%d (%s)", index, torch.cuda.get_device_name(index))
+            return torch.device("cuda", index)
         if prefer != "auto":
             log.warning("%s requested but CUDA is not available either; using CPU", prefer.upper())
     log.info("device: cpu")
