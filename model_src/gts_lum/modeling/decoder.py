@@ -62,9 +62,23 @@ class DecoderInfo:
     total_parameters: int
 
 
+def small_llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, max_positions: int, **extra) -> nn.Module:
+    """A fresh Llama-architecture base model of these sizes (offline, random weights; no special tokens,
+    since every caller feeds its own ids or `inputs_embeds`). `extra`: further `LlamaConfig` fields."""
+    from transformers import LlamaConfig, LlamaModel
+
+    return LlamaModel(
+        LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=num_heads, intermediate_size=intermediate_size, max_position_embeddings=max_positions,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None, **extra,
+        )
+    )
+
+
 def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
     """The decoder's base model (hidden states out, no LM head), frozen / LoRA-wrapped as configured."""
-    from transformers import AutoModel, LlamaConfig
+    from transformers import AutoModel
 
     if cfg.pretrained:
         folder = Path(cfg.pretrained).expanduser()
@@ -72,21 +86,11 @@ def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
             raise FileNotFoundError(f"DecoderConfig.pretrained: {folder} is not a local Hugging Face model folder (nothing is downloaded)")
         model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     else:
-        config = LlamaConfig(
-            vocab_size=2,  # inputs_embeds only: the token table is never read
-            bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=None,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=cfg.max_positions,
-            rope_theta=cfg.rope_theta,
-            attn_implementation=cfg.attn_implementation,
+        model = small_llama(
+            2,  # inputs_embeds only: the token table is never read
+            cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.max_positions,
+            rope_theta=cfg.rope_theta, attn_implementation=cfg.attn_implementation,
         )
-        model = AutoModel.from_config(config)
     frozen = bool(cfg.pretrained) if cfg.freeze is None else cfg.freeze
     if frozen:
         for p in model.parameters():

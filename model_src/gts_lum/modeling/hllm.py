@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from gts_lum.data.events import EventLog
 from gts_lum.evaluation.protocol import EvalConfig
 from gts_lum.modeling.baselines import check_catalog
+from gts_lum.modeling.decoder import small_llama
 from gts_lum.modeling.qformer import DEFAULT_TOKENIZER, TextTokenizer
 from gts_lum.sequence.splits import EvalSet, Split
 from gts_lum.training.device import device_info, select_device
@@ -104,7 +105,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int, max_positions: int, which: str, p
     `pretrained=False` builds a checkpoint's architecture without reading its weights (a saved HLLM
     brings its own).
     """
-    from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaModel
+    from transformers import AutoConfig, AutoModel
 
     if cfg.path:
         folder = Path(cfg.path).expanduser()
@@ -114,20 +115,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int, max_positions: int, which: str, p
         if model.get_input_embeddings().num_embeddings != vocab_size:
             model.resize_token_embeddings(vocab_size)
         return model
-    return LlamaModel(
-        LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=max_positions,
-            pad_token_id=None,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-    )
+    return small_llama(vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, max_positions)
 
 
 def item_token_rows(ids: torch.Tensor, padding: torch.Tensor, item_token: int) -> torch.Tensor:
