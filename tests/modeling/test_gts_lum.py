@@ -190,3 +190,30 @@ def test_target_aware_term_trains_on_the_reranking_lists(cycle_data, one_thread_
     assert len(seen) - calls == (1 if trained else 0)  # no decoder pass when no case qualifies
     if trained:
         assert len(seen[-1][1]) == trained
+
+
+def test_full_softmax_over_the_target_catalog(cycle_data, one_thread_module, monkeypatch):
+    """`train.sampled_negatives: null`: every step's agnostic term scores every target behaviour."""
+    split = cycle_data.split()
+    model = build(cycle_data, train={**TINY["train"], "epochs": 1, "sampled_negatives": None})
+    seen = []
+    real = model.net.forward
+    monkeypatch.setattr(model.net, "forward", lambda batch, positives, sampled, *a: seen.append(sampled) or real(batch, positives, sampled, *a))
+    targets = np.array([1, 2, 3])
+    model.fit(split, EvalConfig(ks=(1, 10)), candidates=targets)
+    assert seen and all(s.tolist() == targets.tolist() for s in seen)
+
+
+def test_input_dropout_only_while_training(cycle_data, one_thread_module):
+    model = build(cycle_data, net={**TINY["net"], "input_dropout": 0.5})
+    net, split = model.net, cycle_data.split()
+    cases = split.test.subset(np.arange(4))
+    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
+    with torch.no_grad():
+        ctx = net.context(batch)
+        net.train()
+        assert not torch.equal(net.user_states(ctx), net.user_states(ctx))
+        net.eval()
+        torch.testing.assert_close(net.user_states(ctx), net.user_states(ctx), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="input_dropout"):
+        build(cycle_data, net={**TINY["net"], "input_dropout": 1.0})

@@ -86,10 +86,15 @@ class GTSLUMNetConfig:
     # term down with it (BENCHMARKS.md, Table 5). 1.0 with `target_gate_trainable: false`: the plain token.
     target_gate_init: float = 0.0
     target_gate_trainable: bool = True
+    # dropout on the decoder's input embeddings while training (SASRec's embedding dropout): a from-scratch
+    # decoder over a few hundred users' histories overfits them within a few epochs without it
+    input_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.target_placement not in TARGET_PLACEMENTS:
             raise ValueError(f"target_placement {self.target_placement!r}: use one of {TARGET_PLACEMENTS}")
+        if not 0.0 <= self.input_dropout < 1.0:
+            raise ValueError(f"input_dropout must be in [0, 1), got {self.input_dropout}")
         if self.compressor.windows < 0 or self.compressor.window_size < 1:
             raise ValueError(f"compressor: windows >= 0 and window_size >= 1, got {self.compressor}")
 
@@ -232,6 +237,7 @@ class GTSLUMNetwork(nn.Module):
                 nn.init.normal_(emb.weight, std=0.1)
         self.item_projection = nn.Linear(h, h)  # P in the score
         self.target_gate = nn.Parameter(torch.tensor(float(cfg.target_gate_init)), requires_grad=cfg.target_gate_trainable)
+        self.input_dropout = nn.Dropout(cfg.input_dropout)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         self._unprojected: torch.Tensor | None = None  # catalog cache of a frozen adapter
         if not cfg.adapter_trainable:
@@ -384,7 +390,7 @@ class GTSLUMNetwork(nn.Module):
                 end, end_mask = [tok], [one]
         parts = front + [ctx["prefix"][rows], ctx["hist"][rows]] + end
         masks = front_mask + [ctx["prefix_mask"][rows], ctx["hist_mask"][rows]] + end_mask
-        x = torch.cat([p.to(ctx["hist"].dtype) for p in parts], 1)  # (N, T, H)
+        x = self.input_dropout(torch.cat([p.to(ctx["hist"].dtype) for p in parts], 1))  # (N, T, H)
         mask = torch.cat(masks, 1)
         n_front = sum(m.shape[1] for m in front_mask) + ctx["prefix_mask"].shape[1]
         lead = mask[:, :n_front].long()

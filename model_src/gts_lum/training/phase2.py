@@ -52,7 +52,10 @@ class Phase2Config:
     patience: int = 3
     prefixes_per_user: int = 4  # training cases per user and epoch (see the module docstring)
     max_cases_per_epoch: int | None = None  # a seeded cap on an epoch's cases
-    sampled_negatives: int = 256  # uniform negatives over the target behaviours, shared by a batch (plus the in-batch targets)
+    # uniform negatives over the target behaviours, shared by a batch (plus the in-batch targets); None:
+    # every target behaviour, a full softmax over the target catalog (cheap while the adapter is frozen:
+    # one projection of the catalog's cached b^F per step)
+    sampled_negatives: int | None = 256
     hard_negatives: int = 4  # target-aware negatives per case (each one decoder pass)
     hard_negative_pool: int | None = None  # they come from the agnostic top-N (None: the model's re-ranking depth)
     agnostic_weight: float = 1.0
@@ -221,7 +224,7 @@ class Phase2Trainer:
                 gen = np.random.default_rng([cfg.seed, epoch, step, rank])
                 batch = model.batch(tokens.subset(idx), train, cases.history_end[idx])
                 positives = torch.as_tensor(cases.target[idx].astype(np.int64), device=device)
-                sampled = torch.as_tensor(pool[gen.integers(0, len(pool), cfg.sampled_negatives)], device=device)
+                sampled = torch.as_tensor(pool if cfg.sampled_negatives is None else pool[gen.integers(0, len(pool), cfg.sampled_negatives)], device=device)
                 with model.autocast():
                     out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed, list_size)
                 optimizer.zero_grad(set_to_none=True)
