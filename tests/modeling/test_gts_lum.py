@@ -129,7 +129,8 @@ def test_resume_after_a_kill_mid_epoch_equals_uninterrupted(cycle_data, one_thre
     from gts_lum.training.phase2 import Phase2Trainer
 
     split = cycle_data.split()
-    short = {**TINY["train"], "epochs": 2, "checkpoint_every": 3}
+    # with the cosine schedule and warm-up: the rate at each step comes back with the position
+    short = {**TINY["train"], "epochs": 2, "checkpoint_every": 3, "lr_schedule": "cosine", "warmup_steps": 4}
     full = build(cycle_data, train=short)
     full.fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "a")
     # the process dies right after the step-6 checkpoint of epoch 0 (the epoch has more steps than that)
@@ -217,3 +218,16 @@ def test_input_dropout_only_while_training(cycle_data, one_thread_module):
         torch.testing.assert_close(net.user_states(ctx), net.user_states(ctx), rtol=0, atol=0)
     with pytest.raises(ValueError, match="input_dropout"):
         build(cycle_data, net={**TINY["net"], "input_dropout": 1.0})
+
+
+def test_learning_rate_schedules():
+    from gts_lum.training.phase2 import Phase2Config, learning_rate
+
+    cosine = Phase2Config(lr=0.01, lr_schedule="cosine", warmup_steps=10)
+    rates = [learning_rate(cosine, s, 110) for s in range(110)]
+    assert rates[0] == pytest.approx(0.001) and rates[9] == pytest.approx(0.01)  # linear warm-up
+    assert rates[10] == pytest.approx(0.01) and rates[60] == pytest.approx(0.005)  # half-way down
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 1e-5
+    assert learning_rate(Phase2Config(lr=0.01), 99, 110) == 0.01
+    with pytest.raises(ValueError, match="lr_schedule 'linear'"):
+        Phase2Config(lr_schedule="linear")

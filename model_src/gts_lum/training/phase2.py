@@ -43,10 +43,17 @@ from gts_lum.sequence.splits import EvalSet
 log = logging.getLogger(__name__)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class Phase2Config:
     batch_size: int = 32  # cases per optimizer step (per process under DDP)
     lr: float = 1e-3
+    # "constant", or "cosine": from lr down to 0 over the whole budget (epochs x steps an epoch), after
+    # `warmup_steps` of linear warm-up. The rate is a function of the step alone, so resume needs no state.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     weight_decay: float = 0.01
     epochs: int = 10
     patience: int = 3
@@ -67,6 +74,22 @@ class Phase2Config:
     select_metric: str = "NDCG@10"
     valid_cases: int | None = 500  # fixed seeded sample of validation cases scored each epoch
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only, when a folder is given)
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Phase2Config.lr_schedule {self.lr_schedule!r}: use one of {LR_SCHEDULES}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"Phase2Config.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def learning_rate(cfg: Phase2Config, step: int, total_steps: int) -> float:
+    """The rate of global optimizer step `step` (0-based) of `total_steps` (see `Phase2Config.lr_schedule`)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    done = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
 
 def training_cases(train: EventLog, per_user: int, seed: int, targets: np.ndarray | None = None, cap: int | None = None) -> EvalSet:
@@ -211,6 +234,7 @@ class Phase2Trainer:
             cases = training_cases(train, cfg.prefixes_per_user, cfg.seed * 7919 + epoch, targets, cfg.max_cases_per_epoch)
             batches = [np.arange(s, min(s + cfg.batch_size, len(cases))) for s in range(0, len(cases), cfg.batch_size)]
             batches = batches[: len(batches) - len(batches) % world] if ddp else batches  # equal steps per rank
+            steps_per_epoch = len(batches) // world  # the schedule's unit (epochs hold about as many cases each)
             tokens = model.sequences(train, cases)
             net.train()
             sums: dict[str, float] = {}
@@ -224,6 +248,8 @@ class Phase2Trainer:
                 gen = np.random.default_rng([cfg.seed, epoch, step, rank])
                 batch = model.batch(tokens.subset(idx), train, cases.history_end[idx])
                 positives = torch.as_tensor(cases.target[idx].astype(np.int64), device=device)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + step, cfg.epochs * steps_per_epoch)
                 sampled = torch.as_tensor(pool if cfg.sampled_negatives is None else pool[gen.integers(0, len(pool), cfg.sampled_negatives)], device=device)
                 with model.autocast():
                     out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed, list_size)
@@ -248,7 +274,7 @@ class Phase2Trainer:
                 shared = torch.tensor([value], dtype=torch.float64)
                 dist.broadcast(shared, 0)
                 value = float(shared)
-            record = {"epoch": epoch, **{k: round(v / counts[k], 4) for k, v in sums.items()}, "cases_per_s": round(seen / max(seconds, 1e-9), 1),
+            record = {"epoch": epoch, "lr": round(optimizer.param_groups[0]["lr"], 6), **{k: round(v / counts[k], 4) for k, v in sums.items()}, "cases_per_s": round(seen / max(seconds, 1e-9), 1),
                       f"valid_{cfg.select_metric}": value}
             position["history"].append(record)
             if value > position["best"]:
