@@ -102,9 +102,9 @@ class Offline:
 
     def ranking(self, u: int, candidates: list[str] | None, top_k: int) -> pd.DataFrame:
         """GTSLUM.score on user u's whole history in the training log (one case), ranked like the scorer:
-        the catalog two-stage, request candidates all target-aware (re-ranking depth = their number)."""
+        the export's targets two-stage, request candidates all target-aware (re-ranking depth = their number)."""
         serving, model = self.serving, self.serving.model
-        cand = np.arange(len(serving.catalog)) if candidates is None else np.array([serving.index[c] for c in candidates])
+        cand = serving.default_candidates if candidates is None else np.array([serving.index[c] for c in candidates])
         depth = model.cfg.rerank_depth
         model.cfg.rerank_depth = depth if candidates is None else len(cand)
         try:

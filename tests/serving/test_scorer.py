@@ -52,6 +52,9 @@ def test_export_holds_the_catalog_the_time_settings_and_a_content_version(tiny_s
     card = yaml.safe_load((export / "serving.yaml").read_text())
     training_log = EventLog.load(tiny_serving.sequences / "event_log.npz")
     assert card["catalog"]["behavior_ids"] == training_log.behavior_ids.astype(str).tolist()  # catalog order
+    # the split's targets (OTT services): what a request without candidates ranks
+    ott = [i for i, b in enumerate(card["catalog"]["behavior_ids"]) if b.startswith("ott.")]
+    assert card["catalog"]["target_filter"] == "type=ott" and card["catalog"]["targets"] == ott and 0 < len(ott) < card["catalog"]["size"]
     # the timestamp-process settings of the training sequences (Feast parity reads them from here)
     assert card["sequence_config"] == yaml.safe_load((tiny_serving.sequences / "sequence_config.yaml").read_text())
     assert card["sequence_config"]["timezone"] == "Asia/Shanghai" and card["sequence_config"]["interval_minutes"] == 15
@@ -138,7 +141,8 @@ def test_inline_histories_score_exactly_as_offline(scorer_server, offline):
     for u, prediction in zip(users, predictions):
         assert prediction["user_id"] == str(offline.log.user_ids[u]) and prediction["version"] == version
         assert prediction["history"] == {"source": "inline", "events": int(offline.log.lengths()[u]), "dropped_unknown": 0}
-        assert len(prediction["ranking"]) == 10  # the default top_k over the whole catalog
+        assert len(prediction["ranking"]) == 10  # the default top_k over the export's targets
+        assert all(r["behavior_id"].startswith("ott.") for r in prediction["ranking"])
         assert_same_ranking(prediction, offline.ranking(u, None, 10))
         # two-stage: the top rerank_depth (5) were re-ranked target-aware
         assert [r["target_aware"] for r in prediction["ranking"]] == [True] * 5 + [False] * 5

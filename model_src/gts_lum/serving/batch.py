@@ -3,7 +3,7 @@
     gts-lum batch-score runs/demo/export runs/demo/sequences --out runs/demo/batch --top-k 10
 
 Users are scored in chunks of `chunk_size` through the same `ServingModel.rank` as the KServe scorer
-(whole history, two-stage retrieval over the whole catalog). Each chunk becomes one file
+(whole history, two-stage retrieval over the export's target behaviours). Each chunk becomes one file
 `part-NNNNN.parquet` (user_id, rank, behavior_id, score): written under a temporary name, then renamed,
 then recorded in `manifest.json` (itself replaced atomically). A run killed at any point resumes with
 the same call: chunks in the manifest are skipped, a chunk renamed but not yet recorded is scored

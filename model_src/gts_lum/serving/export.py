@@ -4,7 +4,8 @@ Written by `export_model`, read by `load_export` (the KServe scorer and batch sc
 through the `ServingModel` it returns, so online and offline ranks cannot drift apart):
 
     serving.yaml         name, version (default: a hash of the weights, assets and heads), the catalog's
-                         behaviour ids (catalog order), the timestamp-process settings (`sequence_config`:
+                         behaviour ids (catalog order) and target behaviours (the training split's target
+                         filter: what a request without candidates ranks), the timestamp-process settings (`sequence_config`:
                          timezone, interval, budget, ...; Feast parity reads them), the heads, a sha256 per file
     weights.safetensors, model.yaml, assets/   the model as `training.checkpoint.save_model` wrote it
     heads/               optional: heads.yaml + NAME.safetensors per label head (`save_head`)
@@ -113,16 +114,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _catalog_ids(model_dir: Path, card: dict, sequences_dir: str | Path | None) -> np.ndarray:
-    """The training log's behaviour ids: the catalog order the model's indices refer to."""
+def _catalog(model_dir: Path, card: dict, sequences_dir: str | Path | None) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """The training log's behaviour ids (the catalog order the model's indices refer to), the split's
+    target filter and the target behaviours it selects (catalog indices; None: every behaviour)."""
+    from gts_lum.sequence.dataset import SequenceDataset
+
     source = sequences_dir or card.get("metadata", {}).get("sequences")
     if not source:
         raise ValueError(f"{model_dir}: model.yaml names no training sequences; pass sequences_dir (the catalog's behaviour ids are read there)")
     path = Path(source) / "event_log.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path}: the training sequence data set is needed for the catalog's behaviour ids; pass sequences_dir")
-    with np.load(path, allow_pickle=False) as z:
-        return z["behavior_ids"].astype(str)
+    data = SequenceDataset.load(source)
+    ids = data.event_log.behavior_ids.astype(str)
+    expr = data.split_cfg.target_filter
+    if not expr:
+        return ids, "", None
+    from gts_lum.evaluation.candidates import select_candidates
+
+    return ids, expr, np.asarray(select_candidates(data.behaviors(), data.event_log.behavior_ids, expr), np.int64)
 
 
 def export_model(
@@ -146,7 +156,7 @@ def export_model(
         raise ValueError(f"export name {name!r}: use letters, digits, '_', '.', '-'")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; export into a new folder")
-    behavior_ids = _catalog_ids(model_dir, card, sequences_dir)
+    behavior_ids, target_filter, targets = _catalog(model_dir, card, sequences_dir)
     assets = sorted(p for p in (model_dir / "assets").rglob("*") if p.is_file())
     bad = [str(p.relative_to(model_dir)) for p in assets if p.suffix not in ASSET_SUFFIXES]
     if bad:
@@ -188,7 +198,14 @@ def export_model(
             "version": str(version),
             "model": card["name"],
             "source": str(model_dir.resolve()),
-            "catalog": {"size": int(len(behavior_ids)), "behavior_ids": behavior_ids.tolist()},
+            "catalog": {
+                "size": int(len(behavior_ids)),
+                "behavior_ids": behavior_ids.tolist(),
+                # what the model was trained to recommend (the split's target filter): ranked when a
+                # request names no candidates; null: the whole catalog
+                "target_filter": target_filter,
+                "targets": None if targets is None else targets.tolist(),
+            },
             "sequence_config": dataclasses.asdict(model._assets["sequence_cfg"]),
             "rerank_depth": int(model.cfg.rerank_depth),
             "hidden_size": int(hidden),
@@ -248,6 +265,9 @@ class ServingModel:
         if len(self.catalog) != len(self.model._assets["features"].descriptions):
             raise ValueError(f"{self.root}: serving.yaml lists {len(self.catalog)} behaviours, the model {len(self.model._assets['features'].descriptions)}")
         self.index = {b: i for i, b in enumerate(self.catalog.tolist())}
+        targets = self.card["catalog"].get("targets")
+        # a request without candidates ranks these: the behaviours the model was trained to predict
+        self.default_candidates = np.arange(len(self.catalog), dtype=np.int64) if targets is None else np.asarray(targets, np.int64)
         if rerank_depth is not None:
             if rerank_depth < 0:
                 raise ValueError(f"rerank_depth must be >= 0, got {rerank_depth}")
@@ -267,9 +287,10 @@ class ServingModel:
         """(B, K) candidate indices (catalog indices) and their scores, best first, K = min(top_k, C).
 
         `candidates` given (catalog indices): every one scored target-aware (`GTSLUM.score` with the
-        re-ranking depth set to C). None: the whole catalog by the model's two-stage retrieval (agnostic
-        over all, the top `rerank_depth` re-scored target-aware). Ties keep candidate order (stable sort)."""
-        cand = np.arange(len(self.catalog), dtype=np.int64) if candidates is None else np.asarray(candidates, np.int64)
+        re-ranking depth set to C). None: `default_candidates` (the export's target behaviours, else the
+        whole catalog) by the model's two-stage retrieval (agnostic over all of them, the top
+        `rerank_depth` re-scored target-aware). Ties keep candidate order (stable sort)."""
+        cand = self.default_candidates if candidates is None else np.asarray(candidates, np.int64)
         with self._lock:
             depth = self.model.cfg.rerank_depth
             if candidates is not None:

@@ -6,15 +6,16 @@ A request instance (JSON object):
 
     {"user_id": "U000001",                                    # the history comes from Feast ...
      "events": {"behavior_ids": [...], "timestamps": [...]},   # ... unless given inline (unix s)
-     "candidates": ["ott.video...", ...],                      # optional; absent: the whole catalog
-     "top_k": 10,                                              # optional; default 10 (catalog) / all candidates
+     "candidates": ["ott.video...", ...],                      # optional; absent: the export's targets
+     "top_k": 10,                                              # optional; default 10 (targets) / all candidates
      "heads": ["churn"]}                                       # optional label heads of the export
 
 Its prediction: {"user_id", "model", "version", "history": {"source", "events", "dropped_unknown"},
 "ranking": [{"behavior_id", "score", "target_aware"}, ...] best first, "heads": {name: {...}}}.
 Request candidates are all scored target-aware (one decoder pass per candidate, hence --max-candidates);
-without candidates the whole catalog goes through the model's two-stage retrieval (agnostic over all,
-the top rerank_depth re-scored target-aware). Scores are `GTSLUM.score`'s: target-aware ones sit above
+without candidates the export's target behaviours (what the model was trained to predict: the training
+split's target filter, e.g. OTT services; the whole catalog without one) go through the model's two-stage
+retrieval (agnostic over all of them, the top rerank_depth re-scored target-aware). Scores are `GTSLUM.score`'s: target-aware ones sit above
 the agnostic ones (`target_aware` marks them), and they equal offline scoring of the same history.
 
 Protocols (kserve's own routes):
@@ -109,7 +110,7 @@ class ScoreCase:
     user_id: str | None
     behaviors: np.ndarray | None  # (n,) catalog indices
     timestamps: np.ndarray | None  # (n,) unix seconds
-    candidates: np.ndarray | None  # (C,) catalog indices; None: the whole catalog
+    candidates: np.ndarray | None  # (C,) catalog indices; None: the export's targets (`ServingModel.default_candidates`)
     top_k: int
     heads: list[str]
     source: str = "inline"
@@ -197,8 +198,8 @@ def parse_instance(obj, where: str, serving: ServingModel, cfg: ScorerConfig, ha
             dup = next(i for i, c in enumerate(cand_ids) if c in seen or seen.add(c))
             raise InvalidInput(f"{where}.candidates[{dup}]: duplicate candidate {cand_ids[dup]!r:.80}")
         candidates = _catalog_indices(cand_ids, serving, f"{where}.candidates")
-    pool = len(serving.catalog) if candidates is None else len(candidates)
-    top_k = obj.get("top_k", 10 if candidates is None else pool)  # default: 10 of the catalog, every candidate
+    pool = len(serving.default_candidates) if candidates is None else len(candidates)
+    top_k = obj.get("top_k", 10 if candidates is None else pool)  # default: 10 of the targets, every candidate
     if "top_k" in obj and (not _is_int(top_k) or not 1 <= top_k <= cfg.max_top_k):
         raise InvalidInput(f"{where}.top_k: expected an integer in [1, {cfg.max_top_k}], got {top_k!r:.40}")
     heads = obj.get("heads", [])
