@@ -207,6 +207,7 @@ def test_full_softmax_over_the_target_catalog(cycle_data, one_thread_module, mon
     model = build(cycle_data, train={**TINY["train"], "epochs": 1, "sampled_negatives": None})
     seen = []
     real = model.net.forward
+    # a spy, not a mock: it records the negatives the trainer passes and runs the real forward
     monkeypatch.setattr(model.net, "forward", lambda batch, positives, sampled, *a: seen.append(sampled) or real(batch, positives, sampled, *a))
     targets = np.array([1, 2, 3])
     model.fit(split, EvalConfig(ks=(1, 10)), candidates=targets)

@@ -50,8 +50,9 @@ LR_SCHEDULES = ("constant", "cosine")
 class Phase2Config:
     batch_size: int = 32  # cases per optimizer step (per process under DDP)
     lr: float = 1e-3
-    # "constant", or "cosine": from lr down to 0 over the whole budget (epochs x steps an epoch), after
-    # `warmup_steps` of linear warm-up. The rate is a function of the step alone, so resume needs no state.
+    # "constant", or "cosine": from lr down to 0 over the whole budget (epochs x steps an epoch). Either
+    # starts with `warmup_steps` of linear warm-up. The rate is a function of the step alone, so resume
+    # needs no state.
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.01
@@ -219,6 +220,7 @@ class Phase2Trainer:
         # negatives come from the behaviours that can be targets: an off-target negative is an easy
         # one (a shortcut: "is it a target type?"), never a competitor at scoring time
         pool = np.arange(num_behaviors, dtype=np.int64) if targets is None else np.unique(np.asarray(targets, np.int64))
+        every_target = torch.as_tensor(pool, device=device) if cfg.sampled_negatives is None else None  # full softmax: once
         # the target-aware term trains on the lists re-ranking will see: the model's re-ranking depth
         list_size = cfg.hard_negative_pool or max(getattr(model.cfg, "rerank_depth", 0), 2 * cfg.hard_negatives, 10)
         if targets is not None:
@@ -250,7 +252,7 @@ class Phase2Trainer:
                 positives = torch.as_tensor(cases.target[idx].astype(np.int64), device=device)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + step, cfg.epochs * steps_per_epoch)
-                sampled = torch.as_tensor(pool if cfg.sampled_negatives is None else pool[gen.integers(0, len(pool), cfg.sampled_negatives)], device=device)
+                sampled = every_target if every_target is not None else torch.as_tensor(pool[gen.integers(0, len(pool), cfg.sampled_negatives)], device=device)
                 with model.autocast():
                     out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed, list_size)
                 optimizer.zero_grad(set_to_none=True)
