@@ -111,3 +111,26 @@ def test_registry_builds_from_name_yaml_and_overrides(tmp_path):
         register_model("markov", MarkovConfig, MarkovChain)
     with pytest.raises(ValueError, match="duplicate method labels"):
         run_bench(leave_one_out(popular_and_sequential_log()), [("markov", None, []), ("markov", None, [])], tmp_path)
+
+
+def test_run_bench_over_seeds_reports_mean_and_spread(tmp_path):
+    split = leave_one_out(popular_and_sequential_log())
+    hstu = ["dim=8", "qk_dim=4", "v_dim=4", "num_layers=1", "train.epochs=2", "train.max_len=6", "train.num_negatives=4", "train.device=cpu"]
+    models = [("markov", None, []), ("hstu", None, hstu), ("hstu", None, {"train": {"lr": 0.01}}, "hstu-lr")]
+    rows = run_bench(split, models, tmp_path, eval_cfg=EvalConfig(ks=(5, 10, 50, 200)), seeds=[0, 1, 2])
+    markov, hstu_row, hstu_lr = rows
+    assert "seeds" not in markov and "sd" not in markov  # deterministic: one run
+    assert [r["seed"] for r in hstu_row["seeds"]] == [0, 1, 2]
+    assert "fit" not in hstu_row and all("fit" in r for r in hstu_row["seeds"])
+    single = run_bench(split, [("hstu", None, [*hstu, "train.seed=1"], "one")], tmp_path / "one", eval_cfg=EvalConfig(ks=(5, 10, 50, 200)))[0]
+    assert hstu_row["seeds"][1]["NDCG@10"] == pytest.approx(single["NDCG@10"])  # seed 1 of the mean is the seed-1 run
+    per_seed = np.array([r["NDCG@10"] for r in hstu_row["seeds"]])
+    assert hstu_row["NDCG@10"] == pytest.approx(per_seed.mean())
+    assert hstu_row["sd"]["NDCG@10"] == pytest.approx(per_seed.std(ddof=1))
+    assert hstu_row["R@200"] == pytest.approx(np.mean([r["R@200"] for r in hstu_row["seeds"]]))
+    assert len({r["NDCG@10"] for r in hstu_row["seeds"]} | {r["MRR"] for r in hstu_row["seeds"]}) > 2  # the seeds differ
+    assert [r["seed"] for r in hstu_lr["seeds"]] == [0, 1, 2]  # dict overrides get the seed too
+    md = (tmp_path / "table.md").read_text().splitlines()
+    assert "sd NDCG@10" in md[0].split(" | ")
+    assert md[2].split(" | ")[-2] == "-" and md[3].split(" | ")[-2] == f"{100 * hstu_row['sd']['NDCG@10']:.2f}"
+    assert json.loads((tmp_path / "table.json").read_text())["seeds"] == [0, 1, 2]

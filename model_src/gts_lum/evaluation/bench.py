@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gts_lum.config import load_config, to_dict
+from gts_lum.config import deep_merge, load_config, to_dict
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
 from gts_lum.modeling.baselines import MarkovChain, MarkovConfig, Popularity, PopularityConfig
 from gts_lum.modeling.gts_lum_model import GTSLUM, GTSLUMConfig
@@ -120,7 +120,8 @@ def format_table(rows: Sequence[dict], reference: str | int | None = None, colum
 
     `rows` are dicts with "method" and the metric values as fractions; `reference` is a method name or
     row index (default: the first row). A "Train (s)" column is added when every row has
-    "train_seconds".
+    "train_seconds"; an "sd NDCG@10" column (standard deviation across seeds, in points) when a row
+    is a mean over seeds (it has "sd").
     """
     ref = _reference_index(rows, reference)
     missing = [(r.get("method"), c) for r in rows for c in ("method", *columns) if c not in r]
@@ -128,11 +129,14 @@ def format_table(rows: Sequence[dict], reference: str | int | None = None, colum
         raise ValueError(f"rows lack (method, column) {missing[:5]}")
     impv = improvements(rows, ref, columns)
     with_time = all("train_seconds" in r for r in rows)
-    header = ["Methods", *columns, "Impv.(avg)"] + (["Train (s)"] if with_time else [])
+    with_sd = any("sd" in r for r in rows)
+    header = ["Methods", *columns, "Impv.(avg)"] + (["sd NDCG@10"] if with_sd else []) + (["Train (s)"] if with_time else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for row, gain in zip(rows, impv):
         cells = [str(row["method"]), *(f"{100.0 * row[c]:.2f}" for c in columns)]
         cells.append("n/a" if math.isnan(gain) else f"{100.0 * gain:.2f}%")
+        if with_sd:
+            cells.append(f"{100.0 * row['sd']['NDCG@10']:.2f}" if "sd" in row else "-")
         if with_time:
             cells.append(f"{row['train_seconds']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -171,6 +175,35 @@ def write_tables(rows: list[dict], out_dir: str | Path, reference: str | int | N
     (out / "table.json").write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
 
 
+def _has_train_seed(name: str, cfg_path: str | Path | None, overrides: list | dict) -> bool:
+    """Whether the model trains from a seed (`train.seed`); deterministic models run once."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    cfg = load_config(MODELS[name][0], cfg_path or default_config_path(name), overrides)
+    return hasattr(getattr(cfg, "train", None), "seed")
+
+
+def _with_seed(overrides: list | dict, seed: int | None) -> list | dict:
+    if seed is None:
+        return overrides
+    if isinstance(overrides, dict):
+        return deep_merge(overrides, {"train": {"seed": seed}})
+    return [*overrides, f"train.seed={seed}"]
+
+
+def _fit_and_test(name, cfg_path, overrides, label, split, candidates, eval_cfg, dataset) -> dict:
+    """One model fitted on `split` and evaluated on its test cases: metrics, timing, fit statistics."""
+    model = build_model(name, cfg_path, overrides)
+    attach_dataset(model, dataset)
+    log.info("bench: fitting %s (%s)", label, cfg_path or default_config_path(name) or "defaults")
+    t0 = time.perf_counter()
+    stats = model.fit(split, eval_cfg, candidates)
+    train_seconds = time.perf_counter() - t0
+    metrics = evaluate(model, split.log, split.test, candidates, eval_cfg, desc=f"{label} test")
+    log.info("bench: %s test NDCG@10 %.4f R@10 %.4f (%.1f s)", label, metrics["NDCG@10"], metrics["R@10"], train_seconds)
+    return {"model_config": to_dict(model.cfg), **metrics, "train_seconds": train_seconds, "fit": stats}
+
+
 def run_bench(
     split: Split,
     models: Sequence[Sequence],
@@ -179,13 +212,17 @@ def run_bench(
     eval_cfg: EvalConfig | None = None,
     reference: str | int | None = None,
     dataset: Any = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[dict]:
     """Fit each model on `split` (train / valid), evaluate on `split.test`, write table.md + table.json.
 
     `dataset`: the `SequenceDataset` the split comes from, for models that read more than the log.
+    `seeds`: each model that trains from a seed (`train.seed`) runs once per seed; its row holds the
+    mean, the standard deviation across seeds under "sd" and each run (with its fit statistics) under
+    "seeds". Deterministic models (Markov, popularity) run once.
 
     Returns one dict per model: method, model, config, overrides, the metrics (fractions), MRR, n,
-    train_seconds, impv_avg and the model's fit statistics under "fit".
+    train_seconds, impv_avg and the model's fit statistics under "fit" (one run) or "seeds".
     """
     eval_cfg = eval_cfg or EvalConfig()
     specs = [_spec(s) for s in models]
@@ -194,28 +231,24 @@ def run_bench(
         raise ValueError(f"duplicate method labels {labels}: give repeated models a fourth element, the label")
     rows = []
     for name, cfg_path, overrides, label in specs:
-        model = build_model(name, cfg_path, overrides)
-        attach_dataset(model, dataset)
-        log.info("bench: fitting %s (%s)", label, cfg_path or default_config_path(name) or "defaults")
-        t0 = time.perf_counter()
-        stats = model.fit(split, eval_cfg, candidates)
-        train_seconds = time.perf_counter() - t0
-        metrics = evaluate(model, split.log, split.test, candidates, eval_cfg, desc=f"{label} test")
-        log.info("bench: %s test NDCG@10 %.4f R@10 %.4f (%.1f s)", label, metrics["NDCG@10"], metrics["R@10"], train_seconds)
-        rows.append(
-            {
-                "method": label,
-                "model": name,
-                "config": str(cfg_path or default_config_path(name)),
-                "overrides": overrides,
-                "model_config": to_dict(model.cfg),
-                **metrics,
-                "train_seconds": train_seconds,
-                "fit": stats,
-            }
-        )
+        runs = [
+            _fit_and_test(name, cfg_path, _with_seed(overrides, seed), label if seed is None else f"{label} (seed {seed})", split, candidates, eval_cfg, dataset)
+            for seed in (seeds if seeds and _has_train_seed(name, cfg_path, overrides) else [None])
+        ]
+        row = {"method": label, "model": name, "config": str(cfg_path or default_config_path(name)), "overrides": overrides, **runs[0]}
+        if len(runs) > 1:
+            # the mean over seeds; the spread says which gaps between rows one seed could not resolve
+            averaged = [k for k, v in runs[0].items() if isinstance(v, float)]  # metrics and train_seconds
+            values = np.array([[r[k] for k in averaged] for r in runs], dtype=np.float64)  # (seeds, keys)
+            row.update(zip(averaged, values.mean(0).tolist()))
+            row["sd"] = dict(zip(averaged, values.std(0, ddof=1).tolist()))
+            row["seeds"] = [{"seed": s, **{k: r[k] for k in (*averaged, "fit")}} for s, r in zip(seeds, runs)]
+            del row["fit"]  # per seed, under "seeds"
+            log.info("bench: %s over seeds %s: NDCG@10 %.4f +- %.4f", label, list(seeds), row["NDCG@10"], row["sd"]["NDCG@10"])
+        rows.append(row)
         # after every row: a long bench (hours on CPU) leaves a readable partial table if it is stopped
         done = [r["method"] for r in rows]
         partial_ref = reference if reference in done or (isinstance(reference, int) and -len(rows) <= reference < len(rows)) else None
-        write_tables(rows, out_dir, partial_ref, meta={"split": split.kind, "eval": asdict(eval_cfg), "rows_done": f"{len(rows)} of {len(specs)}"})
+        meta = {"split": split.kind, "eval": asdict(eval_cfg), "seeds": list(seeds or []), "rows_done": f"{len(rows)} of {len(specs)}"}
+        write_tables(rows, out_dir, partial_ref, meta=meta)
     return rows

@@ -3,6 +3,7 @@
     gts-lum bench --config movielens --out runs/bench/movielens     # pkg:bench/movielens.yaml
     gts-lum bench --config synth --models markov,sasrec --out runs/bench/synth
     gts-lum bench --config table5_synth --out runs/bench/table5_synth          # an ablation table
+    gts-lum bench --config gts_lum_synth --models "Markov,GTS-LUM" --set "seeds=[0,1,2]" --out ...  # mean +- sd
 
 A `models` entry is a registered name, or a mapping {model, label, config, overrides} for variants of
 one model (the ablation tables list GTS-LUM several times). With `encoders: true` the bench runs the
@@ -44,6 +45,8 @@ class BenchConfig:
     reference: str | None = None  # the Impv.(avg) reference row (default: the first model)
     encoders: bool = False  # run the encoder stages for GTS-LUM entries (see the module docstring)
     encoder_overrides: dict = field(default_factory=dict)  # {tokenizer: {...}, graph: {...}, tables: {...}}
+    # Each seeded model (train.seed) once per seed; rows are means with their spread (empty: one run each)
+    seeds: list[int] = field(default_factory=list)
 
 
 def model_specs(cfg: BenchConfig, artifacts: dict | None = None) -> list[tuple]:
@@ -90,5 +93,5 @@ def run_bench_config(cfg: BenchConfig, out_dir: str | Path) -> dict:
     artifacts = run_encoders(Path(clean), out / "sequences", out / "encoders", cfg.encoder_overrides) if cfg.encoders else None
     specs = model_specs(cfg, artifacts)
     log.info("bench %s: %d test cases, %s candidates, models %s", cfg.name, len(split.test), "all" if candidates is None else len(candidates), [s[3] for s in specs])
-    rows = run_bench(split, specs, out, candidates, cfg.eval, cfg.reference, dataset=data)
+    rows = run_bench(split, specs, out, candidates, cfg.eval, cfg.reference, dataset=data, seeds=cfg.seeds)
     return {"rows": rows, "table_md": (out / "table.md").read_text()}
