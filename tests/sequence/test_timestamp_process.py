@@ -192,8 +192,8 @@ def reference_tokens(lg: EventLog, start: int, end: int, cfg: SequenceConfig, im
         else:
             groups.append([(row, int(lg.behavior[row]), tid)])
 
-    def top(group, k):  # k most important, ties to the most recent; back in time order
-        best = sorted(group, key=lambda e: (-importance[e[1]], -e[0]))[:k]
+    def top(group, k):  # the latest, then the most important (ties to the most recent); back in time order
+        best = sorted(group, key=lambda e: (e is not group[-1], -importance[e[1]], -e[0]))[:k]
         return sorted(best)
 
     if cfg.dedup_within_interval:
@@ -274,9 +274,10 @@ def test_importance_keeps_rare_behaviour_in_boundary_and_burst():
     old = [(t0 + 10, 3), (t0 + 20, 20), (t0 + 30, 4), (t0 + 40, 21), (t0 + 50, 5)]
     recent = [(t0 + 3600, 0), (t0 + 3610, 1), (t0 + 3620, 2)]
     tok = build_sequences(make_log([old + recent], 22), None, cfg, stats).sequence(0)
-    # budget 8 = recent interval (1 + 3) + boundary (descriptor, 2 behaviours, [SEP]): call drop and 21, in time order
+    # budget 8 = recent interval (1 + 3) + boundary (descriptor, 2 behaviours, [SEP]): its latest (5) and
+    # the most important other (the call drop, 20), in time order
     assert tok["kind"].tolist() == [D, B, B, S, D, B, B, B]
-    assert tok["value"][tok["kind"] == B].tolist() == [20, 21, 0, 1, 2]
+    assert tok["value"][tok["kind"] == B].tolist() == [20, 5, 0, 1, 2]
     # a burst of 12 distinct location updates plus the call drop, capped at 4 per interval
     burst = [(t0 + k, b) for k, b in enumerate([0, 1, 2, 3, 4, 5, 20, 6, 7, 8, 9, 10, 11])]
     capped = SequenceConfig(timezone="UTC", max_behaviors_per_interval=4)
@@ -285,6 +286,11 @@ def test_importance_keeps_rare_behaviour_in_boundary_and_burst():
     assert len(kept) == 4 and 20 in kept
     # location updates tie on importance: the most recent ones win
     assert kept == [20, 9, 10, 11]
+    # the latest behaviour survives the cap even where rarer ones fill it: it is where the interval ended
+    rare_then_common = [(t0 + k, b) for k, b in enumerate([20, 21, 1, 2, 3, 0])]
+    capped = SequenceConfig(timezone="UTC", max_behaviors_per_interval=2)
+    tok = build_sequences(make_log([rare_then_common], 22), None, capped, stats).sequence(0)
+    assert tok["value"][tok["kind"] == B].tolist() == [20, 0]
 
 
 # --------------------------------------------------------------------------- prefixes, determinism, files

@@ -54,16 +54,18 @@ Building one sequence (all sequences at once, vectorized over events; no Python 
     2. Main-sequence filter, local time, time IDs, groups (runs of equal time ID per sequence).
     3. `dedup_within_interval`: a behaviour repeated inside one interval is kept once (its first
        occurrence): ten location updates in 15 minutes say "was moving", not ten things.
-    4. `max_behaviors_per_interval`: a burst keeps its `max_behaviors_per_interval` most important
-       behaviours, so one busy interval cannot eat the budget.
+    4. `max_behaviors_per_interval`: a burst keeps its latest behaviour and the most important others,
+       `max_behaviors_per_interval` in all, so one busy interval cannot eat the budget. The latest
+       always stays: it is where the interval ended, and in the last interval the strongest cue for
+       what comes next (a burst of ratings would otherwise lose its last one to rarer titles).
     5. Token budget (`token_budget`, 240 in the paper), recency first: whole intervals are kept from
        the most recent backwards while their tokens fit, counting the descriptor and [SEP] tokens of
        the chosen variant; the oldest interval that does not fit whole (the boundary interval) gets
-       the room left, filled with its most important behaviours; older intervals are dropped. The
-       paper "samples by importance ratio"; we keep recency as the primary key because next-behaviour
-       prediction depends most on the latest intervals, and use importance only where a choice inside
-       an interval must be made (steps 4 and 5), deterministically so that training, evaluation and
-       serving see the same sequence.
+       the room left, filled the same way (its latest, then the most important); older intervals are
+       dropped. The paper "samples by importance ratio"; we keep recency as the primary key because
+       next-behaviour prediction depends most on the latest intervals, and use importance only where
+       a choice inside an interval must be made (steps 4 and 5), deterministically so that training,
+       evaluation and serving see the same sequence.
     Importance is the inverse document frequency of a behaviour over *training* users,
     `ln((1 + U) / (1 + df_b)) + 1` (`BehaviorStats.fit`), so a rare, informative event (a call drop)
     beats the 30th location update; ties go to the more recent event. `importance="uniform"` (or no
@@ -491,12 +493,14 @@ def _plan_budget(capped: np.ndarray, is_last: np.ndarray, cfg: SequenceConfig) -
 
 
 def _select(ev: _Events, n: np.ndarray, keep_n: np.ndarray, importance: np.ndarray) -> np.ndarray:
-    """(M,) bool: per group, all events if keep_n == n, else the keep_n most important (ties: most recent)."""
+    """(M,) bool: per group, all events if keep_n == n, else its latest event and the keep_n - 1 most
+    important others (ties: most recent)."""
     whole = keep_n == n
     keep = whole[ev.group]
     sub = np.flatnonzero(~keep & (keep_n > 0)[ev.group])
     if len(sub):
-        order = np.lexsort((-sub, -importance[ev.behavior[sub]], ev.group[sub]))  # group, importance desc, recency
+        latest = np.append(ev.group[1:] != ev.group[:-1], True)[sub]  # groups are contiguous, in time order
+        order = np.lexsort((-sub, -importance[ev.behavior[sub]], ~latest, ev.group[sub]))  # group, latest, importance, recency
         g = ev.group[sub][order]
         new = np.concatenate([[True], g[1:] != g[:-1]])
         starts = np.flatnonzero(new)
