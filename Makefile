@@ -27,6 +27,10 @@ bench: $(BIN)/gts-lum
 	$(BIN)/gts-lum table-auc --out runs/bench/table_auc
 	$(BIN)/gts-lum bench --config gts_lum_movielens --out runs/bench/gts_lum_movielens
 	$(BIN)/gts-lum bench --config gts_lum_synth --out runs/bench/gts_lum_synth
+	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" \
+	    --out runs/bench/gts_lum_synth_seeds --models "Markov,GTS-LUM,target end,target none"
+	$(BIN)/gts-lum bench --config gts_lum_movielens --set reference=Markov --set "seeds=[0,1,2]" \
+	    --out runs/bench/gts_lum_movielens_seeds --models "Markov,GTS-LUM,target end,target none"
 
 # Serving load on loopback with the model `make demo` trained (run `make demo` first).
 load-bench: $(BIN)/gts-lum
