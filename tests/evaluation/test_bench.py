@@ -134,3 +134,41 @@ def test_run_bench_over_seeds_reports_mean_and_spread(tmp_path):
     assert "sd NDCG@10" in md[0].split(" | ")
     assert md[2].split(" | ")[-2] == "-" and md[3].split(" | ")[-2] == f"{100 * hstu_row['sd']['NDCG@10']:.2f}"
     assert json.loads((tmp_path / "table.json").read_text())["seeds"] == [0, 1, 2]
+
+
+def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from gts_lum.data.ingest import prepare_dataset
+    from gts_lum.evaluation.bench import attach_dataset
+    from gts_lum.evaluation.bench_runner import BenchConfig, model_specs, run_encoders, run_phase1_stages
+    from gts_lum.sequence.dataset import SequenceDataset, SplitConfig, build_sequence_dataset
+
+    clean = prepare_dataset("synth:tiny", tmp_path / "data")
+    build_sequence_dataset(clean, tmp_path / "sequences", None, {}, SplitConfig())
+    artifacts = run_encoders(clean, tmp_path / "sequences", tmp_path / "encoders", {})
+    cfg = BenchConfig(models=[
+        "markov",
+        {"model": "gts_lum", "label": "front"},
+        {"model": "gts_lum", "label": "none", "overrides": {"net": {"target_placement": "none"}}},
+        {"model": "gts_lum", "label": "biz text", "overrides": {"qformer": {"variant": "biz_text"}}},
+        {"model": "gts_lum", "label": "given", "overrides": {"artifacts": {"qformer": "elsewhere"}}},
+    ])
+    specs = run_phase1_stages(model_specs(cfg, artifacts), tmp_path / "sequences", artifacts, tmp_path / "phase1", {"max_steps": 3, "save_every": 0})
+    qformer = {label: overrides.get("artifacts", {}).get("qformer") for _, _, overrides, label in specs}
+    assert qformer["markov"] is None
+    assert qformer["front"] == qformer["none"] != qformer["biz text"]  # one phase-I run per Q-former config
+    assert qformer["given"] == "elsewhere"
+    assert sorted(p.name for p in (tmp_path / "phase1").iterdir()) == ["biz_text-1", "qformer-0"]
+    assert json.loads((tmp_path / "phase1" / "qformer-0" / "metrics.json").read_text())["steps"] == 3
+
+    model = build_model("gts_lum", None, {**specs[1][2], "train": {"device": "cpu"}})
+    attach_dataset(model, SequenceDataset.load(tmp_path / "sequences"))
+    trained = load_file(tmp_path / "phase1" / "qformer-0" / "qformer.safetensors")
+    state = model.net.adapter.state_dict()
+    aligned = [k for k in trained if not k.startswith("decoder_projection.")]
+    assert aligned and all(torch.equal(state[k], trained[k]) for k in aligned)
+    fresh = build_model("gts_lum", None, {**model_specs(cfg, artifacts)[1][2], "train": {"device": "cpu"}})
+    attach_dataset(fresh, SequenceDataset.load(tmp_path / "sequences"))
+    assert not all(torch.equal(fresh.net.adapter.state_dict()[k], trained[k]) for k in aligned)  # it did not start as built

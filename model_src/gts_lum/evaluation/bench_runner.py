@@ -8,7 +8,9 @@
 A `models` entry is a registered name, or a mapping {model, label, config, overrides} for variants of
 one model (the ablation tables list GTS-LUM several times). With `encoders: true` the bench runs the
 pipeline's encoder stages (semantic IDs, graph + node2vec, table encoders) once under `<out>/encoders`
-and hands their artifacts to every GTS-LUM entry that names none.
+and hands their artifacts to every GTS-LUM entry that names none. With `phase1` set as well, the
+Q-former of those entries is pretrained first (phase I, the paper's six alignment tasks), once per
+distinct Q-former config under `<out>/phase1`, as the pipeline does before phase II.
 
 The data set is prepared (simulated or adapted, then validated) under `<out>/data`, the sequence
 artifact under `<out>/sequences`; the table is `<out>/table.md` + `<out>/table.json`.
@@ -47,6 +49,9 @@ class BenchConfig:
     encoder_overrides: dict = field(default_factory=dict)  # {tokenizer: {...}, graph: {...}, tables: {...}}
     # Each seeded model (train.seed) once per seed; rows are means with their spread (empty: one run each)
     seeds: list[int] = field(default_factory=list)
+    # Phase I before the GTS-LUM entries (needs encoders): Phase1Config overrides over
+    # pkg:qformer/default.yaml, e.g. {epochs: 10}; {} its defaults. None: the Q-formers stay as built.
+    phase1: dict | None = None
 
 
 def model_specs(cfg: BenchConfig, artifacts: dict | None = None) -> list[tuple]:
@@ -82,6 +87,41 @@ def run_encoders(clean: Path, sequences: Path, out: Path, overrides: dict) -> di
     return {"semantic_ids": str(out / "semantic_ids"), "graph": str(out / "graph"), "tables": str(out / "tables")}
 
 
+def run_phase1_stages(specs: list[tuple], sequences: Path, artifacts: dict, out: Path, overrides: dict) -> list[tuple]:
+    """Phase I for the GTS-LUM entries that name no trained Q-former: one run per distinct Q-former config
+    (the Table 3 and 5 variants share one; each Table 4 variant has its own), under `out/<variant>-<n>`;
+    those entries then start from it (`artifacts.qformer`), as phase II does in the pipeline."""
+    import json
+
+    from gts_lum.config import deep_merge, load_config, to_dict
+    from gts_lum.evaluation.bench import default_config_path
+    from gts_lum.modeling.gts_lum_model import GTSLUMConfig
+    from gts_lum.training.phase1 import run_phase1
+
+    table = Path(artifacts["tables"]) / "behavior_table.npz" if artifacts.get("tables") else None
+    runs: dict[str, str] = {}
+    out_specs = []
+    for name, cfg_path, model_overrides, label in specs:
+        if name == "gts_lum":
+            model_cfg = load_config(GTSLUMConfig, cfg_path or default_config_path(name), model_overrides)
+            if not model_cfg.artifacts.qformer:
+                qformer = to_dict(model_cfg.qformer)
+                key = json.dumps(qformer, sort_keys=True)
+                if key not in runs:
+                    folder = out / f"{qformer['variant']}-{len(runs)}"
+                    log.info("bench: phase I for %s (Q-former %s) -> %s", label, qformer["variant"], folder)
+                    summary = run_phase1(
+                        sequences, folder, artifacts.get("semantic_ids"), artifacts.get("graph"),
+                        table if table is not None and table.exists() else None,
+                        "pkg:qformer/default.yaml", deep_merge(overrides, {"qformer": qformer}),
+                    )
+                    log.info("bench: phase I %s: %d steps, held-out alignment %s", folder.name, summary["steps"], summary["final"])
+                    runs[key] = str(folder)
+                model_overrides = deep_merge(model_overrides, {"artifacts": {"qformer": runs[key]}})
+        out_specs.append((name, cfg_path, model_overrides, label))
+    return out_specs
+
+
 def run_bench_config(cfg: BenchConfig, out_dir: str | Path) -> dict:
     out = Path(out_dir)
     clean = prepare_dataset(cfg.data, out / "data", mapping=cfg.mapping or None, synth_overrides=cfg.synth_overrides)
@@ -92,6 +132,10 @@ def run_bench_config(cfg: BenchConfig, out_dir: str | Path) -> dict:
     candidates = select_candidates(data.behaviors(), data.event_log.behavior_ids, expr) if expr else None
     artifacts = run_encoders(Path(clean), out / "sequences", out / "encoders", cfg.encoder_overrides) if cfg.encoders else None
     specs = model_specs(cfg, artifacts)
+    if cfg.phase1 is not None:
+        if artifacts is None:
+            raise ValueError("bench phase1 needs encoders: true (phase I aligns the encoders' semantic IDs with the business embeddings)")
+        specs = run_phase1_stages(specs, out / "sequences", artifacts, out / "phase1", cfg.phase1)
     log.info("bench %s: %d test cases, %s candidates, models %s", cfg.name, len(split.test), "all" if candidates is None else len(candidates), [s[3] for s in specs])
     rows = run_bench(split, specs, out, candidates, cfg.eval, cfg.reference, dataset=data, seeds=cfg.seeds)
     return {"rows": rows, "table_md": (out / "table.md").read_text()}
