@@ -96,6 +96,7 @@ def test_placements_end_and_none(cycle_data, one_thread_module):
         split = cycle_data.split()
         scores = model.score(split.log, split.test.subset(np.arange(4)), np.arange(split.log.num_behaviors))
         assert scores.shape == (4, split.log.num_behaviors) and np.isfinite(scores).all()
+        assert model.rerank_depth == (0 if placement == "none" else model.cfg.rerank_depth)  # none has no aware path
     with pytest.raises(ValueError, match="target_placement"):
         build(cycle_data, net={**TINY["net"], "target_placement": "middle"})
 

@@ -139,7 +139,9 @@ def test_interval_grouping_boundaries():
     assert tok["value"][tok["kind"] == B].tolist() == [0, 1, 2, 2, 3]
     dedup = build_sequences(make_log([events], 4), None, SequenceConfig(timezone="Asia/Shanghai")).sequence(0)
     assert dedup["value"][dedup["kind"] == B].tolist() == [0, 1, 2, 3]
-    assert dedup["source_row"][dedup["kind"] == B].tolist() == [0, 1, 2, 4]  # the first occurrence is kept
+    assert dedup["source_row"][dedup["kind"] == B].tolist() == [0, 1, 3, 4]  # the latest occurrence is kept
+    again = build_sequences(make_log([[(t0, 0), (t0 + 10, 1), (t0 + 20, 0)]], 4), None, SequenceConfig(timezone="Asia/Shanghai")).sequence(0)
+    assert again["value"][again["kind"] == B].tolist() == [1, 0]  # the interval still ends on what it ended on
 
 
 def test_variants_shape_and_content():
@@ -197,7 +199,7 @@ def reference_tokens(lg: EventLog, start: int, end: int, cfg: SequenceConfig, im
         return sorted(best)
 
     if cfg.dedup_within_interval:
-        groups = [[e for i, e in enumerate(g) if e[1] not in {x[1] for x in g[:i]}] for g in groups]
+        groups = [[e for i, e in enumerate(g) if e[1] not in {x[1] for x in g[i + 1 :]}] for g in groups]
     if cfg.max_behaviors_per_interval is not None:
         groups = [top(g, cfg.max_behaviors_per_interval) for g in groups]
     per_behavior = 2 if cfg.variant == "text" else 1

@@ -21,6 +21,7 @@ from gts_lum.training.phase1 import (
     hard_negatives,
     same_text,
     scenario_windows,
+    spread,
 )
 
 TINY_QF = dict(num_queries=3, num_layers=2, num_heads=2, hidden_size=16, intermediate_size=32, dropout=0.0,
@@ -212,6 +213,20 @@ def test_variants_pretrain_and_write_outputs(tmp_path, variant):
         final = summary["final"]
         assert all(np.isfinite(final[k]) for k in ("btc", "btm", "btg", "stc", "stm", "stg"))
         assert 0 <= final["behavior_retrieval_top1"] <= 1 and final["behavior_cases"] == 4
+        assert 1 <= final["fused_effective_rank"] <= TINY_QF["hidden_size"] and -1 <= final["fused_mean_cosine"] <= 1
+
+
+def test_spread_hand_computed():
+    rng = np.random.default_rng(0)
+    line = np.outer(rng.normal(size=50), rng.normal(size=8))  # every vector on one line through 0
+    assert spread(line)["effective_rank"] == pytest.approx(1.0)
+    even = np.vstack([np.eye(6), -np.eye(6)])  # +-e_i: centered already, equal energy in 6 directions
+    assert spread(even)["effective_rank"] == pytest.approx(6.0)
+    assert spread(even)["mean_cosine"] == pytest.approx(-1 / 11)  # each vector: cosine -1 with one of 11 others, 0 with the rest
+    x = rng.normal(size=(40, 5))
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    pairs = (unit @ unit.T)[~np.eye(40, dtype=bool)]
+    assert spread(x)["mean_cosine"] == pytest.approx(pairs.mean())
 
 
 def test_missing_modalities_pretrain(tmp_path):

@@ -690,12 +690,17 @@ class GTSLUM:
             self.cfg.rerank_depth = max(values, key=lambda d: (values[d], d))
             stats["valid_by_rerank_depth"] = {str(d): v for d, v in values.items()}
             log.info("gts_lum: validation %s by re-rank depth %s: scoring with depth %d", tc.select_metric, values, self.cfg.rerank_depth)
-        stats["rerank_depth"] = self.cfg.rerank_depth
+        stats["rerank_depth"] = self.rerank_depth
         stats["num_parameters"] = sum(p.numel() for p in self.net.parameters())
         stats["device"] = str(self.device)
         return stats
 
     # -- scoring ---------------------------------------------------------------------------------------
+    @property
+    def rerank_depth(self) -> int:
+        """The re-ranking depth scoring uses: 0 without a target-aware path (target placement none)."""
+        return 0 if self.cfg.net.target_placement == "none" else self.cfg.rerank_depth
+
     @torch.no_grad()
     def score(self, log_: EventLog, cases, candidates: np.ndarray) -> np.ndarray:
         """(B, C) scores. Two-stage: agnostic over all candidates, the top `rerank_depth` re-scored
@@ -712,8 +717,8 @@ class GTSLUM:
         with self.autocast():
             ctx = net.context(batch, extra_behaviors=cand)
             scores = net.agnostic_scores(ctx, net.item_embeddings(net.lookup(ctx, cand)))  # (B, C)
-            depth = min(self.cfg.rerank_depth, len(candidates))
-            if depth and self.cfg.net.target_placement != "none":
+            depth = min(self.rerank_depth, len(candidates))
+            if depth:
                 masked = scores.clone()
                 if self.history_filter:
                     masked[torch.as_tensor(history_mask(log_, cases, candidates), device=self.device)] = -torch.inf

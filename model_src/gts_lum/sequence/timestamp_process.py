@@ -52,8 +52,9 @@ Building one sequence (all sequences at once, vectorized over events; no Python 
        timestamp but precedes it in the log's tie-break order is history, as in the split); a user
        array means whole users. Cases are built in chunks of about `chunk_events` events.
     2. Main-sequence filter, local time, time IDs, groups (runs of equal time ID per sequence).
-    3. `dedup_within_interval`: a behaviour repeated inside one interval is kept once (its first
-       occurrence): ten location updates in 15 minutes say "was moving", not ten things.
+    3. `dedup_within_interval`: a behaviour repeated inside one interval is kept once, at its latest
+       occurrence: ten location updates in 15 minutes say "was moving", not ten things, and the
+       interval still ends on the behaviour it ended on (the next step's cue; see step 4).
     4. `max_behaviors_per_interval`: a burst keeps its latest behaviour and the most important others,
        `max_behaviors_per_interval` in all, so one busy interval cannot eat the budget. The latest
        always stays: it is where the interval ended, and in the last interval the strongest cue for
@@ -451,13 +452,13 @@ def _runs(seq: np.ndarray, time_id: np.ndarray) -> np.ndarray:
     return np.cumsum(new) - 1
 
 
-def _first_occurrences(group: np.ndarray, behavior: np.ndarray, num_behaviors: int) -> np.ndarray:
-    """(M,) bool: the event is the first of its behaviour in its group (a stable sort, no hashing)."""
+def _latest_occurrences(group: np.ndarray, behavior: np.ndarray, num_behaviors: int) -> np.ndarray:
+    """(M,) bool: the event is the latest of its behaviour in its group (a stable sort, no hashing)."""
     key = group * np.int64(max(num_behaviors, 1)) + behavior
     order = np.argsort(key, kind="stable")  # stable: equal keys stay in time order
     sorted_key = key[order]
     keep = np.ones(len(key), dtype=bool)
-    keep[order[1:][sorted_key[1:] == sorted_key[:-1]]] = False
+    keep[order[:-1][sorted_key[:-1] == sorted_key[1:]]] = False  # a later one of the same key follows
     return keep
 
 
@@ -563,7 +564,7 @@ def _build_chunk(
     ev = _Events(rows, seq, behavior, timestamp, local, time_id, _runs(seq, time_id))
     counts["main_sequence"] += len(ev.row)
     if cfg.dedup_within_interval:
-        ev = ev.take(_first_occurrences(ev.group, ev.behavior, log.num_behaviors))  # every group keeps >= 1 event
+        ev = ev.take(_latest_occurrences(ev.group, ev.behavior, log.num_behaviors))  # every group keeps >= 1 event
     counts["deduplicated"] += len(ev.row)
 
     # Per group: cap, then the token budget (steps 4-5 of the module docstring).

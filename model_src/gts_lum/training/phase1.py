@@ -359,6 +359,21 @@ def alignment_accuracy(
     }
 
 
+def spread(vectors: np.ndarray) -> dict[str, float]:
+    """How distinct the behaviours' vectors (N, D) are: the effective rank (exp of the entropy of the
+    centered unit vectors' normalized squared singular values: D for an even spread, 1 for a line) and
+    the mean pairwise cosine. Alignment can raise retrieval while collapsing the catalog onto a few
+    directions (a coarse text category each), which phase II cannot undo with the Q-former frozen."""
+    x = np.asarray(vectors, np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    energy = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+    p = energy / max(energy.sum(), 1e-12)
+    n = len(x)
+    mean = x.mean(0)
+    mean_cos = (n * n * float(mean @ mean) - n) / max(n * (n - 1), 1)  # sum of all pairs minus the diagonal
+    return {"effective_rank": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())), "mean_cosine": mean_cos}
+
+
 # -- trainer ---------------------------------------------------------------------------------------
 def _holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train, held-out) split of range(n), both sorted."""
@@ -457,6 +472,13 @@ class Phase1Trainer:
             side_of = lambda rows: model.window_side(self.window_behaviors[held[rows]], self.window_mask[held[rows]])  # noqa: E731
             acc = alignment_accuracy(model, side_of, self.window_ids[held], self.window_pad[held], self.cfg.seed)
             out |= {f"window_{k}": v for k, v in acc.items()}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():  # the whole catalog's b^F before the projection: what phase II starts from
+            n = model.num_behaviors
+            fused = torch.cat([model.unprojected(torch.arange(s, min(s + 512, n), device=self.device)) for s in range(0, n, 512)])
+        model.train(was_training)
+        out |= {f"fused_{k}": v for k, v in spread(fused.float().cpu().numpy()).items()}
         return out
 
     def train(self, resume: bool = True) -> dict:
