@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ from gts_lum.training.phase1 import (
     same_text,
     scenario_windows,
     spread,
+    uniformity,
 )
 
 TINY_QF = dict(num_queries=3, num_layers=2, num_heads=2, hidden_size=16, intermediate_size=32, dropout=0.0,
@@ -260,3 +262,24 @@ def test_alignment_generalises_to_held_out_behaviours(tmp_path):
     assert not held & set(trainer.train_behaviors.tolist()) and len(held) == 127
     assert final["behavior_retrieval_top1"] >= 10 * final["behavior_retrieval_chance"], final
     assert final["behavior_matching_acc"] >= 0.65, final
+
+
+def test_spread_term_is_the_uniformity_of_the_batch_and_training_on_it_spreads_the_catalog(tmp_path):
+    u = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])  # unit: e1, e2, -e1; squared distances 2, 4, 2
+    assert float(uniformity(u)) == pytest.approx(math.log((2 * math.exp(-4) + math.exp(-8)) / 3))
+    feats = small_features()
+    only_spread = {"btc": 0, "btm": 0, "btg": 0, "stc": 0, "stm": 0, "stg": 0, "spread": 1.0}
+    trainer = Phase1Trainer(_cfg(loss_weights=only_spread, epochs=8, save_every=0), feats, None, tmp_path)
+    idx = torch.arange(6)
+    losses = trainer.losses(idx, None)
+    assert set(losses) == {"spread"} and float(losses["spread"].detach()) == pytest.approx(float(uniformity(trainer.model.unprojected(idx)).detach()))
+    assert "spread" not in Phase1Trainer(_cfg(), feats, None, tmp_path / "off").losses(idx, None)  # weight 0: not computed
+    catalog = torch.arange(16)
+    trainer.model.eval()
+    with torch.no_grad():
+        before = float(uniformity(trainer.model.unprojected(catalog)))
+    trainer.train()
+    trainer.model.eval()
+    with torch.no_grad():
+        after = float(uniformity(trainer.model.unprojected(catalog)))
+    assert after < before - 0.1

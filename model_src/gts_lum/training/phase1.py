@@ -70,6 +70,11 @@ class LossWeights:
     stc: float = 1.0
     stm: float = 1.0
     stg: float = 1.0
+    # Not one of the paper's six tasks: the uniformity of the batch's b^F (the mean of the fused query
+    # outputs the decoder reads) on the unit sphere, log E exp(-2 |b_i - b_j|^2) (Wang & Isola 2020).
+    # The six tasks read each query on its own and let that mean collapse onto a few directions
+    # (effective rank 32 -> 4 on the simulator while retrieval rose; BENCHMARKS.md "Phase I before phase II").
+    spread: float = 0.0
 
 
 @dataclass
@@ -359,6 +364,13 @@ def alignment_accuracy(
     }
 
 
+def uniformity(x: torch.Tensor) -> torch.Tensor:
+    """log mean exp(-2 |u_i - u_j|^2) over the pairs of unit vectors u = x / |x| (B, D): lower is more
+    spread; about -4 for a uniform spread in high dimensions, 0 for a single point."""
+    u = F.normalize(x.float(), dim=-1)
+    return torch.pdist(u).pow(2).mul(-2).exp().mean().log()
+
+
 def spread(vectors: np.ndarray) -> dict[str, float]:
     """How distinct the behaviours' vectors (N, D) are: the effective rank (exp of the entropy of the
     centered unit vectors' normalized squared singular values: D for an even spread, 1 for a line) and
@@ -449,6 +461,8 @@ class Phase1Trainer:
         if (w.btc or w.btm or w.btg) and len(behaviors) > 1:
             ids, pad = self.model.descriptions(behaviors)
             out |= alignment_losses(self.model, self.model.behavior_side(behaviors), ids, pad, (w.btc, w.btm, w.btg), ("btc", "btm", "btg"), self.cfg.mining_temperature)
+        if w.spread and len(behaviors) > 1:
+            out["spread"] = uniformity(self.model.unprojected(behaviors))
         if windows is not None and (w.stc or w.stm or w.stg) and len(windows) > 1:
             side = self.model.window_side(self.window_behaviors[windows], self.window_mask[windows])
             ids, pad = trim_text(self.window_ids[windows], self.window_pad[windows])
