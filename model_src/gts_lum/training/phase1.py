@@ -74,7 +74,7 @@ class LossWeights:
     # outputs the decoder reads) on the unit sphere, log E exp(-2 |b_i - b_j|^2) (Wang & Isola 2020).
     # The six tasks read each query on its own and let that mean collapse onto a few directions
     # (effective rank 32 -> 4 on the simulator while retrieval rose; BENCHMARKS.md "Phase I before phase II").
-    spread: float = 0.0
+    spread: float = 0.0  # pkg:qformer/default.yaml sets 1.0
 
 
 @dataclass
