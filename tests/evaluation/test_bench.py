@@ -154,13 +154,14 @@ def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tm
         {"model": "gts_lum", "label": "none", "overrides": {"net": {"target_placement": "none"}}},
         {"model": "gts_lum", "label": "biz text", "overrides": {"qformer": {"variant": "biz_text"}}},
         {"model": "gts_lum", "label": "given", "overrides": {"artifacts": {"qformer": "elsewhere"}}},
+        {"model": "gts_lum", "label": "w/o Q-former", "overrides": {"qformer": {"variant": "no_qformer"}}},
     ])
     specs = run_phase1_stages(model_specs(cfg, artifacts), tmp_path / "sequences", artifacts, tmp_path / "phase1", {"max_steps": 3, "save_every": 0})
     qformer = {label: overrides.get("artifacts", {}).get("qformer") for _, _, overrides, label in specs}
     assert qformer["markov"] is None
     assert qformer["front"] == qformer["none"] != qformer["biz text"]  # one phase-I run per Q-former config
     assert qformer["given"] == "elsewhere"
-    assert sorted(p.name for p in (tmp_path / "phase1").iterdir()) == ["biz_text-1", "qformer-0"]
+    assert sorted(p.name for p in (tmp_path / "phase1").iterdir()) == ["biz_text-1", "no_qformer-2", "qformer-0"]
     assert json.loads((tmp_path / "phase1" / "qformer-0" / "metrics.json").read_text())["steps"] == 3
 
     model = build_model("gts_lum", None, {**specs[1][2], "train": {"device": "cpu"}})
@@ -172,3 +173,9 @@ def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tm
     fresh = build_model("gts_lum", None, {**model_specs(cfg, artifacts)[1][2], "train": {"device": "cpu"}})
     attach_dataset(fresh, SequenceDataset.load(tmp_path / "sequences"))
     assert not all(torch.equal(fresh.net.adapter.state_dict()[k], trained[k]) for k in aligned)  # it did not start as built
+    for spec in (specs[3], specs[5]):  # each variant's saved adapter is resized to the decoder it feeds
+        model = build_model("gts_lum", None, {**spec[2], "train": {"device": "cpu"}})
+        attach_dataset(model, SequenceDataset.load(tmp_path / "sequences"))
+        split = SequenceDataset.load(tmp_path / "sequences").split()
+        scores = model.score(split.log, split.test.subset(np.arange(3)), np.arange(split.log.num_behaviors))
+        assert scores.shape == (3, split.log.num_behaviors) and np.isfinite(scores).all(), spec[3]

@@ -608,10 +608,8 @@ class GTSLUM:
             adapter = adapter_from_card(card)  # its catalog is set once the weights (vocabulary) are in
         elif self.cfg.artifacts.qformer:
             adapter = load_adapter(self.cfg.artifacts.qformer, features)
-            if adapter.cfg.decoder_hidden_size != hidden:
-                # phase I never trains the decoder projection: size it for this decoder
-                adapter.cfg.decoder_hidden_size = hidden
-                adapter.decoder_projection = nn.Linear(adapter.cfg.hidden_size, hidden)
+            if adapter.cfg.decoder_hidden_size != hidden:  # phase I never trains the projection: size it for this decoder
+                adapter.resize_projection(hidden)
         else:
             import dataclasses
 

@@ -386,6 +386,10 @@ class BehaviorAdapter(nn.Module, abc.ABC):
         """The linear projection to the decoder width (trained in phase II, also when the rest is frozen)."""
 
     @abc.abstractmethod
+    def resize_projection(self, width: int) -> None:
+        """A fresh projection to `width` (a decoder of another width: phase I never trains it, phase II does)."""
+
+    @abc.abstractmethod
     def compress(self, windows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(W, K) catalog indices (+ (W, K) bool mask of real entries) -> (W, Q_c, decoder_hidden_size)."""
 
@@ -442,6 +446,10 @@ class TextProjectionAdapter(BehaviorAdapter):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(x)
+
+    def resize_projection(self, width: int) -> None:
+        self.cfg.decoder_hidden_size = width
+        self.projection = nn.Linear(self.spec.text_dim, width).to(self.projection.weight.device)
 
     def compress(self, windows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = torch.ones_like(windows, dtype=torch.bool) if mask is None else mask
@@ -614,6 +622,10 @@ class QFormer(BehaviorAdapter):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder_projection(x)  # (B, D_dec)
+
+    def resize_projection(self, width: int) -> None:
+        self.cfg.decoder_hidden_size = width
+        self.decoder_projection = nn.Linear(self.cfg.hidden_size, width).to(self.decoder_projection.weight.device)
 
     def compress(self, windows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         query_out, _ = self.encode(self.window_side(windows, mask))
