@@ -27,8 +27,10 @@ bench: $(BIN)/gts-lum
 	$(BIN)/gts-lum table-auc --out runs/bench/table_auc
 	$(BIN)/gts-lum bench --config gts_lum_movielens --out runs/bench/gts_lum_movielens
 	$(BIN)/gts-lum bench --config gts_lum_synth --out runs/bench/gts_lum_synth
-	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" \
+	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" --set phase1=null \
 	    --out runs/bench/gts_lum_synth_seeds --models "Markov,GTS-LUM,target end,target none"
+	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" \
+	    --out runs/bench/gts_lum_synth_p1_seeds --models "Markov,GTS-LUM,w/o Q-former"
 	$(BIN)/gts-lum bench --config gts_lum_movielens --set reference=Markov --set "seeds=[0,1,2]" \
 	    --out runs/bench/gts_lum_movielens_seeds --models "Markov,GTS-LUM,target end,target none"
 
