@@ -9,8 +9,9 @@ A `models` entry is a registered name, or a mapping {model, label, config, overr
 one model (the ablation tables list GTS-LUM several times). With `encoders: true` the bench runs the
 pipeline's encoder stages (semantic IDs, graph + node2vec, table encoders) once under `<out>/encoders`
 and hands their artifacts to every GTS-LUM entry that names none. With `phase1` set as well, the
-Q-former of those entries is pretrained first (phase I, the paper's six alignment tasks), once per
-distinct Q-former config under `<out>/phase1`, as the pipeline does before phase II.
+Q-former of those entries is pretrained first (phase I: the paper's six alignment tasks + the spread
+term of pkg:qformer/default.yaml), once per distinct Q-former config under `<out>/phase1`, as the
+pipeline does before phase II.
 
 The data set is prepared (simulated or adapted, then validated) under `<out>/data`, the sequence
 artifact under `<out>/sequences`; the table is `<out>/table.md` + `<out>/table.json`.

@@ -261,12 +261,7 @@ class GTSLUMNetwork(nn.Module):
         if self.cfg.adapter_trainable:
             return self.adapter.fuse(behaviors)
         if self._unprojected is None or self._unprojected.device != self.device:
-            was = self.adapter.training
-            self.adapter.eval()
-            with torch.no_grad():
-                n = self.adapter.num_behaviors
-                self._unprojected = torch.cat([self.adapter.unprojected(torch.arange(s, min(s + 512, n), device=self.device)) for s in range(0, n, 512)])
-            self.adapter.train(was)
+            self._unprojected = self.adapter.unprojected_all()
         return self.adapter.project(self._unprojected[behaviors])
 
     # -- pieces ------------------------------------------------------------------------------------

@@ -397,6 +397,16 @@ class BehaviorAdapter(nn.Module, abc.ABC):
         self.register_buffer(name, torch.as_tensor(array).to(self.device), persistent=False)
 
     @torch.no_grad()
+    def unprojected_all(self, batch_size: int = 512) -> torch.Tensor:
+        """b^F before the projection for the whole catalog, (N, D_a), in eval mode (no dropout)."""
+        was_training = self.training
+        self.eval()
+        n = self.num_behaviors
+        out = torch.cat([self.unprojected(torch.arange(s, min(s + batch_size, n), device=self.device)) for s in range(0, n, batch_size)])
+        self.train(was_training)
+        return out
+
+    @torch.no_grad()
     def fuse_all(self, features: BehaviorFeatures | None = None, batch_size: int = 512) -> np.ndarray:
         """b^F of every behaviour of `features` (default: the current catalog), (N, decoder_hidden_size) float32."""
         if features is not None:

@@ -486,13 +486,8 @@ class Phase1Trainer:
             side_of = lambda rows: model.window_side(self.window_behaviors[held[rows]], self.window_mask[held[rows]])  # noqa: E731
             acc = alignment_accuracy(model, side_of, self.window_ids[held], self.window_pad[held], self.cfg.seed)
             out |= {f"window_{k}": v for k, v in acc.items()}
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():  # the whole catalog's b^F before the projection: what phase II starts from
-            n = model.num_behaviors
-            fused = torch.cat([model.unprojected(torch.arange(s, min(s + 512, n), device=self.device)) for s in range(0, n, 512)])
-        model.train(was_training)
-        out |= {f"fused_{k}": v for k, v in spread(fused.float().cpu().numpy()).items()}
+        # the whole catalog's b^F before the projection: what phase II starts from
+        out |= {f"fused_{k}": v for k, v in spread(model.unprojected_all().float().cpu().numpy()).items()}
         return out
 
     def train(self, resume: bool = True) -> dict:
