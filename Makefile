@@ -31,6 +31,9 @@ bench: $(BIN)/gts-lum
 	    --out runs/bench/gts_lum_synth_seeds --models "Markov,GTS-LUM,target end,target none"
 	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" \
 	    --out runs/bench/gts_lum_synth_p1_seeds --models "Markov,GTS-LUM,w/o Q-former"
+	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" --models "Markov,GTS-LUM" \
+	    --set model_overrides.gts_lum.train.epochs=40 --set model_overrides.gts_lum.train.patience=40 \
+	    --out runs/bench/gts_lum_synth_p1_e40
 	$(BIN)/gts-lum bench --config gts_lum_movielens --set reference=Markov --set "seeds=[0,1,2]" \
 	    --out runs/bench/gts_lum_movielens_seeds --models "Markov,GTS-LUM,target end,target none"
 
