@@ -434,7 +434,7 @@ class GTSLUMNetwork(nn.Module):
         agnostic_weight: float = 1.0,
         aware_weight: float = 1.0,
         allowed_targets: torch.Tensor | None = None,  # (num_behaviors,) bool: which behaviours may be targets
-        hard_negative_pool: int = 50,  # the trainer passes the re-ranking depth (Phase2Config.hard_negative_pool)
+        hard_negative_pool: int | None = None,  # None: every target candidate of the batch (the trainer passes the re-ranking list size)
     ) -> dict[str, torch.Tensor]:
         """Phase II: two InfoNCE terms, each over ONE scoring path (never mixed in one softmax).
 
@@ -472,7 +472,7 @@ class GTSLUMNetwork(nn.Module):
         loss = agnostic_weight * loss_agnostic
         scores, label = scores[: len(positives)], label[: len(positives)]
         target_ok = allowed_targets[candidates] if allowed_targets is not None else torch.ones_like(candidates, dtype=torch.bool)
-        pool = min(hard_negative_pool, int(target_ok.sum()) - 1)
+        pool = int(target_ok.sum()) - 1 if hard_negative_pool is None else min(hard_negative_pool, int(target_ok.sum()) - 1)
         k = min(hard_negatives, pool)
         if k > 0 and aware_weight > 0 and self.cfg.target_placement != "none":
             with torch.no_grad():
