@@ -173,9 +173,10 @@ def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tm
     fresh = build_model("gts_lum", None, {**model_specs(cfg, artifacts)[1][2], "train": {"device": "cpu"}})
     attach_dataset(fresh, SequenceDataset.load(tmp_path / "sequences"))
     assert not all(torch.equal(fresh.net.adapter.state_dict()[k], trained[k]) for k in aligned)  # it did not start as built
+    dataset = SequenceDataset.load(tmp_path / "sequences")
+    split = dataset.split()
     for spec in (specs[3], specs[5]):  # each variant's saved adapter is resized to the decoder it feeds
         model = build_model("gts_lum", None, {**spec[2], "train": {"device": "cpu"}})
-        attach_dataset(model, SequenceDataset.load(tmp_path / "sequences"))
-        split = SequenceDataset.load(tmp_path / "sequences").split()
+        attach_dataset(model, dataset)
         scores = model.score(split.log, split.test.subset(np.arange(3)), np.arange(split.log.num_behaviors))
         assert scores.shape == (3, split.log.num_behaviors) and np.isfinite(scores).all(), spec[3]
