@@ -18,5 +18,6 @@ def test_scoring_benchmark_counts_flops():
 
     # one layer, one token: 2 x (4 H^2 + 3 H I) + 4 T H multiply-add FLOPs
     assert decoder_flops(8, 16, 1, 1) == 2 * (4 * 64 + 3 * 128) + 4 * 8
-    out = bench_target_aware_scoring(hidden=32, layers=1, tokens=16, sequences=32, chunk=16)
-    assert out["candidates"] == 32 and out["candidates_per_s"] > 0 and out["gflop_per_s"] > 0
+    for compile in (False, True):
+        out = bench_target_aware_scoring(hidden=32, layers=1, tokens=16, sequences=32, chunk=16, compile=compile)
+        assert out["candidates"] == 32 and out["candidates_per_s"] > 0 and out["gflop_per_s"] > 0 and out["compiled"] is compile

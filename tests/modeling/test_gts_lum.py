@@ -79,8 +79,8 @@ def test_score_is_the_defined_cosine_with_the_target_in_front(trained):
         for i in range(3):
             for j, c in enumerate(cand.tolist()):
                 h = net.user_states(ctx, torch.tensor([i]), target=torch.tensor([c]))
-                codes = net.semantic_ids[c]  # b^F: the Q-former's output + one embedding per semantic-ID level
-                fused = net.adapter.fuse(torch.tensor([c])) + sum(t.weight[codes[k]] for k, t in enumerate(net.semantic_id_embedding))
+                rows = net.semantic_ids[c]  # b^F: the Q-former's output + one embedding per semantic-ID prefix
+                fused = net.adapter.fuse(torch.tensor([c])) + sum(t.weight[rows[k]] for k, t in enumerate(net.semantic_id_embedding))
                 item = net.item_projection(fused)
                 expected = F.cosine_similarity(h, item) * net.scale
                 assert torch.allclose(aware[i, j], expected[0], atol=1e-5)
@@ -108,6 +108,26 @@ def test_save_load_scores_identically(trained, tmp_path):
     again = load_model(tmp_path / "m")
     cands = np.arange(split.log.num_behaviors)
     np.testing.assert_allclose(again.score(split.log, split.test, cands), model.score(split.log, split.test, cands), atol=1e-5)
+
+
+def test_compiled_decoder_scores_as_the_eager_one(trained):
+    """decoder.compile: passes without gradients run the compiled decoder (same weights, same scores);
+    training passes and the state dict are untouched."""
+    split, model, _ = trained
+    net, cands = model.net, np.arange(split.log.num_behaviors)
+    eager = model.score(split.log, split.test, cands)
+    keys = set(net.state_dict())
+    net.cfg.decoder.compile = True
+    try:
+        compiled = model.score(split.log, split.test.subset(np.arange(5)), cands)  # another batch shape first
+        compiled = model.score(split.log, split.test, cands)
+        with torch.no_grad():
+            assert net._compiled_decoder is not None and net._decoder_for_pass() is net._compiled_decoder
+        assert net._decoder_for_pass() is net.decoder  # gradients on: eager
+    finally:
+        net.cfg.decoder.compile = False
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
+    assert set(net.state_dict()) == keys
 
 
 def test_resume_after_interruption_equals_uninterrupted(cycle_data, one_thread_module, tmp_path):
@@ -169,6 +189,7 @@ def test_target_aware_term_trains_on_the_reranking_lists(cycle_data, one_thread_
     that list are trained (the situation of re-ranking at scoring time)."""
     model = build(cycle_data)
     net, split = model.net, cycle_data.split()
+    net.eval()  # no dropout: the ranks recomputed below are the ones the objective sees
     cases = split.test.subset(np.arange(8))
     batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
     positives = torch.as_tensor(cases.target.astype(np.int64))
@@ -213,6 +234,27 @@ def test_full_softmax_over_the_target_catalog(cycle_data, one_thread_module, mon
     targets = np.array([1, 2, 3])
     model.fit(split, EvalConfig(ks=(1, 10)), candidates=targets)
     assert seen and all(s.tolist() == targets.tolist() for s in seen)
+
+
+def test_semantic_id_prefix_embeddings_give_each_behaviour_its_own_vector(cycle_data, one_thread_module):
+    from gts_lum.modeling.gts_lum_model import semantic_id_prefixes
+
+    # codes are numbered within their parent: (0, 1) and (1, 1) share code 1 at level 2 but no prefix
+    codes = np.array([[0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1], [0, 1, 1]])
+    rows, sizes = semantic_id_prefixes(codes)
+    assert sizes == [2, 3, 5]
+    assert rows[:, 0].tolist() == [0, 0, 1, 1, 0] and len(set(rows[:, 1].tolist())) == 3
+    assert rows[1, 1] == rows[4, 1] != rows[2, 1] == rows[3, 1] and len(set(rows[:, 2].tolist())) == 5
+    models = {mode: build(cycle_data, net={**TINY["net"], "semantic_id_embedding": mode}) for mode in ("prefix", "code", "none")}
+    assert models["none"].net.semantic_id_embedding is None
+    prefix = models["prefix"].net
+    features = models["code"]._assets["features"]
+    full = prefix.semantic_id_embedding[-1]  # the full-ID level: one row per distinct ID (per behaviour with real IDs)
+    assert full.num_embeddings == len(np.unique(features.semantic_ids, axis=0)) == len(torch.unique(prefix.semantic_ids[:, -1]))
+    code_sizes = features.codebook_sizes
+    assert [t.num_embeddings for t in models["code"].net.semantic_id_embedding] == code_sizes
+    with pytest.raises(ValueError, match="semantic_id_embedding"):
+        build(cycle_data, net={**TINY["net"], "semantic_id_embedding": True})
 
 
 def test_input_dropout_only_while_training(cycle_data, one_thread_module):

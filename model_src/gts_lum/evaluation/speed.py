@@ -72,8 +72,9 @@ def run_speed_benchmarks(what: list[str], out_dir: str | Path, quick: bool = Fal
         results["graph_node2vec"] = bench_graph_encoder("synth:tiny" if quick else "synth:demo", workdir=out)
     if "scoring" in what:
         results["target_aware_scoring"] = [
-            bench_target_aware_scoring(hidden, layers, tokens=64 if quick else 256, sequences=64 if quick else 512)
+            bench_target_aware_scoring(hidden, layers, tokens=64 if quick else 256, sequences=64 if quick else 512, compile=compile)
             for hidden, layers in ((128, 2), (512, 4), (1024, 4))
+            for compile in (False, True)
         ]
     (out / "speed.json").write_text(json.dumps(results, indent=2))
     return results
@@ -86,16 +87,19 @@ def decoder_flops(hidden: int, intermediate: int, layers: int, tokens: int) -> f
     return float(layers * tokens * per_token)
 
 
-def bench_target_aware_scoring(hidden: int = 128, layers: int = 2, tokens: int = 256, sequences: int = 512, chunk: int = 128) -> dict:
+def bench_target_aware_scoring(
+    hidden: int = 128, layers: int = 2, tokens: int = 256, sequences: int = 512, chunk: int = 128, compile: bool = False
+) -> dict:
     """Candidates scored per second by the target-aware path: one decoder pass per (user, candidate)
-    over `tokens` input embeddings (target first), batched `chunk` sequences a pass, fp32 on CPU.
+    over `tokens` input embeddings (target first), batched `chunk` sequences a pass, fp32 on CPU, eager
+    or compiled (`DecoderConfig.compile`: the same dynamic-shape compile the scorer uses).
 
     GFLOP/s against the machine's fp32 matrix-product rate (about 180 on this machine's 2 threads) says
     how much of the hardware the decoder uses; small widths are dominated by element-wise work.
     """
     import torch
 
-    from gts_lum.modeling.decoder import DecoderConfig, build_decoder
+    from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference
 
     torch.manual_seed(0)
     cfg = DecoderConfig(hidden_size=hidden, num_layers=layers, num_heads=max(hidden // 64, 2), intermediate_size=3 * hidden)
@@ -103,19 +107,29 @@ def bench_target_aware_scoring(hidden: int = 128, layers: int = 2, tokens: int =
     decoder.eval()
     x = torch.randn(chunk, tokens, hidden)
     mask = torch.ones(chunk, tokens, dtype=torch.long)
-    positions = torch.arange(tokens)[None].expand(chunk, -1)
+    mask[:, : tokens // 16] = 0  # left padding, as in a real batch (sequences of different lengths)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    run = compiled_for_inference(decoder) if compile else decoder
     with torch.no_grad():
-        decoder(inputs_embeds=x[:8], attention_mask=mask[:8], position_ids=positions[:8])  # warm-up
+        t0 = time.perf_counter()
+        # warm-up; compiled: a first shape, then the dynamic-shape recompile (not counted, as in a
+        # long-running scorer)
+        run(inputs_embeds=x[:8], attention_mask=mask[:8], position_ids=positions[:8])
+        for _ in range(2):
+            run(inputs_embeds=x, attention_mask=mask, position_ids=positions)
+        warmup_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         done = 0
         while done < sequences:
-            decoder(inputs_embeds=x, attention_mask=mask, position_ids=positions)
+            run(inputs_embeds=x, attention_mask=mask, position_ids=positions)
             done += chunk
         seconds = time.perf_counter() - t0
     flops = decoder_flops(hidden, cfg.intermediate_size, layers, tokens) * done
     out = {
         "hidden": hidden,
         "layers": layers,
+        "compiled": compile,
+        "warmup_seconds": round(warmup_seconds, 1),
         "tokens": tokens,
         "candidates": done,
         "seconds": round(seconds, 2),

@@ -46,6 +46,11 @@ class DecoderConfig:
     freeze: bool | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     attn_implementation: str = "sdpa"
+    # torch.compile the decoder for passes without gradients (scoring, validation): inductor fuses the
+    # element-wise work (RMSNorm, RoPE, SiLU, masks) that outweighs the matrix products at small widths
+    # on CPU (BENCHMARKS.md "target-aware scoring throughput"). Compiles once, on first use (~20 s on 2 CPU
+    # threads), for any batch and length (dynamic shapes); training passes stay eager.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not self.pretrained and self.hidden_size % self.num_heads:
@@ -110,6 +115,15 @@ def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
     )
     log.info("decoder: %s", dataclasses.asdict(info) | {"source": cfg.pretrained or "LlamaConfig"})
     return model, info
+
+
+def compiled_for_inference(decoder: nn.Module) -> nn.Module:
+    """`torch.compile(decoder)` sharing its parameters (reads them live: training may go on between uses)."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+        raise RuntimeError("DecoderConfig.compile: torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or set compile: false")
+    return torch.compile(decoder, dynamic=True)
 
 
 @torch.no_grad()

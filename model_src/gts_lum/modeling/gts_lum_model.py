@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gts_lum.data.events import EventLog
-from gts_lum.modeling.decoder import DecoderConfig, build_decoder, word_embedder
+from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference, word_embedder
 from gts_lum.modeling.qformer import BehaviorAdapter, QFormerConfig
 from gts_lum.sequence.tokens import TokenKind, TokenSequences
 from gts_lum.training.phase2 import Phase2Config
@@ -51,6 +51,7 @@ from gts_lum.training.phase2 import Phase2Config
 log = logging.getLogger(__name__)
 
 TARGET_PLACEMENTS = ("front", "end", "none")
+SEMANTIC_ID_EMBEDDINGS = ("prefix", "code", "none")
 PAD_KIND = -1
 COMPONENT_SIZES = (64, 13, 32, 24, 60, 60)  # year (mod 64), month, day, hour, minute, second
 
@@ -74,11 +75,19 @@ class GTSLUMNetConfig:
     # the projection is then computed once for the catalog instead of every step (several times faster
     # on CPU). The paper trains the Q-former in phase II: True.
     adapter_trainable: bool = True
-    # b^F += the sum of one learned embedding per semantic-ID level (codes from the tokenizer). The paper's
-    # b^F is the Q-former's output alone; a from-scratch Q-former in phase II makes every behaviour look
-    # alike at first (mean cosine ~0.85) and learns slowly on CPU budgets, while the code embeddings give
-    # each behaviour its own, hierarchically shared vector from step one (BENCHMARKS.md measures both).
-    semantic_id_embedding: bool = True
+    # b^F += a sum of learned semantic-ID embeddings, one per level. The paper's b^F is the Q-former's output
+    # alone; a from-scratch Q-former in phase II makes every behaviour look alike at first (mean cosine
+    # ~0.85) and learns slowly on CPU budgets, while these give each behaviour its own, hierarchically
+    # shared vector from step one (BENCHMARKS.md measures the modes).
+    #   prefix: one vector per ID prefix (tree node) at each level; the last level (the collision suffix)
+    #           makes the full ID, so every behaviour has a vector of its own beside those it shares with
+    #           its subtree;
+    #   code:   one vector per (level, code): codes are numbered within their parent, so code 3 of level
+    #           2 is one vector under every parent and all behaviours are sums of sum(codebook sizes) vectors;
+    #   none:   the paper's Q-former-only b^F.
+    # `code` is the default: `prefix` matched it on the simulator and did not beat it on MovieLens test while
+    # its validation rose well above test (it memorizes the training sequences; BENCHMARKS.md).
+    semantic_id_embedding: str = "code"
     # The target token enters as gate * b^F_c with a learned scalar gate starting at `target_gate_init`.
     # At 0 the target-aware pass starts as the agnostic one (its loss then sharpens the agnostic ranking
     # on hard negatives) and lets the candidate in as far as that helps; a from-scratch decoder given the
@@ -95,6 +104,8 @@ class GTSLUMNetConfig:
             raise ValueError(f"target_placement {self.target_placement!r}: use one of {TARGET_PLACEMENTS}")
         if not 0.0 <= self.input_dropout < 1.0:
             raise ValueError(f"input_dropout must be in [0, 1), got {self.input_dropout}")
+        if self.semantic_id_embedding not in SEMANTIC_ID_EMBEDDINGS:
+            raise ValueError(f"semantic_id_embedding {self.semantic_id_embedding!r}: use one of {SEMANTIC_ID_EMBEDDINGS}")
         if self.compressor.windows < 0 or self.compressor.window_size < 1:
             raise ValueError(f"compressor: windows >= 0 and window_size >= 1, got {self.compressor}")
 
@@ -228,11 +239,14 @@ class GTSLUMNetwork(nn.Module):
         else:
             self.profile_projection = None
         self.semantic_id_embedding = None
-        if cfg.semantic_id_embedding:
+        if cfg.semantic_id_embedding != "none":
             if semantic_ids is None or not codebook_sizes:
                 raise ValueError("net.semantic_id_embedding needs the catalog's semantic IDs and codebook sizes")
-            self.register_buffer("semantic_ids", torch.as_tensor(np.asarray(semantic_ids, np.int64)), persistent=False)  # (N, levels)
-            self.semantic_id_embedding = nn.ModuleList(nn.Embedding(int(n), h) for n in codebook_sizes)
+            rows, sizes = np.asarray(semantic_ids, np.int64), list(codebook_sizes)
+            if cfg.semantic_id_embedding == "prefix":
+                rows, sizes = semantic_id_prefixes(rows)
+            self.register_buffer("semantic_ids", torch.as_tensor(rows), persistent=False)  # (N, levels) row of each level's table
+            self.semantic_id_embedding = nn.ModuleList(nn.Embedding(int(n), h) for n in sizes)
             for emb in self.semantic_id_embedding:
                 nn.init.normal_(emb.weight, std=0.1)
         self.item_projection = nn.Linear(h, h)  # P in the score
@@ -240,6 +254,7 @@ class GTSLUMNetwork(nn.Module):
         self.input_dropout = nn.Dropout(cfg.input_dropout)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         self._unprojected: torch.Tensor | None = None  # catalog cache of a frozen adapter
+        self._compiled_decoder: nn.Module | None = None
         if not cfg.adapter_trainable:
             for name, p in adapter.named_parameters():
                 p.requires_grad_(False)
@@ -253,8 +268,8 @@ class GTSLUMNetwork(nn.Module):
         """(N,) behaviour indices -> (N, H) b^F (see `GTSLUMNetConfig.semantic_id_embedding`)."""
         fused = self._adapter_fuse(behaviors)
         if self.semantic_id_embedding is not None:
-            codes = self.semantic_ids[behaviors]  # (N, levels)
-            fused = fused + sum(table(codes[:, i]) for i, table in enumerate(self.semantic_id_embedding))
+            rows = self.semantic_ids[behaviors]  # (N, levels) row of each level's table
+            fused = fused + sum(table(rows[:, i]) for i, table in enumerate(self.semantic_id_embedding))
         return fused
 
     def _adapter_fuse(self, behaviors: torch.Tensor) -> torch.Tensor:
@@ -263,6 +278,15 @@ class GTSLUMNetwork(nn.Module):
         if self._unprojected is None or self._unprojected.device != self.device:
             self._unprojected = self.adapter.unprojected_all()
         return self.adapter.project(self._unprojected[behaviors])
+
+    def _decoder_for_pass(self) -> nn.Module:
+        """The decoder, compiled for passes without gradients when `decoder.compile` is set."""
+        if not self.cfg.decoder.compile or torch.is_grad_enabled():
+            return self.decoder
+        if self._compiled_decoder is None:
+            # a plain attribute, not a submodule: the state dict keeps one copy of the weights
+            object.__setattr__(self, "_compiled_decoder", compiled_for_inference(self.decoder))
+        return self._compiled_decoder
 
     # -- pieces ------------------------------------------------------------------------------------
     @property
@@ -396,7 +420,7 @@ class GTSLUMNetwork(nn.Module):
             last = torch.where(ctx["hist_mask"][rows], hist_pos, torch.zeros_like(hist_pos)).amax(1, keepdim=True)
             pos.append(last + 1)
         position_ids = torch.cat(pos, 1)
-        hidden = self.decoder(inputs_embeds=x, attention_mask=mask.long(), position_ids=position_ids).last_hidden_state
+        hidden = self._decoder_for_pass()(inputs_embeds=x, attention_mask=mask.long(), position_ids=position_ids).last_hidden_state
         last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # the last real token of each row
         states = hidden[torch.arange(n, device=self.device), last].float()
         if history_states:
@@ -494,6 +518,19 @@ class GTSLUMNetwork(nn.Module):
                 loss = loss + aware_weight * loss_aware / len(label)
         out["loss"] = loss
         return out
+
+
+def semantic_id_prefixes(codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """(N, levels) semantic IDs -> (N, levels) index of each row's level-l prefix codes[:, :l+1] among the
+    catalog's distinct prefixes of that length, and the number of those per level. (Depends on the
+    catalog only: a saved model rebuilds the same tables from its saved features.)"""
+    index = np.zeros(codes.shape, np.int64)
+    sizes = []
+    for level in range(codes.shape[1]):
+        uniq, inverse = np.unique(codes[:, : level + 1], axis=0, return_inverse=True)
+        index[:, level] = inverse.reshape(-1)
+        sizes.append(len(uniq))
+    return index, sizes
 
 
 # -- the model as the bench, the pipeline and the scorer use it -------------------------------------
