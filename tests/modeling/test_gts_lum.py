@@ -79,7 +79,7 @@ def test_score_is_the_defined_cosine_with_the_target_in_front(trained):
         for i in range(3):
             for j, c in enumerate(cand.tolist()):
                 h = net.user_states(ctx, torch.tensor([i]), target=torch.tensor([c]))
-                rows = net.semantic_ids[c]  # b^F: the Q-former's output + one embedding per semantic-ID prefix
+                rows = net.semantic_ids[c]  # b^F: the Q-former's output + one semantic-ID embedding per level
                 fused = net.adapter.fuse(torch.tensor([c])) + sum(t.weight[rows[k]] for k, t in enumerate(net.semantic_id_embedding))
                 item = net.item_projection(fused)
                 expected = F.cosine_similarity(h, item) * net.scale
@@ -119,7 +119,7 @@ def test_compiled_decoder_scores_as_the_eager_one(trained):
     keys = set(net.state_dict())
     net.cfg.decoder.compile = True
     try:
-        compiled = model.score(split.log, split.test.subset(np.arange(5)), cands)  # another batch shape first
+        model.score(split.log, split.test.subset(np.arange(5)), cands)  # another batch shape first
         compiled = model.score(split.log, split.test, cands)
         with torch.no_grad():
             assert net._compiled_decoder is not None and net._decoder_for_pass() is net._compiled_decoder

@@ -48,8 +48,8 @@ class DecoderConfig:
     attn_implementation: str = "sdpa"
     # torch.compile the decoder for passes without gradients (scoring, validation): inductor fuses the
     # element-wise work (RMSNorm, RoPE, SiLU, masks) that outweighs the matrix products at small widths
-    # on CPU (BENCHMARKS.md "target-aware scoring throughput"). Compiles once, on first use (~20 s on 2 CPU
-    # threads), for any batch and length (dynamic shapes); training passes stay eager.
+    # on CPU (BENCHMARKS.md "target-aware scoring throughput"). Compiles once, on first use (28 s at the default
+    # width on 2 CPU threads), for any batch and length (dynamic shapes); training passes stay eager.
     compile: bool = False
 
     def __post_init__(self) -> None:
