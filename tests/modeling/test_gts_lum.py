@@ -173,15 +173,27 @@ def test_resume_after_a_kill_mid_epoch_equals_uninterrupted(cycle_data, one_thre
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_next_behavior_skips_descriptors_and_separators():
-    from gts_lum.modeling.gts_lum_model import _next_behavior
+def test_inner_prefix_targets_are_the_next_events_of_the_log_not_the_next_tokens():
+    """An interval cap that drops the middle of a burst: an inner prefix's target is the event that came
+    right after it in the log, not the next kept token; other tokens and the last behaviour get none."""
+    import pandas as pd
 
-    B, D, S, P = TokenKind.BEHAVIOR, TokenKind.DESCRIPTOR, TokenKind.SEP, PAD_KIND
-    kind = torch.tensor([[P, D, B, B, S, D, B], [D, B, S, D, B, B, S]])
-    value = torch.tensor([[0, 3, 7, 8, 0, 2, 9], [1, 4, 0, 1, 5, 6, 0]])
-    nxt = _next_behavior(kind == B, value)
-    assert nxt[0].tolist() == [7, 7, 8, 9, 9, 9, -1]
-    assert nxt[1].tolist() == [4, 5, 5, 5, 6, -1, -1]
+    from gts_lum.sequence.timestamp_process import BehaviorStats
+
+    # one user: a burst of 5 events in one interval, then 2 events an hour apart
+    log_ = EventLog.from_frame(
+        pd.DataFrame({"user_id": "u", "behavior_id": [f"b{i}" for i in range(7)], "timestamp": [0, 10, 20, 30, 40, 3600, 7200]}),
+        behavior_ids=np.array([f"b{i}" for i in range(7)], dtype=object),
+    )
+    cfg = SequenceConfig(max_behaviors_per_interval=2)
+    stats = BehaviorStats.fit(log_, cfg, importance=np.array([1, 9, 1, 1, 1, 1, 1], np.float32))  # b1 beats b0, b2, b3
+    cases = EvalSet(np.array([0, 0]), np.array([7, 2]), np.array([6, 2], np.int32), np.array([7200, 20]))
+    batch = make_batch(build_sequences(log_, cases, cfg, stats), log_, cases.history_end, CompressorConfig(enabled=False))
+    is_b = batch.kind == TokenKind.BEHAVIOR
+    assert batch.value[0][is_b[0]].tolist() == [1, 4, 5, 6]  # the burst kept its latest (b4) and b1
+    assert batch.next_event[0][is_b[0]].tolist() == [2, 5, 6, -1]  # b1 -> b2 (dropped); b6's next is the target
+    assert batch.next_event[1][is_b[1]].tolist() == [1, -1]  # history b0 b1: b1 ends it
+    assert (batch.next_event[~is_b] == -1).all()
 
 
 def test_target_aware_term_trains_on_the_reranking_lists(cycle_data, one_thread_module, monkeypatch):

@@ -123,21 +123,11 @@ class SequenceBatch:
     window_mask: np.ndarray  # (N_w, K) bool real entries
     window_case: np.ndarray  # (N_w,) int64 case of each window
     window_slot: np.ndarray  # (N_w,) int64 slot 0..W-1, oldest first
+    next_event: np.ndarray  # (B, L) int64 behaviour of the log event right after each behaviour token, -1
+    # where none inside the case's history (other tokens, the last behaviour): the inner prefixes' targets
 
     def __len__(self) -> int:
         return len(self.users)
-
-
-def _next_behavior(is_behavior: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """(B, L) value of the next behaviour token to the right in the same row, -1 where there is none."""
-    b, l = value.shape
-    col = torch.arange(l, device=value.device).expand(b, l)
-    # index of the nearest behaviour token at or after each column (l where none), then shift by one
-    idx = torch.where(is_behavior, col, torch.full_like(col, l))
-    nearest = torch.flip(torch.cummin(torch.flip(idx, [1]), 1).values, [1])  # (B, L)
-    after = torch.cat([nearest[:, 1:], torch.full((b, 1), l, device=value.device, dtype=nearest.dtype)], 1)
-    padded = torch.cat([value, torch.full((b, 1), -1, device=value.device, dtype=value.dtype)], 1)
-    return padded.gather(1, after)
 
 
 def make_batch(tokens: TokenSequences, log_: EventLog, history_end: np.ndarray, compressor: CompressorConfig) -> SequenceBatch:
@@ -180,7 +170,13 @@ def make_batch(tokens: TokenSequences, log_: EventLog, history_end: np.ndarray, 
     case, slot_of = np.nonzero(keep)
     win_idx, win_mask = idx[keep], mask[keep]
     windows = log_.behavior[np.where(win_mask, win_idx, 0)].astype(np.int64) if len(win_idx) else np.zeros((0, k), np.int64)
-    return SequenceBatch(tokens.users.astype(np.int64), kind, value, position, components, windows, win_mask, case, slot_of)
+    # the event that really came next, not the next token: the interval cap and the dedup drop events,
+    # and a prefix trained to skip them would learn another task than scoring asks (the next event)
+    next_event = np.full((b, width), -1, np.int64)
+    nxt = tokens.source_row[is_behavior] + 1
+    inside = nxt < np.asarray(history_end, np.int64)[rows[is_behavior]]
+    next_event[rows[is_behavior][inside], cols[is_behavior][inside]] = log_.behavior[nxt[inside]]
+    return SequenceBatch(tokens.users.astype(np.int64), kind, value, position, components, windows, win_mask, case, slot_of, next_event)
 
 
 class GTSLUMNetwork(nn.Module):
@@ -465,8 +461,9 @@ class GTSLUMNetwork(nn.Module):
         target-agnostic: the decoder's state after each prefix against the batch's candidates = every
             prefix's next behaviour (the in-batch targets of the other users and positions) + the sampled
             negatives. Prefixes: the case's whole history (target: the case's positive) and every inner
-            behaviour token followed by another behaviour token of the sequence (target: that one), so
-            one pass trains as many prefixes as the sequence has behaviours. Behaviours are unique
+            behaviour token (target: the log event right after it, `SequenceBatch.next_event`, which the
+            interval cap or the dedup may have left out of the tokens), so one pass trains as many
+            prefixes as the sequence has behaviours. Behaviours are unique
             columns, so a negative equal to the positive (a false negative) cannot occur.
         target-aware: the re-ranking stage's situation at scoring time. Cases whose positive the agnostic
             score ranks in its top `hard_negative_pool` (of the batch's target candidates) score the
@@ -475,13 +472,10 @@ class GTSLUMNetwork(nn.Module):
             the top only while positives come from anywhere taught the shortcut "what the agnostic
             pass likes most is a negative" (training loss near 0, re-ranking worse than none).
         """
-        # every history behaviour that is followed by another one is a training prefix too (the causal
-        # decoder's state there has seen exactly that prefix): next-behaviour targets for the agnostic term
-        kind = torch.as_tensor(batch.kind, device=self.device)
-        value = torch.as_tensor(batch.value, device=self.device)
-        is_b = kind == TokenKind.BEHAVIOR
-        nxt = _next_behavior(is_b, value)  # (B, L) next behaviour token's value, -1 where none
-        prefix_ok = is_b & (nxt >= 0)
+        # every history behaviour with a next event inside the history is a training prefix too (the causal
+        # decoder's state there has seen exactly that prefix): next-event targets for the agnostic term
+        nxt = torch.as_tensor(batch.next_event, device=self.device)  # (B, L), -1 where none
+        prefix_ok = nxt >= 0
         if allowed_targets is not None:
             prefix_ok &= allowed_targets[nxt.clamp_min(0)]
         candidates = torch.unique(torch.cat([positives, sampled, nxt[prefix_ok]]))  # (U,)
