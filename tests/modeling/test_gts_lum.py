@@ -248,6 +248,29 @@ def test_full_softmax_over_the_target_catalog(cycle_data, one_thread_module, mon
     assert seen and all(s.tolist() == targets.tolist() for s in seen)
 
 
+def test_logq_correction_shifts_each_candidate_by_its_inclusion_chance(cycle_data, one_thread_module):
+    """The sampled agnostic softmax is corrected by log q per candidate: equal frequencies shift every logit
+    alike (a softmax ignores that), skewed ones change the loss; the trainer passes training frequencies."""
+    model = build(cycle_data)
+    net, split = model.net, cycle_data.split()
+    net.eval()  # deterministic passes: the losses below differ by the correction alone
+    cases = split.test.subset(np.arange(8))
+    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
+    positives = torch.as_tensor(cases.target.astype(np.int64))
+    sampled = torch.arange(4)
+    n = split.log.num_behaviors
+
+    def loss(frequency):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(net(batch, positives, sampled, 0, 1.0, 0.0, None, None, frequency, n)["agnostic"])
+
+    plain, even = loss(None), loss(torch.full((n,), 1.0 / n))
+    skewed = torch.zeros(n)
+    skewed[positives[0]] = 1.0  # one behaviour is every step's target: it is always a candidate, the others rarely
+    assert abs(even - plain) < 1e-4 and abs(loss(skewed) - plain) > 1e-2
+
+
 def test_semantic_id_prefix_embeddings_give_each_behaviour_its_own_vector(cycle_data, one_thread_module):
     from gts_lum.modeling.gts_lum_model import semantic_id_prefixes
 

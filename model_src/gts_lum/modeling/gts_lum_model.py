@@ -455,6 +455,8 @@ class GTSLUMNetwork(nn.Module):
         aware_weight: float = 1.0,
         allowed_targets: torch.Tensor | None = None,  # (num_behaviors,) bool: which behaviours may be targets
         hard_negative_pool: int | None = None,  # None: every target candidate of the batch (the trainer passes the re-ranking list size)
+        target_frequency: torch.Tensor | None = None,  # (num_behaviors,) share of the training targets: logQ correction
+        pool_size: int | None = None,  # how many behaviours `sampled` is drawn from (uniformly, with replacement)
     ) -> dict[str, torch.Tensor]:
         """Phase II: two InfoNCE terms, each over ONE scoring path (never mixed in one softmax).
 
@@ -464,7 +466,10 @@ class GTSLUMNetwork(nn.Module):
             behaviour token (target: the log event right after it, `SequenceBatch.next_event`, which the
             interval cap or the dedup may have left out of the tokens), so one pass trains as many
             prefixes as the sequence has behaviours. Behaviours are unique
-            columns, so a negative equal to the positive (a false negative) cannot occur.
+            columns, so a negative equal to the positive (a false negative) cannot occur. With
+            `target_frequency`, each candidate's logit is lowered by log q, q its chance to be among a
+            step's candidates (drawn as a target of one of the step's prefixes, by popularity, or among
+            the uniform draws): the correction of a sampled softmax towards the full one.
         target-aware: the re-ranking stage's situation at scoring time. Cases whose positive the agnostic
             score ranks in its top `hard_negative_pool` (of the batch's target candidates) score the
             positive and `hard_negatives` negatives drawn uniformly from that top list, each a decoder
@@ -485,7 +490,12 @@ class GTSLUMNetwork(nn.Module):
         states = torch.cat([last, hist[prefix_ok]])  # (B + P, H): the case's own prefix first
         scores = F.normalize(states, dim=-1) @ items.T * self.scale  # (B + P, U)
         label = torch.searchsorted(candidates, torch.cat([positives, nxt[prefix_ok]]))
-        loss_agnostic = F.cross_entropy(scores, label)
+        logits = scores
+        if target_frequency is not None:
+            pool = pool_size or len(target_frequency)
+            miss = (1.0 - target_frequency[candidates]).pow(len(label)) * (1.0 - 1.0 / pool) ** len(sampled)
+            logits = scores - torch.log1p(-miss).clamp_min(-30.0)  # log q, q = 1 - P(never drawn)
+        loss_agnostic = F.cross_entropy(logits, label)
         out = {"agnostic": loss_agnostic.detach(), "scale": self.scale.detach(), "prefixes": torch.tensor(float(len(label)))}
         loss = agnostic_weight * loss_agnostic
         scores, label = scores[: len(positives)], label[: len(positives)]

@@ -6,7 +6,7 @@ positive. They are a fresh seeded draw every epoch, without replacement inside a
 epochs a model sees many different prefixes of every sequence. The token sequences of all of an
 epoch's cases are built at once by the timestamp process (vectorized).
 
-Loss: `GTSLUMNetwork.forward` (target-agnostic InfoNCE with in-batch + sampled negatives, then
+Loss: `GTSLUMNetwork.forward` (target-agnostic InfoNCE with in-batch + sampled negatives, logQ-corrected, then
 target-aware InfoNCE over the positive and k negatives from the agnostic top `hard_negative_pool`, for
 the cases whose positive made that list), AdamW, gradient clipping.
 
@@ -64,6 +64,11 @@ class Phase2Config:
     # every target behaviour, a full softmax over the target catalog (cheap while the adapter is frozen:
     # one projection of the catalog's cached b^F per step)
     sampled_negatives: int | None = 256
+    # Correct the sampled agnostic softmax for how often each behaviour is among a step's candidates
+    # (logQ, as in sampling-bias-corrected retrieval): the in-batch targets are drawn by popularity, so
+    # uncorrected, a popular behaviour is a negative at nearly every step and a rare one almost never,
+    # and the model learns to rank rare behaviours too high. No effect with the full softmax (None above).
+    logq_correction: bool = True
     hard_negatives: int = 4  # target-aware negatives per case (each one decoder pass)
     hard_negative_pool: int | None = None  # they come from the agnostic top-N (None: the model's re-ranking depth)
     agnostic_weight: float = 1.0
@@ -221,6 +226,11 @@ class Phase2Trainer:
         # one (a shortcut: "is it a target type?"), never a competitor at scoring time
         pool = np.arange(num_behaviors, dtype=np.int64) if targets is None else np.unique(np.asarray(targets, np.int64))
         every_target = torch.as_tensor(pool, device=device) if cfg.sampled_negatives is None else None  # full softmax: once
+        frequency = None  # each target behaviour's share of the training targets, for the logQ correction
+        if cfg.sampled_negatives is not None and cfg.logq_correction:
+            counts = np.bincount(train.behavior, minlength=num_behaviors).astype(np.float64)
+            counts[np.setdiff1d(np.arange(num_behaviors), pool)] = 0.0
+            frequency = torch.as_tensor(counts / max(counts.sum(), 1.0), dtype=torch.float32, device=device)
         # the target-aware term trains on the lists re-ranking will see: the model's re-ranking depth
         list_size = cfg.hard_negative_pool or max(getattr(model.cfg, "rerank_depth", 0), 2 * cfg.hard_negatives, 10)
         if targets is not None:
@@ -254,7 +264,7 @@ class Phase2Trainer:
                     group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + step, cfg.epochs * steps_per_epoch)
                 sampled = every_target if every_target is not None else torch.as_tensor(pool[gen.integers(0, len(pool), cfg.sampled_negatives)], device=device)
                 with model.autocast():
-                    out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed, list_size)
+                    out = train_net(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, allowed, list_size, frequency, len(pool))
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if cfg.grad_clip:
