@@ -465,11 +465,11 @@ class GTSLUMNetwork(nn.Module):
             negatives. Prefixes: the case's whole history (target: the case's positive) and every inner
             behaviour token (target: the log event right after it, `SequenceBatch.next_event`, which the
             interval cap or the dedup may have left out of the tokens), so one pass trains as many
-            prefixes as the sequence has behaviours. Behaviours are unique
-            columns, so a negative equal to the positive (a false negative) cannot occur. With
-            `target_frequency`, each candidate's logit is lowered by log q, q its chance to be among a
-            step's candidates (drawn as a target of one of the step's prefixes, by popularity, or among
-            the uniform draws): the correction of a sampled softmax towards the full one.
+            prefixes as the sequence has behaviours. Behaviours are unique columns, so a negative equal
+            to the positive (a false negative) cannot occur. With `target_frequency`, each candidate's
+            logit is lowered by log q, q its chance to be among a step's candidates (as the target of one
+            of the step's prefixes, drawn by popularity, or among the uniform draws): the correction of
+            a sampled softmax towards the full one.
         target-aware: the re-ranking stage's situation at scoring time. Cases whose positive the agnostic
             score ranks in its top `hard_negative_pool` (of the batch's target candidates) score the
             positive and `hard_negatives` negatives drawn uniformly from that top list, each a decoder
