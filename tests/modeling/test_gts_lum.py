@@ -248,6 +248,33 @@ def test_full_softmax_over_the_target_catalog(cycle_data, one_thread_module, mon
     assert seen and all(s.tolist() == targets.tolist() for s in seen)
 
 
+def test_valid_unseen_last_keeps_each_validated_users_last_training_event_out_of_phase_two(cycle_data, one_thread_module, monkeypatch):
+    """`train.valid_unseen_last`: a validation history then ends with an event phase II never saw, as a test one does."""
+    from gts_lum.training.phase2 import without_last_events
+
+    split = cycle_data.split()
+    validated = np.unique(split.valid.users)
+    kept = without_last_events(split.train, validated[:2])
+    lengths, before = kept.lengths(), split.train.lengths()
+    np.testing.assert_array_equal(lengths[validated[:2]], before[validated[:2]] - 1)
+    others = np.setdiff1d(np.arange(split.train.num_users), validated[:2])
+    np.testing.assert_array_equal(lengths[others], before[others])
+    u = validated[0]  # the remaining events are the first ones, in order
+    np.testing.assert_array_equal(kept.behavior[kept.offsets[u] : kept.offsets[u + 1]], split.train.behavior[split.train.offsets[u] : split.train.offsets[u + 1] - 1])
+
+    model = build(cycle_data, train={**TINY["train"], "epochs": 1, "valid_unseen_last": True})
+    logs = []
+    real = model.sequences
+    # a spy, not a mock: it records the log phase II builds its cases from and runs the real builder
+    monkeypatch.setattr(model, "sequences", lambda log_, cases: logs.append((log_, cases)) or real(log_, cases))
+    model.fit(split, EvalConfig(ks=(1, 10)))
+    trained_on = [(lg, c) for lg, c in logs if lg is not split.log]
+    assert trained_on
+    for lg, cases in trained_on:
+        np.testing.assert_array_equal(lg.lengths()[validated], before[validated] - 1)
+        assert (cases.history_end < lg.offsets[cases.users + 1]).all()  # every positive is a kept event
+
+
 def test_logq_correction_shifts_each_candidate_by_its_inclusion_chance(cycle_data, one_thread_module):
     """The sampled agnostic softmax is corrected by log q per candidate: equal frequencies shift every logit
     alike (a softmax ignores that), skewed ones change the loss; the trainer passes training frequencies."""
