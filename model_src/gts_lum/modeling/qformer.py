@@ -44,6 +44,7 @@ precede the recent, uncompressed behaviours b^F in the decoder's input.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -396,26 +397,31 @@ class BehaviorAdapter(nn.Module, abc.ABC):
     def _catalog_buffer(self, name: str, array: np.ndarray) -> None:
         self.register_buffer(name, torch.as_tensor(array).to(self.device), persistent=False)
 
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Eval mode (no dropout) inside the block; the previous mode back after it, also on an error."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def unprojected_all(self, batch_size: int = 512) -> torch.Tensor:
         """b^F before the projection for the whole catalog, (N, D_a), in eval mode (no dropout)."""
-        was_training = self.training
-        self.eval()
         n = self.num_behaviors
-        out = torch.cat([self.unprojected(torch.arange(s, min(s + batch_size, n), device=self.device)) for s in range(0, n, batch_size)])
-        self.train(was_training)
-        return out
+        with self._eval_mode():
+            return torch.cat([self.unprojected(torch.arange(s, min(s + batch_size, n), device=self.device)) for s in range(0, n, batch_size)])
 
     @torch.no_grad()
     def fuse_all(self, features: BehaviorFeatures | None = None, batch_size: int = 512) -> np.ndarray:
         """b^F of every behaviour of `features` (default: the current catalog), (N, decoder_hidden_size) float32."""
         if features is not None:
             self.set_catalog(features)
-        was_training = self.training
-        self.eval()
         n = self.num_behaviors
-        out = [self.fuse(torch.arange(s, min(s + batch_size, n), device=self.device)).float().cpu() for s in range(0, n, batch_size)]
-        self.train(was_training)
+        with self._eval_mode():
+            out = [self.fuse(torch.arange(s, min(s + batch_size, n), device=self.device)).float().cpu() for s in range(0, n, batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.decoder_hidden_size), np.float32)
 
     def _check_catalog(self, features: BehaviorFeatures) -> None:

@@ -241,8 +241,9 @@ class Phase2Trainer:
         every_target = torch.as_tensor(pool, device=device) if cfg.sampled_negatives is None else None  # full softmax: once
         frequency = None  # each target behaviour's share of the training targets, for the logQ correction
         if cfg.sampled_negatives is not None and cfg.logq_correction:
-            counts = np.bincount(train.behavior, minlength=num_behaviors).astype(np.float64)
-            counts[np.setdiff1d(np.arange(num_behaviors), pool)] = 0.0
+            in_pool = np.zeros(num_behaviors, dtype=bool)
+            in_pool[pool] = True
+            counts = np.where(in_pool, np.bincount(train.behavior, minlength=num_behaviors), 0).astype(np.float64)
             frequency = torch.as_tensor(counts / max(counts.sum(), 1.0), dtype=torch.float32, device=device)
         # the target-aware term trains on the lists re-ranking will see: the model's re-ranking depth
         list_size = cfg.hard_negative_pool or max(getattr(model.cfg, "rerank_depth", 0), 2 * cfg.hard_negatives, 10)
