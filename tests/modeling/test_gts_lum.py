@@ -248,31 +248,26 @@ def test_full_softmax_over_the_target_catalog(cycle_data, one_thread_module, mon
     assert seen and all(s.tolist() == targets.tolist() for s in seen)
 
 
-def test_valid_unseen_last_keeps_each_validated_users_last_training_event_out_of_phase_two(cycle_data, one_thread_module, monkeypatch):
-    """`train.valid_unseen_last`: a validation history then ends with an event phase II never saw, as a test one does."""
-    from gts_lum.training.phase2 import without_last_events
-
+def test_valid_holdout_events_train_without_them_and_validate_on_them(cycle_data, one_thread_module, monkeypatch):
+    """`train.valid_holdout_events`: phase II never sees a validated user's last training events; validation scores them."""
     split = cycle_data.split()
     validated = np.unique(split.valid.users)
-    kept = without_last_events(split.train, validated[:2])
-    lengths, before = kept.lengths(), split.train.lengths()
-    np.testing.assert_array_equal(lengths[validated[:2]], before[validated[:2]] - 1)
-    others = np.setdiff1d(np.arange(split.train.num_users), validated[:2])
-    np.testing.assert_array_equal(lengths[others], before[others])
-    u = validated[0]  # the remaining events are the first ones, in order
-    np.testing.assert_array_equal(kept.behavior[kept.offsets[u] : kept.offsets[u + 1]], split.train.behavior[split.train.offsets[u] : split.train.offsets[u + 1] - 1])
-
-    model = build(cycle_data, train={**TINY["train"], "epochs": 1, "valid_unseen_last": True})
+    model = build(cycle_data, train={**TINY["train"], "epochs": 1, "valid_holdout_events": 2})
     logs = []
     real = model.sequences
-    # a spy, not a mock: it records the log phase II builds its cases from and runs the real builder
+    # a spy, not a mock: it records what phase II trains and validates on and runs the real builder
     monkeypatch.setattr(model, "sequences", lambda log_, cases: logs.append((log_, cases)) or real(log_, cases))
     model.fit(split, EvalConfig(ks=(1, 10)))
-    trained_on = [(lg, c) for lg, c in logs if lg is not split.log]
-    assert trained_on
-    for lg, cases in trained_on:
-        np.testing.assert_array_equal(lg.lengths()[validated], before[validated] - 1)
-        assert (cases.history_end < lg.offsets[cases.users + 1]).all()  # every positive is a kept event
+    trained = [(lg, c) for lg, c in logs if lg is not split.log]
+    validated_cases = [c for lg, c in logs if lg is split.log]
+    assert trained and validated_cases
+    before = split.train.lengths()
+    for lg, cases in trained:
+        np.testing.assert_array_equal(lg.lengths()[validated], before[validated] - 2)
+    ends = np.concatenate([c.history_end for c in validated_cases])
+    u = validated[0]  # its two moved events (rows of the full log) are validation targets
+    last_trained = split.log.offsets[u] + before[u]
+    assert {last_trained - 1, last_trained - 2} <= set(ends.tolist())
 
 
 def test_logq_correction_shifts_each_candidate_by_its_inclusion_chance(cycle_data, one_thread_module):

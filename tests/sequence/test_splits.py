@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 
 from gts_lum.data.events import EventLog
-from gts_lum.sequence.splits import held_out_users, leave_one_out
+from gts_lum.sequence.splits import hold_out_for_validation, held_out_users, leave_one_out
 
 
 def _log():
@@ -69,3 +69,29 @@ def test_target_subset_picks_last_eligible_events_and_training_stops_before_vali
     assert log.behavior_ids[split.test.target[0]] == "ott3" and split.test.history_end[0] == 5
     assert log.behavior_ids[split.valid.target[0]] == "ott2" and split.valid.history_end[0] == 3
     assert list(log.behavior_ids[split.train.behavior]) == ["call", "ott1", "sms"]
+
+
+def test_hold_out_for_validation_moves_the_last_training_events_to_validation():
+    log = _log()
+    split = leave_one_out(log)
+    u1, u2, u3 = (list(log.user_ids).index(u) for u in ("u1", "u2", "u3"))
+    moved = hold_out_for_validation(split, 2)
+    # u1 trained on a, b, c: b and c move (a stays, so each moved case has a history); u3 keeps x, its
+    # only training event; u2 is not validated and keeps both events; the test set is unchanged
+    assert list(log.behavior_ids[moved.train.behavior[moved.train.offsets[u1] : moved.train.offsets[u1 + 1]]]) == ["a"]
+    assert moved.train.lengths()[u3] == 1 and moved.train.lengths()[u2] == 2 and moved.test is split.test
+    extra = moved.valid.subset(np.arange(len(split.valid), len(moved.valid)))
+    assert list(extra.users) == [u1, u1] and list(log.behavior_ids[extra.target]) == ["b", "c"]
+    assert list(extra.history_end - log.offsets[u1]) == [1, 2]  # histories a / a, b of the full log
+    np.testing.assert_array_equal(moved.valid.target[: len(split.valid)], split.valid.target)
+    assert hold_out_for_validation(split, 0) is split
+
+
+def test_hold_out_for_validation_makes_cases_of_target_behaviours_only():
+    df = pd.DataFrame({"user_id": ["u"] * 7, "timestamp": [1, 2, 3, 4, 5, 6, 7], "behavior_id": ["call", "ott1", "sms", "ott2", "call", "ott3", "sms"]})
+    log = EventLog.from_frame(df)
+    ott = np.flatnonzero(np.char.startswith(log.behavior_ids.astype(str), "ott"))
+    moved = hold_out_for_validation(leave_one_out(log, target_behaviors=ott), 2, ott)
+    # training was call, ott1, sms: ott1 and sms leave it, only ott1 is a target and becomes a case
+    assert list(log.behavior_ids[moved.train.behavior]) == ["call"]
+    assert list(log.behavior_ids[moved.valid.target]) == ["ott2", "ott1"] and list(moved.valid.history_end) == [3, 1]

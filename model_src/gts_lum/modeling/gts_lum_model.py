@@ -45,6 +45,7 @@ from torch import nn
 from gts_lum.data.events import EventLog
 from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference, word_embedder
 from gts_lum.modeling.qformer import BehaviorAdapter, QFormerConfig
+from gts_lum.sequence.splits import hold_out_for_validation
 from gts_lum.sequence.tokens import TokenKind, TokenSequences
 from gts_lum.training.phase2 import Phase2Config
 
@@ -702,6 +703,7 @@ class GTSLUM:
         self.history_filter = eval_cfg.history_filter
         tc = self.cfg.train
         targets = candidates  # the split's target subset (None: every behaviour)
+        split = hold_out_for_validation(split, tc.valid_holdout_events, targets)
         valid_cfg = EvalConfig(ks=eval_cfg.ks, batch_size=eval_cfg.batch_size, history_filter=eval_cfg.history_filter, max_users=tc.valid_cases, seed=tc.seed)
         configured = self.cfg.rerank_depth
         depths = [0, configured] if self.cfg.select_rerank and configured and self.cfg.net.target_placement != "none" else [configured]

@@ -30,6 +30,9 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.users)
 
+    def concat(self, other: "EvalSet") -> "EvalSet":
+        return EvalSet(*(np.concatenate([a, b]) for a, b in ((self.users, other.users), (self.history_end, other.history_end), (self.target, other.target), (self.target_time, other.target_time))))
+
     def subset(self, idx: np.ndarray) -> "EvalSet":
         return EvalSet(self.users[idx], self.history_end[idx], self.target[idx], self.target_time[idx])
 
@@ -111,3 +114,31 @@ def held_out_users(
     position = np.arange(log.num_events) - np.repeat(starts, log.lengths())
     keep = position < np.repeat(cut - starts, log.lengths())
     return Split(log, log.select_events(keep), _cases(log, last[train_users]), _cases(log, last[test_users]), "held_out_users")
+
+
+def hold_out_for_validation(split: Split, n: int, target_behaviors: np.ndarray | None = None) -> Split:
+    """`split` with the last `n` training events of every validated user moved to validation.
+
+    Each moved event (a target behaviour, where targets are restricted) becomes a validation case whose
+    history is everything of its user before it. With leave-one-out, a validation history otherwise ends
+    exactly where the sequence a model trains on ends, while a test history ends one unseen event later;
+    after the move both end with events the model never trained on, and validation has up to n + 1 cases
+    a user instead of one. Every user keeps at least its first training event. The test set is unchanged.
+    """
+    if n <= 0:
+        return split
+    train, log_ = split.train, split.log
+    users = np.unique(split.valid.users)
+    moved = np.minimum(n, np.maximum(train.lengths()[users] - 1, 0))
+    users, moved = users[moved > 0], moved[moved > 0]
+    # the j-th training event of user u is row offsets[u] + j of both logs: training holds a prefix of each user
+    first = train.offsets[users + 1] - moved
+    train_rows = np.concatenate([np.arange(a, b) for a, b in zip(first, train.offsets[users + 1])]) if len(users) else np.zeros(0, np.int64)
+    user_of_row = np.repeat(users, moved)
+    log_rows = train_rows - train.offsets[user_of_row] + log_.offsets[user_of_row]
+    if not np.array_equal(log_.behavior[log_rows], train.behavior[train_rows]) or not np.array_equal(log_.timestamp[log_rows], train.timestamp[train_rows]):
+        raise ValueError("hold_out_for_validation: the training log is not a per-user prefix of the full log")
+    keep = np.ones(train.num_events, dtype=bool)
+    keep[train_rows] = False
+    cases = _cases(log_, log_rows[_eligible(log_, target_behaviors)[log_rows]])
+    return Split(log_, train.select_events(keep), split.valid.concat(cases), split.test, split.kind)

@@ -79,10 +79,10 @@ class Phase2Config:
     amp: bool = True  # bf16 autocast on NPU/CUDA only (training.device)
     select_metric: str = "NDCG@10"
     valid_cases: int | None = 500  # fixed seeded sample of validation cases scored each epoch
-    # Keep each validated user's last training event out of phase II, so that a validation history ends,
-    # as a test history does, with an event the model never trained on (leave-one-out otherwise
-    # validates on exactly the sequences phase II trains on). Costs one event per validated user.
-    valid_unseen_last: bool = False
+    # The last N training events of each validated user leave phase II and join validation as cases of
+    # their own (`splits.hold_out_for_validation`): a validation history then ends, as a test history does,
+    # with events the model never trained on, and selection sees up to N + 1 cases a user (0: off)
+    valid_holdout_events: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only, when a folder is given)
 
     def __post_init__(self) -> None:
@@ -125,15 +125,6 @@ def training_cases(train: EventLog, per_user: int, seed: int, targets: np.ndarra
     mix = rng.permutation(len(row))[:cap]
     row, user = row[mix], user[mix]
     return EvalSet(user, row, train.behavior[row].astype(np.int32), train.timestamp[row])
-
-
-def without_last_events(train: EventLog, users: np.ndarray) -> EventLog:
-    """`train` less the last event of each of `users` (users and catalog unchanged)."""
-    users = np.unique(np.asarray(users, np.int64))
-    users = users[train.offsets[users + 1] > train.offsets[users]]
-    keep = np.ones(train.num_events, dtype=bool)
-    keep[train.offsets[users + 1] - 1] = False
-    return train.select_events(keep)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -232,7 +223,7 @@ class Phase2Trainer:
         if loaded is not None:
             position, best_state = loaded
             position["best"] = float(position["best"])
-        train = without_last_events(split.train, split.valid.users) if cfg.valid_unseen_last else split.train
+        train = split.train
         num_behaviors = train.num_behaviors
         allowed = None
         # negatives come from the behaviours that can be targets: an off-target negative is an easy
