@@ -76,13 +76,14 @@ def test_hold_out_for_validation_moves_the_last_training_events_to_validation():
     split = leave_one_out(log)
     u1, u2, u3 = (list(log.user_ids).index(u) for u in ("u1", "u2", "u3"))
     moved = hold_out_for_validation(split, 2)
-    # u1 trained on a, b, c: b and c move (a stays, so each moved case has a history); u3 keeps x, its
-    # only training event; u2 is not validated and keeps both events; the test set is unchanged
+    # u1 trained on a, b, c: b and c move (a stays); c's history (a, b) ends with an unseen event, so c
+    # is a case, b's (a) does not; u3 keeps x, its only training event; u2 is not validated and keeps
+    # both events; the test set is unchanged
     assert list(log.behavior_ids[moved.train.behavior[moved.train.offsets[u1] : moved.train.offsets[u1 + 1]]]) == ["a"]
     assert moved.train.lengths()[u3] == 1 and moved.train.lengths()[u2] == 2 and moved.test is split.test
     extra = moved.valid.subset(np.arange(len(split.valid), len(moved.valid)))
-    assert list(extra.users) == [u1, u1] and list(log.behavior_ids[extra.target]) == ["b", "c"]
-    assert list(extra.history_end - log.offsets[u1]) == [1, 2]  # histories a / a, b of the full log
+    assert list(extra.users) == [u1] and list(log.behavior_ids[extra.target]) == ["c"]
+    assert list(extra.history_end - log.offsets[u1]) == [2]  # history a, b of the full log
     np.testing.assert_array_equal(moved.valid.target[: len(split.valid)], split.valid.target)
     assert hold_out_for_validation(split, 0) is split
 
@@ -91,7 +92,15 @@ def test_hold_out_for_validation_makes_cases_of_target_behaviours_only():
     df = pd.DataFrame({"user_id": ["u"] * 7, "timestamp": [1, 2, 3, 4, 5, 6, 7], "behavior_id": ["call", "ott1", "sms", "ott2", "call", "ott3", "sms"]})
     log = EventLog.from_frame(df)
     ott = np.flatnonzero(np.char.startswith(log.behavior_ids.astype(str), "ott"))
-    moved = hold_out_for_validation(leave_one_out(log, target_behaviors=ott), 2, ott)
-    # training was call, ott1, sms: ott1 and sms leave it, only ott1 is a target and becomes a case
+    moved = hold_out_for_validation(leave_one_out(log, target_behaviors=ott), 3, ott)
+    # training was call, ott1, sms: two leave it (the first stays); sms follows a moved event but is no
+    # target, so no case; ott1's history (call) was trained on, so no case either
     assert list(log.behavior_ids[moved.train.behavior]) == ["call"]
-    assert list(log.behavior_ids[moved.valid.target]) == ["ott2", "ott1"] and list(moved.valid.history_end) == [3, 1]
+    assert list(log.behavior_ids[moved.valid.target]) == ["ott2"]
+    df = pd.DataFrame({"user_id": ["u"] * 6, "timestamp": [1, 2, 3, 4, 5, 6], "behavior_id": ["call", "sms", "ott1", "call", "ott2", "ott3"]})
+    log = EventLog.from_frame(df)
+    ott = np.flatnonzero(np.char.startswith(log.behavior_ids.astype(str), "ott"))
+    moved = hold_out_for_validation(leave_one_out(log, target_behaviors=ott), 3, ott)
+    # training call, sms, ott1, call: sms, ott1, call move; ott1 follows the moved sms and is a target
+    assert list(log.behavior_ids[moved.train.behavior]) == ["call"]
+    assert list(log.behavior_ids[moved.valid.target]) == ["ott2", "ott1"] and list(moved.valid.history_end) == [4, 2]

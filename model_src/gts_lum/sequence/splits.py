@@ -117,13 +117,13 @@ def held_out_users(
 
 
 def hold_out_for_validation(split: Split, n: int, target_behaviors: np.ndarray | None = None) -> Split:
-    """`split` with the last `n` training events of every validated user moved to validation.
+    """`split` with the last `n` training events of every validated user out of training, `n - 1` of them cases.
 
-    Each moved event (a target behaviour, where targets are restricted) becomes a validation case whose
-    history is everything of its user before it. With leave-one-out, a validation history otherwise ends
-    exactly where the sequence a model trains on ends, while a test history ends one unseen event later;
-    after the move both end with events the model never trained on, and validation has up to n + 1 cases
-    a user instead of one. Every user keeps at least its first training event. The test set is unchanged.
+    With leave-one-out, a validation history ends exactly where the sequence a model trains on ends, a
+    test history one unseen event later. After the move every validation history ends with an event the
+    model never trained on: the original validation case, and a case for each moved event but the
+    first (whose history still ends with a trained event), where it is a target behaviour; so up to `n`
+    cases a user. Every user keeps at least its first training event. The test set is unchanged.
     """
     if n <= 0:
         return split
@@ -140,5 +140,6 @@ def hold_out_for_validation(split: Split, n: int, target_behaviors: np.ndarray |
         raise ValueError("hold_out_for_validation: the training log is not a per-user prefix of the full log")
     keep = np.ones(train.num_events, dtype=bool)
     keep[train_rows] = False
-    cases = _cases(log_, log_rows[_eligible(log_, target_behaviors)[log_rows]])
-    return Split(log_, train.select_events(keep), split.valid.concat(cases), split.test, split.kind)
+    after_unseen = np.isin(train_rows - 1, train_rows)  # the previous event moved too
+    rows = log_rows[after_unseen & _eligible(log_, target_behaviors)[log_rows]]
+    return Split(log_, train.select_events(keep), split.valid.concat(_cases(log_, rows)), split.test, split.kind)

@@ -79,9 +79,9 @@ class Phase2Config:
     amp: bool = True  # bf16 autocast on NPU/CUDA only (training.device)
     select_metric: str = "NDCG@10"
     valid_cases: int | None = 500  # fixed seeded sample of validation cases scored each epoch
-    # The last N training events of each validated user leave phase II and join validation as cases of
-    # their own (`splits.hold_out_for_validation`): a validation history then ends, as a test history does,
-    # with events the model never trained on, and selection sees up to N + 1 cases a user (0: off)
+    # The last N training events of each validated user leave phase II (`splits.hold_out_for_validation`):
+    # a validation history then ends, as a test history does, with an event the model never trained on,
+    # and N - 1 of them become validation cases too, up to N cases a user (0: off)
     valid_holdout_events: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only, when a folder is given)
 
