@@ -11,11 +11,11 @@ learned from the data (popularity, graphs, clusters, importance weights) must re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from gts_lum.data.events import EventLog, tiebreak_keys
+from gts_lum.data.events import EventLog, ragged_arange, tiebreak_keys
 
 
 @dataclass
@@ -31,7 +31,7 @@ class EvalSet:
         return len(self.users)
 
     def concat(self, other: "EvalSet") -> "EvalSet":
-        return EvalSet(*(np.concatenate([a, b]) for a, b in ((self.users, other.users), (self.history_end, other.history_end), (self.target, other.target), (self.target_time, other.target_time))))
+        return EvalSet(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(EvalSet)))
 
     def subset(self, idx: np.ndarray) -> "EvalSet":
         return EvalSet(self.users[idx], self.history_end[idx], self.target[idx], self.target_time[idx])
@@ -132,8 +132,7 @@ def hold_out_for_validation(split: Split, n: int, target_behaviors: np.ndarray |
     moved = np.minimum(n, np.maximum(train.lengths()[users] - 1, 0))
     users, moved = users[moved > 0], moved[moved > 0]
     # the j-th training event of user u is row offsets[u] + j of both logs: training holds a prefix of each user
-    first = train.offsets[users + 1] - moved
-    train_rows = np.concatenate([np.arange(a, b) for a, b in zip(first, train.offsets[users + 1])]) if len(users) else np.zeros(0, np.int64)
+    train_rows = ragged_arange(train.offsets[users + 1] - moved, moved)
     user_of_row = np.repeat(users, moved)
     log_rows = train_rows - train.offsets[user_of_row] + log_.offsets[user_of_row]
     if not np.array_equal(log_.behavior[log_rows], train.behavior[train_rows]) or not np.array_equal(log_.timestamp[log_rows], train.timestamp[train_rows]):
