@@ -134,7 +134,7 @@ def bench_target_aware_scoring(
         "candidates": done,
         "seconds": round(seconds, 2),
         "candidates_per_s": round(done / seconds, 1),
-        "gflop_per_s": round(flops / seconds / 1e9, 1),
+        "gflop_per_s": float(f"{flops / seconds / 1e9:.3g}"),  # significant digits: a tiny decoder's rate is well under 0.1
         "threads": torch.get_num_threads(),
     }
     log.info("target-aware scoring: %s", out)
