@@ -340,3 +340,5 @@ def test_learning_rate_schedules():
     assert learning_rate(Phase2Config(lr=0.01), 99, 110) == 0.01
     with pytest.raises(ValueError, match="lr_schedule 'linear'"):
         Phase2Config(lr_schedule="linear")
+    with pytest.raises(ValueError, match="valid_holdout_events must be >= 0"):
+        Phase2Config(valid_holdout_events=-1)

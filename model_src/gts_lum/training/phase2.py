@@ -90,6 +90,8 @@ class Phase2Config:
             raise ValueError(f"Phase2Config.lr_schedule {self.lr_schedule!r}: use one of {LR_SCHEDULES}")
         if self.warmup_steps < 0:
             raise ValueError(f"Phase2Config.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.valid_holdout_events < 0:
+            raise ValueError(f"Phase2Config.valid_holdout_events must be >= 0, got {self.valid_holdout_events}")
 
 
 def learning_rate(cfg: Phase2Config, step: int, total_steps: int) -> float:
