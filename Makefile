@@ -28,9 +28,15 @@ bench: $(BIN)/gts-lum
 	$(BIN)/gts-lum bench --config gts_lum_movielens --out runs/bench/gts_lum_movielens
 	$(BIN)/gts-lum bench --config gts_lum_synth --out runs/bench/gts_lum_synth
 	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" --set phase1=null \
+	    --set model_overrides.gts_lum.train.patience=4 \
 	    --out runs/bench/gts_lum_synth_seeds --models "Markov,GTS-LUM,target end,target none"
 	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" \
+	    --set model_overrides.gts_lum.train.patience=4 \
 	    --out runs/bench/gts_lum_synth_p1_seeds --models "Markov,GTS-LUM,w/o Q-former"
+	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --out runs/bench/gts_lum_synth_full_s0 \
+	    --models "Markov,GTS-LUM,w/o time,w txt emb,w comp emb,w pos emb,w/o Q-former,w txt emb + biz id,w biz emb + txt,w/o compressor,target end,target none"
+	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[1]" --out runs/bench/gts_lum_synth_full_s1 \
+	    --models "Markov,GTS-LUM,w/o time,w txt emb,w pos emb,w/o Q-former,w biz emb + txt,target end,target none"
 	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" --models "Markov,GTS-LUM" \
 	    --set model_overrides.gts_lum.train.epochs=40 --set model_overrides.gts_lum.train.patience=40 \
 	    --out runs/bench/gts_lum_synth_p1_e40
