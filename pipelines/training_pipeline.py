@@ -43,7 +43,7 @@ def training_pipeline(
     gts_lum_config: str = "pkg:models/gts_lum.yaml",
     # CPU-sized phase II for the demo: 2 epochs of 384 cases (each trains every prefix of its sequence),
     # the last 120 tokens; on an accelerator raise them from the UI
-    gts_lum_overrides: str = '{"sequence": {"token_budget": 120}, "train": {"epochs": 2, "prefixes_per_user": 1, "max_cases_per_epoch": 384, "hard_negatives": 1, "valid_cases": 100}, "rerank_depth": 10}',
+    gts_lum_overrides: str = '{"sequence": {"token_budget": 120}, "train": {"epochs": 2, "max_cases_per_epoch": 384, "hard_negatives": 1, "valid_cases": 100}, "rerank_depth": 10}',
     model_name: str = "sasrec",
     model_config: str = "",
     model_overrides: str = '{"train": {"windows_per_epoch": 8192, "epochs": 10}}',

@@ -17,7 +17,7 @@ from gts_lum.training.checkpoint import load_model, save_model
 TINY = {
     "net": {"decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}, "compressor": {"windows": 2, "window_size": 4}},
     "qformer": {"num_queries": 2, "num_layers": 1, "num_heads": 2, "hidden_size": 32, "intermediate_size": 64, "max_window": 4},
-    "train": {"batch_size": 16, "lr": 0.001, "epochs": 6, "patience": 6, "prefixes_per_user": 6, "sampled_negatives": 8, "hard_negatives": 2, "valid_cases": None, "device": "cpu"},
+    "train": {"batch_size": 16, "lr": 0.001, "epochs": 6, "patience": 6, "sampled_negatives": 8, "hard_negatives": 2, "valid_cases": None, "device": "cpu"},
     "rerank_depth": 3,
 }
 
@@ -151,7 +151,8 @@ def test_resume_after_a_kill_mid_epoch_equals_uninterrupted(cycle_data, one_thre
 
     split = cycle_data.split()
     # with the cosine schedule and warm-up: the rate at each step comes back with the position
-    short = {**TINY["train"], "epochs": 2, "checkpoint_every": 3, "lr_schedule": "cosine", "warmup_steps": 4}
+    # 40 one-window users in batches of 4: 10 steps an epoch
+    short = {**TINY["train"], "batch_size": 4, "epochs": 2, "checkpoint_every": 3, "lr_schedule": "cosine", "warmup_steps": 4}
     full = build(cycle_data, train=short)
     full.fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "a")
     # the process dies right after the step-6 checkpoint of epoch 0 (the epoch has more steps than that)
@@ -342,3 +343,91 @@ def test_learning_rate_schedules():
         Phase2Config(lr_schedule="linear")
     with pytest.raises(ValueError, match="valid_holdout_events must be >= 0"):
         Phase2Config(valid_holdout_events=-1)
+
+
+def test_training_windows_train_every_transition_once():
+    """Windows cut back from each user's end under a small budget: every event after a user's first is
+    the target of exactly one trained position (the window's own positive or an inner next event)."""
+    import pandas as pd
+
+    from gts_lum.training.phase2 import training_windows
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for u, n in enumerate([1, 2, 7, 40]):  # a one-event user has no transition and no window
+        rows += [(f"u{u}", f"b{int(rng.integers(5))}", 1_700_000_000 + 1800 * t) for t in range(n)]
+    log_ = EventLog.from_frame(pd.DataFrame(rows, columns=["user_id", "behavior_id", "timestamp"]), behavior_ids=np.array([f"b{i}" for i in range(5)], dtype=object))
+    cfg = SequenceConfig(token_budget=9, dedup_within_interval=False)
+    windows, tokens = training_windows(log_, lambda lg, cases: build_sequences(lg, cases, cfg))
+    assert len(windows) == len(tokens) and (tokens.lengths() <= 9).all()
+    batch = make_batch(tokens, log_, windows.history_end, CompressorConfig(enabled=False))
+    trained = list(windows.history_end)  # each window's positive: the event at its history end
+    # inner targets: the log row right after each kept behaviour, where the window's history holds it
+    case, _ = np.nonzero((batch.kind == TokenKind.BEHAVIOR) & (batch.next_event >= 0))
+    inner_rows = []
+    for i in range(len(windows)):
+        seq = tokens.sequence(i)
+        rows_i = seq["source_row"][seq["kind"] == TokenKind.BEHAVIOR]
+        inner_rows += [int(r) + 1 for r in rows_i if r + 1 < windows.history_end[i]]
+    assert len(inner_rows) == len(case)
+    every = sorted(trained + inner_rows)
+    expected = [r for u in range(log_.num_users) for r in range(log_.offsets[u] + 1, log_.offsets[u + 1])]
+    assert every == expected  # each transition once, none missing
+    assert (windows.target == log_.behavior[windows.history_end]).all()
+    # a positive outside the targets is marked -1; the window still exists for its inner targets
+    only = np.array([0])
+    restricted, _ = training_windows(log_, lambda lg, cases: build_sequences(lg, cases, cfg), only)
+    assert set(restricted.target.tolist()) <= {0, -1} and len(restricted) == len(windows)
+
+
+def test_bucketed_batches_group_similar_lengths_in_a_seeded_order():
+    from gts_lum.training.phase2 import bucketed_batches
+
+    lengths = np.random.default_rng(0).integers(1, 200, 1000)
+    a, b, c = (bucketed_batches(lengths, 32, s) for s in (1, 1, 2))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # seeded: resume replays the same batches
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert sorted(np.concatenate(a).tolist()) == list(range(1000))  # every case once
+    padded = sum(len(x) * lengths[x].max() for x in a)
+    assert padded < 1.05 * lengths.sum()  # random batches pad to ~2x; sorted ones almost not at all
+
+
+def test_decoder_dropout_only_while_training(cycle_data, one_thread_module):
+    from gts_lum.modeling.decoder import DecoderConfig, add_block_dropout, build_decoder
+
+    model = build(cycle_data, net={**TINY["net"], "decoder": {**TINY["net"]["decoder"], "dropout": 0.3}})
+    net, split = model.net, cycle_data.split()
+    cases = split.test.subset(np.arange(4))
+    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
+    with torch.no_grad():
+        ctx = net.context(batch)
+        net.train()
+        assert not torch.equal(net.user_states(ctx), net.user_states(ctx))
+        net.eval()
+        torch.testing.assert_close(net.user_states(ctx), net.user_states(ctx), rtol=0, atol=0)
+    decoder, _ = build_decoder(DecoderConfig(hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32))
+    assert add_block_dropout(decoder, 0.1) == 6  # attention and MLP of each of the 3 blocks
+    with pytest.raises(ValueError, match="dropout"):
+        DecoderConfig(dropout=1.0)
+
+
+def test_target_gate_at_zero_lets_no_candidate_in(cycle_data, one_thread_module):
+    """The target token is placeholder + gate * b^F_c: at gate 0 every candidate gives the same state (the
+    norm cannot blow a small gate up), and a small gate changes the state a little, not fully."""
+    model = build(cycle_data)
+    net, split = model.net, cycle_data.split()
+    net.eval()
+    cases = split.test.subset(np.arange(2))
+    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
+    cand = torch.tensor([0, 1])
+    rows = torch.tensor([0, 0])
+    with torch.no_grad():
+        ctx = net.context(batch, extra_behaviors=cand)
+        net.target_gate.fill_(0.0)
+        zero = net.user_states(ctx, rows, target=cand)
+        torch.testing.assert_close(zero[0], zero[1])
+        net.target_gate.fill_(1e-3)
+        small = net.user_states(ctx, rows, target=cand)
+        net.target_gate.fill_(1.0)
+        full = net.user_states(ctx, rows, target=cand)
+    assert 0 < (small[0] - small[1]).norm() < 0.05 * (full[0] - full[1]).norm()

@@ -34,7 +34,7 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
         "gts_lum_overrides": json.dumps(
             {
                 "net": {"decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}, "compressor": {"windows": 1, "window_size": 8}},
-                "train": {"epochs": 1, "prefixes_per_user": 1, "max_cases_per_epoch": 64, "hard_negatives": 1, "sampled_negatives": 32, "valid_cases": 20, "device": "cpu"},
+                "train": {"epochs": 1, "max_cases_per_epoch": 64, "hard_negatives": 1, "sampled_negatives": 32, "valid_cases": 20, "device": "cpu"},
                 "rerank_depth": 3,
             }
         ),

@@ -14,7 +14,7 @@ import pytest
 TINY_GTS_LUM = {
     "net": {"decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}, "compressor": {"windows": 1, "window_size": 8}},
     "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2},
-    "train": {"epochs": 1, "prefixes_per_user": 1, "max_cases_per_epoch": 64, "hard_negatives": 1, "sampled_negatives": 32, "valid_cases": 20, "device": "cpu"},
+    "train": {"epochs": 1, "max_cases_per_epoch": 64, "hard_negatives": 1, "sampled_negatives": 32, "valid_cases": 20, "device": "cpu"},
     "rerank_depth": 5,
     "select_rerank": False,  # the scorer's two-stage path is under test: keep it whatever validation says
 }

@@ -14,7 +14,7 @@ TINY = [
     "net.decoder.hidden_size=32", "net.decoder.num_layers=1", "net.decoder.num_heads=2", "net.decoder.intermediate_size=64",
     "net.compressor.windows=2", "net.compressor.window_size=4",
     "qformer.num_queries=2", "qformer.num_layers=1", "qformer.num_heads=2", "qformer.hidden_size=32", "qformer.intermediate_size=64", "qformer.max_window=4",
-    "train.batch_size=8", "train.lr=0.001", "train.epochs=3", "train.prefixes_per_user=6", "train.sampled_negatives=8", "train.hard_negatives=2",
+    "train.batch_size=8", "train.lr=0.001", "train.epochs=3", "train.sampled_negatives=8", "train.hard_negatives=2",
     "rerank_depth=3",
 ]
 

@@ -46,6 +46,11 @@ class DecoderConfig:
     freeze: bool | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     attn_implementation: str = "sdpa"
+    # dropout while training on each block's attention and MLP outputs (before the residual add) and on
+    # the attention weights, as SASRec / HSTU regularise: a from-scratch decoder over a few hundred users'
+    # histories overfits them within a few epochs without it. Any decoder whose blocks name their parts
+    # `self_attn` and `mlp` (the Llama family); 0: none
+    dropout: float = 0.0
     # torch.compile the decoder for passes without gradients (scoring, validation): inductor fuses the
     # element-wise work (RMSNorm, RoPE, SiLU, masks) that outweighs the matrix products at small widths
     # on CPU (BENCHMARKS.md "target-aware scoring throughput"). Compiles once, on first use (28 s at the default
@@ -53,6 +58,8 @@ class DecoderConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"DecoderConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.pretrained and self.hidden_size % self.num_heads:
             raise ValueError(f"DecoderConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
@@ -81,6 +88,25 @@ def small_llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: i
     )
 
 
+def add_block_dropout(model: nn.Module, p: float) -> int:
+    """Dropout on the output of every `self_attn` and `mlp` module (a forward hook: the Hugging Face code
+    stays as it is), active in training mode only. Returns how many modules got it."""
+
+    def hook(module: nn.Module, inputs, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):  # attention: (hidden states, weights)
+            return (nn.functional.dropout(output[0], p, True), *output[1:])
+        return nn.functional.dropout(output, p, True)
+
+    parts = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ("self_attn", "mlp")]
+    if not parts:
+        raise ValueError("DecoderConfig.dropout: the decoder has no `self_attn` / `mlp` modules to put dropout on")
+    for module in parts:
+        module.register_forward_hook(hook)
+    return len(parts)
+
+
 def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
     """The decoder's base model (hidden states out, no LM head), frozen / LoRA-wrapped as configured."""
     from transformers import AutoModel
@@ -94,8 +120,10 @@ def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
         model = small_llama(
             2,  # inputs_embeds only: the token table is never read
             cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.max_positions,
-            rope_theta=cfg.rope_theta, attn_implementation=cfg.attn_implementation,
+            rope_theta=cfg.rope_theta, attn_implementation=cfg.attn_implementation, attention_dropout=cfg.dropout,
         )
+    if cfg.dropout > 0:
+        add_block_dropout(model, cfg.dropout)
     frozen = bool(cfg.pretrained) if cfg.freeze is None else cfg.freeze
     if frozen:
         for p in model.parameters():

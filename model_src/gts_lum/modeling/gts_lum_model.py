@@ -15,14 +15,14 @@ Decoder input of one case (left to right; `[..]` optional):
   behaviours (oldest first) and compressed by the Q-former to Q tokens each (`adapter.compress`).
 - profile: the user's attribute-table embedding (table encoder), projected; a learned vector when the
   user has no row. One leading token: it conditions everything after it.
-- target: the candidate's b^F only (no time, no descriptor), scaled by a learned gate g that starts
-  at 0 (`GTSLUMNetConfig.target_gate_init`). For label heads a learned task token
+- target: a learned placeholder t plus the candidate's b^F (no time, no descriptor) scaled by a learned
+  gate g that starts at 0 (`GTSLUMNetConfig.target_gate_init`). For label heads a learned task token
   takes the target's place, so one mechanism serves next behaviour and heterogeneous labels.
 - position IDs: consecutive over the real tokens (the "position" variant: shared inside an interval).
 
 Scoring, defined:
 
-    score(user, c) = cosine( h_last([g b^F_c, history]), P b^F_c ) / temperature
+    score(user, c) = cosine( h_last([t + g b^F_c, history]), P b^F_c ) / temperature
 
 with h_last the decoder's last hidden state (the user embedding), P a learned projection, and c FIRST
 in the sequence. The target-agnostic score is the same with the plain sequence (no target token):
@@ -89,11 +89,12 @@ class GTSLUMNetConfig:
     # `code` is the default: `prefix` matched it on the simulator and did not beat it on MovieLens test while
     # its validation rose well above test (it memorizes the training sequences; BENCHMARKS.md).
     semantic_id_embedding: str = "code"
-    # The target token enters as gate * b^F_c with a learned scalar gate starting at `target_gate_init`.
-    # At 0 the target-aware pass starts as the agnostic one (its loss then sharpens the agnostic ranking
-    # on hard negatives) and lets the candidate in as far as that helps; a from-scratch decoder given the
-    # full token from step one spent its steps on the 1-vs-k term at chance and dragged the agnostic
-    # term down with it (BENCHMARKS.md, Table 5). 1.0 with `target_gate_trainable: false`: the plain token.
+    # The target token is t + gate * b^F_c: a learned placeholder t plus the candidate scaled by a learned
+    # scalar gate that starts at `target_gate_init`. The placeholder sets the token's scale, so the
+    # decoder's first norm cannot undo a small gate (with the plain gate * b^F_c it did: any gate above
+    # ~1e-3 let the whole candidate in); at 0 the target-aware pass is the agnostic one with a constant
+    # leading token, and the candidate enters as far as the gate learns it helps. 1.0 with
+    # `target_gate_trainable: false`: the candidate at full strength from the start.
     target_gate_init: float = 0.0
     target_gate_trainable: bool = True
     # dropout on the decoder's input embeddings while training (SASRec's embedding dropout): a from-scratch
@@ -248,6 +249,7 @@ class GTSLUMNetwork(nn.Module):
                 nn.init.normal_(emb.weight, std=0.1)
         self.item_projection = nn.Linear(h, h)  # P in the score
         self.target_gate = nn.Parameter(torch.tensor(float(cfg.target_gate_init)), requires_grad=cfg.target_gate_trainable)
+        self.target_placeholder = nn.Parameter(torch.randn(h) * 0.1)  # t: the target token's scale (see target_gate_init)
         self.input_dropout = nn.Dropout(cfg.input_dropout)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         self._unprojected: torch.Tensor | None = None  # catalog cache of a frozen adapter
@@ -399,7 +401,7 @@ class GTSLUMNetwork(nn.Module):
         if task is not None:
             front, front_mask = [self.task_tokens(task)[:, None]], [one]
         elif target is not None and self.cfg.target_placement != "none":
-            tok = self.target_gate * self.lookup(ctx, target)[:, None]
+            tok = (self.target_placeholder + self.target_gate * self.lookup(ctx, target))[:, None]
             if self.cfg.target_placement == "front":
                 front, front_mask = [tok], [one]
             else:
@@ -449,7 +451,7 @@ class GTSLUMNetwork(nn.Module):
     def forward(
         self,
         batch: SequenceBatch,
-        positives: torch.Tensor,  # (B,) next behaviour of each case
+        positives: torch.Tensor,  # (B,) next behaviour of each case, -1 where it is no target (inner prefixes only)
         sampled: torch.Tensor,  # (S,) sampled negatives shared by the batch
         hard_negatives: int,
         agnostic_weight: float = 1.0,
@@ -482,40 +484,45 @@ class GTSLUMNetwork(nn.Module):
         # decoder's state there has seen exactly that prefix): next-event targets for the agnostic term
         nxt = torch.as_tensor(batch.next_event, device=self.device)  # (B, L), -1 where none
         prefix_ok = nxt >= 0
+        own_ok = positives >= 0  # a window whose own next event is no target trains its inner prefixes only
         if allowed_targets is not None:
             prefix_ok &= allowed_targets[nxt.clamp_min(0)]
+            own_ok &= allowed_targets[positives.clamp_min(0)]
+        own = torch.nonzero(own_ok).squeeze(1)  # (B',) cases with a positive
+        positives = positives[own]
         candidates = torch.unique(torch.cat([positives, sampled, nxt[prefix_ok]]))  # (U,)
         ctx = self.context(batch, extra_behaviors=candidates)
         items = self.item_embeddings(self.lookup(ctx, candidates))  # (U, H)
         last, hist = self.user_states(ctx, history_states=True)  # (B, H), (B, L, H)
-        states = torch.cat([last, hist[prefix_ok]])  # (B + P, H): the case's own prefix first
-        scores = F.normalize(states, dim=-1) @ items.T * self.scale  # (B + P, U)
+        states = torch.cat([last[own], hist[prefix_ok]])  # (B' + P, H): the cases' own prefixes first
+        scores = F.normalize(states, dim=-1) @ items.T * self.scale  # (B' + P, U)
         label = torch.searchsorted(candidates, torch.cat([positives, nxt[prefix_ok]]))
         logits = scores
         if target_frequency is not None:
             pool = pool_size or len(target_frequency)
             miss = (1.0 - target_frequency[candidates]).pow(len(label)) * (1.0 - 1.0 / pool) ** len(sampled)
             logits = scores - torch.log1p(-miss).clamp_min(-30.0)  # log q, q = 1 - P(never drawn)
-        loss_agnostic = F.cross_entropy(logits, label)
+        # a batch without any target position (possible where targets are a small subset) trains nothing
+        loss_agnostic = F.cross_entropy(logits, label) if len(label) else logits.sum() * 0.0
         out = {"agnostic": loss_agnostic.detach(), "scale": self.scale.detach(), "prefixes": torch.tensor(float(len(label)))}
         loss = agnostic_weight * loss_agnostic
         scores, label = scores[: len(positives)], label[: len(positives)]
         target_ok = allowed_targets[candidates] if allowed_targets is not None else torch.ones_like(candidates, dtype=torch.bool)
         pool = int(target_ok.sum()) - 1 if hard_negative_pool is None else min(hard_negative_pool, int(target_ok.sum()) - 1)
         k = min(hard_negatives, pool)
-        if k > 0 and aware_weight > 0 and self.cfg.target_placement != "none":
+        if k > 0 and aware_weight > 0 and self.cfg.target_placement != "none" and len(own):
             with torch.no_grad():
                 rows = torch.arange(len(label), device=self.device)
                 masked = scores.detach().masked_fill(~target_ok, -torch.inf)  # competitors at scoring time only
-                rank = (masked > masked[rows, label][:, None]).sum(1)  # (B,) the positive's agnostic rank
+                rank = (masked > masked[rows, label][:, None]).sum(1)  # (B',) the positive's agnostic rank
                 masked[rows, label] = -torch.inf
-                top = masked.topk(pool, dim=1).indices  # (B, pool) the re-ranking list without the positive
+                top = masked.topk(pool, dim=1).indices  # (B', pool) the re-ranking list without the positive
                 pick = torch.rand(top.shape, device=self.device).topk(k, dim=1).indices  # k uniform draws
-                hard = candidates[top.gather(1, pick)]  # (B, k)
+                hard = candidates[top.gather(1, pick)]  # (B', k)
                 cases = torch.nonzero(rank < pool).squeeze(1)
             out["aware_cases"] = torch.tensor(len(cases) / max(len(label), 1))
             if len(cases):
-                logits = self.aware_scores(ctx, torch.cat([positives[cases, None], hard[cases]], 1), chunk=len(cases) * (k + 1), cases=cases)
+                logits = self.aware_scores(ctx, torch.cat([positives[cases, None], hard[cases]], 1), chunk=len(cases) * (k + 1), cases=own[cases])
                 loss_aware = F.cross_entropy(logits, torch.zeros(len(cases), dtype=torch.long, device=self.device), reduction="sum")
                 out["aware"] = loss_aware.detach() / len(cases)
                 # a mean over the batch (cases outside the top list add 0): a mean over the few eligible
@@ -717,8 +724,15 @@ class GTSLUM:
             self.cfg.rerank_depth = configured
             return values
 
-        def valid_fn() -> float:  # an epoch is as good as its better scoring
-            return max(valid_by_depth().values())
+        def valid_fn() -> float:
+            # epochs are picked on the agnostic ranking (one decoder pass per case; the re-ranking passes
+            # cost as much as an epoch of training), the re-ranking depth once, on the picked epoch
+            self.cfg.rerank_depth = depths[0]
+            try:
+                metrics = evaluate(self, split.log, split.valid, candidates, valid_cfg, desc=f"gts_lum valid (re-rank {depths[0]})")
+            finally:
+                self.cfg.rerank_depth = configured
+            return validation_metric(metrics, tc.select_metric)
 
         stats = Phase2Trainer(self, tc, checkpoint_dir).fit(split, targets, valid_fn)
         if len(depths) > 1:  # the best epoch's weights are in: pick the scoring on validation

@@ -1,16 +1,16 @@
 """Phase II (paper section 3.3): the target-aware decoder trained on next-behaviour prediction.
 
-Per epoch, each training user contributes `prefixes_per_user` prediction cases: a prefix of its
-TRAINING events whose next event (a target behaviour, where the split restricts targets) is the
-positive. They are a fresh seeded draw every epoch, without replacement inside a user, so over the
-epochs a model sees many different prefixes of every sequence. The token sequences of all of an
-epoch's cases are built at once by the timestamp process (vectorized).
+Every epoch trains every transition of every training sequence once (`training_windows`): windows
+cut from each user's end under the token budget, each trained at every position (the case's own
+positive from the last state, each kept behaviour's next event from the states inside). The windows'
+token sequences are built once per fit; each epoch batches windows of similar length together in a
+seeded order (`bucketed_batches`), so a step pads to its own longest window, not to the budget.
 
 Loss: `GTSLUMNetwork.forward` (target-agnostic InfoNCE with in-batch + sampled negatives, logQ-corrected, then
 target-aware InfoNCE over the positive and k negatives from the agnostic top `hard_negative_pool`, for
 the cases whose positive made that list), AdamW, gradient clipping.
 
-Determinism and resume: the epoch's cases come from (seed, epoch); each step seeds torch (dropout) and
+Determinism and resume: the epoch's batches come from (seed, epoch); each step seeds torch (dropout) and
 its negative sampler from (seed, epoch, step). A checkpoint every `checkpoint_every` steps holds the
 weights, the optimizer state and the position (epoch, step, selection history), all in safetensors +
 JSON; a run restarted from it replays the rest of the data identically, so its final weights equal an
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from gts_lum.data.events import EventLog
 from gts_lum.sequence.splits import EvalSet
+from gts_lum.sequence.tokens import TokenKind, TokenSequences
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,7 @@ class Phase2Config:
     weight_decay: float = 0.01
     epochs: int = 10
     patience: int = 3
-    prefixes_per_user: int = 4  # training cases per user and epoch (see the module docstring)
-    max_cases_per_epoch: int | None = None  # a seeded cap on an epoch's cases
+    max_cases_per_epoch: int | None = None  # a seeded cap on an epoch's windows (None: all; see the module docstring)
     # uniform negatives over the target behaviours, shared by a batch (plus the in-batch targets); None:
     # every target behaviour, a full softmax over the target catalog (cheap while the adapter is frozen:
     # one projection of the catalog's cached b^F per step)
@@ -104,29 +104,60 @@ def learning_rate(cfg: Phase2Config, step: int, total_steps: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
 
-def training_cases(train: EventLog, per_user: int, seed: int, targets: np.ndarray | None = None, cap: int | None = None) -> EvalSet:
-    """Up to `per_user` prefixes per user of the training log, each predicting its next event.
+def training_windows(train: EventLog, build, targets: np.ndarray | None = None) -> tuple[EvalSet, TokenSequences]:
+    """Cases that train every transition of the training log once: windows cut from each user's end.
 
-    Eligible positions: every event with at least one event before it (and a target behaviour, when
-    `targets` restricts them). Drawn without replacement inside a user, seeded; users interleaved.
+    A window is a case (history `start:e`, positive = event `e`): its token sequence, built by
+    `build(log, cases)` (the timestamp process under the token budget), trains the positive from the
+    last state and each kept behaviour's next event from the states inside (`SequenceBatch.next_event`).
+    The first window of a user ends at its last training event; the next one ends at the first event the
+    budget kept in it, and so on back to the user's second event, so each transition is the target of
+    exactly one position (events the interval cap or the dedup dropped are trained as targets, never as
+    inputs). Windows depend on the log and the sequence settings alone: built once per fit, not per epoch.
+    A positive outside `targets` is marked -1 (its window still trains the allowed inner targets).
     """
-    rng = np.random.default_rng(seed)
-    row = np.arange(train.num_events, dtype=np.int64)
-    user = np.repeat(np.arange(train.num_users), np.diff(train.offsets))
-    ok = row > train.offsets[user]
+    allowed = None
     if targets is not None:
         allowed = np.zeros(train.num_behaviors, bool)
-        allowed[targets] = True
-        ok &= allowed[train.behavior]
-    row, user = row[ok], user[ok]
-    order = np.lexsort((rng.random(len(row)), user))
-    row, user = row[order], user[order]
-    first = np.searchsorted(user, user, side="left")
-    take = (np.arange(len(row)) - first) < per_user
-    row, user = row[take], user[take]
-    mix = rng.permutation(len(row))[:cap]
-    row, user = row[mix], user[mix]
-    return EvalSet(user, row, train.behavior[row].astype(np.int32), train.timestamp[row])
+        allowed[np.asarray(targets, np.int64)] = True
+    start = train.offsets[:-1].astype(np.int64)
+    ends = train.offsets[1:].astype(np.int64) - 1
+    users = np.arange(train.num_users, dtype=np.int64)
+    cases, parts = [], []
+    active = ends > start
+    while active.any():
+        u, e = users[active], ends[active]
+        target = train.behavior[e].astype(np.int32)
+        if allowed is not None:
+            target = np.where(allowed[target], target, -1).astype(np.int32)
+        window = EvalSet(u, e, target, train.timestamp[e])
+        tokens = build(train, window)
+        case_of = np.repeat(np.arange(len(window)), tokens.lengths())
+        is_b = tokens.kind == TokenKind.BEHAVIOR
+        first_kept = e.copy()
+        np.minimum.at(first_kept, case_of[is_b], tokens.source_row[is_b])
+        cases.append(window)
+        parts.append(tokens)
+        ends[active] = np.minimum(first_kept, e - 1)  # always moves back, even when nothing was kept
+        active = ends > start
+    if not cases:
+        raise ValueError("the training log has no user with two or more events: nothing to learn a next event from")
+    out = cases[0]
+    for more in cases[1:]:
+        out = out.concat(more)
+    return out, TokenSequences.concat(parts) if len(parts) > 1 else parts[0]
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Batches of cases of similar token length, in a seeded random order.
+
+    Cases are sorted by length (ties broken at random, so batches differ between epochs) and cut into
+    batches of `batch_size`: a batch pads to its own longest case, so almost no compute goes to padding.
+    """
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -248,25 +279,30 @@ class Phase2Trainer:
             "phase II: %s trainable of %s parameters, %d users, device %s, world %d",
             f"{sum(p.numel() for p in params):,}", f"{sum(p.numel() for p in net.parameters()):,}", train.num_users, device, world,
         )
+        windows, tokens = training_windows(train, model.sequences, targets)
+        lengths = tokens.lengths()
+        log.info(
+            "phase II: %d windows cover %d transitions (%.1f tokens a window on average)",
+            len(windows), int(np.maximum(np.diff(train.offsets) - 1, 0).sum()), float(lengths.mean()),
+        )
         while position["epoch"] < cfg.epochs and position["bad_epochs"] < cfg.patience:
             epoch = position["epoch"]
-            cases = training_cases(train, cfg.prefixes_per_user, cfg.seed * 7919 + epoch, targets, cfg.max_cases_per_epoch)
-            batches = [np.arange(s, min(s + cfg.batch_size, len(cases))) for s in range(0, len(cases), cfg.batch_size)]
+            picked = np.random.default_rng([cfg.seed, epoch]).permutation(len(windows))[: cfg.max_cases_per_epoch]
+            batches = [picked[b] for b in bucketed_batches(lengths[picked], cfg.batch_size, cfg.seed * 7919 + epoch)]
             batches = batches[: len(batches) - len(batches) % world] if ddp else batches  # equal steps per rank
             steps_per_epoch = len(batches) // world  # the schedule's unit (epochs hold about as many cases each)
-            tokens = model.sequences(train, cases)
             net.train()
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}  # steps that reported each figure (the aware term can skip a step)
-            t_epoch, seen = time.perf_counter(), 0
+            t_epoch, seen, trained_positions = time.perf_counter(), 0, 0.0
             steps = range(position["step"], len(batches) // world)
             bar = tqdm(steps, desc=f"phase II epoch {epoch}", leave=False, disable=None if rank == 0 else True)
             for step in bar:
                 idx = batches[step * world + rank]
                 torch.manual_seed(cfg.seed * 1_000_003 + epoch * 10_007 + step)
                 gen = np.random.default_rng([cfg.seed, epoch, step, rank])
-                batch = model.batch(tokens.subset(idx), train, cases.history_end[idx])
-                positives = torch.as_tensor(cases.target[idx].astype(np.int64), device=device)
+                batch = model.batch(tokens.subset(idx), train, windows.history_end[idx])
+                positives = torch.as_tensor(windows.target[idx].astype(np.int64), device=device)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + step, cfg.epochs * steps_per_epoch)
                 sampled = every_target if every_target is not None else torch.as_tensor(pool[gen.integers(0, len(pool), cfg.sampled_negatives)], device=device)
@@ -278,6 +314,7 @@ class Phase2Trainer:
                     nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 seen += len(idx) * world
+                trained_positions += float(out["prefixes"]) * world
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                     counts[k] = counts.get(k, 0) + 1
@@ -294,6 +331,7 @@ class Phase2Trainer:
                 dist.broadcast(shared, 0)
                 value = float(shared)
             record = {"epoch": epoch, "lr": round(optimizer.param_groups[0]["lr"], 6), **{k: round(v / counts[k], 4) for k, v in sums.items()}, "cases_per_s": round(seen / max(seconds, 1e-9), 1),
+                      "positions_per_s": round(trained_positions / max(seconds, 1e-9), 1),
                       f"valid_{cfg.select_metric}": value}
             position["history"].append(record)
             if value > position["best"]:
