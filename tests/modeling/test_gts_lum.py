@@ -295,7 +295,7 @@ def test_logq_correction_shifts_each_candidate_by_its_inclusion_chance(cycle_dat
 
 
 def test_semantic_id_prefix_embeddings_give_each_behaviour_its_own_vector(cycle_data, one_thread_module):
-    from gts_lum.modeling.gts_lum_model import semantic_id_prefixes
+    from gts_lum.tokenizer.semantic_ids import semantic_id_prefixes
 
     # codes are numbered within their parent: (0, 1) and (1, 1) share code 1 at level 2 but no prefix
     codes = np.array([[0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1], [0, 1, 1]])

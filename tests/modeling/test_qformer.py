@@ -220,3 +220,27 @@ def test_business_codebook_assigns_nearest_centroid():
     book = BusinessCodebook.fit(f, num_codes=2)
     codes = book.assign(f)[:, 0]
     assert codes[0] == codes[1] != codes[2] == codes[3]
+
+
+def test_semantic_id_tokens_are_tree_nodes_by_default():
+    """`semantic_id_tokens: prefix` (the paper's semantic ID): a token row per tree node, so two behaviours
+    with the same code under different parents get different level-2 tokens; `code` shares that row."""
+    from gts_lum.tokenizer.semantic_ids import semantic_id_prefixes
+
+    feats = features()
+    rows, sizes = semantic_id_prefixes(feats.semantic_ids)
+    prefix, code = model(), model(semantic_id_tokens="code")
+    assert [t.num_embeddings for t in prefix.item_tokens.tables] == sizes == prefix.spec.semantic_id_rows
+    assert [t.num_embeddings for t in code.item_tokens.tables] == feats.codebook_sizes
+    np.testing.assert_array_equal(prefix.catalog_semantic_ids.numpy(), rows)
+    # same level-2 code, different level-1 parent
+    ids = feats.semantic_ids
+    a, b = next((i, j) for i in range(len(ids)) for j in range(len(ids)) if ids[i, 1] == ids[j, 1] and ids[i, 0] != ids[j, 0])
+    assert prefix.catalog_semantic_ids[a, 1] != prefix.catalog_semantic_ids[b, 1]
+    assert code.catalog_semantic_ids[a, 1] == code.catalog_semantic_ids[b, 1]
+    other = features(seed=1)  # another tree with the same codebook sizes: other node counts
+    if semantic_id_prefixes(other.semantic_ids)[1] != sizes:
+        with pytest.raises(ValueError, match="another tree"):
+            prefix.set_catalog(other)
+    with pytest.raises(ValueError, match="semantic_id_tokens"):
+        QFormerConfig(semantic_id_tokens="leaf")

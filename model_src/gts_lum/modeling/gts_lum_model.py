@@ -47,12 +47,13 @@ from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_
 from gts_lum.modeling.qformer import BehaviorAdapter, QFormerConfig
 from gts_lum.sequence.splits import hold_out_for_validation
 from gts_lum.sequence.tokens import TokenKind, TokenSequences
+from gts_lum.tokenizer.semantic_ids import SEMANTIC_ID_TABLES, semantic_id_table_rows
 from gts_lum.training.phase2 import Phase2Config
 
 log = logging.getLogger(__name__)
 
 TARGET_PLACEMENTS = ("front", "end", "none")
-SEMANTIC_ID_EMBEDDINGS = ("prefix", "code", "none")
+SEMANTIC_ID_EMBEDDINGS = (*SEMANTIC_ID_TABLES, "none")
 PAD_KIND = -1
 COMPONENT_SIZES = (64, 13, 32, 24, 60, 60)  # year (mod 64), month, day, hour, minute, second
 
@@ -76,19 +77,15 @@ class GTSLUMNetConfig:
     # the projection is then computed once for the catalog instead of every step (several times faster
     # on CPU). The paper trains the Q-former in phase II: True.
     adapter_trainable: bool = True
-    # b^F += a sum of learned semantic-ID embeddings, one per level. The paper's b^F is the Q-former's output
-    # alone; a from-scratch Q-former in phase II makes every behaviour look alike at first (mean cosine
-    # ~0.85) and learns slowly on CPU budgets, while these give each behaviour its own, hierarchically
-    # shared vector from step one (BENCHMARKS.md measures the modes).
-    #   prefix: one vector per ID prefix (tree node) at each level; the last level (the collision suffix)
-    #           makes the full ID, so every behaviour has a vector of its own beside those it shares with
-    #           its subtree;
-    #   code:   one vector per (level, code): codes are numbered within their parent, so code 3 of level
-    #           2 is one vector under every parent and all behaviours are sums of sum(codebook sizes) vectors;
-    #   none:   the paper's Q-former-only b^F.
-    # `code` is the default: `prefix` matched it on the simulator and did not beat it on MovieLens test while
-    # its validation rose well above test (it memorizes the training sequences; BENCHMARKS.md).
-    semantic_id_embedding: str = "code"
+    # b^F += a sum of learned semantic-ID embeddings, one per level (`tokenizer.semantic_ids.semantic_id_table_rows`):
+    #   prefix: one vector per tree node on the behaviour's root-to-leaf path, the paper's semantic ID; the
+    #           last level (the collision suffix) makes the full ID, so every behaviour has a vector of its
+    #           own beside those it shares with its subtree;
+    #   code:   one vector per (level, code): codes are numbered within their parent, so code 3 of level 2
+    #           is one vector under every parent and behaviours cannot be told apart (an ablation);
+    #   none:   the paper's Q-former-only b^F (a from-scratch Q-former makes every behaviour look alike at
+    #           first, mean cosine ~0.85, and learns slowly on CPU budgets).
+    semantic_id_embedding: str = "prefix"
     # The target token is t + gate * b^F_c: a learned placeholder t plus the candidate scaled by a learned
     # scalar gate that starts at `target_gate_init`. The placeholder sets the token's scale, so the
     # decoder's first norm cannot undo a small gate (with the plain gate * b^F_c it did: any gate above
@@ -240,9 +237,7 @@ class GTSLUMNetwork(nn.Module):
         if cfg.semantic_id_embedding != "none":
             if semantic_ids is None or not codebook_sizes:
                 raise ValueError("net.semantic_id_embedding needs the catalog's semantic IDs and codebook sizes")
-            rows, sizes = np.asarray(semantic_ids, np.int64), list(codebook_sizes)
-            if cfg.semantic_id_embedding == "prefix":
-                rows, sizes = semantic_id_prefixes(rows)
+            rows, sizes = semantic_id_table_rows(semantic_ids, codebook_sizes, cfg.semantic_id_embedding)
             self.register_buffer("semantic_ids", torch.as_tensor(rows), persistent=False)  # (N, levels) row of each level's table
             self.semantic_id_embedding = nn.ModuleList(nn.Embedding(int(n), h) for n in sizes)
             for emb in self.semantic_id_embedding:
@@ -530,19 +525,6 @@ class GTSLUMNetwork(nn.Module):
                 loss = loss + aware_weight * loss_aware / len(label)
         out["loss"] = loss
         return out
-
-
-def semantic_id_prefixes(codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """(N, levels) semantic IDs -> (N, levels) index of each row's level-l prefix codes[:, :l+1] among the
-    catalog's distinct prefixes of that length, and the number of those per level. (Depends on the
-    catalog only: a saved model rebuilds the same tables from its saved features.)"""
-    index = np.zeros(codes.shape, np.int64)
-    sizes = []
-    for level in range(codes.shape[1]):
-        uniq, inverse = np.unique(codes[:, : level + 1], axis=0, return_inverse=True)
-        index[:, level] = inverse.reshape(-1)
-        sizes.append(len(uniq))
-    return index, sizes
 
 
 # -- the model as the bench, the pipeline and the scorer use it -------------------------------------

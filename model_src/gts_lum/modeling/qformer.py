@@ -59,6 +59,7 @@ from torch import nn
 
 from gts_lum.config import from_dict
 from gts_lum.modeling.behavior_features import BehaviorFeatures, BusinessCodebook
+from gts_lum.tokenizer.semantic_ids import SEMANTIC_ID_TABLES, semantic_id_table_rows
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ class QFormerConfig:
     text_vocab: str = "corpus"  # corpus: the token ids the phase-I texts use | full: the whole WordPiece vocab
     max_text_len: int = 32  # tokens per text, [CLS] included
     max_window: int = 32  # most behaviours in one sequence-level window (K)
+    # semantic-ID tokens: `prefix`, one learned vector per tree node on the behaviour's root-to-leaf path
+    # (the paper's semantic ID; the last level is the behaviour's own), or `code`, one per (level, code),
+    # shared by every node with that number under any parent (an ablation)
+    semantic_id_tokens: str = "prefix"
     seed: int = 0  # k-means of the business codebook
 
     def __post_init__(self) -> None:
@@ -105,6 +110,7 @@ class QFormerConfig:
             "num_business_codes": self.num_business_codes >= 1,
             "max_text_len": self.max_text_len >= 2,
             "max_window": self.max_window >= 1,
+            "semantic_id_tokens": self.semantic_id_tokens in SEMANTIC_ID_TABLES,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -123,6 +129,7 @@ class CatalogSpec:
     text_dim: int  # D_t of the sentence embeddings
     text_vocab_size: int  # compact WordPiece vocabulary (0 when the variant reads no text tokens)
     business_codes: dict[str, int] = field(default_factory=dict)  # modality -> k-means codes (text_biz_id)
+    semantic_id_rows: list[int] = field(default_factory=list)  # rows of each level's token table (`semantic_id_tokens`)
 
 
 def default_tokenizer_path() -> Path:
@@ -426,8 +433,12 @@ class BehaviorAdapter(nn.Module, abc.ABC):
 
     def _check_catalog(self, features: BehaviorFeatures) -> None:
         spec = self.spec
-        if features.codebook_sizes != spec.codebook_sizes and self.cfg.variant == "qformer":
-            raise ValueError(f"catalog semantic-ID codebooks {features.codebook_sizes} differ from the model's {spec.codebook_sizes}")
+        if self.cfg.variant == "qformer":
+            if features.codebook_sizes != spec.codebook_sizes:
+                raise ValueError(f"catalog semantic-ID codebooks {features.codebook_sizes} differ from the model's {spec.codebook_sizes}")
+            rows = semantic_id_table_rows(features.semantic_ids, features.codebook_sizes, self.cfg.semantic_id_tokens)[1]
+            if rows != spec.semantic_id_rows:
+                raise ValueError(f"catalog semantic-ID tree has {rows} nodes per level, the model's {spec.semantic_id_rows}: another tree")
         if features.text_embeddings.shape[1] != spec.text_dim:
             raise ValueError(f"catalog text_embeddings have {features.text_embeddings.shape[1]} dims, the model {spec.text_dim}")
         for name, dim in spec.business_dims.items():
@@ -487,8 +498,8 @@ class QFormer(BehaviorAdapter):
         self.text_embedding = TextEmbedding(v + 1, cfg.max_text_len, h, cfg.dropout)
         self.dec_token = v
         self.item_tokens: nn.Module | None = None
-        if cfg.variant == "qformer" and spec.codebook_sizes:
-            self.item_tokens = CodeTokens(spec.codebook_sizes, h, cfg.dropout)
+        if cfg.variant == "qformer" and spec.semantic_id_rows:
+            self.item_tokens = CodeTokens(spec.semantic_id_rows, h, cfg.dropout)
         elif cfg.variant == "text_biz_id" and spec.business_codes:
             self.item_tokens = CodeTokens(list(spec.business_codes.values()), h, cfg.dropout)
         elif cfg.variant == "biz_text":
@@ -544,7 +555,7 @@ class QFormer(BehaviorAdapter):
 
     def set_catalog(self, features: BehaviorFeatures) -> None:
         self._check_catalog(features)
-        self._catalog_buffer("catalog_semantic_ids", features.semantic_ids)
+        self._catalog_buffer("catalog_semantic_ids", semantic_id_table_rows(features.semantic_ids, features.codebook_sizes, self.cfg.semantic_id_tokens)[0])
         for i, name in enumerate(self.spec.business_dims):
             self._catalog_buffer(f"catalog_business_{i}", features.business[name])
             self._catalog_buffer(f"catalog_seen_{i}", features.business_seen[name])
@@ -703,7 +714,8 @@ def build_adapter(cfg: QFormerConfig, features: BehaviorFeatures, texts: list[st
         tokenizer = TextTokenizer(cfg.tokenizer, cfg.max_text_len).fit(list(features.descriptions) + list(texts), cfg.text_vocab)
         codebook = BusinessCodebook.fit(features, cfg.num_business_codes, cfg.seed, modalities) if cfg.variant == "text_biz_id" else None
         codes = {m: len(c) for m, c in codebook.centroids.items()} if codebook else {}
-        spec = CatalogSpec(list(features.codebook_sizes), dims, text_dim, len(tokenizer), codes)
+        rows = semantic_id_table_rows(features.semantic_ids, features.codebook_sizes, cfg.semantic_id_tokens)[1]
+        spec = CatalogSpec(list(features.codebook_sizes), dims, text_dim, len(tokenizer), codes, rows)
         adapter = QFormer(cfg, spec)
         adapter.set_tokenizer(tokenizer)
         if codebook is not None:

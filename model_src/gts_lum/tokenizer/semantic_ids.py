@@ -71,6 +71,36 @@ def _ids_array(behavior_ids: Sequence, what: str) -> np.ndarray:
     return ids
 
 
+def semantic_id_prefixes(codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """(N, levels) semantic IDs -> (N, levels) index of each row's level-l prefix codes[:, :l+1] among the
+    catalog's distinct prefixes of that length, and the number of those per level. (Depends on the
+    catalog only: a saved model rebuilds the same tables from its saved features.)"""
+    index = np.zeros(codes.shape, np.int64)
+    sizes = []
+    for level in range(codes.shape[1]):
+        uniq, inverse = np.unique(codes[:, : level + 1], axis=0, return_inverse=True)
+        index[:, level] = inverse.reshape(-1)
+        sizes.append(len(uniq))
+    return index, sizes
+
+
+SEMANTIC_ID_TABLES = ("prefix", "code")
+
+
+def semantic_id_table_rows(semantic_ids: np.ndarray, codebook_sizes: Sequence[int], mode: str) -> tuple[np.ndarray, list[int]]:
+    """The row of each behaviour in each level's embedding table, and the tables' sizes.
+
+    prefix (the paper's semantic ID: the tree nodes on the root-to-leaf path): one row per distinct prefix
+        of each length, so the last level is the behaviour's own (`semantic_id_prefixes`);
+    code: one row per (level, code); codes are numbered within their parent, so a row is shared by every
+        node of that level with that number (an ablation).
+    """
+    if mode not in SEMANTIC_ID_TABLES:
+        raise ValueError(f"semantic-ID tables {mode!r}: use one of {SEMANTIC_ID_TABLES}")
+    codes = np.asarray(semantic_ids, np.int64)
+    return semantic_id_prefixes(codes) if mode == "prefix" else (codes, [int(n) for n in codebook_sizes])
+
+
 @dataclass
 class SemanticIds:
     """The tokenizer artifact: one semantic ID per behaviour, and the tree that made them."""
