@@ -7,14 +7,17 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def publish_features(clean: Input[Dataset], ids: Input[Dataset], feature_repo: str, last_n: int, sources: Output[Dataset], summary: Output[Markdown]):
-    """Feast: export the user profile, last-N behaviour sequences and the catalog's semantic IDs; apply + materialize.
+def publish_features(
+    clean: Input[Dataset], ids: Input[Dataset], feature_repo: str, feature_config: str, last_n: int, sources: Output[Dataset], summary: Output[Markdown]
+):
+    """Feast: export the user profile, last-N behaviour sequences and the catalog's semantic IDs; apply + materialize
+    into the store `feature_config` names (a feature_store.yaml relative to the repo; empty: the repo's own).
 
     User ids are pseudonymised with the key in GTS_LUM_PSEUDONYM_KEY (a Secret on the cluster)."""
     from gts_lum.serving.features import export_feature_sources, publish_features as publish
 
     exported = export_feature_sources(clean.path, sources.path, ids.path, last_n=last_n)
-    published = publish(feature_repo, sources.path)
+    published = publish(feature_repo, sources.path, feature_config or None)
     sources.metadata.update({k: v for k, v in {**exported, **published}.items() if isinstance(v, (int, float, str))})
     with open(summary.path, "w") as f:
         f.write("## Feature store\n\n")

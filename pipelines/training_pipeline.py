@@ -71,9 +71,16 @@ def training_pipeline(
     # the life cycle: promote the new GTS-LUM when it beats production on validation by `promotion_margin`
     registry: str = "runs/registry",  # a folder (local JSON registry) or the Kubeflow Model Registry's http(s) address
     promotion_margin: float = 0.01,
-    # serving: Feast (the local sqlite repo by default) and the KServe export
+    # serving: Feast (the local sqlite repo by default; in the image, its copy under the working folder)
+    # and the KServe export. On a cluster: feature_config="production/feature_store.yaml" (Redis + the SQL
+    # registry), whose addresses come from the Secrets below (optional: the local config needs neither).
     feature_repo: str = "feature_repo",
+    feature_config: str = "",
     feature_last_n: int = 512,
+    # Secrets of the run's namespace, created by the operator (README, "First run on a cluster")
+    pseudonym_secret: str = "gts-lum-pseudonym",  # key: the key of the user-id pseudonyms
+    feast_registry_secret: str = "gts-lum-feast-registry",  # url: the SQL registry's SQLAlchemy URL
+    redis_secret: str = "gts-lum-redis",  # connection: Feast's Redis connection string
 ):
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
@@ -126,9 +133,14 @@ def training_pipeline(
         baseline=floor.outputs["model"],
         eval_config=eval_config,
     ).set_display_name("evaluate")
-    publish_features(clean=clean.outputs["clean"], ids=ids.outputs["ids"], feature_repo=feature_repo, last_n=feature_last_n).set_display_name(
-        "publish-features"
-    ).set_caching_options(False)
+    publish = publish_features(
+        clean=clean.outputs["clean"], ids=ids.outputs["ids"], feature_repo=feature_repo, feature_config=feature_config, last_n=feature_last_n
+    ).set_display_name("publish-features")
+    publish.set_caching_options(False)
+    # kfp.local sets the pseudonym key itself (run_local); a cluster's pod gets it only from a Secret
+    kubernetes.use_secret_as_env(publish, secret_name=pseudonym_secret, secret_key_to_env={"key": "GTS_LUM_PSEUDONYM_KEY"})
+    kubernetes.use_secret_as_env(publish, secret_name=feast_registry_secret, secret_key_to_env={"url": "GTS_LUM_FEAST_REGISTRY"}, optional=True)
+    kubernetes.use_secret_as_env(publish, secret_name=redis_secret, secret_key_to_env={"connection": "GTS_LUM_REDIS"}, optional=True)
     labels = label_tasks(
         model=lum.outputs["model"], sequences=seqs.outputs["sequences"], clean=clean.outputs["clean"], heads_config=heads_config, heads_overrides=heads_overrides
     ).set_display_name("label-tasks")
