@@ -19,6 +19,7 @@ from components.ingest import ingest, validate
 from components.sequences import build_sequences
 from components.serving import export_model, publish_features
 from components.training import evaluate_models, label_tasks, promote_model, train_gts_lum, train_model
+from pipelines.cluster import sized
 
 # Where the training task runs. Every value is a pipeline parameter's default, so a run on a CPU cluster
 # drops them from the UI: train_accelerator="" (no accelerator limit), train_node_selector={},
@@ -81,6 +82,16 @@ def training_pipeline(
     pseudonym_secret: str = "gts-lum-pseudonym",  # key: the key of the user-id pseudonyms
     feast_registry_secret: str = "gts-lum-feast-registry",  # url: the SQL registry's SQLAlchemy URL
     redis_secret: str = "gts-lum-redis",  # connection: Feast's Redis connection string
+    # CPU and memory of each task, by kind (pipelines/cluster.py): data steps, encoders, training
+    step_cpu_request: str = "500m",
+    step_cpu_limit: str = "2",
+    step_memory: str = "4Gi",
+    encoder_cpu_request: str = "2",
+    encoder_cpu_limit: str = "4",
+    encoder_memory: str = "8Gi",
+    train_cpu_request: str = "4",
+    train_cpu_limit: str = "8",
+    train_memory: str = "16Gi",
 ):
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
@@ -145,10 +156,18 @@ def training_pipeline(
         model=lum.outputs["model"], sequences=seqs.outputs["sequences"], clean=clean.outputs["clean"], heads_config=heads_config, heads_overrides=heads_overrides
     ).set_display_name("label-tasks")
     labels.set_caching_options(False)
-    export_model(model=labels.outputs["labelled"], heads=labels.outputs["heads"], sequences=seqs.outputs["sequences"]).set_display_name("export-model")
-    promote_model(sequences=seqs.outputs["sequences"], model=lum.outputs["model"], registry=registry, margin=promotion_margin).set_display_name(
+    export = export_model(model=labels.outputs["labelled"], heads=labels.outputs["heads"], sequences=seqs.outputs["sequences"]).set_display_name("export-model")
+    gate = promote_model(sequences=seqs.outputs["sequences"], model=lum.outputs["model"], registry=registry, margin=promotion_margin).set_display_name(
         "promotion-gate"
-    ).set_caching_options(False)
+    )
+    gate.set_caching_options(False)
+    for task in (raw, clean, seqs, publish, export, gate):
+        # a second try of the gate could register the model twice
+        sized(task, step_cpu_request, step_cpu_limit, step_memory, retry=task is not gate)
+    for task in (ids, graph, tables, phase1, evaluation):
+        sized(task, encoder_cpu_request, encoder_cpu_limit, encoder_memory)
+    for task in (lum, model, floor, labels):
+        sized(task, train_cpu_request, train_cpu_limit, train_memory)
     # Deterministic (seeded) steps are cached whatever the cluster's default: the same inputs give the
     # same artifacts. Ingest is keyed by the source's name, so a source whose contents change under the
     # same path needs a run with caching off (or a dated snapshot path).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipelines import PIPELINES
@@ -72,3 +73,46 @@ def test_the_components_image_carries_the_feature_repo_where_the_default_points(
     target = str(Path(workdir) / defaults("training")["feature_repo"])
     assert ["feature_repo", target] in copies, f"the image must COPY feature_repo to {target} (WORKDIR + the pipeline's default)"
     assert "--chown=10001:10001 feature_repo" in (DOCKER / "Dockerfile.component").read_text(), "a local-config publish writes data/ beside it"
+
+
+RESOURCES = ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit")
+NOT_RETRIED = {"promote-model"}  # a second try could register the same model twice
+
+
+def parameter_default(value: str, names: dict) -> str:
+    """A resource value of the IR: a pipeline parameter's placeholder, resolved to the parameter's default."""
+    import re
+
+    found = re.fullmatch(r"\{\{\$\.inputs\.parameters\['pipelinechannel--(\w+)'\]\}\}", value)
+    assert found, f"{value!r}: not a pipeline parameter, so the run form cannot change it"
+    return names[found.group(1)]
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_task_declares_cpu_and_memory_from_parameters(name):
+    from kubernetes.utils.quantity import parse_quantity
+
+    spec, _ = compiled(name)
+    names = defaults(name)
+    executors = spec["deploymentSpec"]["executors"]
+    containers = {label: e["container"] for label, e in executors.items() if "container" in e}  # importers run no container
+    assert len(containers) >= (15 if name == "training" else 3)
+    for label, container in containers.items():
+        resources = container.get("resources", {})
+        assert set(RESOURCES) <= set(resources), f"{name}: {label} lacks {sorted(set(RESOURCES) - set(resources))}"
+        value = {k: parse_quantity(parameter_default(resources[k], names)) for k in RESOURCES}
+        assert 0 < value["resourceCpuRequest"] <= value["resourceCpuLimit"], f"{name}: {label}: CPU request above its limit"
+        assert value["resourceMemoryRequest"] == value["resourceMemoryLimit"] >= 2**30, f"{name}: {label}: memory request = limit, 1Gi or more"
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_tasks_retry_where_a_retry_is_safe(name):
+    spec, _ = compiled(name)
+    for task, body in spec["root"]["dag"]["tasks"].items():
+        if "importer" in executor(spec, task) or task.startswith("importer"):
+            continue
+        policy = body.get("retryPolicy")
+        if task in NOT_RETRIED:
+            assert policy is None, f"{name}: {task} must not retry"
+        else:
+            assert policy and policy["maxRetryCount"] >= 1 and policy["backoffDuration"], f"{name}: {task} has no retry policy"
