@@ -17,7 +17,7 @@ from kfp import dsl, kubernetes
 from components.encoders import encode_graph, encode_tables, qformer_pretrain, semantic_ids
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
-from components.serving import export_model, publish_features
+from components.serving import deploy_model, export_model, publish_features
 from components.training import evaluate_models, label_tasks, promote_model, train_gts_lum, train_model
 from pipelines.cluster import sized
 
@@ -29,6 +29,7 @@ ASCEND_RESOURCE = "huawei.com/Ascend910"  # the Ascend device plugin's extended 
 ASCEND_NODE_SELECTOR = {"accelerator": "huawei-Ascend910"}  # the node label of Ascend's cluster tooling
 ASCEND_TOLERATIONS = [{"key": ASCEND_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 NPU_IMAGE = os.environ.get("GTS_LUM_NPU_IMAGE", "ghcr.io/gts-lum/gts-lum-npu:0.1.0")  # images/Dockerfile.npu
+DEPLOYER_TOKEN = "/var/run/secrets/gts-lum-deployer"  # the deploy step's service-account token (a Secret volume)
 DATA_MOUNT = "/mnt/gts-lum"  # the data PVC in the training pod: pretrained decoders (net.decoder.pretrained), checkpoints
 
 
@@ -82,6 +83,13 @@ def training_pipeline(
     pseudonym_secret: str = "gts-lum-pseudonym",  # key: the key of the user-id pseudonyms
     feast_registry_secret: str = "gts-lum-feast-registry",  # url: the SQL registry's SQLAlchemy URL
     redis_secret: str = "gts-lum-redis",  # connection: Feast's Redis connection string
+    # the rollout after the gate (gts_lum.serving.deploy): the InferenceService of manifests/serving in
+    # `deploy_namespace` (empty: no rollout), as the gts-lum-deployer service account, whose token the
+    # operator puts in the Secret `deployer_token_secret` of the run's namespace
+    deploy_namespace: str = "",
+    inference_service: str = "gts-lum",
+    canary_traffic_percent: int = 10,
+    deployer_token_secret: str = "gts-lum-deployer-token",
     # CPU and memory of each task, by kind (pipelines/cluster.py): data steps, encoders, training
     step_cpu_request: str = "500m",
     step_cpu_limit: str = "2",
@@ -161,7 +169,17 @@ def training_pipeline(
         "promotion-gate"
     )
     gate.set_caching_options(False)
-    for task in (raw, clean, seqs, publish, export, gate):
+    rollout = deploy_model(
+        export=export.outputs["export"],
+        promoted=gate.outputs["Output"],
+        inference_service=inference_service,
+        namespace=deploy_namespace,
+        canary_percent=canary_traffic_percent,
+        token_dir=DEPLOYER_TOKEN,
+    ).set_display_name("deploy")
+    rollout.set_caching_options(False)
+    kubernetes.use_secret_as_volume(rollout, secret_name=deployer_token_secret, mount_path=DEPLOYER_TOKEN, optional=True)
+    for task in (raw, clean, seqs, publish, export, gate, rollout):
         # a second try of the gate could register the model twice
         sized(task, step_cpu_request, step_cpu_limit, step_memory, retry=task is not gate)
     for task in (ids, graph, tables, phase1, evaluation):
