@@ -7,7 +7,9 @@ Kubeflow UI changes data, interval length, model sizes or device without a rebui
 Cluster settings (kfp-kubernetes; `kfp.local` ignores them, so the local run is unchanged): the GTS-LUM
 training task asks for an Ascend NPU, lands on Ascend nodes (node selector + toleration: a dict and a
 list parameter), runs the NPU image and mounts the data PVC; deterministic steps are cached, training
-steps are not.
+steps are not. Every task declares CPU and memory (run parameters, pipelines/cluster.py) and retries
+where that is safe; publish-features reads its keys and addresses from Secrets; after the promotion
+gate, the deploy step rolls the export out to the InferenceService as the deployer service account.
 """
 
 import os
