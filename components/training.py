@@ -123,8 +123,9 @@ def label_tasks(
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote_model(sequences: Input[Dataset], model: Input[Model], registry: str, margin: float, metrics: Output[Metrics], decision: Output[Markdown]):
-    """The gate: the new model against production on the same validation users; registered when better by `margin`."""
+def promote_model(sequences: Input[Dataset], model: Input[Model], registry: str, margin: float, metrics: Output[Metrics], decision: Output[Markdown]) -> bool:
+    """The gate: the new model against production on the same validation users; registered when better by `margin`.
+    Returns whether it promoted (the deploy step's condition)."""
     from gts_lum.evaluation.promotion import PromotionConfig, promotion_gate
 
     result = promotion_gate(sequences.path, model.path, registry, PromotionConfig(margin=margin), uri=model.uri)
@@ -134,3 +135,4 @@ def promote_model(sequences: Input[Dataset], model: Input[Model], registry: str,
         metrics.log_metric(f"production_{result['metric']}", result["production"])
     with open(decision.path, "w") as f:
         f.write(f"## Promotion gate\n\n**{'promoted' if result['promoted'] else 'not promoted'}**: {result['reason']}\n")
+    return bool(result["promoted"])

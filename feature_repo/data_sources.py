@@ -39,3 +39,11 @@ behavior_catalog_source = FileSource(
     created_timestamp_column="created",
     description="The behaviours table with the semantic ID of each behaviour and the semantic-ids version.",
 )
+
+sequence_settings_source = FileSource(
+    name="sequence_settings_source",
+    path=f"{DATA}/sequence_settings.parquet",
+    timestamp_field="event_timestamp",
+    created_timestamp_column="created",
+    description="One row: the timestamp-process settings and N of the exported sequences.",
+)

@@ -20,3 +20,10 @@ behavior = Entity(
     value_type=ValueType.STRING,
     description="A behaviour of the operator's catalog (the data contract's behaviours table).",
 )
+
+settings = Entity(
+    name="feature_dataset",
+    join_keys=["settings_key"],
+    value_type=ValueType.STRING,
+    description="The published data set; its one key, 'current', holds the settings its features follow.",
+)

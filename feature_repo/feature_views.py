@@ -6,6 +6,8 @@ TTLs are chosen per view, on purpose:
 - user_profile, 365 days: plan, device and tenure change slowly and are re-exported with every data
   window; a profile a year old is stale.
 - behavior_catalog, none (0): a catalog version stays valid until a newer one replaces it.
+- sequence_settings, none (0): the settings hold until the next publish replaces them.
+Every schema is declared, so `feast apply` works on a fresh clone, before any data is exported.
 """
 
 from datetime import timedelta
@@ -13,15 +15,16 @@ from datetime import timedelta
 from feast import FeatureView, Field
 from feast.types import Array, Int32, Int64, String
 
-from data_sources import behavior_catalog_source, user_profile_source, user_sequence_push
-from entities import behavior, user
+from data_sources import behavior_catalog_source, sequence_settings_source, user_profile_source, user_sequence_push
+from entities import behavior, settings, user
 
-# The profile's schema is inferred from the exported users table at apply time: the data contract lets
-# each data set bring its own attribute columns (plan, device, region, ...).
+# The data contract lets each data set bring its own users attribute columns (plan, device, region,
+# ...): one JSON object keeps the schema fixed, so it needs no data to be declared.
 user_profile = FeatureView(
     name="user_profile",
     entities=[user],
     ttl=timedelta(days=365),
+    schema=[Field(name="attributes", dtype=String, description="JSON object of the users table's attribute columns")],
     source=user_profile_source,
     online=True,
     description="Profile attributes of the data contract's users table.",
@@ -29,8 +32,7 @@ user_profile = FeatureView(
 
 # The last N events, oldest first, as parallel arrays: what the timestamp process
 # (gts_lum.sequence.timestamp_process) turns into a token sequence. `time_ids` are the events'
-# interval indices in operator local time; the sequence settings (timezone, interval, N) are recorded
-# in this view's tags when the store is published.
+# interval indices in operator local time, under the settings of the sequence_settings view.
 user_sequence = FeatureView(
     name="user_sequence",
     entities=[user],
@@ -59,4 +61,19 @@ behavior_catalog = FeatureView(
     source=behavior_catalog_source,
     online=True,
     description="The behaviour catalog with semantic IDs (paper section 3.2) and their version.",
+)
+
+# What serving needs to extend the stored arrays the same way (timezone, interval, N), as data in the
+# online store: a plain `feast apply` replaces definitions (and their tags) but keeps the stored rows.
+sequence_settings = FeatureView(
+    name="sequence_settings",
+    entities=[settings],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="sequence_config", dtype=String, description="JSON of gts_lum's SequenceConfig, the data set's timezone included"),
+        Field(name="last_n", dtype=Int64, description="events kept per user"),
+    ],
+    source=sequence_settings_source,
+    online=True,
+    description="The timestamp-process settings the stored time IDs follow, and N.",
 )

@@ -8,6 +8,7 @@ from kfp.dsl import Model
 
 from components.ingest import ingest, validate
 from components.serving import batch_score
+from pipelines.cluster import sized
 
 
 @dsl.pipeline(name="gts-lum-batch-scoring", description="GTS-LUM: score all users (or a list) with an exported model; writes parquet.")
@@ -20,10 +21,19 @@ def batch_scoring_pipeline(
     users: str = "",  # comma-separated user ids; empty: every user
     chunk_size: int = 256,
     top_k: int = 10,
+    # CPU and memory of the tasks (pipelines/cluster.py): data steps, and the scoring itself
+    step_cpu_request: str = "500m",
+    step_cpu_limit: str = "2",
+    step_memory: str = "4Gi",
+    score_cpu_request: str = "2",
+    score_cpu_limit: str = "4",
+    score_memory: str = "8Gi",
 ):
     export = dsl.importer(artifact_uri=export_uri, artifact_class=Model, reimport=False).set_display_name("exported-model")
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
-    batch_score(
-        export=export.output, data=clean.outputs["clean"], users=users, chunk_size=chunk_size, top_k=top_k
-    ).set_display_name("batch-score").set_caching_options(False)
+    score = batch_score(export=export.output, data=clean.outputs["clean"], users=users, chunk_size=chunk_size, top_k=top_k).set_display_name("batch-score")
+    score.set_caching_options(False)
+    for task in (raw, clean):
+        sized(task, step_cpu_request, step_cpu_limit, step_memory)
+    sized(score, score_cpu_request, score_cpu_limit, score_memory)  # resumes from its chunks after a retry

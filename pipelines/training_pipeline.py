@@ -7,7 +7,9 @@ Kubeflow UI changes data, interval length, model sizes or device without a rebui
 Cluster settings (kfp-kubernetes; `kfp.local` ignores them, so the local run is unchanged): the GTS-LUM
 training task asks for an Ascend NPU, lands on Ascend nodes (node selector + toleration: a dict and a
 list parameter), runs the NPU image and mounts the data PVC; deterministic steps are cached, training
-steps are not.
+steps are not. Every task declares CPU and memory (run parameters, pipelines/cluster.py) and retries
+where that is safe; publish-features reads its keys and addresses from Secrets; after the promotion
+gate, the deploy step rolls the export out to the InferenceService as the deployer service account.
 """
 
 import os
@@ -17,8 +19,9 @@ from kfp import dsl, kubernetes
 from components.encoders import encode_graph, encode_tables, qformer_pretrain, semantic_ids
 from components.ingest import ingest, validate
 from components.sequences import build_sequences
-from components.serving import export_model, publish_features
+from components.serving import deploy_model, export_model, publish_features
 from components.training import evaluate_models, label_tasks, promote_model, train_gts_lum, train_model
+from pipelines.cluster import sized
 
 # Where the training task runs. Every value is a pipeline parameter's default, so a run on a CPU cluster
 # drops them from the UI: train_accelerator="" (no accelerator limit), train_node_selector={},
@@ -28,6 +31,7 @@ ASCEND_RESOURCE = "huawei.com/Ascend910"  # the Ascend device plugin's extended 
 ASCEND_NODE_SELECTOR = {"accelerator": "huawei-Ascend910"}  # the node label of Ascend's cluster tooling
 ASCEND_TOLERATIONS = [{"key": ASCEND_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 NPU_IMAGE = os.environ.get("GTS_LUM_NPU_IMAGE", "ghcr.io/gts-lum/gts-lum-npu:0.1.0")  # images/Dockerfile.npu
+DEPLOYER_TOKEN = "/var/run/secrets/gts-lum-deployer"  # the deploy step's service-account token (a Secret volume)
 DATA_MOUNT = "/mnt/gts-lum"  # the data PVC in the training pod: pretrained decoders (net.decoder.pretrained), checkpoints
 
 
@@ -71,9 +75,33 @@ def training_pipeline(
     # the life cycle: promote the new GTS-LUM when it beats production on validation by `promotion_margin`
     registry: str = "runs/registry",  # a folder (local JSON registry) or the Kubeflow Model Registry's http(s) address
     promotion_margin: float = 0.01,
-    # serving: Feast (the local sqlite repo by default) and the KServe export
+    # serving: Feast (the local sqlite repo by default; in the image, its copy under the working folder)
+    # and the KServe export. On a cluster: feature_config="production/feature_store.yaml" (Redis + the SQL
+    # registry), whose addresses come from the Secrets below (optional: the local config needs neither).
     feature_repo: str = "feature_repo",
+    feature_config: str = "",
     feature_last_n: int = 512,
+    # Secrets of the run's namespace, created by the operator (README, "First run on a cluster")
+    pseudonym_secret: str = "gts-lum-pseudonym",  # key: the key of the user-id pseudonyms
+    feast_registry_secret: str = "gts-lum-feast-registry",  # url: the SQL registry's SQLAlchemy URL
+    redis_secret: str = "gts-lum-redis",  # connection: Feast's Redis connection string
+    # the rollout after the gate (gts_lum.serving.deploy): the InferenceService of manifests/serving in
+    # `deploy_namespace` (empty: no rollout), as the gts-lum-deployer service account, whose token the
+    # operator puts in the Secret `deployer_token_secret` of the run's namespace
+    deploy_namespace: str = "",
+    inference_service: str = "gts-lum",
+    canary_traffic_percent: int = 10,
+    deployer_token_secret: str = "gts-lum-deployer-token",
+    # CPU and memory of each task, by kind (pipelines/cluster.py): data steps, encoders, training
+    step_cpu_request: str = "500m",
+    step_cpu_limit: str = "2",
+    step_memory: str = "4Gi",
+    encoder_cpu_request: str = "2",
+    encoder_cpu_limit: str = "4",
+    encoder_memory: str = "8Gi",
+    train_cpu_request: str = "4",
+    train_cpu_limit: str = "8",
+    train_memory: str = "16Gi",
 ):
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
@@ -126,17 +154,40 @@ def training_pipeline(
         baseline=floor.outputs["model"],
         eval_config=eval_config,
     ).set_display_name("evaluate")
-    publish_features(clean=clean.outputs["clean"], ids=ids.outputs["ids"], feature_repo=feature_repo, last_n=feature_last_n).set_display_name(
-        "publish-features"
-    ).set_caching_options(False)
+    publish = publish_features(
+        clean=clean.outputs["clean"], ids=ids.outputs["ids"], feature_repo=feature_repo, feature_config=feature_config, last_n=feature_last_n
+    ).set_display_name("publish-features")
+    publish.set_caching_options(False)
+    # kfp.local sets the pseudonym key itself (run_local); a cluster's pod gets it only from a Secret
+    kubernetes.use_secret_as_env(publish, secret_name=pseudonym_secret, secret_key_to_env={"key": "GTS_LUM_PSEUDONYM_KEY"})
+    kubernetes.use_secret_as_env(publish, secret_name=feast_registry_secret, secret_key_to_env={"url": "GTS_LUM_FEAST_REGISTRY"}, optional=True)
+    kubernetes.use_secret_as_env(publish, secret_name=redis_secret, secret_key_to_env={"connection": "GTS_LUM_REDIS"}, optional=True)
     labels = label_tasks(
         model=lum.outputs["model"], sequences=seqs.outputs["sequences"], clean=clean.outputs["clean"], heads_config=heads_config, heads_overrides=heads_overrides
     ).set_display_name("label-tasks")
     labels.set_caching_options(False)
-    export_model(model=labels.outputs["labelled"], heads=labels.outputs["heads"], sequences=seqs.outputs["sequences"]).set_display_name("export-model")
-    promote_model(sequences=seqs.outputs["sequences"], model=lum.outputs["model"], registry=registry, margin=promotion_margin).set_display_name(
+    export = export_model(model=labels.outputs["labelled"], heads=labels.outputs["heads"], sequences=seqs.outputs["sequences"]).set_display_name("export-model")
+    gate = promote_model(sequences=seqs.outputs["sequences"], model=lum.outputs["model"], registry=registry, margin=promotion_margin).set_display_name(
         "promotion-gate"
-    ).set_caching_options(False)
+    )
+    gate.set_caching_options(False)
+    rollout = deploy_model(
+        export=export.outputs["export"],
+        promoted=gate.outputs["Output"],
+        inference_service=inference_service,
+        namespace=deploy_namespace,
+        canary_percent=canary_traffic_percent,
+        token_dir=DEPLOYER_TOKEN,
+    ).set_display_name("deploy")
+    rollout.set_caching_options(False)
+    kubernetes.use_secret_as_volume(rollout, secret_name=deployer_token_secret, mount_path=DEPLOYER_TOKEN, optional=True)
+    for task in (raw, clean, seqs, publish, export, gate, rollout):
+        # a second try of the gate could register the model twice
+        sized(task, step_cpu_request, step_cpu_limit, step_memory, retry=task is not gate)
+    for task in (ids, graph, tables, phase1, evaluation):
+        sized(task, encoder_cpu_request, encoder_cpu_limit, encoder_memory)
+    for task in (lum, model, floor, labels):
+        sized(task, train_cpu_request, train_cpu_limit, train_memory)
     # Deterministic (seeded) steps are cached whatever the cluster's default: the same inputs give the
     # same artifacts. Ingest is keyed by the source's name, so a source whose contents change under the
     # same path needs a run with caching off (or a dated snapshot path).

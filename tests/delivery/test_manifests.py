@@ -1,10 +1,11 @@
-"""The Kubernetes manifests (manifests/, kustomize) without a cluster or kustomize.
+"""The Kubernetes manifests (manifests/, kustomize) without a cluster.
 
 Every document is checked against the typed models of the APIs it targets, strictly (an unknown or
 misspelt field fails, as the API server's strict validation would): the Kubernetes client's models, KServe's
 V1beta1InferenceService, the training SDK's KubeflowOrgV1PyTorchJob and Katib's V1beta1Experiment. The
-overlays are rendered by a small renderer of the kustomize features this folder uses (it refuses any other)
-and their output is checked the same way, plus the policy: non-root, no privilege escalation, all
+overlays are rendered by the real kustomize (`kubectl kustomize`) and their output is checked the same way,
+with reference integrity (every ConfigMap, PVC, ServiceAccount and Service named is in the render, every
+Secret is one the operator creates), plus the policy: non-root, no privilege escalation, all
 capabilities dropped, read-only root filesystems, requests and limits, least-privilege RBAC, no
 credentials in files, pinned images. Last, the manifests must agree with the code they run: the CLI
 flags parse, the config overrides load, the pipeline's Ascend settings and PVC match.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -147,73 +150,37 @@ def kustomizations() -> list[Path]:
     return sorted(MANIFESTS.rglob("kustomization.yaml"))
 
 
-KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "labels", "resources", "patches", "configMapGenerator"}
-
-
 def listed_files(kustomization: Path) -> dict[str, list[Path]]:
-    """What a kustomization names, by role: resources (files and folders), patches, generator inputs."""
+    """What a kustomization names, by role: resources (files and folders), patches, generator inputs,
+    kustomize's own configurations."""
     k = yaml.safe_load(kustomization.read_text())
     assert (k.get("apiVersion"), k.get("kind")) == ("kustomize.config.k8s.io/v1beta1", "Kustomization"), kustomization
-    unknown = set(k) - KUSTOMIZE_KEYS
-    assert not unknown, f"{kustomization}: {sorted(unknown)}: a kustomize feature this test's renderer does not know; teach it"
     here = kustomization.parent
     return {
         "resources": [here / r for r in k.get("resources", [])],
         "patches": [here / p["path"] for p in k.get("patches", [])],
         "generated": [here / f for g in k.get("configMapGenerator", []) for f in g["files"]],
+        "configurations": [here / c for c in k.get("configurations", [])],
     }
 
 
-def _json_pointer_apply(doc: dict, op: dict, where: str) -> None:
-    keys = [k.replace("~1", "/").replace("~0", "~") for k in op["path"].split("/")[1:]]
-    node = doc
-    for key in keys[:-1]:
-        node = node[int(key)] if isinstance(node, list) else node[key]
-    last = keys[-1]
-    if isinstance(node, list):
-        index = len(node) if last == "-" else int(last)
-        if op["op"] == "add":
-            node.insert(index, op["value"])
-            return
-        assert index < len(node), f"{where}: {op['path']}: no such item"
-    else:
-        assert op["op"] == "add" or last in node, f"{where}: {op['op']} {op['path']}: no such field"
-    if op["op"] in ("add", "replace"):
-        node[int(last) if isinstance(node, list) else last] = copy.deepcopy(op["value"])
-    elif op["op"] == "remove":
-        del node[int(last) if isinstance(node, list) else last]
-    else:
-        raise AssertionError(f"{where}: JSON patch op {op['op']!r} is not used here")
+def kustomize_command() -> list[str]:
+    """The real kustomize: a standalone `kustomize`, else kubectl's built-in one (`.ci/run` installs
+    kubectl where absent). One before v4 lacks `labels` and targeted patches: skipped, with the reason."""
+    for command, version in ((["kustomize"], ["kustomize", "version"]), (["kubectl", "kustomize"], ["kubectl", "version", "--client"])):
+        if shutil.which(command[0]):
+            out = subprocess.run(version, capture_output=True, text=True).stdout
+            found = re.search(r"(?:^|Kustomize Version: )v(\d+)\.", out, re.M)  # kubectl before 1.24 names none
+            if found and int(found.group(1)) >= 4:
+                return command
+    pytest.skip("no kustomize v4 or later (`kustomize`, `kubectl kustomize`) on PATH: .ci/run installs kubectl")
 
 
 def render(folder: Path) -> list[dict]:
-    """The objects `kustomize build folder` makes, for the features listed in KUSTOMIZE_KEYS."""
-    kustomization = folder / "kustomization.yaml"
-    k = yaml.safe_load(kustomization.read_text())
-    files = listed_files(kustomization)
-    objects: list[dict] = []
-    for res in files["resources"]:
-        objects += render(res) if res.is_dir() else [copy.deepcopy(d) for d in load_docs(res)]
-    for gen in k.get("configMapGenerator", []):
-        data = {f: (folder / f).read_text() for f in gen["files"]}
-        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
-    for patch in k.get("patches", []):
-        target = patch["target"]
-        hits = [o for o in objects if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
-        assert len(hits) == 1, f"{kustomization}: patch {patch['path']} targets {target}: {len(hits)} objects"
-        for op in yaml.safe_load((folder / patch["path"]).read_text()):
-            _json_pointer_apply(hits[0], op, f"{folder / patch['path']}")
-    for label in k.get("labels", []):
-        for obj in objects:
-            obj["metadata"].setdefault("labels", {}).update(label["pairs"])
-    if "namespace" in k:
-        for obj in objects:
-            if obj["kind"] not in CLUSTER_SCOPED:
-                obj["metadata"]["namespace"] = k["namespace"]
-            for subject in obj.get("subjects", []):
-                if subject["kind"] == "ServiceAccount":
-                    subject["namespace"] = k["namespace"]
-    return objects
+    """The objects `kustomize build folder` makes: what `kubectl apply -k folder` sends to the cluster."""
+    done = subprocess.run([*kustomize_command(), str(folder)], capture_output=True, text=True)
+    assert done.returncode == 0, f"kustomize {folder.relative_to(REPO)}: {done.stderr}"
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +290,54 @@ def test_overlays_render_to_valid_objects(rendered):
                 assert obj["metadata"]["namespace"] == "gts-lum"
         kinds = {o["kind"] for o in objects}
         assert {"PyTorchJob", "InferenceService", "Experiment", "Deployment", "StatefulSet", "PersistentVolumeClaim"} <= kinds
+
+
+# Created beside the manifests by the operator, never kept in them (manifests/base/kustomization.yaml).
+OPERATOR_SECRETS = {"gts-lum-redis", "gts-lum-feast-registry", "gts-lum-pseudonym"}
+
+
+def references(obj: dict) -> list[tuple[str, str]]:
+    """(kind, name) of every ConfigMap, Secret, PVC, ServiceAccount and Service that an object names."""
+    refs: list[tuple[str, str]] = []
+
+    def walk(node) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("configMap", "configMapKeyRef", "configMapRef"):
+                    refs.append(("ConfigMap", value["name"]))
+                elif key in ("secretKeyRef", "secretRef"):
+                    refs.append(("Secret", value["name"]))
+                elif key == "secret" and "secretName" in value:
+                    refs.append(("Secret", value["secretName"]))
+                elif key == "persistentVolumeClaim" and "claimName" in value:
+                    refs.append(("PersistentVolumeClaim", value["claimName"]))
+                elif key == "serviceAccountName":
+                    refs.append(("ServiceAccount", value))
+                walk(value)
+
+    walk(obj.get("spec", {}))
+    refs += [("ServiceAccount", s["name"]) for s in obj.get("subjects", []) if s["kind"] == "ServiceAccount"]
+    if obj["kind"] == "StatefulSet":
+        refs.append(("Service", obj["spec"]["serviceName"]))
+    return refs
+
+
+def test_every_name_an_object_uses_is_rendered_or_an_operator_secret(rendered):
+    for overlay, objects in rendered.items():
+        have = {(o["kind"], o["metadata"]["name"]) for o in objects}
+        used = {(o["kind"], o["metadata"]["name"]): references(o) for o in objects}
+        assert sum(map(len, used.values())) >= 15, f"overlay {overlay}: the walk found too few references"
+        for (kind, name), refs in used.items():
+            for ref in refs:
+                if ref[0] == "Secret":
+                    assert ref[1] in OPERATOR_SECRETS, f"overlay {overlay}: {kind}/{name} names Secret {ref[1]}: add it to the base's list of Secrets to create"
+                else:
+                    assert ref in have, f"overlay {overlay}: {kind}/{name} names {ref[0]} {ref[1]}, which the render does not hold"
+    documented = (MANIFESTS / "base" / "kustomization.yaml").read_text()
+    assert all(f"create secret generic {s} " in documented for s in OPERATOR_SECRETS)
 
 
 def test_the_gpu_overlay_leaves_no_ascend_setting(rendered):
@@ -566,7 +581,9 @@ def test_the_feast_configmap_is_the_production_feature_store():
 
 def test_feast_readers_get_the_config_and_every_variable_it_names(rendered):
     objects = rendered["npu"]
-    configmap = find(objects, "ConfigMap", "gts-lum-feast-config")
+    configmap = find(objects, "ConfigMap")
+    # kustomize's hash suffix: a new feature_store.yaml is a new name, so the readers roll
+    assert configmap["metadata"]["name"].startswith("gts-lum-feast-config-"), configmap["metadata"]["name"]
     assert set(configmap["data"]) == {"feature_store.yaml"}
     redis = find(objects, "Service", "gts-lum-redis")
     policy = find(objects, "NetworkPolicy", "gts-lum-redis")

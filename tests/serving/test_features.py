@@ -4,12 +4,14 @@ pseudonymous keys and deletion. The online-store tests run on SQLite and on a re
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -227,7 +229,7 @@ def test_training_set_is_point_in_time_correct(sqlite_store, sources, reference,
     assert list(rows.loc[0, "timestamps"]) == list(before.timestamps) != list(after.timestamps)
     assert list(rows.loc[1, "timestamps"]) == list(mine.iloc[-1].timestamps)
     plan_tier = pd.read_parquet(clean / "users.parquet").set_index("user_id").loc[event_log.user_ids[u], "plan_tier"]
-    assert rows["plan_tier"].tolist() == [plan_tier, plan_tier]  # the profile holds over the whole window
+    assert [json.loads(a)["plan_tier"] for a in rows["attributes"]] == [plan_tier, plan_tier]  # the profile holds over the whole window
 
     history = {"behavior_ids": list(rows.loc[0, "behavior_ids"]), "timestamps": list(rows.loc[0, "timestamps"])}
     start, end = event_log.offsets[u], event_log.offsets[u + 1]
@@ -320,7 +322,7 @@ def test_delete_user_removes_them_online_and_offline(store, reference):
 
 
 def test_cli_on_a_data_set_without_users_table(cycle_data, tmp_path, capsys):
-    """export / publish / delete-user through `gts-lum features`; no users table means no profile view."""
+    """export / publish / delete-user through `gts-lum features`; no users table means empty profiles."""
     clean = cycle_data.root.parent / "clean"
     repo = tmp_path / "repo"
     shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
@@ -333,3 +335,20 @@ def test_cli_on_a_data_set_without_users_table(cycle_data, tmp_path, capsys):
     assert "u00 deleted" in capsys.readouterr().out
     with pytest.raises(KeyError):
         client.get_history("u00")
+
+
+def test_a_plain_feast_apply_works_on_a_fresh_clone_and_keeps_the_sequence_settings(sqlite_store, tmp_path):
+    """The Feast CLI as a platform engineer runs it: every schema is declared (no data needed), and the
+    settings serving extends sequences with live in the online store, which a re-apply leaves alone."""
+    feast = [sys.executable, "-c", "from feast.cli.cli import cli; cli()"]
+    fresh = tmp_path / "fresh"
+    shutil.copytree(REPO, fresh, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    done = subprocess.run([*feast, "--chdir", str(fresh), "apply"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    repo, config = sqlite_store
+    before = FeatureClient(repo, config).sequence_config
+    done = subprocess.run([*feast, "--chdir", str(repo), "apply"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = FeatureClient(repo, config)
+    assert client.sequence_config == before and client.last_n == LAST_N

@@ -1,12 +1,15 @@
 """The Feast feature store of gts-lum: export its sources, publish them, read and push at serving time.
 
 Features (definitions in feature_repo/):
-    user_profile       the data contract's users table attributes, keyed by user pseudonym
+    user_profile       the data contract's users table attributes (one JSON object: each data set brings
+                       its own columns, and the declared schema lets a plain `feast apply` run without data)
     user_sequence      the last N behaviour ids, timestamps (unix s) and time IDs of a user, oldest first:
                        what the timestamp process turns into tokens. The export writes one snapshot per
                        user and local day with events (point-in-time joins see no later event); serving
                        appends events through a PushSource
     behavior_catalog   description, type, semantic ID and semantic-ids version of each behaviour
+    sequence_settings  one row (key "current"): the timestamp-process settings and N the stored time IDs
+                       follow. In the online store, not in view tags, which a plain `feast apply` replaces
 Training sets come from `FeatureStore.get_historical_features` (feature service user_training). Feast
 0.67's file offline store leaves out an entity row for which a view has rows, but none within
 [t - ttl, t] (e.g. a row before the user's first snapshot) instead of returning nulls.
@@ -79,15 +82,19 @@ PSEUDONYM_KEY_ENV = "GTS_LUM_PSEUDONYM_KEY"
 FEATURE_DATA_ENV = "GTS_LUM_FEATURE_DATA"  # read by feature_repo/data_sources.py
 USER_KEY = "user_pseudonym"
 BEHAVIOR_KEY = "behavior_id"
-PROFILE_VIEW, SEQUENCE_VIEW, CATALOG_VIEW = "user_profile", "user_sequence", "behavior_catalog"
+PROFILE_VIEW, SEQUENCE_VIEW, CATALOG_VIEW, SETTINGS_VIEW = "user_profile", "user_sequence", "behavior_catalog", "sequence_settings"
+SETTINGS_KEY, SETTINGS_ROW = "settings_key", "current"
 SEQUENCE_PUSH = "user_sequence_push"
 PROFILE_SERVICE = "user_profile_service"
 SEQUENCE_FEATURES = ("behavior_ids", "timestamps", "time_ids")
-SOURCE_FILES = {PROFILE_VIEW: "user_profile.parquet", SEQUENCE_VIEW: "user_sequence.parquet", CATALOG_VIEW: "behavior_catalog.parquet"}
+SOURCE_FILES = {
+    PROFILE_VIEW: "user_profile.parquet",
+    SEQUENCE_VIEW: "user_sequence.parquet",
+    CATALOG_VIEW: "behavior_catalog.parquet",
+    SETTINGS_VIEW: "sequence_settings.parquet",
+}
 SOURCES_MANIFEST = "feature_sources.yaml"
 TIME_COLUMNS = ("event_timestamp", "created")
-# Tags of the user_sequence view, set at publish: what serving needs to extend the arrays the same way.
-TAG_SEQUENCE_CONFIG, TAG_LAST_N = "gts_lum.sequence_config", "gts_lum.last_n"
 SNAPSHOT_ELEMENTS = 4_000_000  # array elements per written row group: bounds the export's memory
 
 
@@ -120,14 +127,6 @@ def dataset_sequence_config(clean_dir: str | Path, sequence_config: str | None =
 def _utc(seconds: np.ndarray) -> pa.Array:
     """Unix seconds as the timestamp type of Feast's event_timestamp / created columns."""
     return pa.array(np.asarray(seconds, dtype=np.int64).astype("datetime64[s]").astype("datetime64[us]"), pa.timestamp("us", tz="UTC"))
-
-
-def _plain_types(table: pa.Table) -> pa.Table:
-    """Dictionary (categorical) columns as their value type: Feast infers feature types from the schema."""
-    for i, f in enumerate(table.schema):
-        if pa.types.is_dictionary(f.type):
-            table = table.set_column(i, f.name, table.column(i).cast(f.type.value_type))
-    return table
 
 
 def _sequence_snapshots(event_log: EventLog, grid: TimeGrid, last_n: int, snapshot_days: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -198,12 +197,21 @@ def _write_profile(clean_dir: Path, path: Path, valid_from: int, created: int) -
     clash = sorted(set(users.columns) & {USER_KEY, *TIME_COLUMNS})
     if clash:
         raise ValueError(f"{clean_dir}: users table column(s) {clash} clash with the feature store's key and time columns; rename them")
-    table = _plain_types(pa.Table.from_pandas(users.drop(columns=["user_id"]), preserve_index=False))
-    table = table.add_column(0, USER_KEY, pa.array(_pseudonymize_all(users["user_id"].astype(str)).astype(str), pa.string()))
+    # one JSON object per user, nulls left out (pandas writes numpy scalars and timestamps as JSON)
+    rows = users.drop(columns=["user_id"]).to_json(orient="records", lines=True, date_format="iso").splitlines() if len(users) else []
+    objects = [json.dumps({k: v for k, v in json.loads(row).items() if v is not None}) for row in rows]
+    table = pa.table({USER_KEY: pa.array(_pseudonymize_all(users["user_id"].astype(str)).astype(str), pa.string()), "attributes": pa.array(objects, pa.string())})
     table = table.append_column("event_timestamp", _utc(np.full(len(users), valid_from)))
     table = table.append_column("created", _utc(np.full(len(users), created)))
     pq.write_table(table, path)
     return {"rows": len(users), "attributes": [c for c in users.columns if c != "user_id"], "event_time": [valid_from, valid_from]}
+
+
+def _write_settings(path: Path, cfg: SequenceConfig, last_n: int, valid_from: int, created: int) -> dict:
+    table = pa.table({SETTINGS_KEY: [SETTINGS_ROW], "sequence_config": [json.dumps(dataclasses.asdict(cfg))], "last_n": pa.array([last_n], pa.int64())})
+    table = table.append_column("event_timestamp", _utc(np.array([valid_from]))).append_column("created", _utc(np.array([created])))
+    pq.write_table(table, path)
+    return {"rows": 1, "event_time": [valid_from, valid_from]}
 
 
 def _write_catalog(clean_dir: Path, path: Path, semantic_ids_dir: str | Path | None, created: int) -> dict:
@@ -278,6 +286,7 @@ def export_feature_sources(
     window_start = files[SEQUENCE_VIEW]["event_time"][0]
     files[PROFILE_VIEW] = _write_profile(clean_dir, out / SOURCE_FILES[PROFILE_VIEW], window_start, created)
     files[CATALOG_VIEW] = _write_catalog(clean_dir, out / SOURCE_FILES[CATALOG_VIEW], semantic_ids_dir, created)
+    files[SETTINGS_VIEW] = _write_settings(out / SOURCE_FILES[SETTINGS_VIEW], cfg, last_n, window_start, created)
     times = [t for f in files.values() for t in f.pop("event_time")]
     manifest = {
         "dataset": DatasetManifest.read(clean_dir).name,
@@ -363,34 +372,25 @@ def publish_features(repo_path: str | Path, sources_dir: str | Path, config: str
     """
     from datetime import datetime, timedelta, timezone
 
-    from feast import FeatureService, FeatureView
+    from feast import FeatureView
 
     manifest = read_sources_manifest(sources_dir)
     objects = load_feature_definitions(repo_path, sources_dir)
     views = {o.name: o for o in objects if isinstance(o, FeatureView)}
     if SEQUENCE_VIEW not in views:
         raise ValueError(f"{repo_path}: the feature repo defines no {SEQUENCE_VIEW!r} feature view")
-    views[SEQUENCE_VIEW].tags.update({TAG_SEQUENCE_CONFIG: json.dumps(manifest["sequence_config"]), TAG_LAST_N: str(manifest["last_n"])})
+    missing = {SEQUENCE_VIEW, SETTINGS_VIEW} - set(views)
+    if missing:
+        raise ValueError(f"{repo_path}: the feature repo defines no {sorted(missing)} feature view")
     store = open_store(repo_path, config)
-    dropped = []
-    if not manifest["files"][PROFILE_VIEW]["attributes"]:  # no users table: Feast cannot infer a schema without columns
-        profile = views.pop(PROFILE_VIEW, None)
-        dropped = [
-            o
-            for o in objects
-            if o is profile or isinstance(o, FeatureService) and any(p.name == PROFILE_VIEW for p in o.feature_view_projections)
-        ]
-        objects = [o for o in objects if not any(o is d for d in dropped)]
-        log.warning("the data set has no users table attributes: %s not published", sorted(d.name for d in dropped))
-    registered = {o.name for o in [*store.list_feature_views(), *store.list_feature_services()]}
     t0 = time.perf_counter()
-    store.apply(objects, objects_to_delete=[d for d in dropped if d.name in registered], partial=False)
+    store.apply(objects, partial=False)
     t1 = time.perf_counter()
     first, last = manifest["event_time_range"]
     start = datetime.fromtimestamp(first, tz=timezone.utc) - timedelta(seconds=1)
     end = datetime.fromtimestamp(last, tz=timezone.utc) + timedelta(seconds=1)
     store.materialize(start_date=start, end_date=end, feature_views=sorted(set(views) - {PROFILE_VIEW}))
-    if PROFILE_VIEW in views:
+    if PROFILE_VIEW in views and manifest["files"][PROFILE_VIEW]["rows"]:
         # Online the profile carries its export time, not its valid-from time: Redis keeps only values
         # newer than those it holds, and a re-export of the same window must still replace attributes.
         profile = pd.read_parquet(Path(sources_dir) / SOURCE_FILES[PROFILE_VIEW])
@@ -490,11 +490,13 @@ class FeatureClient:
 
     def _settings_of_store(self) -> tuple[SequenceConfig, TimeGrid, int]:
         if self._settings is None:
-            tags = self._store().get_feature_view(SEQUENCE_VIEW, allow_registry_cache=True).tags
-            if TAG_SEQUENCE_CONFIG not in tags or TAG_LAST_N not in tags:
-                raise ValueError(f"feature view {SEQUENCE_VIEW!r} has no sequence settings in its tags: publish with `gts-lum features publish`")
-            cfg = from_dict(SequenceConfig, json.loads(tags[TAG_SEQUENCE_CONFIG]))
-            self._settings = (cfg, TimeGrid(cfg), int(tags[TAG_LAST_N]))
+            row = self._store().get_online_features(
+                features=[f"{SETTINGS_VIEW}:sequence_config", f"{SETTINGS_VIEW}:last_n"], entity_rows=[{SETTINGS_KEY: SETTINGS_ROW}]
+            ).to_dict()
+            if row["sequence_config"][0] is None:
+                raise ValueError(f"the feature store holds no {SETTINGS_VIEW!r}: publish with `gts-lum features publish`")
+            cfg = from_dict(SequenceConfig, json.loads(row["sequence_config"][0]))
+            self._settings = (cfg, TimeGrid(cfg), int(row["last_n"][0]))
         return self._settings
 
     @property
@@ -542,15 +544,10 @@ class FeatureClient:
 
     def get_profile(self, user_id: str) -> dict:
         """The user's profile attributes (empty when the store has none for them)."""
-        from feast.errors import FeatureServiceNotFoundException
-
         store = self._store()
-        try:
-            service = store.get_feature_service(PROFILE_SERVICE, allow_cache=True)
-        except FeatureServiceNotFoundException:  # published from a data set without a users table
-            return {}
-        values = store.get_online_features(features=service, entity_rows=[{USER_KEY: pseudonymize(user_id)}]).to_dict()
-        return {k: v[0] for k, v in values.items() if k != USER_KEY and v[0] is not None}
+        service = store.get_feature_service(PROFILE_SERVICE, allow_cache=True)
+        attributes = store.get_online_features(features=service, entity_rows=[{USER_KEY: pseudonymize(user_id)}]).to_dict()["attributes"][0]
+        return json.loads(attributes) if attributes else {}
 
     def push_events(self, user_id: str, behavior_ids: list[str], timestamps: list[int]) -> None:
         """Append events to the user's history: read, merge in time order, keep the last N, write back,
