@@ -147,7 +147,7 @@ def test_resume_after_interruption_equals_uninterrupted(cycle_data, one_thread_m
 
 
 def test_resume_after_a_kill_mid_epoch_equals_uninterrupted(cycle_data, one_thread_module, tmp_path, monkeypatch):
-    from gts_lum.training.phase2 import Phase2Trainer
+    from gts_lum.training import loop
 
     split = cycle_data.split()
     # with the cosine schedule and warm-up: the rate at each step comes back with the position
@@ -156,17 +156,17 @@ def test_resume_after_a_kill_mid_epoch_equals_uninterrupted(cycle_data, one_thre
     full = build(cycle_data, train=short)
     full.fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "a")
     # the process dies right after the step-6 checkpoint of epoch 0 (the epoch has more steps than that)
-    save = Phase2Trainer._save
+    save = loop.save_training_state
 
-    def save_then_die(self, optimizer, position, best_state):
-        save(self, optimizer, position, best_state)
+    def save_then_die(folder, groups, position):
+        save(folder, groups, position)
         if position["epoch"] == 0 and position["step"] == 6:
             raise KeyboardInterrupt("killed mid-epoch")
 
-    monkeypatch.setattr(Phase2Trainer, "_save", save_then_die)
+    monkeypatch.setattr(loop, "save_training_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         build(cycle_data, train=short).fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "b")
-    monkeypatch.setattr(Phase2Trainer, "_save", save)
+    monkeypatch.setattr(loop, "save_training_state", save)
     resumed = build(cycle_data, train=short)  # a new process: fresh weights, then the checkpoint
     resumed.fit(split, EvalConfig(ks=(1, 10)), checkpoint_dir=tmp_path / "b")
     a, b = full.state_tensors(), resumed.state_tensors()
@@ -331,7 +331,8 @@ def test_input_dropout_only_while_training(cycle_data, one_thread_module):
 
 
 def test_learning_rate_schedules():
-    from gts_lum.training.phase2 import Phase2Config, learning_rate
+    from gts_lum.training.loop import learning_rate
+    from gts_lum.training.phase2 import Phase2Config
 
     cosine = Phase2Config(lr=0.01, lr_schedule="cosine", warmup_steps=10)
     rates = [learning_rate(cosine, s, 110) for s in range(110)]

@@ -685,7 +685,8 @@ class GTSLUM:
     def fit(self, split, eval_cfg=None, candidates: np.ndarray | None = None, checkpoint_dir: str | Path | None = None) -> dict:
         from gts_lum.evaluation.protocol import EvalConfig, evaluate
         from gts_lum.modeling.baselines import validation_metric
-        from gts_lum.training.phase2 import Phase2Trainer
+        from gts_lum.training.loop import train_loop
+        from gts_lum.training.phase2 import Phase2Task
 
         self._require()
         eval_cfg = eval_cfg or EvalConfig()
@@ -716,14 +717,13 @@ class GTSLUM:
                 self.cfg.rerank_depth = configured
             return validation_metric(metrics, tc.select_metric)
 
-        stats = Phase2Trainer(self, tc, checkpoint_dir).fit(split, targets, valid_fn)
+        stats = train_loop(Phase2Task(self, split, targets, valid_fn), tc, checkpoint_dir, self.device)
         if len(depths) > 1:  # the best epoch's weights are in: pick the scoring on validation
             values = valid_by_depth()
             self.cfg.rerank_depth = max(values, key=lambda d: (values[d], d))
             stats["valid_by_rerank_depth"] = {str(d): v for d, v in values.items()}
             log.info("gts_lum: validation %s by re-rank depth %s: scoring with depth %d", tc.select_metric, values, self.cfg.rerank_depth)
         stats["rerank_depth"] = self.rerank_depth
-        stats["num_parameters"] = sum(p.numel() for p in self.net.parameters())
         stats["device"] = str(self.device)
         return stats
 

@@ -29,6 +29,7 @@ change. Items are length-sorted into chunks of `item_batch` so little compute go
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -262,8 +263,9 @@ class HLLM(SequentialRecommender):
 
     # -- training --------------------------------------------------------------------------------------
 
-    def _step_loss(self, tokens: torch.Tensor, times: torch.Tensor, num_tokens: int, log_q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
-        """InfoNCE of one batch of (B, L + 1) windows; the item LLM runs once per distinct item."""
+    def _step_loss(self, encoder: nn.Module, tokens: torch.Tensor, times: torch.Tensor, num_tokens: int, log_q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+        """InfoNCE of one batch of (B, L + 1) windows; the item LLM runs once per distinct item. (Reads
+        `self.encoder`'s two towers directly: `fit` refuses data parallel, which goes through forward.)"""
         tc = self.train_cfg
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         valid = inputs != PAD  # left padding: a real input always has a real next event
@@ -282,7 +284,9 @@ class HLLM(SequentialRecommender):
     def _weights_changed(self) -> None:
         self._catalog = None  # the cached catalog embeddings came from the old weights
 
-    def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None) -> dict:
+    def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None, checkpoint_dir=None) -> dict:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("HLLM trains its two towers outside forward(): data parallel (torchrun) is not supported for it")
         if self.train_cfg.full_softmax:
             raise ValueError("HLLMConfig.train.full_softmax is not supported: every step would run the item LLM over the whole catalog")
-        return super().fit(split, eval_cfg, candidates)
+        return super().fit(split, eval_cfg, candidates, checkpoint_dir)

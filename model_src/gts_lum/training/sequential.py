@@ -8,8 +8,9 @@ timestamps to one hidden state per position, with a tied item embedding table) p
 - the loss: sampled softmax / InfoNCE over shared uniform negatives and/or in-batch negatives, with the
   logQ correction (log of each item's expected count among the sampled negatives) and accidental hits
   (a negative equal to the positive) masked out;
-- AdamW, epochs with a tqdm bar and readable logs, validation on `split.valid` every epoch, early
-  stopping with patience, the best state dict kept; deterministic given `seed`;
+- the training itself through `training.loop.train_loop`, shared with GTS-LUM's phase II (AdamW, the
+  learning-rate schedule, validation on `split.valid` every epoch, early stopping with the best weights,
+  atomic checkpoints with exact resume, data parallel under torchrun); deterministic given `seed`;
 - scoring histories for the evaluation protocol.
 
 Behaviour index b is token b + 1; token 0 is padding. Sequences are left-padded, so the most recent
@@ -19,21 +20,20 @@ event is always the last column and learned absolute positions count back from i
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from gts_lum.data.events import EventLog, ragged_arange
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
 from gts_lum.modeling.baselines import check_catalog, validation_metric
 from gts_lum.sequence.splits import EvalSet, Split
 from gts_lum.training.device import device_info, select_device
+from gts_lum.training.loop import check_schedule, epoch_rng, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,12 @@ class SequentialTrainConfig:
     device: str = "auto"  # see training.device.select_device
     amp: bool = True  # autocast in the device's amp dtype (bf16 on NPU/CUDA; never on CPU)
     select_metric: str = "NDCG@10"
+    lr_schedule: str = "constant"  # constant | cosine, after `warmup_steps` of linear warm-up (training.loop)
+    warmup_steps: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only, when a folder is given)
+
+    def __post_init__(self) -> None:
+        check_schedule(self, "SequentialTrainConfig")
 
 
 class SequenceEncoder(nn.Module):
@@ -236,12 +242,13 @@ class SequentialRecommender:
     def _weights_changed(self) -> None:
         """Called after every change of the weights: models that cache derived tensors drop them here."""
 
-    def _step_loss(self, tokens: torch.Tensor, times: torch.Tensor, num_tokens: int, log_q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
-        """Loss of one batch of (B, L + 1) left-padded windows (tokens and unix seconds): next event at every position."""
+    def _step_loss(self, encoder: nn.Module, tokens: torch.Tensor, times: torch.Tensor, num_tokens: int, log_q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+        """Loss of one batch of (B, L + 1) left-padded windows (tokens and unix seconds): next event at every
+        position. `encoder`: `self.encoder`, or its DistributedDataParallel wrapper under torchrun."""
         tc = self.train_cfg
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         with self._autocast():
-            hidden = self.encoder(inputs, times[:, :-1])  # (B, L, D)
+            hidden = encoder(inputs, times[:, :-1])  # (B, L, D)
         has_target = inputs != PAD  # left padding: a real input always has a real next event
         h = hidden[has_target].float()
         pos = targets[has_target]
@@ -252,7 +259,7 @@ class SequentialRecommender:
             return F.cross_entropy(h @ table[1:].T / tc.temperature, pos - 1)  # (P, V - 1) logits
         return sampled_softmax_loss(h, pos, self._negatives(pos, num_tokens, gen), table, log_q, tc.temperature)
 
-    def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None) -> dict:
+    def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None, checkpoint_dir: str | Path | None = None) -> dict:
         """Train on `split.train`, select the epoch on `split.valid`; returns training statistics."""
         tc = self.train_cfg
         if not tc.full_softmax and tc.num_negatives + tc.in_batch_negatives <= 0:
@@ -260,68 +267,48 @@ class SequentialRecommender:
         if tc.max_len < 1 or tc.batch_size < 1:
             raise ValueError(f"train.max_len and train.batch_size must be >= 1, got {tc.max_len}, {tc.batch_size}")
         torch.manual_seed(tc.seed)
-        gen = torch.Generator().manual_seed(tc.seed)
-        rng = np.random.default_rng(tc.seed)
         self.device = select_device(tc.device)
         self.amp_dtype = device_info(self.device).amp_dtype
-        train = split.train
-        num_tokens = train.num_behaviors + 1
-        self.encoder = self.build_encoder(train.num_behaviors).to(self.device)
+        self.encoder = self.build_encoder(split.train.num_behaviors).to(self.device)
         self._weights_changed()
-        optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        log_q = self._log_q(train, num_tokens)
-        starts, ends = training_windows(train, tc.max_len)
-        if len(starts) == 0:
-            raise ValueError("split.train has no user with two or more events: nothing to learn a next event from")
-        num_params = sum(p.numel() for p in self.encoder.parameters())
-        log.info("%s: %d parameters, %d training windows, device %s", self.name, num_params, len(starts), self.device)
+        stats = train_loop(SequentialTask(self, split, eval_cfg, candidates), tc, checkpoint_dir, self.device)
+        stats["device"] = str(self.device)
+        return stats
 
-        best, best_state, best_epoch, bad_epochs = -math.inf, None, -1, 0
-        history = []
-        t_start = time.perf_counter()
-        for epoch in range(tc.epochs):
-            self.encoder.train()
-            order = rng.permutation(len(starts))[: tc.windows_per_epoch]
-            t_epoch, loss_sum, steps = time.perf_counter(), 0.0, 0
-            bar = tqdm(range(0, len(order), tc.batch_size), desc=f"{self.name} epoch {epoch}", leave=False, disable=None)
-            for lo in bar:
-                idx = order[lo : lo + tc.batch_size]
-                tokens, times = left_padded(train, starts[idx], ends[idx], tc.max_len + 1)
-                loss = self._step_loss(torch.from_numpy(tokens).to(self.device), torch.from_numpy(times).to(self.device), num_tokens, log_q, gen)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip:
-                    nn.utils.clip_grad_norm_(self.encoder.parameters(), tc.grad_clip)
-                optimizer.step()
-                self._weights_changed()
-                loss_sum, steps = loss_sum + loss.item(), steps + 1
-                bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
-            seq_per_s = len(order) / max(time.perf_counter() - t_epoch, 1e-9)
-            metrics = evaluate(self, split.log, split.valid, candidates, eval_cfg, desc=f"{self.name} valid")
-            value = validation_metric(metrics, tc.select_metric)
-            history.append({"epoch": epoch, "loss": loss_sum / steps, "seq_per_s": seq_per_s, f"valid_{tc.select_metric}": value})
-            improved = value > best
-            if improved:
-                best, best_epoch, bad_epochs = value, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
-            else:
-                bad_epochs += 1
-            log.info(
-                "%s epoch %d: loss %.4f, %.0f seq/s, valid %s %.4f%s",
-                self.name, epoch, loss_sum / steps, seq_per_s, tc.select_metric, value, " (best)" if improved else "",
-            )
-            if bad_epochs >= tc.patience:
-                log.info("%s: early stop after epoch %d (best epoch %d)", self.name, epoch, best_epoch)
-                break
-        self.encoder.load_state_dict(best_state)
-        self.encoder.eval()
-        self._weights_changed()
-        return {
-            "epochs": len(history),
-            "best_epoch": best_epoch,
-            f"valid_{tc.select_metric}": best,
-            "train_seconds": time.perf_counter() - t_start,
-            "num_parameters": num_params,
-            "device": str(self.device),
-            "history": history,
-        }
+
+class SequentialTask:
+    """A `SequentialRecommender`'s training as a `training.loop.TrainingTask`: every window of the
+    training log once an epoch (or a seeded `windows_per_epoch` of them), next event at every position."""
+
+    find_unused_parameters = False
+
+    def __init__(self, model: SequentialRecommender, split: Split, eval_cfg: EvalConfig | None, candidates: np.ndarray | None):
+        tc = model.train_cfg
+        self.name, self.model, self.module, self.cfg = model.name, model, model.encoder, tc
+        self.split, self.eval_cfg, self.candidates = split, eval_cfg, candidates
+        self.num_tokens = split.train.num_behaviors + 1
+        self.log_q = model._log_q(split.train, self.num_tokens)
+        self.starts, self.ends = training_windows(split.train, tc.max_len)
+        if len(self.starts) == 0:
+            raise ValueError("split.train has no user with two or more events: nothing to learn a next event from")
+        log.info("%s: %d training windows", model.name, len(self.starts))
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        order = epoch_rng(self.cfg.seed, epoch).permutation(len(self.starts))[: self.cfg.windows_per_epoch]
+        return [order[lo : lo + self.cfg.batch_size] for lo in range(0, len(order), self.cfg.batch_size)]
+
+    def train_step(self, module: nn.Module, idx: np.ndarray, epoch: int, step: int, rank: int) -> dict[str, torch.Tensor]:
+        seed = self.cfg.seed * 1_000_003 + epoch * 10_007 + step * 101 + rank
+        torch.manual_seed(seed)  # dropout
+        gen = torch.Generator().manual_seed(seed)  # negatives
+        model, device = self.model, self.model.device
+        tokens, times = left_padded(self.split.train, self.starts[idx], self.ends[idx], self.cfg.max_len + 1)
+        loss = model._step_loss(module, torch.from_numpy(tokens).to(device), torch.from_numpy(times).to(device), self.num_tokens, self.log_q, gen)
+        return {"loss": loss, "cases": torch.tensor(float(len(idx))), "positions": torch.tensor(float((tokens[:, :-1] != PAD).sum()))}
+
+    def validate(self) -> float:
+        metrics = evaluate(self.model, self.split.log, self.split.valid, self.candidates, self.eval_cfg, desc=f"{self.name} valid")
+        return validation_metric(metrics, self.cfg.select_metric)
+
+    def weights_changed(self) -> None:
+        self.model._weights_changed()

@@ -31,7 +31,7 @@ def train_model(
 ) -> dict:
     """Fit `model_name` on the training split (model selection on validation) and save it to `out_dir`.
 
-    `checkpoint_dir`: where models that checkpoint (GTS-LUM) keep and resume their training state.
+    `checkpoint_dir`: where models that checkpoint (GTS-LUM and the sequential baselines) keep and resume their training state.
     Under torchrun only rank 0 writes the model.
     """
     import inspect

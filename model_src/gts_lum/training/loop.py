@@ -1,0 +1,248 @@
+"""One training loop for every model trained by gradient steps: GTS-LUM phase II and the sequential
+baselines (SASRec, HSTU, HLLM).
+
+    stats = train_loop(task, task.cfg, checkpoint_dir)
+
+A `TrainingTask` says what an epoch's batches are, what one step's loss is and how good the current
+weights are on validation; the loop does the rest, the same way for every model:
+
+- AdamW over the trainable parameters, a learning rate that is a function of the global step alone
+  (`learning_rate`: constant or cosine, after a linear warm-up), gradient clipping;
+- each epoch its batches in the task's seeded order, then validation; the best epoch's weights are kept
+  and restored at the end; early stop after `patience` epochs without a better one;
+- per epoch the mean of every figure the steps report, cases/s and positions/s (positions trained per
+  second: the unit that compares models whose steps differ in size);
+- checkpoints (`checkpoint_dir`): weights, optimizer state, best weights and the position (epoch, step,
+  history) every `checkpoint_every` steps and at each epoch's end, all-or-nothing
+  (`training.checkpoint.save_training_state`). A run restarted on the folder resumes there; each step's
+  randomness comes from (seed, epoch, step), so its final weights equal an uninterrupted run's;
+- data parallel under torchrun (WORLD_SIZE > 1): the process group on the device's backend, the module
+  in DistributedDataParallel, each rank every world-th batch; rank 0 validates, logs and saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gts_lum.training.checkpoint import load_training_state, save_training_state
+from gts_lum.training.device import device_info
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class LoopSettings(Protocol):
+    """The fields of a model's train config that the loop reads."""
+
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    weight_decay: float
+    epochs: int
+    patience: int
+    grad_clip: float | None
+    seed: int
+    select_metric: str
+    checkpoint_every: int
+
+
+class TrainingTask(Protocol):
+    name: str
+    module: nn.Module  # what trains; its state dict is what is checkpointed and restored
+    find_unused_parameters: bool  # DDP: some steps leave parts of the module unused (e.g. a skipped term)
+
+    def epoch_batches(self, epoch: int) -> list[Any]:
+        """The epoch's batches in order: a function of (seed, epoch) only (resume replays them)."""
+
+    def train_step(self, module: nn.Module, batch: Any, epoch: int, step: int, rank: int) -> dict[str, torch.Tensor]:
+        """Loss of one batch through `module` (the DDP wrapper under torchrun): {"loss", "cases",
+        "positions", other figures}. Seeds its own randomness from (epoch, step, rank)."""
+
+    def validate(self) -> float:
+        """The selection metric of the current weights (higher is better)."""
+
+    def weights_changed(self) -> None:
+        """Called after every update: tasks that cache tensors derived from the weights drop them."""
+
+
+def check_schedule(cfg: LoopSettings, owner: str) -> None:
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"{owner}.lr_schedule {cfg.lr_schedule!r}: use one of {LR_SCHEDULES}")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"{owner}.warmup_steps must be >= 0, got {cfg.warmup_steps}")
+
+
+def learning_rate(cfg: LoopSettings, step: int, total_steps: int) -> float:
+    """The rate of global optimizer step `step` (0-based) of `total_steps`: `warmup_steps` of linear
+    warm-up, then constant or a cosine from lr down to 0 over the rest of the budget."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    done = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
+
+def distributed_context(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend=device_info(device).dist_backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _broadcast(value: float) -> float:
+    import torch.distributed as dist
+
+    shared = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(shared, 0)
+    return float(shared)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as named tensors + a JSON-able rest (safetensors holds no Python objects)."""
+    state = optimizer.state_dict()
+    tensors, rest = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, slots in state["state"].items():
+        rest["state"][str(pid)] = {}
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                rest["state"][str(pid)][name] = value
+    return tensors, rest
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict = {int(pid): dict(slots) for pid, slots in rest["state"].items()}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path | None = None, device: torch.device | None = None) -> dict:
+    """Train `task.module` (see the module docstring); returns the statistics of the run."""
+    module = task.module
+    device = device or next(module.parameters()).device
+    rank, world = distributed_context(device)
+    ddp = world > 1
+    train_module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=task.find_unused_parameters) if ddp else module
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    position: dict = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    best_state: dict[str, torch.Tensor] | None = None
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    loaded = load_training_state(folder) if folder is not None else None
+    if loaded is not None:
+        groups, position = loaded
+        module.load_state_dict(groups["weights"])
+        optimizer.load_state_dict(_optimizer_state(groups["optimizer"], position.pop("optimizer")))
+        best_state = groups.get("best") if position["best_epoch"] >= 0 else None
+        position["best"] = float(position["best"])
+        task.weights_changed()
+        log.info("%s: resuming from %s at epoch %d step %d", task.name, folder, position["epoch"], position["step"])
+
+    def save() -> None:
+        if folder is None or rank != 0:
+            return
+        opt_tensors, opt_rest = _optimizer_tensors(optimizer)
+        groups = {"weights": _cpu(module.state_dict()), "optimizer": opt_tensors}
+        if best_state is not None:
+            groups["best"] = _cpu(best_state)
+        save_training_state(folder, groups, {**position, "optimizer": opt_rest})
+
+    num_params = sum(p.numel() for p in module.parameters())
+    log.info("%s: %s trainable of %s parameters, device %s, world %d", task.name, f"{sum(p.numel() for p in params):,}", f"{num_params:,}", device, world)
+    t_start = time.perf_counter()
+    while position["epoch"] < cfg.epochs and position["bad_epochs"] < cfg.patience:
+        epoch = position["epoch"]
+        batches = task.epoch_batches(epoch)
+        batches = batches[: len(batches) - len(batches) % world] if ddp else batches  # equal steps per rank
+        steps_per_epoch = len(batches) // world  # the schedule's unit (epochs hold about as many batches each)
+        if steps_per_epoch == 0:
+            raise ValueError(f"{task.name}: an epoch has no batch (fewer batches than processes, {world})")
+        module.train()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # steps that reported each figure (a term can skip a step)
+        t_epoch = time.perf_counter()
+        steps = range(position["step"], steps_per_epoch)
+        bar = tqdm(steps, desc=f"{task.name} epoch {epoch}", leave=False, disable=None if rank == 0 else True)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + step, cfg.epochs * steps_per_epoch)
+            out = task.train_step(train_module, batches[step * world + rank], epoch, step, rank)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            task.weights_changed()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                counts[k] = counts.get(k, 0) + 1
+            bar.set_postfix({k: f"{sums[k] / counts[k]:.3f}" for k in ("loss", "agnostic", "aware") if k in sums})
+            position["step"] = step + 1
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                save()
+        seconds = max(time.perf_counter() - t_epoch, 1e-9)
+        value = task.validate() if rank == 0 else 0.0
+        value = _broadcast(value) if ddp else value
+        record = {
+            "epoch": epoch,
+            "lr": round(optimizer.param_groups[0]["lr"], 6),
+            **{k: round(sums[k] / counts[k], 4) for k in sums if k not in ("cases", "positions")},
+            # the figures of the steps this run took (a resumed epoch counts only those)
+            "cases_per_s": round(sums.get("cases", 0.0) * world / seconds, 1),
+            "positions_per_s": round(sums.get("positions", 0.0) * world / seconds, 1),
+            f"valid_{cfg.select_metric}": value,
+        }
+        position["history"].append(record)
+        if value > position["best"]:
+            position.update(best=value, best_epoch=epoch, bad_epochs=0)
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            position["bad_epochs"] += 1
+        if rank == 0:
+            log.info("%s epoch %d: %s", task.name, epoch, record)
+        position.update(epoch=epoch + 1, step=0)
+        save()
+        if position["bad_epochs"] >= cfg.patience and rank == 0:
+            log.info("%s: early stop after epoch %d (best epoch %d)", task.name, epoch, position["best_epoch"])
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    task.weights_changed()
+    return {
+        "epochs": len(position["history"]),
+        "best_epoch": position["best_epoch"],
+        f"valid_{cfg.select_metric}": position["best"],
+        "train_seconds": time.perf_counter() - t_start,
+        "num_parameters": num_params,
+        "world_size": world,
+        "history": position["history"],
+    }
+
+
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The random stream of one epoch's data order (resume needs nothing but the epoch number)."""
+    return np.random.default_rng([seed, epoch])
