@@ -5,6 +5,10 @@ Every row that fails is written aside to `quarantine/<table>.parquet` with the f
 is dropped silently. Structural problems (a missing file or required column) stop the run with an error
 that names the file and the column.
 
+A run that completes writes the marker file `VALIDATED` last, after every table and the summary; a
+run stopped on the way (a structural error, too many rows rejected) leaves none, and `require_validated`
+(called by every reader of a clean folder) refuses such a folder with the reason.
+
 Events are validated shard by shard so that a data set larger than memory streams through, as Arrow
 columns and integer codes (ids are checked on their distinct values, never string by string); duplicates
 are found inside a shard and then across shards by sorting integer keys (a fix-up pass rewrites only the
@@ -30,6 +34,8 @@ from gts_lum.data.contract import TABLES, DatasetManifest, TableSpec, read_arrow
 from gts_lum.data.timeparse import to_utc
 
 log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "VALIDATED"
 
 
 class ContractError(ValueError):
@@ -216,11 +222,32 @@ def _duplicates(spec: TableSpec):
     return lambda typed, rej: _mark_duplicates(typed, spec, rej)
 
 
+def is_validated(path: str | Path) -> bool:
+    return (Path(path) / COMPLETE_MARKER).exists()
+
+
+def require_validated(clean_dir: str | Path) -> None:
+    """ContractError unless `clean_dir` holds a validation run that completed."""
+    clean_dir = Path(clean_dir)
+    if is_validated(clean_dir):
+        return
+    if (clean_dir / "validation_summary.json").exists():
+        raise ContractError(
+            f"{clean_dir}: its validation stopped before the end (no {COMPLETE_MARKER} marker; the reason is in the "
+            "ingest's error and validation_summary.json): fix the input or mapping and ingest again"
+        )
+    raise ContractError(f"{clean_dir}: not a validated data set (no {COMPLETE_MARKER} marker): run `gts-lum ingest` or `gts-lum validate` first")
+
+
 def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfig | None = None, progress: bool = True) -> dict:
-    """Validate data set folder `root` into `out_dir` (clean tables, `quarantine/`, `validation_summary.json`)."""
+    """Validate data set folder `root` into `out_dir` (clean tables, `quarantine/`, `validation_summary.json`,
+    and the `VALIDATED` marker last, only when the run completes)."""
     cfg = cfg or ValidationConfig()
     root, out = Path(root), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / COMPLETE_MARKER).unlink(missing_ok=True)  # a rerun that stops must not inherit an earlier run's mark
+    for stale in (out / "events").glob("*.parquet"):  # an earlier run's shards beyond this run's count would be read as clean
+        stale.unlink()
     manifest = DatasetManifest.read(root)
     tz = manifest.timezone
     started = time.perf_counter()
@@ -271,6 +298,7 @@ def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfi
                 f"more than max_quarantine_fraction={cfg.max_quarantine_fraction}: check the column mapping. "
                 f"Rejected rows are in {qdir / (name + '.parquet')}"
             )
+    (out / COMPLETE_MARKER).write_text(json.dumps({"validated_at": time.time(), "source": str(root)}) + "\n")
     return summary
 
 
@@ -514,6 +542,7 @@ def load_event_log(clean_dir: str | Path, seed: int = 0) -> "EventLog":
     from gts_lum.data.events import EventLog
 
     clean_dir = Path(clean_dir)
+    require_validated(clean_dir)
     behaviors = pd.read_parquet(clean_dir / "behaviors.parquet", columns=["behavior_id"])
     events = pd.read_parquet(clean_dir / "events", columns=["user_id", "timestamp", "behavior_id", "value"] if _has_value(clean_dir) else ["user_id", "timestamp", "behavior_id"])
     return EventLog.from_frame(events, behavior_ids=behaviors["behavior_id"].astype(str).to_numpy(), seed=seed)
