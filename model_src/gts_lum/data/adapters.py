@@ -38,7 +38,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from gts_lum.config import from_dict, read_yaml
-from gts_lum.data.contract import TABLES, DatasetManifest, read_file
+from gts_lum.data.contract import TABLES, DatasetManifest, named_read
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,10 @@ def _source_files(source: Path, patterns: list[str], table: str) -> list[Path]:
 
 
 def _read(path: Path, options: dict) -> pd.DataFrame:
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **options)
+    with named_read(path):
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **options)
 
 
 def _aggregate(source: Path, spec: AggregateSpec, table: str) -> pd.Series:

@@ -14,6 +14,7 @@ A data set is a folder:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,29 @@ def table_files(root: str | Path, table: str) -> list[Path]:
     return [root / f"{table}{ext}" for ext in TABLE_FORMATS if (root / f"{table}{ext}").exists()][:1]
 
 
+class UnreadableFile(ValueError):
+    """A table file that cannot be read at all (zero bytes, truncated, not the format its name says)."""
+
+
+@contextlib.contextmanager
+def named_read(path: Path):
+    """Reading `path`: a file that cannot be read at all is an `UnreadableFile` naming it (the readers' own
+    errors, e.g. "Parquet file size is 0 bytes" or "No columns to parse from file", do not)."""
+    if path.stat().st_size == 0:
+        raise UnreadableFile(f"{path}: empty file (0 bytes): an interrupted copy or export? Replace it or remove it from the input")
+    try:
+        yield
+    except (pa.ArrowException, pd.errors.EmptyDataError) as err:
+        raise UnreadableFile(f"{path}: cannot be read as {path.suffix.lstrip('.') or 'a table'}: {err}") from None
+
+
 def read_file(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """Read one parquet or CSV file. CSV cells are read as strings so validation sees them as written."""
+    with named_read(path):
+        return _read_file(path, columns)
+
+
+def _read_file(path: Path, columns: list[str] | None) -> pd.DataFrame:
     if path.suffix == ".parquet":
         have = pq.read_schema(path)
         if columns is not None:
@@ -138,10 +160,11 @@ def read_arrow(path: Path, dictionary: tuple[str, ...] = ()) -> pa.Table:
     and checks on the few distinct values are far cheaper than on every cell. CSV is read as `read_file`
     reads it (cells as strings), so both formats are validated alike.
     """
-    if path.suffix == ".parquet":
+    if path.suffix != ".parquet":
+        return pa.Table.from_pandas(read_file(path), preserve_index=False)
+    with named_read(path):
         have = pq.read_schema(path)
         return pq.read_table(path, read_dictionary=[c for c in dictionary if c in have.names and pa.types.is_string(have.field(c).type)])
-    return pa.Table.from_pandas(read_file(path), preserve_index=False)
 
 
 def read_table(root: str | Path, table: str, columns: list[str] | None = None) -> pd.DataFrame | None:

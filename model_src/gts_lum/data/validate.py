@@ -17,6 +17,7 @@ shards that held a cross-shard duplicate).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -48,6 +49,11 @@ class ValidationConfig:
     time_format: str | None = None  # strftime format when the exports use a non-ISO layout
     require_known_users: bool = False  # events/labels of users missing from `users` are rejected
     max_quarantine_fraction: float = 0.5  # more rejected rows than this means a wrong mapping: stop
+    # Times outside [earliest_time, latest_time] are quarantined as implausible_time: a column of durations,
+    # row numbers or another unit reads as 1970 or far-future dates. latest_time None: one day after the
+    # newest input file was written (no export holds events from after it was made).
+    earliest_time: str = "1990-01-01"
+    latest_time: str | None = None
 
 
 @dataclass
@@ -128,6 +134,16 @@ def _attribute(raw: pd.Series) -> pd.Series:
     return text.astype(object).where(text.notna(), None)
 
 
+def _time_window(cfg: ValidationConfig) -> tuple[int, int]:
+    """(earliest, latest) allowed time as UTC nanoseconds; `cfg.latest_time` is resolved by `validate_dataset`."""
+    return pd.Timestamp(cfg.earliest_time, tz="UTC").value, pd.Timestamp(cfg.latest_time, tz="UTC").value
+
+
+def _mark_implausible(nanos: np.ndarray, readable: np.ndarray, rej: "_Rejects", cfg: ValidationConfig, column: str) -> None:
+    earliest, latest = _time_window(cfg)
+    rej.mark(readable & ((nanos < earliest) | (nanos > latest)), "implausible_time", column)
+
+
 def _check_columns(columns: list[str], spec: TableSpec, file: Path) -> None:
     missing = [c for c in spec.required_columns if c not in columns]
     if missing:
@@ -151,6 +167,7 @@ def _clean_typed(frame: pd.DataFrame, spec: TableSpec, rej: _Rejects, tz: str, c
         elif col.kind == "time":
             value = to_utc(raw, tz, cfg.time_unit, cfg.time_format)
             rej.mark(value.isna().to_numpy() & ~null, "bad_time", col.name)
+            _mark_implausible(value.dt.as_unit("ns").array.asi8, value.notna().to_numpy(), rej, cfg, col.name)
         elif col.kind in ("float", "int", "bool"):
             value = pd.to_numeric(raw, errors="coerce")
             bad = value.isna().to_numpy() & ~null
@@ -200,6 +217,7 @@ def _validate_small(
         kept.append(typed[rej.ok])
         quarantine.append(rej.quarantined())
         report.add(rej.report())
+    _require_rows(report, spec.name, files)
     clean = pd.concat(kept, ignore_index=True)
     dup = clean.duplicated(subset=list(spec.key), keep="first").to_numpy()
     if dup.any():  # across shards
@@ -209,6 +227,16 @@ def _validate_small(
         clean = clean[~dup].reset_index(drop=True)
     _write(clean, out / f"{spec.name}.parquet")
     return clean, report, quarantine
+
+
+def _require_rows(report: TableReport, table: str, files: list[Path]) -> None:
+    if not report.rows_in:
+        raise ContractError(f"{', '.join(map(str, files))}: table '{table}' holds no rows (a header only?): an empty input is an error, not an empty data set")
+
+
+def _newest_input_time(root: Path) -> pd.Timestamp:
+    newest = max((p.stat().st_mtime for p in root.rglob("*") if p.is_file()), default=time.time())
+    return pd.Timestamp(newest, unit="s", tz="UTC")
 
 
 def _unknown(column: str, known: pd.Index, reason: str):
@@ -250,6 +278,8 @@ def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfi
         stale.unlink()
     manifest = DatasetManifest.read(root)
     tz = manifest.timezone
+    if cfg.latest_time is None:
+        cfg = dataclasses.replace(cfg, latest_time=(_newest_input_time(root) + pd.Timedelta(days=1)).ceil("s").isoformat())
     started = time.perf_counter()
     reports: dict[str, TableReport] = {}
     quarantine: dict[str, list[pd.DataFrame]] = {}
@@ -283,6 +313,7 @@ def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfi
     summary = {
         "dataset": manifest.name,
         "timezone": tz,
+        "time_window": [cfg.earliest_time, cfg.latest_time],
         "seconds": round(seconds, 3),
         "events_per_second": round(reports["events"].rows_in / max(seconds, 1e-9)) if "events" in reports else 0,
         "tables": {name: vars(rep) for name, rep in reports.items() if rep.rows_in or name in ("events", "behaviors")},
@@ -295,7 +326,9 @@ def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfi
         if rep.rows_in and (rep.rows_in - rep.rows_kept) > cfg.max_quarantine_fraction * rep.rows_in:
             raise ContractError(
                 f"{name}: {rep.rows_in - rep.rows_kept} of {rep.rows_in} rows rejected ({rep.rejected}); "
-                f"more than max_quarantine_fraction={cfg.max_quarantine_fraction}: check the column mapping. "
+                f"more than max_quarantine_fraction={cfg.max_quarantine_fraction}: check the column mapping"
+                + (f" (times outside [{cfg.earliest_time}, {cfg.latest_time}]: durations, row numbers or another time_unit?)" if rep.rejected.get("implausible_time") else "")
+                + ". "
                 f"Rejected rows are in {qdir / (name + '.parquet')}"
             )
     (out / COMPLETE_MARKER).write_text(json.dumps({"validated_at": time.time(), "source": str(root)}) + "\n")
@@ -375,6 +408,8 @@ def _typed_events(table: pa.Table, spec: TableSpec, rej: _Rejects, tz: str, cfg:
             parse = {"time": lambda c: _utc_nanos(c, tz, cfg), "float": _float32}[col.kind]  # the kinds events have
             value, missing, unreadable = parse(raw)
             rej.mark(unreadable, f"bad_{col.kind}", col.name)
+            if col.kind == "time":
+                _mark_implausible(value, ~missing & ~unreadable, rej, cfg, col.name)
         if col.required:
             rej.mark(missing, "null", col.name)
         out[col.name] = value
@@ -458,6 +493,7 @@ def _validate_events(root, out, tz, cfg, catalog, known_users, progress) -> tupl
         shard_users.append(users)
         quarantine.append(rej.quarantined())
         report.add(rej.report())
+    _require_rows(report, "events", files)
     if len(files) > 1:
         _drop_cross_shard_duplicates(clean_paths, shard_users, catalog, report, quarantine)
     return report, quarantine
