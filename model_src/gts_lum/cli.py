@@ -201,8 +201,8 @@ def cmd_features(args) -> None:
     elif args.features_command == "publish":
         _print(publish_features(args.repo, args.sources, args.config))
     else:
-        FeatureClient(args.repo, args.config).delete_user(args.user_id)
-        print(f"user {args.user_id} deleted from the online and offline stores of {args.repo}")
+        removed = FeatureClient(args.repo, args.config).delete_user(args.user_id)
+        print(f"user deleted from the stores of {args.repo}: {removed['online_entries']} online entries, {removed['offline_rows']} offline rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
