@@ -188,6 +188,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-instances", type=int, help="instances per request")
     p.add_argument("--max-top-k", type=int)
     p.add_argument("--max-body-bytes", type=int, help="request body size (413 above it)")
+    p.add_argument("--max-request-candidates", type=int, help="target-aware candidate scores a request, over all its instances (413 above it)")
     p.add_argument("--rerank-depth", type=int, help="target-aware re-ranking depth (default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
