@@ -1,3 +1,5 @@
+import shutil
+
 import pandas as pd
 import pytest
 
@@ -47,3 +49,36 @@ def test_unknown_table_in_mapping_is_an_error(tmp_path):
     (tmp_path / "m.yaml").write_text("name: x\ntables:\n  clicks: {files: [a.csv]}\n")
     with pytest.raises(ValueError, match="unknown table"):
         Mapping.load(tmp_path / "m.yaml")
+
+
+@pytest.mark.parametrize("zone", ["../../etc/passwd", "/etc/passwd", "dateutil//etc/passwd", "Mars/Olympus", ""])
+def test_a_timezone_must_be_an_iana_zone_name(tmp_path, zone):
+    from gts_lum.data.contract import DatasetManifest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"uid": ["1"], "when": ["2024-01-01 08:00"], "item": ["x"]}).to_csv(src / "log.csv", index=False)
+    mapping = "tables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n  behaviors:\n    from_events: true\n"
+    (tmp_path / "m.yaml").write_text(f"name: x\ntimezone: {zone!r}\n" + mapping)
+    with pytest.raises(ValueError, match="is not an IANA zone name"):
+        Mapping.load(tmp_path / "m.yaml")
+    (src / "dataset.yaml").write_text(f"name: x\ntimezone: {zone!r}\n")
+    with pytest.raises(ValueError, match=r"dataset\.yaml: timezone .* is not an IANA zone name"):
+        DatasetManifest.read(src)
+    (tmp_path / "m.yaml").write_text("name: x\ntimezone: Asia/Shanghai\n" + mapping)
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    assert validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)["timezone"] == "Asia/Shanghai"
+
+
+@pytest.mark.parametrize("pattern", ["../secret.csv", "sub/../../secret.csv", "/etc/hostname", "link/*.csv"])
+def test_mapping_files_cannot_leave_the_source_folder(tmp_path, pattern):
+    src = tmp_path / "src"
+    src.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    pd.DataFrame({"uid": ["1"], "when": ["2024-01-01"], "item": ["x"]}).to_csv(outside / "secret.csv", index=False)
+    shutil.copy(outside / "secret.csv", tmp_path / "secret.csv")
+    (src / "link").symlink_to(outside)
+    (tmp_path / "m.yaml").write_text(f"name: x\ntables:\n  events:\n    files: [{pattern!r}]\n    columns: {{user_id: uid, timestamp: when, behavior_id: item}}\n")
+    with pytest.raises(ValueError, match="source folder"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "out", progress=False)

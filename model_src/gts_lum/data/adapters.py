@@ -38,7 +38,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from gts_lum.config import from_dict, read_yaml
-from gts_lum.data.contract import TABLES, DatasetManifest, named_read
+from gts_lum.data.contract import TABLES, DatasetManifest, check_timezone, named_read
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Mapping:
         if unknown:
             raise ValueError(f"mapping {path}: unknown table(s) {sorted(unknown)}; contract tables: {sorted(TABLES)}")
         mapping = from_dict(cls, data)
+        check_timezone(mapping.timezone, f"mapping {path}")
         for name, spec in tables.items():
             spec = dict(spec)
             spec["aggregate"] = {k: from_dict(AggregateSpec, v) for k, v in (spec.get("aggregate") or {}).items()}
@@ -91,7 +92,15 @@ class Mapping:
 
 
 def _source_files(source: Path, patterns: list[str], table: str) -> list[Path]:
+    """The files under `source` that `patterns` match; a pattern or match that leaves `source` is an error."""
+    for pattern in patterns:
+        if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+            raise ValueError(f"adapter: table '{table}': files pattern {pattern!r} leaves the source folder {source}: give a path inside it")
     files = sorted({p for pattern in patterns for p in source.glob(pattern)})
+    root = source.resolve()
+    outside = [p for p in files if not p.resolve().is_relative_to(root)]  # e.g. through a symbolic link
+    if outside:
+        raise ValueError(f"adapter: table '{table}': {outside[0]} resolves outside the source folder {source}")
     if not files:
         raise FileNotFoundError(f"adapter: table '{table}': no file under {source} matches {patterns}")
     return files

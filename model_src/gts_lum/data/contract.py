@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +88,29 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (EVENTS, BEHAVIORS, USERS, LA
 TABLE_FORMATS = (".parquet", ".csv")
 
 
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def check_timezone(name: object, where: str) -> str:
+    """`name` when it is an IANA zone name of the zoneinfo database (e.g. "Asia/Shanghai", "UTC"); else a
+    ValueError. Only names from the list are accepted: the zone name is looked up as a file by the time
+    libraries, so a path such as "../../etc/passwd" must never reach them."""
+    if not isinstance(name, str) or name not in _zone_names():
+        raise ValueError(f"{where}: timezone {str(name)[:80]!r} is not an IANA zone name (e.g. 'Asia/Shanghai', 'Europe/Berlin', 'UTC')")
+    return name
+
+
 @dataclass
 class DatasetManifest:
     name: str = "dataset"
     timezone: str = "UTC"  # operator timezone: decides weekday and hour of every event
     description: str = ""
     provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_timezone(self.timezone, f"data set {self.name!r}")
 
     @classmethod
     def read(cls, root: str | Path) -> "DatasetManifest":
@@ -103,6 +122,7 @@ class DatasetManifest:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_timezone(data.get("timezone", "UTC"), str(path))
         return cls(**data)
 
     def write(self, root: str | Path) -> None:
