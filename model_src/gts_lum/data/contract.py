@@ -15,8 +15,11 @@ A data set is a folder:
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import functools
+import io
+import re
 import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +89,13 @@ SCENARIOS = TableSpec(
 )
 TABLES: dict[str, TableSpec] = {t.name: t for t in (EVENTS, BEHAVIORS, USERS, LABELS, SCENARIOS)}
 TABLE_FORMATS = (".parquet", ".csv")
+# Columns a raw table may carry beside the contract's: why a CSV line could not be read (None when it
+# could; its cells are then empty), and the operator's file and data row an adapter read the row from.
+# Validation quarantines malformed lines and names the source in the quarantine; no clean table keeps them.
+MALFORMED, SOURCE_FILE, SOURCE_ROW = "_malformed", "_source_file", "_source_row"
+INTERNAL_COLUMNS = (MALFORMED, SOURCE_FILE, SOURCE_ROW)
+_CSV_OPTIONS = {"sep", "delimiter", "encoding", "quotechar"}  # what the line-by-line reader honours
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes `surrogateescape` kept from an undecodable line
 
 
 @functools.cache
@@ -158,19 +168,54 @@ def named_read(path: Path):
         raise UnreadableFile(f"{path}: cannot be read as {path.suffix.lstrip('.') or 'a table'}: {err}") from None
 
 
+def read_csv(path: Path, options: dict | None = None) -> pd.DataFrame:
+    """A CSV file with every cell as a string (blank: missing), as written.
+
+    A file with malformed lines (more fields than the header, bytes not in the encoding) is read again
+    line by line: those lines become rows with empty cells and the reason in `MALFORMED`, in their place,
+    so the rest of the file is read and every line keeps its data row number."""
+    options = options or {}
+    with named_read(path):
+        try:
+            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **options)
+        except (pd.errors.ParserError, UnicodeDecodeError) as err:
+            if set(options) - _CSV_OPTIONS:
+                raise ValueError(f"{path}: {err} (malformed lines are quarantined only with the read_options {sorted(_CSV_OPTIONS)})") from None
+            return _read_csv_lines(path, options)
+
+
+def _read_csv_lines(path: Path, options: dict) -> pd.DataFrame:
+    encoding = options.get("encoding", "utf-8")
+    text = path.read_bytes().decode(encoding, errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=options.get("sep", options.get("delimiter", ",")), quotechar=options.get("quotechar", '"'))
+    header = next(reader)
+    rows, reasons, line = [], [], reader.line_num
+    for record in reader:
+        first, line = line + 1, reader.line_num
+        if not record:  # a blank line: pandas skips it too
+            continue
+        reason = None
+        if len(record) > len(header):
+            reason = f"line {first}: expected {len(header)} fields, saw {len(record)}"
+        elif any(_UNDECODABLE.search(cell) for cell in record):
+            reason = f"line {first}: bytes that are not {encoding}"
+        rows.append([None] * len(header) if reason else [c or None for c in record] + [None] * (len(header) - len(record)))
+        reasons.append(reason)
+    frame = pd.DataFrame(rows, columns=header, dtype=object)
+    frame[MALFORMED] = reasons
+    return frame
+
+
 def read_file(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """Read one parquet or CSV file. CSV cells are read as strings so validation sees them as written."""
+    if path.suffix != ".parquet":
+        frame = read_csv(path)
+        return frame if columns is None else frame[[c for c in frame.columns if c in columns or c == MALFORMED]]
     with named_read(path):
-        return _read_file(path, columns)
-
-
-def _read_file(path: Path, columns: list[str] | None) -> pd.DataFrame:
-    if path.suffix == ".parquet":
         have = pq.read_schema(path)
         if columns is not None:
             columns = [c for c in columns if c in have.names]
         return pq.read_table(path, columns=columns).to_pandas()
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], usecols=columns and (lambda c: c in columns))
 
 
 def read_arrow(path: Path, dictionary: tuple[str, ...] = ()) -> pa.Table:

@@ -2,7 +2,10 @@
 
 Every row that fails is written aside to `quarantine/<table>.parquet` with the file, the row number
 (1-based data row, as a spreadsheet would show it below the header), the field and the reason; nothing
-is dropped silently. Structural problems (a missing file or required column) stop the run with an error
+is dropped silently. A row an adapter brought in names the operator's own file and row (its
+`_source_file` / `_source_row`), not the intermediate raw file; a CSV line that could not be read (more
+fields than the header, bytes not in the encoding) is quarantined as `malformed_line` with the line
+number in `_malformed`, and the rest of the file is validated. Structural problems (a missing file or required column) stop the run with an error
 that names the file and the column.
 
 A run that completes writes the marker file `VALIDATED` last, after every table and the summary; a
@@ -31,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from gts_lum.data.contract import TABLES, DatasetManifest, TableSpec, read_arrow, read_file, table_files
+from gts_lum.data.contract import INTERNAL_COLUMNS, MALFORMED, SOURCE_FILE, SOURCE_ROW, TABLES, DatasetManifest, TableSpec, read_arrow, read_file, table_files
 from gts_lum.data.timeparse import to_utc
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,8 @@ class _Rejects:
         self.first_row = first_row
         self.code = np.zeros(len(frame), dtype=np.int16)  # 0 = kept, k = the k-th (reason, field) seen
         self.labels: list[tuple[str, str]] = []
+        if MALFORMED in _names(frame):
+            self.mark(_column(frame, MALFORMED).notna().to_numpy(), "malformed_line", MALFORMED)
 
     def mark(self, bad: np.ndarray, reason: str, column: str) -> None:
         new = bad & (self.code == 0)  # the first failure of a row is the one reported
@@ -92,12 +97,13 @@ class _Rejects:
     def quarantined(self) -> pd.DataFrame:
         bad = np.flatnonzero(self.code)
         rows = self.frame.take(bad).to_pandas() if isinstance(self.frame, pa.Table) else self.frame.iloc[bad]
-        out = rows.astype("string")
+        adapted = SOURCE_FILE in rows.columns  # an adapter's row: name the operator's file and row
+        out = rows.drop(columns=[SOURCE_FILE, SOURCE_ROW], errors="ignore").astype("string")
         labels = np.array([("", "")] + self.labels, dtype=object)
         out.insert(0, "_reason", labels[self.code[bad], 0])
         out.insert(1, "_field", labels[self.code[bad], 1])
-        out.insert(2, "_file", self.file)
-        out.insert(3, "_row", bad + self.first_row)
+        out.insert(2, "_file", rows[SOURCE_FILE].to_numpy() if adapted else self.file)
+        out.insert(3, "_row", rows[SOURCE_ROW].to_numpy(dtype=np.int64) if adapted else bad + self.first_row)
         return out.reset_index(drop=True)
 
     def report(self) -> TableReport:
@@ -108,6 +114,21 @@ class _Rejects:
         for (reason, _), n in zip(self.labels, counts[1:]):
             rejected[reason] = rejected.get(reason, 0) + int(n)
         return TableReport(len(self.frame), int(counts[0]), rejected)
+
+
+def _names(frame: pd.DataFrame | pa.Table) -> list[str]:
+    return frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
+
+
+def _column(frame: pd.DataFrame | pa.Table, name: str) -> pd.Series:
+    return frame.column(name).to_pandas() if isinstance(frame, pa.Table) else frame[name]
+
+
+def _origin(frame: pd.DataFrame | pa.Table, file: Path) -> str:
+    """The file to name in an error about `frame`, read from `file`: the operator's, when an adapter wrote it."""
+    if SOURCE_FILE in _names(frame) and len(frame):
+        return f"{_column(frame, SOURCE_FILE).iloc[0]} (adapted into {file})"
+    return str(file)
 
 
 def _strip(raw: pd.Series) -> pd.Series:
@@ -144,11 +165,12 @@ def _mark_implausible(nanos: np.ndarray, readable: np.ndarray, rej: "_Rejects", 
     rej.mark(readable & ((nanos < earliest) | (nanos > latest)), "implausible_time", column)
 
 
-def _check_columns(columns: list[str], spec: TableSpec, file: Path) -> None:
+def _check_columns(frame: pd.DataFrame | pa.Table, spec: TableSpec, file: Path) -> None:
+    columns = [c for c in _names(frame) if c not in INTERNAL_COLUMNS]
     missing = [c for c in spec.required_columns if c not in columns]
     if missing:
         raise ContractError(
-            f"{file}: table '{spec.name}' lacks required column(s) {missing}; it has {list(columns)}. "
+            f"{_origin(frame, file)}: table '{spec.name}' lacks required column(s) {missing}; it has {columns}. "
             "Map the layout with an adapter (gts-lum ingest --mapping ...)."
         )
 
@@ -182,7 +204,7 @@ def _clean_typed(frame: pd.DataFrame, spec: TableSpec, rej: _Rejects, tz: str, c
         out[col.name] = value
     if spec.extra_columns:
         for name in frame.columns:
-            if name not in out:
+            if name not in out and name not in INTERNAL_COLUMNS:
                 out[name] = _attribute(frame[name])
     return pd.DataFrame(out, index=frame.index)
 
@@ -209,7 +231,7 @@ def _validate_small(
     kept, quarantine, report = [], [], TableReport()
     for file in files:
         frame = read_file(file)
-        _check_columns(list(frame.columns), spec, file)
+        _check_columns(frame, spec, file)
         rej = _Rejects(frame, file, 1)
         typed = _clean_typed(frame, spec, rej, tz, cfg)
         for check in checks:
@@ -503,7 +525,7 @@ def _validate_events_shard(file, tz, cfg, catalog, catalog_values, known_users) 
     """One events shard: its clean rows, its rejected rows and the users it keeps."""
     spec = TABLES["events"]
     table = read_arrow(file, dictionary=("user_id", "behavior_id", "source"))
-    _check_columns(table.column_names, spec, file)
+    _check_columns(table, spec, file)
     rej = _Rejects(table, file, 1)
     typed = _typed_events(table, spec, rej, tz, cfg)
     user = typed["user_id"]
