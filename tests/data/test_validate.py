@@ -171,3 +171,12 @@ def test_a_zero_byte_source_file_is_named_by_the_adapter(tmp_path):
     (tmp_path / "m.yaml").write_text("name: x\ntables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n")
     with pytest.raises(ValueError, match=r"log\.csv: empty file"):
         adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "out", progress=False)
+
+
+def test_validating_a_folder_into_itself_is_refused(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_raw(raw, pd.DataFrame({"user_id": ["u1"], "timestamp": ["2024-03-01"], "behavior_id": ["a"]}))
+    with pytest.raises(ContractError, match="another folder"):
+        validate_dataset(raw, raw, progress=False)
+    assert (raw / "events" / "part-0.csv").exists()

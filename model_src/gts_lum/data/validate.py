@@ -294,6 +294,8 @@ def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfi
     and the `VALIDATED` marker last, only when the run completes)."""
     cfg = cfg or ValidationConfig()
     root, out = Path(root), Path(out_dir)
+    if out.resolve() == root.resolve():  # the clean shards would replace the raw ones
+        raise ContractError(f"{root}: validate into another folder than the data set's own")
     out.mkdir(parents=True, exist_ok=True)
     (out / COMPLETE_MARKER).unlink(missing_ok=True)  # a rerun that stops must not inherit an earlier run's mark
     for stale in (out / "events").glob("*.parquet"):  # an earlier run's shards beyond this run's count would be read as clean
