@@ -33,3 +33,31 @@ def test_help_for_every_stage(capsys):
             main([stage, "--help"])
         assert exit_.value.code == 0
         assert "usage: gts-lum " + stage in capsys.readouterr().out
+
+
+def _contract_folder(root, timestamps: list[str]):
+    import pandas as pd
+
+    from gts_lum.data.contract import DatasetManifest
+
+    root.mkdir(parents=True)
+    DatasetManifest(name="t", timezone="UTC").write(root)
+    pd.DataFrame({"behavior_id": ["a", "b"], "description": ["watch video", "call"]}).to_csv(root / "behaviors.csv", index=False)
+    n = len(timestamps)
+    pd.DataFrame({"user_id": [f"u{i % 3}" for i in range(n)], "timestamp": timestamps, "behavior_id": ["ab"[i % 2] for i in range(n)]}).to_csv(root / "events.csv", index=False)
+    return root
+
+
+def test_a_stopped_ingest_leaves_a_folder_every_stage_refuses(tmp_path, caplog):
+    mostly_bad = _contract_folder(tmp_path / "bad", ["not a time"] * 8 + ["2024-03-01 08:00", "2024-03-01 09:00"])
+    assert main(["ingest", str(mostly_bad), "--out", str(tmp_path / "work")]) == 2  # most rows rejected: stopped
+    clean = tmp_path / "work" / "clean"
+    assert (clean / "validation_summary.json").exists() and not (clean / "VALIDATED").exists()
+    caplog.clear()
+    assert main(["sequences", str(clean), "--out", str(tmp_path / "seq")]) == 2
+    assert "validation stopped before the end" in caplog.text
+    assert main(["ingest", str(clean), "--out", str(tmp_path / "again")]) == 2
+    # the same folder, validated again from good input, is accepted once the run completes
+    good = _contract_folder(tmp_path / "good", [f"2024-03-0{1 + i // 4} 0{i % 4}:00" for i in range(10)])
+    assert main(["validate", str(good), "--out", str(clean)]) == 0 and (clean / "VALIDATED").exists()
+    assert main(["ingest", str(clean), "--out", str(tmp_path / "again")]) == 0

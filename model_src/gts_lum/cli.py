@@ -188,6 +188,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-instances", type=int, help="instances per request")
     p.add_argument("--max-top-k", type=int)
     p.add_argument("--max-body-bytes", type=int, help="request body size (413 above it)")
+    p.add_argument("--max-request-candidates", type=int, help="target-aware candidate scores a request, over all its instances (413 above it)")
     p.add_argument("--rerank-depth", type=int, help="target-aware re-ranking depth (default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -201,8 +202,8 @@ def cmd_features(args) -> None:
     elif args.features_command == "publish":
         _print(publish_features(args.repo, args.sources, args.config))
     else:
-        FeatureClient(args.repo, args.config).delete_user(args.user_id)
-        print(f"user {args.user_id} deleted from the online and offline stores of {args.repo}")
+        removed = FeatureClient(args.repo, args.config).delete_user(args.user_id)
+        print(f"user deleted from the stores of {args.repo}: {removed['online_entries']} online entries, {removed['offline_rows']} offline rows")
 
 
 def build_parser() -> argparse.ArgumentParser:

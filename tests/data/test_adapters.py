@@ -1,3 +1,5 @@
+import shutil
+
 import pandas as pd
 import pytest
 
@@ -47,3 +49,83 @@ def test_unknown_table_in_mapping_is_an_error(tmp_path):
     (tmp_path / "m.yaml").write_text("name: x\ntables:\n  clicks: {files: [a.csv]}\n")
     with pytest.raises(ValueError, match="unknown table"):
         Mapping.load(tmp_path / "m.yaml")
+
+
+@pytest.mark.parametrize("zone", ["../../etc/passwd", "/etc/passwd", "dateutil//etc/passwd", "Mars/Olympus", ""])
+def test_a_timezone_must_be_an_iana_zone_name(tmp_path, zone):
+    from gts_lum.data.contract import DatasetManifest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"uid": ["1"], "when": ["2024-01-01 08:00"], "item": ["x"]}).to_csv(src / "log.csv", index=False)
+    mapping = "tables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n  behaviors:\n    from_events: true\n"
+    (tmp_path / "m.yaml").write_text(f"name: x\ntimezone: {zone!r}\n" + mapping)
+    with pytest.raises(ValueError, match="is not an IANA zone name"):
+        Mapping.load(tmp_path / "m.yaml")
+    (src / "dataset.yaml").write_text(f"name: x\ntimezone: {zone!r}\n")
+    with pytest.raises(ValueError, match=r"dataset\.yaml: timezone .* is not an IANA zone name"):
+        DatasetManifest.read(src)
+    (tmp_path / "m.yaml").write_text("name: x\ntimezone: Asia/Shanghai\n" + mapping)
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    assert validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)["timezone"] == "Asia/Shanghai"
+
+
+@pytest.mark.parametrize("pattern", ["../secret.csv", "sub/../../secret.csv", "/etc/hostname", "link/*.csv"])
+def test_mapping_files_cannot_leave_the_source_folder(tmp_path, pattern):
+    src = tmp_path / "src"
+    src.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    pd.DataFrame({"uid": ["1"], "when": ["2024-01-01"], "item": ["x"]}).to_csv(outside / "secret.csv", index=False)
+    shutil.copy(outside / "secret.csv", tmp_path / "secret.csv")
+    (src / "link").symlink_to(outside)
+    (tmp_path / "m.yaml").write_text(f"name: x\ntables:\n  events:\n    files: [{pattern!r}]\n    columns: {{user_id: uid, timestamp: when, behavior_id: item}}\n")
+    with pytest.raises(ValueError, match="source folder"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "out", progress=False)
+
+
+def _log_with_bad_lines(path):
+    """A CSV of 8 data rows: row 3 has an extra field, row 5 a byte that is not UTF-8, row 7 a bad time."""
+    lines = [b"uid,when,item"] + [f"u{i % 2},2024-01-0{i + 1} 08:00,x{i % 3}".encode() for i in range(8)]
+    lines[3] = b"u0,2024-01-03 08:00,x2,surplus"
+    lines[5] = b"u0,2024-01-05 08:00,caf\x9b"
+    lines[7] = b"u0,not a time,x0"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def test_malformed_csv_lines_are_quarantined_with_file_and_line_and_the_rest_ingests(tmp_path):
+    from gts_lum.data.contract import DatasetManifest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    DatasetManifest(name="t").write(raw)
+    pd.DataFrame({"behavior_id": ["x0", "x1", "x2"], "description": ["a", "b", "c"]}).to_csv(raw / "behaviors.csv", index=False)
+    _log_with_bad_lines(tmp_path / "log.csv")
+    (raw / "events.csv").write_bytes((tmp_path / "log.csv").read_bytes().replace(b"uid,when,item", b"user_id,timestamp,behavior_id"))
+    summary = validate_dataset(raw, tmp_path / "clean", progress=False)
+    assert summary["tables"]["events"] == {"rows_in": 8, "rows_kept": 5, "rejected": {"malformed_line": 2, "bad_time": 1}}
+    q = pd.read_parquet(tmp_path / "clean" / "quarantine" / "events.parquet").sort_values("_row")
+    assert list(q["_row"]) == [3, 5, 7] and q["_file"].str.endswith("events.csv").all()
+    assert list(q["_malformed"].fillna("")) == ["line 4: expected 3 fields, saw 4", "line 6: bytes that are not utf-8", ""]
+
+
+def test_quarantine_names_the_operators_file_and_row_not_the_raw_intermediate(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _log_with_bad_lines(src / "log.csv")
+    (tmp_path / "m.yaml").write_text(
+        "name: x\ntables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n  behaviors:\n    from_events: true\n"
+    )
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    summary = validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)
+    assert summary["tables"]["events"]["rejected"] == {"malformed_line": 2, "bad_time": 1}
+    q = pd.read_parquet(tmp_path / "clean" / "quarantine" / "events.parquet").sort_values("_row")
+    assert list(q["_row"]) == [3, 5, 7] and set(q["_file"]) == {str(src / "log.csv")}
+    assert not {"_source_file", "_source_row"} & set(q.columns)
+    assert set(pd.read_parquet(tmp_path / "clean" / "behaviors.parquet")["behavior_id"]) == {"x0", "x1", "x2"}
+    assert not [c for c in pd.read_parquet(tmp_path / "clean" / "events").columns if c.startswith("_")]
+    # a required column the mapping leaves out: the error names the operator's file
+    (tmp_path / "m.yaml").write_text((tmp_path / "m.yaml").read_text().replace("timestamp: when, ", ""))
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw2", progress=False)
+    with pytest.raises(ValueError, match=rf"{src / 'log.csv'} \(adapted into .*part-00000\.parquet\): table 'events' lacks required column\(s\) \['timestamp'\]"):
+        validate_dataset(tmp_path / "raw2", tmp_path / "clean2", progress=False)

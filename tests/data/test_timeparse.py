@@ -28,3 +28,9 @@ def test_typed_columns():
     naive = pd.Series(pd.to_datetime(["2024-01-01 08:00"]))
     assert to_utc(naive, "Asia/Shanghai").astype(str).tolist() == ["2024-01-01 00:00:00+00:00"]
     assert to_utc(pd.Series([0, 86400]), "Asia/Shanghai").astype(str).tolist() == ["1970-01-01 00:00:00+00:00", "1970-01-02 00:00:00+00:00"]
+
+
+def test_a_time_without_a_date_is_unreadable_not_today():
+    cells = pd.Series(["12:30", "12:30:00", "8:15 PM", "03/01/2024 08:00", "March 2024"])
+    got = to_utc(cells, "UTC").astype(str).tolist()
+    assert got == ["NaT", "NaT", "NaT", "2024-03-01 08:00:00+00:00", "2024-03-01 00:00:00+00:00"]

@@ -48,7 +48,7 @@ def test_bad_rows_are_quarantined_with_file_row_field_and_reason(tmp_path):
 def test_duplicates_across_shards_are_found(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    events = pd.DataFrame({"user_id": ["u1", "u2", "u1", "u3"], "timestamp": ["100", "200", "100", "300"], "behavior_id": ["a", "b", "a", "c"]})
+    events = pd.DataFrame({"user_id": ["u1", "u2", "u1", "u3"], "timestamp": ["1700000100", "1700000200", "1700000100", "1700000300"], "behavior_id": ["a", "b", "a", "c"]})
     _write_raw(raw, events, shards=2)
     summary = validate_dataset(raw, tmp_path / "clean", progress=False)
     assert summary["tables"]["events"]["rows_kept"] == 3
@@ -75,7 +75,7 @@ def test_mostly_rejected_table_stops_the_run(tmp_path):
 def test_unknown_users_rejected_when_required(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    _write_raw(raw, pd.DataFrame({"user_id": ["u1", "ghost"], "timestamp": ["100", "200"], "behavior_id": ["a", "b"]}))
+    _write_raw(raw, pd.DataFrame({"user_id": ["u1", "ghost"], "timestamp": ["1700000100", "1700000200"], "behavior_id": ["a", "b"]}))
     pd.DataFrame({"user_id": ["u1"], "plan": ["gold"]}).to_csv(raw / "users.csv", index=False)
     summary = validate_dataset(raw, tmp_path / "clean", ValidationConfig(require_known_users=True), progress=False)
     assert summary["tables"]["events"]["rejected"] == {"unknown_user": 1}
@@ -89,7 +89,7 @@ def test_parquet_ids_are_checked_on_their_distinct_values(tmp_path):
     pd.DataFrame(
         {
             "user_id": [" u1", "u1", None, "u2", ""],
-            "timestamp": pd.to_datetime([1, 2, 3, 4, 5], unit="s", utc=True),
+            "timestamp": pd.to_datetime([1_700_000_001, 1_700_000_002, 1_700_000_003, 1_700_000_004, 1_700_000_005], unit="s", utc=True),
             "behavior_id": ["a ", "b", "a", "c", "a"],
         }
     ).to_parquet(raw / "events" / "part-0.parquet")
@@ -120,3 +120,63 @@ def test_repeated_keys_equal_pandas_duplicated(user_scale, spacing, presorted):
     expected = pd.DataFrame({"u": user, "t": time, "b": behavior}).duplicated(keep="first").to_numpy()
     assert expected.sum() > 1000
     assert np.array_equal(repeated_keys(user, time, behavior), expected)
+
+
+def test_a_header_only_events_table_is_an_error_naming_it(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_raw(raw, pd.DataFrame({"user_id": [], "timestamp": [], "behavior_id": []}))
+    with pytest.raises(ContractError, match=r"part-0\.csv: table 'events' holds no rows"):
+        validate_dataset(raw, tmp_path / "clean", progress=False)
+
+
+def test_implausible_times_are_quarantined_and_a_mostly_implausible_column_stops(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = [f"2024-03-01 0{h}:00" for h in range(8)]
+    # a duration in seconds (1970), a year-2200 date and a row number among good times
+    _write_raw(raw, pd.DataFrame({"user_id": ["u1"] * 11, "timestamp": good + ["3600", "2200-01-01 00:00", "7"], "behavior_id": ["a", "b", "c"] * 3 + ["a", "b"]}))
+    summary = validate_dataset(raw, tmp_path / "clean", progress=False)
+    assert summary["tables"]["events"]["rejected"] == {"implausible_time": 3} and summary["time_window"][0] == "1990-01-01"
+    q = pd.read_parquet(tmp_path / "clean" / "quarantine" / "events.parquet")
+    assert sorted(q["timestamp"]) == ["2200-01-01 00:00", "3600", "7"] and set(q["_field"]) == {"timestamp"}
+    # the window is configurable
+    wide = validate_dataset(raw, tmp_path / "wide", ValidationConfig(earliest_time="1960-01-01", latest_time="2250-01-01"), progress=False)
+    assert wide["tables"]["events"]["rows_kept"] == 11
+
+    durations = tmp_path / "durations"
+    durations.mkdir()
+    _write_raw(durations, pd.DataFrame({"user_id": ["u1"] * 6, "timestamp": ["30", "45", "60", "90", "120", "2024-03-01"], "behavior_id": ["a", "b", "c"] * 2}))
+    with pytest.raises(ContractError, match=r"implausible_time.*durations, row numbers or another time_unit"):
+        validate_dataset(durations, tmp_path / "clean2", progress=False)
+    assert not (tmp_path / "clean2" / "VALIDATED").exists()
+
+
+@pytest.mark.parametrize("name", ["events/part-0.csv", "events/part-1.parquet", "behaviors.csv"])
+def test_a_zero_byte_file_is_named_in_the_error(tmp_path, name):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_raw(raw, pd.DataFrame({"user_id": ["u1"], "timestamp": ["2024-03-01"], "behavior_id": ["a"]}))
+    (raw / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{name}: empty file \(0 bytes\)"):
+        validate_dataset(raw, tmp_path / "clean", progress=False)
+
+
+def test_a_zero_byte_source_file_is_named_by_the_adapter(tmp_path):
+    from gts_lum.data.adapters import Mapping, adapt
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "log.csv").write_bytes(b"")
+    (tmp_path / "m.yaml").write_text("name: x\ntables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n")
+    with pytest.raises(ValueError, match=r"log\.csv: empty file"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "out", progress=False)
+
+
+def test_validating_a_folder_into_itself_is_refused(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_raw(raw, pd.DataFrame({"user_id": ["u1"], "timestamp": ["2024-03-01"], "behavior_id": ["a"]}))
+    with pytest.raises(ContractError, match="another folder"):
+        validate_dataset(raw, raw, progress=False)
+    assert (raw / "events" / "part-0.csv").exists()

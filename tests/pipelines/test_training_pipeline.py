@@ -24,7 +24,7 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
     import shutil
 
     
-    monkeypatch.setenv("GTS_LUM_PSEUDONYM_KEY", "pipeline-test-key")
+    monkeypatch.setenv("GTS_LUM_PSEUDONYM_KEY", "pipeline-test-key-of-at-least-32-bytes")
     repo = tmp_path / "feature_repo"
     shutil.copytree(REPO / "feature_repo", repo, ignore=shutil.ignore_patterns("data"))
     params = {

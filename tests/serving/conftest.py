@@ -19,7 +19,7 @@ TINY_GTS_LUM = {
     "select_rerank": False,  # the scorer's two-stage path is under test: keep it whatever validation says
 }
 # The scorer under test runs with small limits so that the limit tests stay cheap.
-SERVER_LIMITS = ["--max-candidates", "300", "--max-events", "3000", "--max-body-bytes", "400000", "--max-instances", "4"]
+SERVER_LIMITS = ["--max-candidates", "300", "--max-events", "3000", "--max-body-bytes", "400000", "--max-instances", "4", "--max-request-candidates", "500"]
 
 
 @dataclass

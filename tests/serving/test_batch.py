@@ -15,7 +15,7 @@ from gts_lum.serving.batch import MANIFEST, batch_score, read_batch_scores
 def test_a_resumed_run_equals_an_uninterrupted_one(tiny_serving, offline, tmp_path):
     data = tiny_serving.sequences
     full = batch_score(offline.serving, data, tmp_path / "full", chunk_size=64, progress=False)
-    assert full["complete"] and full["chunks_total"] == 4 and full["users"] == 200 and full["rows"] == 2000
+    assert full["complete"] and full["chunks_total"] == 4 and full["users_in"] == full["users_out"] == 200 and full["rows"] == 2000
 
     out = tmp_path / "resumed"
     first = batch_score(offline.serving, data, out, chunk_size=64, max_chunks=1, progress=False)
@@ -42,6 +42,23 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny_serving, offline, tmp_pa
         reference = offline.ranking(u, None, len(offline.serving.catalog)).set_index("behavior_id")["score"]
         np.testing.assert_allclose(mine["score"].to_numpy(), reference[mine["behavior_id"]].to_numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(mine["score"].to_numpy(), reference.iloc[:10].to_numpy(), atol=1e-4, rtol=0)
+
+
+def test_a_rerun_redoes_chunks_that_were_deleted_truncated_or_replaced(tiny_serving, offline, tmp_path):
+    data, out = tiny_serving.sequences, tmp_path / "out"
+    assert batch_score(offline.serving, data, out, chunk_size=64, progress=False)["complete"]
+    expected = read_batch_scores(out)
+    (out / "part-00000.parquet").unlink()
+    part1 = (out / "part-00001.parquet").read_bytes()
+    (out / "part-00001.parquet").write_bytes(part1[: len(part1) // 2])  # truncated
+    (out / "part-00002.parquet").write_bytes(b"")  # zero bytes
+    (out / "part-00003.parquet").write_bytes(part1)  # another chunk's file: readable, other users
+    rerun = batch_score(offline.serving, data, out, chunk_size=64, progress=False)
+    assert rerun["complete"] and rerun["chunks_this_call"] == 4 and rerun["users_in"] == rerun["users_out"] == 200
+    pd.testing.assert_frame_equal(read_batch_scores(out), expected)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["users_in"] == manifest["users_out"] == 200
+    assert batch_score(offline.serving, data, out, chunk_size=64, progress=False)["chunks_this_call"] == 0  # all verified
 
 
 def test_user_lists_clean_data_and_mixed_settings(tiny_serving, offline, tmp_path):

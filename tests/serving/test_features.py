@@ -161,8 +161,14 @@ def assert_same_tokens(online, offline) -> None:
 def test_pseudonyms_need_the_key_from_the_environment(monkeypatch):
     first = pseudonymize("U000001")
     assert len(first) == 64 and first == pseudonymize("U000001") and first != pseudonymize("U000002")
-    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "another key")
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "another key, also of at least 32 bytes")
     assert pseudonymize("U000001") != first
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "k")
+    with pytest.raises(ValueError, match=rf"{PSEUDONYM_KEY_ENV} holds 1 bytes: a pseudonym key needs at least 32"):
+        pseudonymize("U000001")
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "x" * 31)
+    with pytest.raises(ValueError, match="at least 32"):
+        FeatureClient(REPO)  # checked when a client is made, before any user is asked for
     monkeypatch.delenv(PSEUDONYM_KEY_ENV)
     with pytest.raises(ValueError, match=PSEUDONYM_KEY_ENV):
         pseudonymize("U000001")
@@ -309,8 +315,14 @@ def test_delete_user_removes_them_online_and_offline(store, reference):
     sources = [Path(fv.batch_source.path) for fv in client._user_views()]
     assert all(pseudonym in pq.read_table(p).column(USER_KEY).to_pylist() for p in sources)
 
-    client.delete_user(user)
-
+    locks = store[0] / "data" / "locks"
+    client.push_events(user, [str(event_log.behavior_ids[0])], [int(event_log.timestamp.max()) + 60])  # takes the user's lock
+    removed = client.delete_user(user)
+    assert removed["online_entries"] >= 1 and removed["offline_rows"] >= 1
+    assert not list(locks.glob(f"*{pseudonym}*"))  # no lock file named by the deleted user's pseudonym (SQLite setup)
+    with pytest.raises(KeyError, match="nothing deleted") as not_found:
+        client.delete_user(user)  # a second time: not found, said so
+    assert user not in str(not_found.value)
     with pytest.raises(KeyError, match=user):
         client.get_history(user)
     assert client.get_profile(user) == {}
@@ -332,7 +344,9 @@ def test_cli_on_a_data_set_without_users_table(cycle_data, tmp_path, capsys):
     history = client.get_history("u00")
     assert len(history["behavior_ids"]) == 8 and client.get_profile("u00") == {}
     assert cli_main(["features", "delete-user", "--repo", str(repo), "u00"]) == 0
-    assert "u00 deleted" in capsys.readouterr().out
+    assert "user deleted" in capsys.readouterr().out
+    assert cli_main(["features", "delete-user", "--repo", str(repo), "u00"]) == 2  # not found: an error, not "deleted"
+    assert not list((repo / "data" / "locks").glob("user-*.lock"))
     with pytest.raises(KeyError):
         client.get_history("u00")
 

@@ -175,18 +175,28 @@ def test_label_heads_on_request(scorer_server, offline):
     assert missing.status_code == 400 and "'upgrade' is not in this export (it has ['churn'])" in missing.json()["error"]
 
 
-def test_feature_store_histories_score_as_offline(tiny_serving, offline, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def feature_repo(tiny_serving, tmp_path_factory):
+    """A copy of feature_repo/ published with every event of the tiny data set; the key set for the module."""
     features = pytest.importorskip("gts_lum.serving.features", reason="the Feast side (gts_lum.serving.features) is not there yet")
+    root = tmp_path_factory.mktemp("feast")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(features.PSEUDONYM_KEY_ENV, "serving-test-key-0123456789abcdef")
+        repo = root / "repo"
+        repo.mkdir()
+        for path in [*(REPO / "feature_repo").glob("*.py"), REPO / "feature_repo" / "feature_store.yaml"]:
+            shutil.copy(path, repo / path.name)
+        # last_n above the longest tiny history: the store holds every event, as the training log does
+        features.export_feature_sources(tiny_serving.clean, root / "sources", last_n=4096, snapshot_days=None)
+        features.publish_features(repo, root / "sources")
+        yield repo
+
+
+def test_feature_store_histories_score_as_offline(tiny_serving, offline, feature_repo, tmp_path):
+    from gts_lum.serving import features
     from gts_lum.serving.scorer import launch_server
 
-    monkeypatch.setenv("GTS_LUM_PSEUDONYM_KEY", "serving-test-key-0123456789abcdef")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for path in [*(REPO / "feature_repo").glob("*.py"), REPO / "feature_repo" / "feature_store.yaml"]:
-        shutil.copy(path, repo / path.name)
-    # last_n above the longest tiny history: the store holds every event, as the training log does
-    features.export_feature_sources(tiny_serving.clean, tmp_path / "sources", last_n=4096, snapshot_days=None)
-    features.publish_features(repo, tmp_path / "sources")
+    repo = feature_repo
     client = features.FeatureClient(repo)
     u, user = 42, str(offline.log.user_ids[42])
     assert client.get_history(user)["behavior_ids"] == offline.events(u)["behavior_ids"]
@@ -200,9 +210,7 @@ def test_feature_store_histories_score_as_offline(tiny_serving, offline, tmp_pat
         assert_same_ranking(prediction, offline.ranking(u, None, 10))
 
         unknown = predict_v1(server, [{"user_id": "nobody-at-all"}])
-        assert unknown.status_code == 404 and "'nobody-at-all' is not in the feature store" in unknown.json()["error"]
-        log_text = (tmp_path / "server.log").read_text(errors="replace")
-        assert "404" in log_text and "id withheld" in log_text and "nobody-at-all" not in log_text  # no raw ids in logs
+        assert unknown.status_code == 404 and unknown.json()["error"] == "instances[0].user_id: this user is not in the feature store"
 
         # events pushed online are in the next score
         new_ids = offline.serving.catalog[:2].astype(str).tolist()
@@ -341,3 +349,126 @@ def test_fuzzed_requests_are_never_a_5xx(scorer_server, offline):
     errors = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("gts_lum_request_errors_total{"))
     assert errors >= sum(s >= 400 for s in statuses)
     assert 'request_predict_seconds_count{model_name="gts_lum"}' in metrics  # kserve's latency histograms are there too
+
+
+# -- v2 bodies, content types, the work bound ---------------------------------------------------------
+
+
+def _binary_v2(elements: list[bytes], shape: list[int] | None = None, size: int | None = None, tail: bytes = b"") -> tuple[bytes, dict]:
+    """A binary-extension v2 body: the JSON header, then one BYTES tensor as 4-byte little-endian lengths + bytes."""
+    raw = b"".join(len(e).to_bytes(4, "little") + e for e in elements) + tail
+    header = {"inputs": [{"name": "request", "shape": shape or [len(elements)], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw) if size is None else size}}]}
+    head = json.dumps(header).encode()
+    return head + raw, {"content-type": "application/octet-stream", "inference-header-content-length": str(len(head))}
+
+
+def test_malformed_v2_bodies_are_4xx_and_the_connection_stays_usable(scorer_server, offline):
+    v2 = f"{scorer_server.url}/v2/models/{scorer_server.name}/infer"
+    good = json.dumps({"events": offline.events(3), "top_k": 2}).encode()
+    deep = "[" * 3000 + "]" * 3000
+    cases = [
+        (json.dumps({"inputs": [{"name": "request", "shape": [1], "datatype": "BYTES", "data": [deep]}]}).encode(), {"content-type": "application/json"}, "data[0]: JSON nested too deep"),
+        (*_binary_v2([good], size=len(good) + 100), "past the end of the body"),  # a byte count larger than the data
+        (*_binary_v2([good], size=4 + len(good), tail=b"\x00" * 7), "7 bytes beyond the tensors' binary_data_size"),  # smaller than the data
+        (*_binary_v2([good], tail=(1000).to_bytes(4, "little") + b"short"), "element 1's length prefix runs past"),
+        (*_binary_v2([good], shape=[2]), "shape [2] holds 2 elements, the binary data 1"),
+        (*_binary_v2([b"\xff\xfe{}"]), "element 0 is not UTF-8"),
+    ]
+    with httpx.Client(timeout=60) as client:
+        for body, headers, message in cases:
+            response = client.post(v2, content=body, headers=headers)
+            assert response.status_code == 400 and message in response.json()["error"], (message, response.status_code, response.text[:300])
+            assert response.headers.get("connection") != "close"
+            again = client.post(v2, json={"inputs": [{"name": "request", "shape": [1], "datatype": "BYTES", "data": [good.decode()]}]})
+            assert again.status_code == 200, again.text[:300]  # the same keep-alive connection serves the next request
+        body, headers = _binary_v2([good])
+        response = client.post(v2, content=body, headers=headers)
+        assert response.status_code == 200 and len(v2_predictions(response)[0]["ranking"]) == 2  # a sound binary body is served
+
+
+def test_json_content_type_with_parameters_is_json_and_a_wrong_type_says_what_to_send(scorer_server, offline):
+    url = f"{scorer_server.url}/v1/models/{scorer_server.name}:predict"
+    body = json.dumps({"instances": [{"events": offline.events(3), "top_k": 2}]})
+    with httpx.Client(timeout=60) as client:
+        for content_type in ("application/json; charset=utf-8", "Application/JSON;charset=UTF-8", "application/json"):
+            response = client.post(url, content=body, headers={"content-type": content_type})
+            assert response.status_code == 200, (content_type, response.text[:200])
+        for content_type in ("application/x-www-form-urlencoded", "text/plain", "application/json; charset=latin-1"):
+            response = client.post(url, content=body, headers={"content-type": content_type})
+            assert response.status_code == 415 and "Content-Type: application/json" in response.json()["error"], (content_type, response.text[:200])
+    # the README's curl examples send JSON (curl -d alone sends form encoding)
+    curls = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("curl") and " -d " in line]
+    assert curls and all("-H 'Content-Type: application/json'" in line for line in curls)
+
+
+def test_work_a_request_asks_for_is_bounded(scorer_server, offline):
+    catalog = offline.serving.catalog.astype(str).tolist()
+    events = offline.events(3)
+    one = {"events": events, "candidates": catalog[:250]}
+    assert predict_v1(scorer_server, [one, one]).status_code == 200  # 500 candidate scores: at the limit
+    response = predict_v1(scorer_server, [one, one, {**one, "candidates": catalog[:10]}])
+    assert response.status_code == 413 and "510 target-aware candidate scores" in response.json()["error"] and "--max-request-candidates" in response.json()["error"]
+    readme = (REPO / "README.md").read_text()
+    assert "--max-request-candidates" in readme
+
+
+# -- user ids and the pseudonym key -----------------------------------------------------------------
+
+
+def test_no_raw_user_id_in_any_log_line_or_error_body(scorer_server, offline, feature_repo, tiny_serving, tmp_path):
+    from gts_lum.serving import features
+    from gts_lum.serving.scorer import launch_server
+
+    known = str(offline.log.user_ids[7])
+    ghost = "ghost-subscriber-0427"  # in the store, but only with behaviours the model does not know
+    features.FeatureClient(feature_repo).push_events(ghost, ["no.such.behaviour"], [1_700_000_000])
+    one = {"behavior_ids": offline.events(3)["behavior_ids"][:1], "timestamps": offline.events(3)["timestamps"][:1]}
+    bad_requests = [
+        [{"user_id": known}],  # no feature store (the first server)
+        [{"user_id": "nobody-at-all-0427"}],  # not in the store
+        [{"user_id": ghost}],  # no events the model knows
+        [{"user_id": known, "top_k": "ten"}],
+        [{"user_id": known, "candidates": ["nope"]}],
+        [{"user_id": known, "heads": ["nope"]}],
+        [{"user_id": known, "events": one, "colour": 1}],
+    ]
+    server = launch_server(tiny_serving.export, tmp_path / "server.log", feature_repo=feature_repo)
+    try:
+        for target, requests in ((scorer_server, bad_requests), (server, bad_requests[1:])):
+            for instances in requests:
+                for response in (predict_v1(target, instances), infer_v2(target, instances)):
+                    assert 400 <= response.status_code < 500
+                    for user in (known, ghost, "nobody-at-all-0427"):
+                        assert user not in response.text, (instances, response.text)
+        assert predict_v1(server, [{"user_id": known}]).status_code == 200
+    finally:
+        server.stop()
+    logs = (tmp_path / "server.log").read_text(errors="replace") + scorer_server.log_path.read_text(errors="replace")
+    assert "404" in logs and "no events the model knows" in logs and "no feature store" in logs
+    for user in (known, ghost, "nobody-at-all-0427"):
+        assert user not in logs
+
+
+def test_a_feature_store_without_a_good_key_fails_at_start_and_a_wrong_key_is_noticed(tiny_serving, offline, feature_repo, tmp_path, monkeypatch):
+    from gts_lum.serving.features import PSEUDONYM_KEY_ENV
+    from gts_lum.serving.scorer import UNKNOWN_USER_WINDOW, launch_server
+
+    monkeypatch.delenv(PSEUDONYM_KEY_ENV)
+    with pytest.raises(RuntimeError, match=rf"exited with 2 before it was ready(.|\n)*{PSEUDONYM_KEY_ENV} is not set"):
+        launch_server(tiny_serving.export, tmp_path / "nokey.log", feature_repo=feature_repo)
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "short")
+    with pytest.raises(RuntimeError, match="needs at least 32"):
+        launch_server(tiny_serving.export, tmp_path / "short.log", feature_repo=feature_repo)
+
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "a-strong-key-but-not-the-one-the-store-was-published-with")
+    server = launch_server(tiny_serving.export, tmp_path / "wrong.log", feature_repo=feature_repo)
+    users = [str(u) for u in offline.log.user_ids]  # all in the store, under the right key
+    try:
+        with httpx.Client(timeout=60) as client:
+            for i in range(UNKNOWN_USER_WINDOW + 20):  # a request stops at its first unknown user: one lookup each
+                assert predict_v1(server, [{"user_id": users[i % len(users)]}], client).status_code == 404
+    finally:
+        server.stop()
+    log_text = (tmp_path / "wrong.log").read_text(errors="replace")
+    assert log_text.count(f"of the last {UNKNOWN_USER_WINDOW} feature-store users were unknown") == 1
+    assert not any(u in log_text for u in users)

@@ -34,11 +34,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from gts_lum.config import from_dict, read_yaml
-from gts_lum.data.contract import TABLES, DatasetManifest, read_file
+from gts_lum.data.contract import INTERNAL_COLUMNS, MALFORMED, SOURCE_FILE, SOURCE_ROW, TABLES, DatasetManifest, check_timezone, named_read, read_csv
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Mapping:
         if unknown:
             raise ValueError(f"mapping {path}: unknown table(s) {sorted(unknown)}; contract tables: {sorted(TABLES)}")
         mapping = from_dict(cls, data)
+        check_timezone(mapping.timezone, f"mapping {path}")
         for name, spec in tables.items():
             spec = dict(spec)
             spec["aggregate"] = {k: from_dict(AggregateSpec, v) for k, v in (spec.get("aggregate") or {}).items()}
@@ -91,21 +93,33 @@ class Mapping:
 
 
 def _source_files(source: Path, patterns: list[str], table: str) -> list[Path]:
+    """The files under `source` that `patterns` match; a pattern or match that leaves `source` is an error."""
+    for pattern in patterns:
+        if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+            raise ValueError(f"adapter: table '{table}': files pattern {pattern!r} leaves the source folder {source}: give a path inside it")
     files = sorted({p for pattern in patterns for p in source.glob(pattern)})
+    root = source.resolve()
+    outside = [p for p in files if not p.resolve().is_relative_to(root)]  # e.g. through a symbolic link
+    if outside:
+        raise ValueError(f"adapter: table '{table}': {outside[0]} resolves outside the source folder {source}")
     if not files:
         raise FileNotFoundError(f"adapter: table '{table}': no file under {source} matches {patterns}")
     return files
 
 
 def _read(path: Path, options: dict) -> pd.DataFrame:
-    if path.suffix == ".parquet":
+    if path.suffix != ".parquet":
+        return read_csv(path, options)
+    with named_read(path):
         return pd.read_parquet(path)
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **options)
 
 
 def _aggregate(source: Path, spec: AggregateSpec, table: str) -> pd.Series:
     """The `top` most frequent values of `column` per `key`, joined into one string."""
     frame = pd.concat([_read(p, {}) for p in _source_files(source, spec.files, table)], ignore_index=True)
+    if MALFORMED in frame:  # an aggregate only enriches a text: its unreadable lines are left out, said here
+        log.warning("adapter: table '%s': %d malformed lines of %s left out of the aggregate %s", table, int(frame[MALFORMED].notna().sum()), spec.files, spec.column)
+        frame = frame[frame[MALFORMED].isna()]
     frame[spec.column] = frame[spec.column].astype(str).str.strip().str.lower()
     counts = frame.groupby([spec.key, spec.column]).size().rename("n").reset_index()
     counts = counts.sort_values([spec.key, "n", spec.column], ascending=[True, False, True])
@@ -128,11 +142,16 @@ def _apply(frame: pd.DataFrame, mapping: TableMapping, table: str, file: Path, e
     for dst, recode in mapping.values.items():
         recode = {str(k): v for k, v in recode.items()}
         out[dst] = out[dst].astype(str).map(recode).where(lambda s: s.notna(), out[dst])  # unmapped cells stay, validation flags them
-    used = set(mapping.columns.values())
+    used = set(mapping.columns.values()) | set(INTERNAL_COLUMNS)
     keep = [c for c in frame.columns if c not in used] if mapping.keep == "all" else list(mapping.keep)
     for col in keep:
         if col not in out.columns:
             out[col] = frame[col]
+    # where each row came from, for the quarantine (data row numbers as a spreadsheet shows them)
+    out[SOURCE_FILE] = str(file)
+    out[SOURCE_ROW] = np.arange(1, len(frame) + 1)
+    if MALFORMED in frame:
+        out[MALFORMED] = frame[MALFORMED]
     return out
 
 
@@ -161,7 +180,7 @@ def adapt(source: str | Path, mapping: Mapping, out_dir: str | Path, progress: b
             counts[table] = len(frame)
     behaviors = mapping.tables.get("behaviors")
     if behaviors is not None and behaviors.from_events:
-        ids = pd.concat([pd.read_parquet(p, columns=["behavior_id"]) for p in sorted((out / "events").glob("*.parquet"))])["behavior_id"]
+        ids = pd.concat([pd.read_parquet(p, columns=["behavior_id"]) for p in sorted((out / "events").glob("*.parquet"))])["behavior_id"].dropna()  # a malformed line has no id
         catalog = pd.DataFrame({"behavior_id": pd.unique(ids.astype(str))})
         catalog["description"] = [behaviors.template.get("description", "{behavior_id}").format(behavior_id=b) for b in catalog["behavior_id"]]
         catalog.to_parquet(out / "behaviors.parquet", index=False)

@@ -14,7 +14,13 @@ A data set is a folder:
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
+import functools
+import io
+import re
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +89,27 @@ SCENARIOS = TableSpec(
 )
 TABLES: dict[str, TableSpec] = {t.name: t for t in (EVENTS, BEHAVIORS, USERS, LABELS, SCENARIOS)}
 TABLE_FORMATS = (".parquet", ".csv")
+# Columns a raw table may carry beside the contract's: why a CSV line could not be read (None when it
+# could; its cells are then empty), and the operator's file and data row an adapter read the row from.
+# Validation quarantines malformed lines and names the source in the quarantine; no clean table keeps them.
+MALFORMED, SOURCE_FILE, SOURCE_ROW = "_malformed", "_source_file", "_source_row"
+INTERNAL_COLUMNS = (MALFORMED, SOURCE_FILE, SOURCE_ROW)
+_CSV_OPTIONS = {"sep", "delimiter", "encoding", "quotechar"}  # what the line-by-line reader honours
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes `surrogateescape` kept from an undecodable line
+
+
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def check_timezone(name: object, where: str) -> str:
+    """`name` when it is an IANA zone name of the zoneinfo database (e.g. "Asia/Shanghai", "UTC"); else a
+    ValueError. Only names from the list are accepted: the zone name is looked up as a file by the time
+    libraries, so a path such as "../../etc/passwd" must never reach them."""
+    if not isinstance(name, str) or name not in _zone_names():
+        raise ValueError(f"{where}: timezone {str(name)[:80]!r} is not an IANA zone name (e.g. 'Asia/Shanghai', 'Europe/Berlin', 'UTC')")
+    return name
 
 
 @dataclass
@@ -91,6 +118,9 @@ class DatasetManifest:
     timezone: str = "UTC"  # operator timezone: decides weekday and hour of every event
     description: str = ""
     provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_timezone(self.timezone, f"data set {self.name!r}")
 
     @classmethod
     def read(cls, root: str | Path) -> "DatasetManifest":
@@ -102,6 +132,7 @@ class DatasetManifest:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_timezone(data.get("timezone", "UTC"), str(path))
         return cls(**data)
 
     def write(self, root: str | Path) -> None:
@@ -121,14 +152,70 @@ def table_files(root: str | Path, table: str) -> list[Path]:
     return [root / f"{table}{ext}" for ext in TABLE_FORMATS if (root / f"{table}{ext}").exists()][:1]
 
 
+class UnreadableFile(ValueError):
+    """A table file that cannot be read at all (zero bytes, truncated, not the format its name says)."""
+
+
+@contextlib.contextmanager
+def named_read(path: Path):
+    """Reading `path`: a file that cannot be read at all is an `UnreadableFile` naming it (the readers' own
+    errors, e.g. "Parquet file size is 0 bytes" or "No columns to parse from file", do not)."""
+    if path.stat().st_size == 0:
+        raise UnreadableFile(f"{path}: empty file (0 bytes): an interrupted copy or export? Replace it or remove it from the input")
+    try:
+        yield
+    except (pa.ArrowException, pd.errors.EmptyDataError) as err:
+        raise UnreadableFile(f"{path}: cannot be read as {path.suffix.lstrip('.') or 'a table'}: {err}") from None
+
+
+def read_csv(path: Path, options: dict | None = None) -> pd.DataFrame:
+    """A CSV file with every cell as a string (blank: missing), as written.
+
+    A file with malformed lines (more fields than the header, bytes not in the encoding) is read again
+    line by line: those lines become rows with empty cells and the reason in `MALFORMED`, in their place,
+    so the rest of the file is read and every line keeps its data row number."""
+    options = options or {}
+    with named_read(path):
+        try:
+            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **options)
+        except (pd.errors.ParserError, UnicodeDecodeError) as err:
+            if set(options) - _CSV_OPTIONS:
+                raise ValueError(f"{path}: {err} (malformed lines are quarantined only with the read_options {sorted(_CSV_OPTIONS)})") from None
+            return _read_csv_lines(path, options)
+
+
+def _read_csv_lines(path: Path, options: dict) -> pd.DataFrame:
+    encoding = options.get("encoding", "utf-8")
+    text = path.read_bytes().decode(encoding, errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=options.get("sep", options.get("delimiter", ",")), quotechar=options.get("quotechar", '"'))
+    header = next(reader)
+    rows, reasons, line = [], [], reader.line_num
+    for record in reader:
+        first, line = line + 1, reader.line_num
+        if not record:  # a blank line: pandas skips it too
+            continue
+        reason = None
+        if len(record) > len(header):
+            reason = f"line {first}: expected {len(header)} fields, saw {len(record)}"
+        elif any(_UNDECODABLE.search(cell) for cell in record):
+            reason = f"line {first}: bytes that are not {encoding}"
+        rows.append([None] * len(header) if reason else [c or None for c in record] + [None] * (len(header) - len(record)))
+        reasons.append(reason)
+    frame = pd.DataFrame(rows, columns=header, dtype=object)
+    frame[MALFORMED] = reasons
+    return frame
+
+
 def read_file(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """Read one parquet or CSV file. CSV cells are read as strings so validation sees them as written."""
-    if path.suffix == ".parquet":
+    if path.suffix != ".parquet":
+        frame = read_csv(path)
+        return frame if columns is None else frame[[c for c in frame.columns if c in columns or c == MALFORMED]]
+    with named_read(path):
         have = pq.read_schema(path)
         if columns is not None:
             columns = [c for c in columns if c in have.names]
         return pq.read_table(path, columns=columns).to_pandas()
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], usecols=columns and (lambda c: c in columns))
 
 
 def read_arrow(path: Path, dictionary: tuple[str, ...] = ()) -> pa.Table:
@@ -138,10 +225,11 @@ def read_arrow(path: Path, dictionary: tuple[str, ...] = ()) -> pa.Table:
     and checks on the few distinct values are far cheaper than on every cell. CSV is read as `read_file`
     reads it (cells as strings), so both formats are validated alike.
     """
-    if path.suffix == ".parquet":
+    if path.suffix != ".parquet":
+        return pa.Table.from_pandas(read_file(path), preserve_index=False)
+    with named_read(path):
         have = pq.read_schema(path)
         return pq.read_table(path, read_dictionary=[c for c in dictionary if c in have.names and pa.types.is_string(have.field(c).type)])
-    return pa.Table.from_pandas(read_file(path), preserve_index=False)
 
 
 def read_table(root: str | Path, table: str, columns: list[str] | None = None) -> pd.DataFrame | None:

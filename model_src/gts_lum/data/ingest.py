@@ -2,7 +2,8 @@
 
 `prepare_dataset(spec, workdir)` returns the folder of a validated data set:
 - `synth:NAME` (NAME a config in `gts_lum/configs/synth/`, or a YAML path): simulate, then validate;
-- a folder that already holds `validation_summary.json`: used as it is;
+- a folder validated before (it holds the `VALIDATED` marker): used as it is; one whose validation
+  stopped (a summary, no marker) is refused;
 - a folder in the contract layout (`events/` or `events.*`, `behaviors.*`...): validated;
 - any other folder with `mapping=` (a YAML path or `pkg:adapters/NAME.yaml`): adapted, then validated.
 """
@@ -13,13 +14,16 @@ import logging
 from pathlib import Path
 
 from gts_lum.data.contract import table_files
-from gts_lum.data.validate import ValidationConfig, validate_dataset
+from gts_lum.data.validate import ValidationConfig, is_validated, require_validated, validate_dataset
 
 log = logging.getLogger(__name__)
 
 
 def is_clean(path: Path) -> bool:
-    return (path / "validation_summary.json").exists()
+    """A clean folder: validated to the end; ContractError for one whose validation stopped."""
+    if (path / "validation_summary.json").exists():
+        require_validated(path)
+    return is_validated(path)
 
 
 def bring_in(spec: str | Path, raw: str | Path, mapping: str | None = None, synth_overrides: list[str] | dict | None = None, progress: bool = True) -> Path:

@@ -5,7 +5,8 @@
 - naive strings or datetimes ("2024-03-01", "2024-03", "2024-03-01 08:15:02"): local time in the operator's
   timezone (DST gaps shift forward; ambiguous fall-back hours are read as standard time);
 - tz-aware datetimes: converted.
-Unparseable cells become NaT; the caller decides what to do with them (validation quarantines them).
+A cell without a date ("12:30", "8:15 PM") is unreadable: a lenient parser would date it today, and
+the result would depend on the day of the run. Unparseable cells become NaT; the caller decides what to do with them (validation quarantines them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 _OFFSET_RE = r"(?:Z|[+-]\d{2}:?\d{2})$"
+_TIME_OF_DAY_RE = r"\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?\s*(?:[AaPp]\.?[Mm]\.?)?"
 
 
 def _epoch(values: pd.Series, unit: str) -> pd.Series:
@@ -55,6 +57,8 @@ def to_utc(values: pd.Series, timezone: str = "UTC", unit: str = "auto", fmt: st
         parsed = pd.to_datetime(text[naive], errors="coerce", format=fmt or "ISO8601")
         retry = parsed.isna()
         if retry.any() and fmt is None:  # e.g. "03/01/2024 08:00": slower, row by row
-            parsed[retry] = pd.to_datetime(text[naive][retry], errors="coerce", format="mixed")
+            cells = text[naive][retry]
+            dated = cells.str.replace(_TIME_OF_DAY_RE, "", regex=True).str.contains(r"\d").fillna(False).astype(bool)
+            parsed[retry] = pd.to_datetime(cells.where(dated), errors="coerce", format="mixed")
         out[naive] = _localize(parsed, timezone)
     return out

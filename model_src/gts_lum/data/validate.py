@@ -2,8 +2,15 @@
 
 Every row that fails is written aside to `quarantine/<table>.parquet` with the file, the row number
 (1-based data row, as a spreadsheet would show it below the header), the field and the reason; nothing
-is dropped silently. Structural problems (a missing file or required column) stop the run with an error
+is dropped silently. A row an adapter brought in names the operator's own file and row (its
+`_source_file` / `_source_row`), not the intermediate raw file; a CSV line that could not be read (more
+fields than the header, bytes not in the encoding) is quarantined as `malformed_line` with the line
+number in `_malformed`, and the rest of the file is validated. Structural problems (a missing file or required column) stop the run with an error
 that names the file and the column.
+
+A run that completes writes the marker file `VALIDATED` last, after every table and the summary; a
+run stopped on the way (a structural error, too many rows rejected) leaves none, and `require_validated`
+(called by every reader of a clean folder) refuses such a folder with the reason.
 
 Events are validated shard by shard so that a data set larger than memory streams through, as Arrow
 columns and integer codes (ids are checked on their distinct values, never string by string); duplicates
@@ -13,6 +20,7 @@ shards that held a cross-shard duplicate).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -26,10 +34,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from gts_lum.data.contract import TABLES, DatasetManifest, TableSpec, read_arrow, read_file, table_files
+from gts_lum.data.contract import INTERNAL_COLUMNS, MALFORMED, SOURCE_FILE, SOURCE_ROW, TABLES, DatasetManifest, TableSpec, read_arrow, read_file, table_files
 from gts_lum.data.timeparse import to_utc
 
 log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "VALIDATED"
 
 
 class ContractError(ValueError):
@@ -42,6 +52,11 @@ class ValidationConfig:
     time_format: str | None = None  # strftime format when the exports use a non-ISO layout
     require_known_users: bool = False  # events/labels of users missing from `users` are rejected
     max_quarantine_fraction: float = 0.5  # more rejected rows than this means a wrong mapping: stop
+    # Times outside [earliest_time, latest_time] are quarantined as implausible_time: a column of durations,
+    # row numbers or another unit reads as 1970 or far-future dates. latest_time None: one day after the
+    # newest input file was written (no export holds events from after it was made).
+    earliest_time: str = "1990-01-01"
+    latest_time: str | None = None
 
 
 @dataclass
@@ -66,6 +81,8 @@ class _Rejects:
         self.first_row = first_row
         self.code = np.zeros(len(frame), dtype=np.int16)  # 0 = kept, k = the k-th (reason, field) seen
         self.labels: list[tuple[str, str]] = []
+        if MALFORMED in _names(frame):
+            self.mark(_column(frame, MALFORMED).notna().to_numpy(), "malformed_line", MALFORMED)
 
     def mark(self, bad: np.ndarray, reason: str, column: str) -> None:
         new = bad & (self.code == 0)  # the first failure of a row is the one reported
@@ -80,12 +97,13 @@ class _Rejects:
     def quarantined(self) -> pd.DataFrame:
         bad = np.flatnonzero(self.code)
         rows = self.frame.take(bad).to_pandas() if isinstance(self.frame, pa.Table) else self.frame.iloc[bad]
-        out = rows.astype("string")
+        adapted = SOURCE_FILE in rows.columns  # an adapter's row: name the operator's file and row
+        out = rows.drop(columns=[SOURCE_FILE, SOURCE_ROW], errors="ignore").astype("string")
         labels = np.array([("", "")] + self.labels, dtype=object)
         out.insert(0, "_reason", labels[self.code[bad], 0])
         out.insert(1, "_field", labels[self.code[bad], 1])
-        out.insert(2, "_file", self.file)
-        out.insert(3, "_row", bad + self.first_row)
+        out.insert(2, "_file", rows[SOURCE_FILE].to_numpy() if adapted else self.file)
+        out.insert(3, "_row", rows[SOURCE_ROW].to_numpy(dtype=np.int64) if adapted else bad + self.first_row)
         return out.reset_index(drop=True)
 
     def report(self) -> TableReport:
@@ -96,6 +114,21 @@ class _Rejects:
         for (reason, _), n in zip(self.labels, counts[1:]):
             rejected[reason] = rejected.get(reason, 0) + int(n)
         return TableReport(len(self.frame), int(counts[0]), rejected)
+
+
+def _names(frame: pd.DataFrame | pa.Table) -> list[str]:
+    return frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
+
+
+def _column(frame: pd.DataFrame | pa.Table, name: str) -> pd.Series:
+    return frame.column(name).to_pandas() if isinstance(frame, pa.Table) else frame[name]
+
+
+def _origin(frame: pd.DataFrame | pa.Table, file: Path) -> str:
+    """The file to name in an error about `frame`, read from `file`: the operator's, when an adapter wrote it."""
+    if SOURCE_FILE in _names(frame) and len(frame):
+        return f"{_column(frame, SOURCE_FILE).iloc[0]} (adapted into {file})"
+    return str(file)
 
 
 def _strip(raw: pd.Series) -> pd.Series:
@@ -122,11 +155,22 @@ def _attribute(raw: pd.Series) -> pd.Series:
     return text.astype(object).where(text.notna(), None)
 
 
-def _check_columns(columns: list[str], spec: TableSpec, file: Path) -> None:
+def _time_window(cfg: ValidationConfig) -> tuple[int, int]:
+    """(earliest, latest) allowed time as UTC nanoseconds; `cfg.latest_time` is resolved by `validate_dataset`."""
+    return pd.Timestamp(cfg.earliest_time, tz="UTC").value, pd.Timestamp(cfg.latest_time, tz="UTC").value
+
+
+def _mark_implausible(nanos: np.ndarray, readable: np.ndarray, rej: "_Rejects", cfg: ValidationConfig, column: str) -> None:
+    earliest, latest = _time_window(cfg)
+    rej.mark(readable & ((nanos < earliest) | (nanos > latest)), "implausible_time", column)
+
+
+def _check_columns(frame: pd.DataFrame | pa.Table, spec: TableSpec, file: Path) -> None:
+    columns = [c for c in _names(frame) if c not in INTERNAL_COLUMNS]
     missing = [c for c in spec.required_columns if c not in columns]
     if missing:
         raise ContractError(
-            f"{file}: table '{spec.name}' lacks required column(s) {missing}; it has {list(columns)}. "
+            f"{_origin(frame, file)}: table '{spec.name}' lacks required column(s) {missing}; it has {columns}. "
             "Map the layout with an adapter (gts-lum ingest --mapping ...)."
         )
 
@@ -145,6 +189,7 @@ def _clean_typed(frame: pd.DataFrame, spec: TableSpec, rej: _Rejects, tz: str, c
         elif col.kind == "time":
             value = to_utc(raw, tz, cfg.time_unit, cfg.time_format)
             rej.mark(value.isna().to_numpy() & ~null, "bad_time", col.name)
+            _mark_implausible(value.dt.as_unit("ns").array.asi8, value.notna().to_numpy(), rej, cfg, col.name)
         elif col.kind in ("float", "int", "bool"):
             value = pd.to_numeric(raw, errors="coerce")
             bad = value.isna().to_numpy() & ~null
@@ -159,7 +204,7 @@ def _clean_typed(frame: pd.DataFrame, spec: TableSpec, rej: _Rejects, tz: str, c
         out[col.name] = value
     if spec.extra_columns:
         for name in frame.columns:
-            if name not in out:
+            if name not in out and name not in INTERNAL_COLUMNS:
                 out[name] = _attribute(frame[name])
     return pd.DataFrame(out, index=frame.index)
 
@@ -186,7 +231,7 @@ def _validate_small(
     kept, quarantine, report = [], [], TableReport()
     for file in files:
         frame = read_file(file)
-        _check_columns(list(frame.columns), spec, file)
+        _check_columns(frame, spec, file)
         rej = _Rejects(frame, file, 1)
         typed = _clean_typed(frame, spec, rej, tz, cfg)
         for check in checks:
@@ -194,6 +239,7 @@ def _validate_small(
         kept.append(typed[rej.ok])
         quarantine.append(rej.quarantined())
         report.add(rej.report())
+    _require_rows(report, spec.name, files)
     clean = pd.concat(kept, ignore_index=True)
     dup = clean.duplicated(subset=list(spec.key), keep="first").to_numpy()
     if dup.any():  # across shards
@@ -203,6 +249,16 @@ def _validate_small(
         clean = clean[~dup].reset_index(drop=True)
     _write(clean, out / f"{spec.name}.parquet")
     return clean, report, quarantine
+
+
+def _require_rows(report: TableReport, table: str, files: list[Path]) -> None:
+    if not report.rows_in:
+        raise ContractError(f"{', '.join(map(str, files))}: table '{table}' holds no rows (a header only?): an empty input is an error, not an empty data set")
+
+
+def _newest_input_time(root: Path) -> pd.Timestamp:
+    newest = max((p.stat().st_mtime for p in root.rglob("*") if p.is_file()), default=time.time())
+    return pd.Timestamp(newest, unit="s", tz="UTC")
 
 
 def _unknown(column: str, known: pd.Index, reason: str):
@@ -216,13 +272,38 @@ def _duplicates(spec: TableSpec):
     return lambda typed, rej: _mark_duplicates(typed, spec, rej)
 
 
+def is_validated(path: str | Path) -> bool:
+    return (Path(path) / COMPLETE_MARKER).exists()
+
+
+def require_validated(clean_dir: str | Path) -> None:
+    """ContractError unless `clean_dir` holds a validation run that completed."""
+    clean_dir = Path(clean_dir)
+    if is_validated(clean_dir):
+        return
+    if (clean_dir / "validation_summary.json").exists():
+        raise ContractError(
+            f"{clean_dir}: its validation stopped before the end (no {COMPLETE_MARKER} marker; the reason is in the "
+            "ingest's error and validation_summary.json): fix the input or mapping and ingest again"
+        )
+    raise ContractError(f"{clean_dir}: not a validated data set (no {COMPLETE_MARKER} marker): run `gts-lum ingest` or `gts-lum validate` first")
+
+
 def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfig | None = None, progress: bool = True) -> dict:
-    """Validate data set folder `root` into `out_dir` (clean tables, `quarantine/`, `validation_summary.json`)."""
+    """Validate data set folder `root` into `out_dir` (clean tables, `quarantine/`, `validation_summary.json`,
+    and the `VALIDATED` marker last, only when the run completes)."""
     cfg = cfg or ValidationConfig()
     root, out = Path(root), Path(out_dir)
+    if out.resolve() == root.resolve():  # the clean shards would replace the raw ones
+        raise ContractError(f"{root}: validate into another folder than the data set's own")
     out.mkdir(parents=True, exist_ok=True)
+    (out / COMPLETE_MARKER).unlink(missing_ok=True)  # a rerun that stops must not inherit an earlier run's mark
+    for stale in (out / "events").glob("*.parquet"):  # an earlier run's shards beyond this run's count would be read as clean
+        stale.unlink()
     manifest = DatasetManifest.read(root)
     tz = manifest.timezone
+    if cfg.latest_time is None:
+        cfg = dataclasses.replace(cfg, latest_time=(_newest_input_time(root) + pd.Timedelta(days=1)).ceil("s").isoformat())
     started = time.perf_counter()
     reports: dict[str, TableReport] = {}
     quarantine: dict[str, list[pd.DataFrame]] = {}
@@ -256,6 +337,7 @@ def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfi
     summary = {
         "dataset": manifest.name,
         "timezone": tz,
+        "time_window": [cfg.earliest_time, cfg.latest_time],
         "seconds": round(seconds, 3),
         "events_per_second": round(reports["events"].rows_in / max(seconds, 1e-9)) if "events" in reports else 0,
         "tables": {name: vars(rep) for name, rep in reports.items() if rep.rows_in or name in ("events", "behaviors")},
@@ -268,9 +350,12 @@ def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfi
         if rep.rows_in and (rep.rows_in - rep.rows_kept) > cfg.max_quarantine_fraction * rep.rows_in:
             raise ContractError(
                 f"{name}: {rep.rows_in - rep.rows_kept} of {rep.rows_in} rows rejected ({rep.rejected}); "
-                f"more than max_quarantine_fraction={cfg.max_quarantine_fraction}: check the column mapping. "
+                f"more than max_quarantine_fraction={cfg.max_quarantine_fraction}: check the column mapping"
+                + (f" (times outside [{cfg.earliest_time}, {cfg.latest_time}]: durations, row numbers or another time_unit?)" if rep.rejected.get("implausible_time") else "")
+                + ". "
                 f"Rejected rows are in {qdir / (name + '.parquet')}"
             )
+    (out / COMPLETE_MARKER).write_text(json.dumps({"validated_at": time.time(), "source": str(root)}) + "\n")
     return summary
 
 
@@ -347,6 +432,8 @@ def _typed_events(table: pa.Table, spec: TableSpec, rej: _Rejects, tz: str, cfg:
             parse = {"time": lambda c: _utc_nanos(c, tz, cfg), "float": _float32}[col.kind]  # the kinds events have
             value, missing, unreadable = parse(raw)
             rej.mark(unreadable, f"bad_{col.kind}", col.name)
+            if col.kind == "time":
+                _mark_implausible(value, ~missing & ~unreadable, rej, cfg, col.name)
         if col.required:
             rej.mark(missing, "null", col.name)
         out[col.name] = value
@@ -430,6 +517,7 @@ def _validate_events(root, out, tz, cfg, catalog, known_users, progress) -> tupl
         shard_users.append(users)
         quarantine.append(rej.quarantined())
         report.add(rej.report())
+    _require_rows(report, "events", files)
     if len(files) > 1:
         _drop_cross_shard_duplicates(clean_paths, shard_users, catalog, report, quarantine)
     return report, quarantine
@@ -439,7 +527,7 @@ def _validate_events_shard(file, tz, cfg, catalog, catalog_values, known_users) 
     """One events shard: its clean rows, its rejected rows and the users it keeps."""
     spec = TABLES["events"]
     table = read_arrow(file, dictionary=("user_id", "behavior_id", "source"))
-    _check_columns(table.column_names, spec, file)
+    _check_columns(table, spec, file)
     rej = _Rejects(table, file, 1)
     typed = _typed_events(table, spec, rej, tz, cfg)
     user = typed["user_id"]
@@ -514,6 +602,7 @@ def load_event_log(clean_dir: str | Path, seed: int = 0) -> "EventLog":
     from gts_lum.data.events import EventLog
 
     clean_dir = Path(clean_dir)
+    require_validated(clean_dir)
     behaviors = pd.read_parquet(clean_dir / "behaviors.parquet", columns=["behavior_id"])
     events = pd.read_parquet(clean_dir / "events", columns=["user_id", "timestamp", "behavior_id", "value"] if _has_value(clean_dir) else ["user_id", "timestamp", "behavior_id"])
     return EventLog.from_frame(events, behavior_ids=behaviors["behavior_id"].astype(str).to_numpy(), seed=seed)

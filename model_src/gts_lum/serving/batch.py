@@ -9,6 +9,11 @@ then recorded in `manifest.json` (itself replaced atomically). A run killed at a
 the same call: chunks in the manifest are skipped, a chunk renamed but not yet recorded is scored
 again into the same file name, so no chunk is lost or duplicated. The manifest also holds the run's
 settings; resuming with other settings (export version, users, chunk size, top K) is an error.
+
+Each manifest entry records its chunk's row count and a hash of its user list. Every call first checks
+every recorded chunk against it (the file is there, readable, with those rows and users): a chunk that
+was deleted, truncated or replaced is logged by name and scored again, so `complete` means that every
+user asked for is in the output (`users_in` = `users_out`).
 """
 
 from __future__ import annotations
@@ -71,10 +76,33 @@ def _user_indices(log_: EventLog, users: list[str] | None) -> np.ndarray:
     return rows.astype(np.int64)
 
 
+def _users_sha256(user_ids) -> str:
+    return hashlib.sha256("\n".join(str(u) for u in user_ids).encode()).hexdigest()
+
+
+def _chunk_problem(path: Path, entry: dict) -> str | None:
+    """Why the chunk file at `path` is not the one its manifest `entry` recorded; None when it is."""
+    if not path.exists():
+        return "missing"
+    try:
+        users = pq.read_table(path, columns=["user_id"])["user_id"].to_numpy(zero_copy_only=False)
+    except (OSError, pa.ArrowException) as err:  # truncated, zero bytes, not parquet
+        return f"unreadable ({str(err)[:120]})"
+    if len(users) != entry["rows"]:
+        return f"{len(users)} rows, the manifest recorded {entry['rows']}"
+    if _users_sha256(pd.unique(users)) != entry["users_sha256"]:  # rows of a user are adjacent
+        return "other users than the manifest recorded"
+    return None
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
 
 def batch_score(
@@ -109,7 +137,7 @@ def batch_score(
     settings = {
         "export_version": serving.version,
         "data": str(Path(data_dir).resolve()),
-        "users_sha256": hashlib.sha256("\n".join(log_.user_ids[picked].astype(str)).encode()).hexdigest(),
+        "users_sha256": _users_sha256(log_.user_ids[picked]),
         "chunk_size": chunk_size,
         "top_k": top_k,
         "rerank_depth": serving.model.cfg.rerank_depth,
@@ -122,6 +150,11 @@ def batch_score(
         raise ValueError(f"{out} holds a batch run with other settings ({changed}); use a new out_dir or the same settings")
     for stale in out.glob(".*.tmp"):  # a chunk or manifest a kill cut short
         stale.unlink()
+    for key, entry in sorted(manifest["done"].items()):
+        problem = _chunk_problem(out / entry["file"], entry) if "users_sha256" in entry else "written without a user hash"
+        if problem is not None:
+            log.warning("%s: chunk %s is %s; scoring it again", out / entry["file"], key, problem)
+            del manifest["done"][key]
 
     catalog = serving.catalog.astype(str)
     todo = [i for i in range(len(chunks)) if f"{i:05d}" not in manifest["done"]]
@@ -144,22 +177,25 @@ def batch_score(
         )
         name = f"part-{i:05d}.parquet"
         _write_atomic(out / name, lambda p: pq.write_table(table, p))
-        manifest["done"][f"{i:05d}"] = {"file": name, "users": int(len(users_i)), "rows": int(table.num_rows)}
-        _write_atomic(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+        manifest["done"][f"{i:05d}"] = {"file": name, "users": int(len(users_i)), "rows": int(table.num_rows), "users_sha256": _users_sha256(log_.user_ids[users_i])}
+        _write_manifest(manifest_path, manifest)
     done = manifest["done"]
+    manifest["users_in"], manifest["users_out"] = int(len(picked)), int(sum(d["users"] for d in done.values()))
+    _write_manifest(manifest_path, manifest)
     summary = {
         "out_dir": str(out),
         "chunks_total": len(chunks),
         "chunks_done": len(done),
         "chunks_this_call": len(todo),
-        "complete": len(done) == len(chunks),
-        "users": int(sum(d["users"] for d in done.values())),
+        "complete": len(done) == len(chunks) and manifest["users_in"] == manifest["users_out"],
+        "users_in": manifest["users_in"],
+        "users_out": manifest["users_out"],
         "rows": int(sum(d["rows"] for d in done.values())),
         "users_without_history": int((~has_history).sum()),
         "dropped_events": dropped,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    log.info("batch scoring: %d / %d chunks done (%d this call), %d users -> %s", len(done), len(chunks), len(todo), summary["users"], out)
+    log.info("batch scoring: %d / %d chunks done (%d this call), %d users -> %s", len(done), len(chunks), len(todo), summary["users_out"], out)
     return summary
 
 

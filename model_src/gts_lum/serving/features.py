@@ -79,6 +79,7 @@ from gts_lum.sequence.timestamp_process import SECONDS_PER_DAY, SequenceConfig, 
 log = logging.getLogger(__name__)
 
 PSEUDONYM_KEY_ENV = "GTS_LUM_PSEUDONYM_KEY"
+MIN_KEY_BYTES = 32  # an HMAC-SHA256 key as strong as its output; a short key can be searched for
 FEATURE_DATA_ENV = "GTS_LUM_FEATURE_DATA"  # read by feature_repo/data_sources.py
 USER_KEY = "user_pseudonym"
 BEHAVIOR_KEY = "behavior_id"
@@ -103,7 +104,13 @@ def _pseudonym_key() -> bytes:
     if not key:
         raise ValueError(
             f"{PSEUDONYM_KEY_ENV} is not set: the feature store keys users by an HMAC pseudonym whose key comes "
-            "only from the environment (e.g. a Kubernetes Secret); set it to a long random string"
+            f"only from the environment (e.g. a Kubernetes Secret); set it to a random string of at least {MIN_KEY_BYTES} bytes "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    if len(key.encode()) < MIN_KEY_BYTES:
+        raise ValueError(
+            f"{PSEUDONYM_KEY_ENV} holds {len(key.encode())} bytes: a pseudonym key needs at least {MIN_KEY_BYTES} "
+            "(e.g. `openssl rand -hex 32`); a short key lets anyone holding the stores recover user ids by trying keys"
         )
     return key.encode()
 
@@ -412,14 +419,17 @@ def publish_features(repo_path: str | Path, sources_dir: str | Path, config: str
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive flock on `path`, opened anew: excludes other threads and other processes alike."""
+def file_lock(path: Path, remove: bool = False) -> Iterator[None]:
+    """Exclusive flock on `path`, opened anew: excludes other threads and other processes alike.
+    `remove`: unlink the file before letting go (a deleted user's lock, named by their pseudonym, must not stay)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
+            if remove:
+                path.unlink(missing_ok=True)
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
@@ -468,6 +478,7 @@ class FeatureClient:
     """
 
     def __init__(self, repo_path: str | Path, config: str | None = None):
+        _pseudonym_key()  # every read and write needs it: a missing or weak key fails here, not at the first user
         self.repo_path = Path(repo_path).resolve()
         self.config_path = _config_file(self.repo_path, config)
         self._local = threading.local()
@@ -509,12 +520,12 @@ class FeatureClient:
         return self._settings_of_store()[2]
 
     @contextlib.contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
+    def _lock(self, name: str, remove: bool = False) -> Iterator[None]:
         store = self._store()
         if self.online_store_type == "sqlite":
             db = Path(store.config.online_store.path)
             folder = (db if db.is_absolute() else self.repo_path / db).parent / "locks"
-            with file_lock(folder / f"{name}.lock"):
+            with file_lock(folder / f"{name}.lock", remove):
                 yield
         else:
             client = store.provider.online_store._get_client(store.config.online_store)  # the online store's own Redis
@@ -631,13 +642,16 @@ class FeatureClient:
                 removed += dropped
         return removed
 
-    def delete_user(self, user_id: str) -> None:
-        """Remove the user from the online store and from the offline parquet files (rewritten without them).
+    def delete_user(self, user_id: str) -> dict:
+        """Remove the user from the online store and from the offline parquet files (rewritten without them);
+        returns the counts removed. KeyError (without the id) when neither store holds the user.
 
-        Holds the user's lock (no push re-creates them meanwhile) and a store-wide one (two deletions
-        rewriting the same file would each drop only their own user)."""
+        Holds the user's lock (no push re-creates them meanwhile), removed with them, and a store-wide one
+        (two deletions rewriting the same file would each drop only their own user)."""
         pseudonym = pseudonymize(user_id)
-        with self._lock(f"user-{pseudonym}"), self._lock("offline"):
-            online = self._delete_online(pseudonym)
-            offline = self._delete_offline(pseudonym)
-        log.info("deleted user %s...: %d online entries, %d offline rows", pseudonym[:12], online, offline)
+        with self._lock(f"user-{pseudonym}", remove=True), self._lock("offline"):
+            removed = {"online_entries": self._delete_online(pseudonym), "offline_rows": self._delete_offline(pseudonym)}
+        if not any(removed.values()):
+            raise KeyError(f"no user with pseudonym {pseudonym[:12]}... in the online or offline store of {self.repo_path}: nothing deleted")
+        log.info("deleted user %s...: %s", pseudonym[:12], removed)
+        return removed

@@ -27,9 +27,16 @@ Protocols (kserve's own routes):
   (kserve's latency histograms plus gts_lum_requests_total / gts_lum_request_errors_total /
   gts_lum_request_seconds by endpoint and status code; kserve counts no errors).
 
-Bad input is a 4xx naming the problem: 400 for malformed JSON, wrong types, unknown behaviour ids or
-heads, empty histories, too many candidates / events / instances; 404 for a user the feature store
-does not know; 413 for a body over the size limit; 422 for a v2 body that is not an inference request.
+Bad input is a 4xx naming the problem, and the connection stays usable: 400 for malformed JSON (nested
+too deep included), wrong types, unknown behaviour ids or heads, empty histories, too many candidates /
+events / instances, a binary v2 body whose sizes, length prefixes, shape or UTF-8 do not hold; 404 for a
+user the feature store does not know; 413 for a body over the size limit or a request asking for more
+target-aware candidate scores (instances x candidates) than --max-request-candidates; 415 for a body
+that is not JSON (send `Content-Type: application/json`; parameters such as `; charset=utf-8` are
+accepted); 422 for a v2 body that is not an inference request. No raw user id reaches a log line or an
+error body (a user is named by the request path, e.g. `instances[0].user_id`).
+A server started with --feature-repo checks the pseudonym key at start-up, and warns (once, without ids)
+when nearly every feature-store user of a window is unknown: the sign of a key other than the store's.
 kserve binds 0.0.0.0 and cannot be told otherwise; this server binds `--host` (127.0.0.1 by default;
 a container passes 0.0.0.0). gRPC is off.
 """
@@ -47,6 +54,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +78,7 @@ INSTANCE_KEYS = ("user_id", "events", "candidates", "top_k", "heads")
 EVENT_KEYS = ("behavior_ids", "timestamps")
 MAX_TIMESTAMP = 4_102_444_800  # 2100-01-01: beyond it a timestamp is a unit mistake (ms, ns)
 MAX_USER_ID_CHARS = 256
+UNKNOWN_USER_WINDOW, UNKNOWN_USER_SHARE = 200, 0.9  # feature-store lookups watched; share of unknown users that warns
 
 REQUESTS = Counter("gts_lum_requests_total", "HTTP requests by endpoint and status code", ["endpoint", "code"])
 ERRORS = Counter("gts_lum_request_errors_total", "HTTP responses with status >= 400 by endpoint and status code", ["endpoint", "code"])
@@ -85,22 +94,32 @@ class ScorerConfig:
     max_instances: int = 32  # instances per request
     max_top_k: int = 1000
     max_body_bytes: int = 2_000_000  # request body (413 above it)
+    # target-aware candidate scores per request, summed over instances: request candidates count each,
+    # a request without candidates its re-ranking depth. Bounds the time one request holds the single
+    # scoring thread (32 x 500 candidates held a small request for 24 s on 2 cores): 413 above it.
+    max_request_candidates: int = 2000
     rerank_depth: int | None = None  # None: the model's own
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes"):
+        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ScorerConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
 
 
 class UnknownUser(InvalidInput):
-    """The feature store has no history for the user: a 404. The reply names the user (the caller's own
-    request); the server log does not (`redacted`), so raw subscriber ids never reach the logs."""
+    """The feature store has no history for the user: a 404 naming the instance, never the id."""
 
-    def __init__(self, where: str, user_id: str):
-        super().__init__(f"{where}.user_id: user {user_id!r} is not in the feature store")
-        self.redacted = f"{where}.user_id: a user that is not in the feature store (id withheld from the log)"
+    status = 404
+
+    def __init__(self, where: str):
+        super().__init__(f"{where}.user_id: this user is not in the feature store")
+
+
+class TooMuchWork(InvalidInput):
+    """A request asking for more scoring than one request may (`ScorerConfig.max_request_candidates`): a 413."""
+
+    status = 413
 
 
 @dataclass
@@ -189,7 +208,7 @@ def parse_instance(obj, where: str, serving: ServingModel, cfg: ScorerConfig, ha
     elif user_id is None:
         raise InvalidInput(f"{where}: give a user_id (history from the feature store) or inline events")
     elif not has_feature_store:
-        raise InvalidInput(f"{where}: no inline events and this server has no feature store (--feature-repo) to read user {user_id!r} from")
+        raise InvalidInput(f"{where}: no inline events and this server has no feature store (--feature-repo) to read the user's history from")
     candidates = None
     if "candidates" in obj:
         cand_ids = _string_list(obj["candidates"], f"{where}.candidates", cfg.max_candidates, "--max-candidates")
@@ -238,6 +257,8 @@ def _v2_instances(request: InferRequest) -> list:
                 item = json.loads(item)
             except (UnicodeDecodeError, ValueError) as err:
                 raise InvalidInput(f"{where}.data[{i}]: not valid JSON ({err})") from None
+            except RecursionError:  # Python's parser recurses once a level: thousands of [ or { exhaust the stack
+                raise InvalidInput(f"{where}.data[{i}]: JSON nested too deep") from None
         instances.append(item)
     return instances
 
@@ -256,6 +277,8 @@ class GTSLUMScorer(kserve.Model):
         self.serving: ServingModel | None = None
         self.features = None
         self._executor: ThreadPoolExecutor | None = None
+        self._lookups: deque[bool] = deque(maxlen=UNKNOWN_USER_WINDOW)  # True: the feature store knew the user
+        self._warned_unknown = False
 
     def load(self) -> bool:
         started = time.perf_counter()
@@ -301,6 +324,13 @@ class GTSLUMScorer(kserve.Model):
             raise InvalidInput(f"{where}: {len(instances)} instances, more than the limit of {self.cfg.max_instances} (--max-instances)")
         has_store = self.features is not None
         cases = [parse_instance(obj, f"{where}[{i}]", self.serving, self.cfg, has_store) for i, obj in enumerate(instances)]
+        depth = min(self.serving.model.cfg.rerank_depth, len(self.serving.default_candidates))
+        work = sum(depth if c.candidates is None else len(c.candidates) for c in cases)
+        if work > self.cfg.max_request_candidates:
+            raise TooMuchWork(
+                f"{where}: {len(cases)} instances ask for {work} target-aware candidate scores, more than the limit of "
+                f"{self.cfg.max_request_candidates} a request (--max-request-candidates): send fewer instances or candidates a request"
+            )
         loop = asyncio.get_running_loop()
         for i, case in enumerate(cases):
             if case.behaviors is None:
@@ -311,17 +341,33 @@ class GTSLUMScorer(kserve.Model):
         try:
             history = self.features.get_history(case.user_id)
         except KeyError:
-            raise UnknownUser(where, case.user_id) from None
+            self._count_lookup(False)
+            raise UnknownUser(where) from None
+        self._count_lookup(True)
         ids = [str(b) for b in history["behavior_ids"]]
         known = np.fromiter((b in self.serving.index for b in ids), bool, len(ids))
         case.dropped_unknown = int((~known).sum())
         if case.dropped_unknown:
             log.warning("%s: %d feature-store events name behaviours outside the model's catalog; dropped", where, case.dropped_unknown)
         if not known.any():
-            raise InvalidInput(f"{where}.user_id: user {case.user_id!r} has no events the model knows in the feature store (empty history)")
+            raise InvalidInput(f"{where}.user_id: this user has no events the model knows in the feature store (empty history)")
         case.behaviors = np.fromiter((self.serving.index[b] for b, k in zip(ids, known) if k), np.int64)
         case.timestamps = np.asarray(history["timestamps"], np.int64)[known]
         case.source = "feature_store"
+
+    def _count_lookup(self, known: bool) -> None:
+        """One warning, without ids, when nearly every user of a full window is unknown (a wrong pseudonym key
+        makes every user unknown); another only after the share has been normal again."""
+        self._lookups.append(known)
+        if len(self._lookups) < UNKNOWN_USER_WINDOW:
+            return
+        unknown = self._lookups.count(False)
+        if unknown >= UNKNOWN_USER_SHARE * UNKNOWN_USER_WINDOW and not self._warned_unknown:
+            log.warning(
+                "%d of the last %d feature-store users were unknown: is GTS_LUM_PSEUDONYM_KEY the key the store was published with?",
+                unknown, UNKNOWN_USER_WINDOW,
+            )
+        self._warned_unknown = unknown >= UNKNOWN_USER_SHARE * UNKNOWN_USER_WINDOW
 
     async def predict(self, payload: Prepared, headers: dict | None = None):
         loop = asyncio.get_running_loop()
@@ -367,12 +413,74 @@ def _endpoint(path: str) -> str:
     return "metrics" if path == "/metrics" else "other"
 
 
+def _content_type_problem(headers: dict) -> tuple[int, str] | None:
+    """A 415 for a predict / infer body that is not JSON (curl -d sends form encoding); None for JSON,
+    whatever its parameters, or a binary v2 body (any type, told by its JSON-length header)."""
+    given = headers.get("content-type")
+    if given is None or INFERENCE_CONTENT_LENGTH_HEADER in headers:
+        return None
+    media, _, params = given.partition(";")
+    send = "send the body as JSON with the header 'Content-Type: application/json' (curl: -H 'Content-Type: application/json')"
+    if media.strip().lower() != "application/json":
+        return 415, f"Content-Type {given[:60]!r}: {send}"
+    charsets = [v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params.split(";")) if k.strip().lower() == "charset"]
+    if any(c not in ("utf-8", "utf8") for c in charsets):
+        return 415, f"Content-Type {given[:60]!r}: JSON is UTF-8; {send}"
+    return None
+
+
+def _binary_problem(body: bytes, json_length: int) -> str | None:
+    """What does not hold in a binary v2 body (JSON header, then each tensor's `binary_data_size` bytes; a BYTES
+    element is a 4-byte little-endian length and that many UTF-8 bytes); None when it holds or kserve's own
+    JSON checks answer (a 4xx). kserve's decoder would fail on any of these with a 500."""
+    try:
+        header = json.loads(body[:json_length])
+    except (ValueError, RecursionError):
+        return None
+    tensors = header.get("inputs") if isinstance(header, dict) else None
+    if not isinstance(tensors, list):
+        return None
+    offset = json_length
+    for i, tensor in enumerate(tensors):
+        params = tensor.get("parameters") if isinstance(tensor, dict) else None
+        if not isinstance(params, dict) or "binary_data_size" not in params or "data" in tensor:
+            continue
+        where, size, shape = f"inputs[{i}]", params["binary_data_size"], tensor.get("shape")
+        if not _is_int(size) or size < 0:
+            return f"{where}.parameters.binary_data_size: expected a byte count, got {size!r:.40}"
+        if offset + size > len(body):
+            return f"{where}.parameters.binary_data_size={size}: past the end of the body ({len(body) - offset} bytes left)"
+        if tensor.get("datatype") != "BYTES":
+            return f"{where}: datatype {str(tensor.get('datatype'))[:20]!r}; send the request JSON as BYTES or JSON"
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            return f"{where}.shape: expected a list of non-negative integers, got {shape!r:.40}"
+        raw, offset, count = body[offset : offset + size], offset + size, 0
+        pos = 0
+        while pos < len(raw):
+            length = int.from_bytes(raw[pos : pos + 4], "little") if pos + 4 <= len(raw) else -1
+            if length < 0 or pos + 4 + length > len(raw):
+                return f"{where}: element {count}'s length prefix runs past the tensor's {size} bytes"
+            try:
+                raw[pos + 4 : pos + 4 + length].decode("utf-8")
+            except UnicodeDecodeError:
+                return f"{where}: element {count} is not UTF-8"
+            pos, count = pos + 4 + length, count + 1
+        if count != int(np.prod(shape)):
+            return f"{where}: shape {shape} holds {int(np.prod(shape))} elements, the binary data {count}"
+    if offset != len(body):
+        return f"binary data: {len(body) - offset} bytes beyond the tensors' binary_data_size (a wrong byte count?)"
+    return None
+
+
 class ServingMiddleware:
-    """ASGI middleware: counts every response (errors included) and caps the request body size.
+    """ASGI middleware: counts every response (errors included), caps the request body size and checks what
+    kserve would answer with a 500 or a confusing 400.
 
     The body is read here, at most `max_body_bytes` of it, and replayed to the app; a larger one is a
-    413 before kserve reads anything. A binary v2 request's JSON-length header must be a number that
-    fits the body (kserve would fail on it with a 500)."""
+    413 before kserve reads anything. A predict / infer body must be JSON (415 otherwise); a JSON
+    content type with parameters is passed on as plain `application/json`, the only form kserve reads as
+    JSON. A binary v2 request's JSON-length header must be a number that fits the body, and the binary
+    part must be what its JSON header says (`_binary_problem`)."""
 
     def __init__(self, app, max_body_bytes: int):
         self.app = app
@@ -390,7 +498,13 @@ class ServingMiddleware:
 
         try:
             if scope.get("method") in ("POST", "PUT", "PATCH"):
-                body, problem = await self._read_body(scope, receive)
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+                body, problem = await self._read_body(headers, receive)  # read first: the connection stays usable after a 4xx
+                if problem is None and endpoint in ("v1_predict", "v2_infer"):
+                    problem = _content_type_problem(headers)
+                    if problem is None and "content-type" in headers and INFERENCE_CONTENT_LENGTH_HEADER not in headers:
+                        plain = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                        scope = dict(scope, headers=[*plain, (b"content-type", b"application/json")])
                 if problem is not None:
                     return await self._reply(counted_send, *problem)
                 replayed = False
@@ -411,8 +525,7 @@ class ServingMiddleware:
                 ERRORS.labels(endpoint, code).inc()
             LATENCY.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _read_body(self, scope, receive) -> tuple[bytes, tuple[int, str] | None]:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    async def _read_body(self, headers: dict, receive) -> tuple[bytes, tuple[int, str] | None]:
         limit = self.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -433,7 +546,8 @@ class ServingMiddleware:
         json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
         if json_length is not None and (not json_length.isdigit() or int(json_length) > len(body)):
             return body, (400, f"header {INFERENCE_CONTENT_LENGTH_HEADER}={json_length[:20]!r}: expected the byte length of the JSON part (<= {len(body)})")
-        return body, None
+        problem = _binary_problem(body, int(json_length)) if json_length is not None else None
+        return body, None if problem is None else (400, problem)
 
     @staticmethod
     async def _reply(send, code: int, message: str) -> None:
@@ -444,8 +558,8 @@ class ServingMiddleware:
 
 async def _client_error(request, exc: InvalidInput) -> JSONResponse:
     """A 4xx with the reason, logged as one line (kserve logs a traceback for each)."""
-    code = 404 if isinstance(exc, UnknownUser) else 400
-    log.warning("%d %s %s: %s", code, request.method, request.url.path, getattr(exc, "redacted", exc))
+    code = getattr(exc, "status", 400)
+    log.warning("%d %s %s: %s", code, request.method, request.url.path, exc)
     return JSONResponse(status_code=code, content={"error": str(exc)})
 
 
@@ -463,7 +577,7 @@ class LocalRESTServer(RESTServer):
 
     def _add_exception_handlers(self, app: FastAPI) -> None:
         super()._add_exception_handlers(app)
-        app.add_exception_handler(InvalidInput, _client_error)  # UnknownUser, a subclass, resolves here too
+        app.add_exception_handler(InvalidInput, _client_error)  # UnknownUser and TooMuchWork, subclasses, resolve here too
 
 
 class LocalModelServer(kserve.ModelServer):
@@ -585,14 +699,18 @@ def run_from_args(args: argparse.Namespace) -> None:
     # per-request INFO lines of the sequence builder and profile alignment would drown the access log
     logging.getLogger("gts_lum.sequence.timestamp_process").setLevel(logging.WARNING)
     logging.getLogger("gts_lum.modeling.gts_lum_model").setLevel(logging.WARNING)
-    limits = ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "rerank_depth")
+    limits = ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "rerank_depth")
     cfg = ScorerConfig(device=args.device, **{k: getattr(args, k) for k in limits if getattr(args, k) is not None})
     serve(args.export, args.host, args.http_port, args.feature_repo, cfg, args.name)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_from_args(build_parser().parse_args(argv))
+    try:
+        run_from_args(build_parser().parse_args(argv))
+    except (ValueError, FileNotFoundError) as err:  # a bad export, flag or key: say so and exit, never serve half-ready
+        log.error("cannot start the scorer: %s", err)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
