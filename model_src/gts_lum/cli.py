@@ -133,7 +133,9 @@ def cmd_table_auc(args) -> None:
 def cmd_speed(args) -> None:
     from gts_lum.evaluation.speed import run_speed_benchmarks
 
-    _print(run_speed_benchmarks(args.what.split(","), args.out, quick=args.quick))
+    _print(run_speed_benchmarks(
+        args.what.split(","), args.out, quick=args.quick, data=args.data, mapping=args.mapping, device=args.device, width=args.width, layers=args.layers,
+    ))
 
 
 def cmd_labels(args) -> None:
@@ -313,10 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_table_auc)
 
-    p = sub.add_parser("speed", help="speed benchmarks (simulator, validation, sequence building, spectral tree, graph, scoring)")
-    p.add_argument("--what", default="simulator,validation,sequences,tree,graph,scoring")
+    p = sub.add_parser("speed", help="speed benchmarks (simulator, validation, sequence building, spectral tree, graph, scoring, training)")
+    p.add_argument("--what", default="simulator,validation,sequences,tree,graph,scoring", help="comma-separated; 'training': positions/s of GTS-LUM vs HSTU")
     p.add_argument("--out", default="runs/speed")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--data", default="synth:tiny", help="training: synth:NAME or a data set folder")
+    p.add_argument("--mapping", default=None, help="training: column mapping of a folder in another layout")
+    p.add_argument("--device", default="auto", help="training: auto | cpu | cuda | npu")
+    p.add_argument("--width", type=int, default=128, help="training: GTS-LUM decoder width")
+    p.add_argument("--layers", type=int, default=2, help="training: GTS-LUM decoder layers")
     p.set_defaults(func=cmd_speed)
 
     p = sub.add_parser("labels", help="label tasks of a saved GTS-LUM: tune task tokens, fit heads, report vs table baselines, save")

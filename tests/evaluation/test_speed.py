@@ -21,3 +21,13 @@ def test_scoring_benchmark_counts_flops():
     for compile in (False, True):
         out = bench_target_aware_scoring(hidden=32, layers=1, tokens=16, sequences=32, chunk=16, compile=compile)
         assert out["candidates"] == 32 and out["candidates_per_s"] > 0 and out["gflop_per_s"] > 0 and out["compiled"] is compile
+
+
+def test_training_throughput_compares_positions_per_second(tmp_path):
+    """GTS-LUM's phase II and HSTU's trainer on one data set through the shared loop: positions/s of each,
+    and the check a device run must pass (the loss falls)."""
+    out = run_speed_benchmarks(["training"], tmp_path, quick=True, data="synth:tiny", device="cpu", width=32, layers=1)["training_throughput"]
+    for name in ("GTS-LUM", "HSTU"):
+        row = out["models"][name]
+        assert row["positions_per_s"] > 0 and row["cases_per_s"] > 0 and row["loss_last_epoch"] < row["loss_first_epoch"]
+    assert out["device"] == "cpu" and out["hstu_over_gts_lum"] > 0 and out["target_aware_candidates_per_s"] > 0

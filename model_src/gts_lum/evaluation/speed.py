@@ -1,4 +1,5 @@
-"""Speed benchmarks: simulator, validation, sequence building, spectral tree, graph + node2vec.
+"""Speed benchmarks: simulator, validation, sequence building, spectral tree, graph + node2vec,
+target-aware scoring, and training throughput (GTS-LUM's phase II against HSTU's trainer).
 
 Figures, not assertions: `gts-lum speed` prints them and writes `speed.json`; `make bench` copies them
 into BENCHMARKS.md. The issue's targets: >= 1M events/s for the simulator at 10k users x 90 days, and
@@ -12,6 +13,8 @@ import logging
 import shutil
 import time
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,10 @@ def bench_validation_and_sequences(out_dir: Path, users: int, days: int) -> dict
     }
 
 
-def run_speed_benchmarks(what: list[str], out_dir: str | Path, quick: bool = False) -> dict:
+def run_speed_benchmarks(
+    what: list[str], out_dir: str | Path, quick: bool = False, data: str = "synth:tiny", mapping: str | None = None,
+    device: str = "auto", width: int = 128, layers: int = 2,
+) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     users, days = (500, 14) if quick else (10_000, 90)
@@ -76,8 +82,81 @@ def run_speed_benchmarks(what: list[str], out_dir: str | Path, quick: bool = Fal
             for hidden, layers in ((128, 2), (512, 4), (1024, 4))
             for compile in (False, True)
         ]
+    if "training" in what:
+        results["training_throughput"] = bench_training_throughput(data, out / "training", mapping, device, width, layers, quick)
+        shutil.rmtree(out / "training" / "data", ignore_errors=True)
     (out / "speed.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def bench_training_throughput(
+    data: str, out_dir: Path, mapping: str | None = None, device: str = "auto", width: int = 128, layers: int = 2, quick: bool = False,
+) -> dict:
+    """Positions trained per second by GTS-LUM's phase II and by HSTU's trainer, one after the other on one
+    data set, device and thread count, both through the shared training loop; and the GTS-LUM decoder's
+    target-aware scoring rate on that device.
+
+    A position is one next-event target trained (the unit that compares models whose steps differ in
+    size). Each model runs 3 epochs (bounded in cases); the figure is the mean of epochs 2-3 (the first
+    pays warm-up and, on an accelerator, kernel selection). `width`/`layers` size GTS-LUM's decoder (its
+    Q-former follows the width); HSTU keeps its packaged sizes. bf16 autocast on NPU/CUDA, fp32 on CPU.
+    Raises when a model's training loss does not fall from the first epoch to the last: the check a
+    device run must pass (`make gpu-check`).
+    """
+    import torch
+
+    from gts_lum.data.ingest import prepare_dataset
+    from gts_lum.evaluation.bench import attach_dataset, build_model
+    from gts_lum.evaluation.protocol import EvalConfig
+    from gts_lum.sequence.dataset import SequenceDataset, build_sequence_dataset
+    from gts_lum.training.device import select_device
+
+    smoke = {"users": 40, "days": 7} if quick and data.startswith("synth:") else {}
+    clean = prepare_dataset(data, out_dir / "data", mapping=mapping, synth_overrides=smoke)
+    build_sequence_dataset(clean, out_dir / "sequences")
+    dataset = SequenceDataset.load(out_dir / "sequences")
+    split = dataset.split()
+    cases = 256 if quick else 2048
+    heads = max(width // 64, 2)
+    gts_overrides = {
+        "net": {"decoder": {"hidden_size": width, "num_layers": layers, "num_heads": heads, "intermediate_size": 3 * width}},
+        "qformer": {"hidden_size": width, "num_heads": heads, "intermediate_size": 2 * width},
+        "train": {"epochs": 3, "patience": 3, "max_cases_per_epoch": cases // 8, "valid_cases": 50, "device": device},
+        "select_rerank": False,
+        "rerank_depth": 0,
+    }
+    hstu_overrides = {"train": {"epochs": 3, "patience": 3, "windows_per_epoch": cases, "device": device}}
+    eval_cfg = EvalConfig(max_users=50)
+    rows = {}
+    for label, name, overrides in (("GTS-LUM", "gts_lum", gts_overrides), ("HSTU", "hstu", hstu_overrides)):
+        model = build_model(name, None, overrides)
+        attach_dataset(model, dataset)
+        stats = model.fit(split, eval_cfg)
+        history = stats["history"]
+        losses = [h["loss"] for h in history]
+        rows[label] = {
+            "positions_per_s": round(float(np.mean([h["positions_per_s"] for h in history[1:]])), 1),
+            "cases_per_s": round(float(np.mean([h["cases_per_s"] for h in history[1:]])), 1),
+            "loss_first_epoch": losses[0],
+            "loss_last_epoch": losses[-1],
+            "parameters": stats["num_parameters"],
+        }
+        if not losses[-1] < losses[0]:
+            raise RuntimeError(f"training throughput: {label}'s loss did not fall ({losses}): the training step is broken on {stats['device']}")
+    dev = select_device(device)
+    scoring = bench_target_aware_scoring(width, layers, tokens=64 if quick else 256, sequences=64 if quick else 512, device=str(dev))
+    out = {
+        "data": data,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "width": width,
+        "layers": layers,
+        "models": rows,
+        "hstu_over_gts_lum": round(rows["HSTU"]["positions_per_s"] / max(rows["GTS-LUM"]["positions_per_s"], 1e-9), 2),
+        "target_aware_candidates_per_s": scoring["candidates_per_s"],
+    }
+    log.info("training throughput: %s", out)
+    return out
 
 
 def decoder_flops(hidden: int, intermediate: int, layers: int, tokens: int) -> float:
@@ -88,11 +167,12 @@ def decoder_flops(hidden: int, intermediate: int, layers: int, tokens: int) -> f
 
 
 def bench_target_aware_scoring(
-    hidden: int = 128, layers: int = 2, tokens: int = 256, sequences: int = 512, chunk: int = 128, compile: bool = False
+    hidden: int = 128, layers: int = 2, tokens: int = 256, sequences: int = 512, chunk: int = 128, compile: bool = False, device: str = "cpu",
 ) -> dict:
     """Candidates scored per second by the target-aware path: one decoder pass per (user, candidate)
-    over `tokens` input embeddings (target first), batched `chunk` sequences a pass, fp32 on CPU, eager
-    or compiled (`DecoderConfig.compile`: the same dynamic-shape compile the scorer uses).
+    over `tokens` input embeddings (target first), batched `chunk` sequences a pass, fp32 on CPU (bf16
+    autocast on NPU/CUDA), eager or compiled (`DecoderConfig.compile`: the same dynamic-shape compile the
+    scorer uses).
 
     GFLOP/s against the machine's fp32 matrix-product rate (about 180 on this machine's 2 threads) says
     how much of the hardware the decoder uses; small widths are dominated by element-wise work.
@@ -100,17 +180,20 @@ def bench_target_aware_scoring(
     import torch
 
     from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference
+    from gts_lum.training.device import device_info
 
     torch.manual_seed(0)
+    dev = torch.device(device)
+    amp = device_info(dev).amp_dtype
     cfg = DecoderConfig(hidden_size=hidden, num_layers=layers, num_heads=max(hidden // 64, 2), intermediate_size=3 * hidden)
     decoder, _ = build_decoder(cfg)
-    decoder.eval()
-    x = torch.randn(chunk, tokens, hidden)
-    mask = torch.ones(chunk, tokens, dtype=torch.long)
+    decoder.to(dev).eval()
+    x = torch.randn(chunk, tokens, hidden, device=dev)
+    mask = torch.ones(chunk, tokens, dtype=torch.long, device=dev)
     mask[:, : tokens // 16] = 0  # left padding, as in a real batch (sequences of different lengths)
     positions = (mask.cumsum(1) - 1).clamp_min(0)
     run = compiled_for_inference(decoder) if compile else decoder
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
         t0 = time.perf_counter()
         # warm-up; compiled: a first shape, then the dynamic-shape recompile (not counted, as in a
         # long-running scorer)
@@ -123,6 +206,8 @@ def bench_target_aware_scoring(
         while done < sequences:
             run(inputs_embeds=x, attention_mask=mask, position_ids=positions)
             done += chunk
+        if dev.type == "cuda":
+            torch.cuda.synchronize()  # kernels run asynchronously: the clock stops when they are done
         seconds = time.perf_counter() - t0
     flops = decoder_flops(hidden, cfg.intermediate_size, layers, tokens) * done
     out = {
@@ -136,6 +221,7 @@ def bench_target_aware_scoring(
         "candidates_per_s": round(done / seconds, 1),
         "gflop_per_s": float(f"{flops / seconds / 1e9:.3g}"),  # significant digits: a tiny decoder's rate is well under 0.1
         "threads": torch.get_num_threads(),
+        "device": str(dev),
     }
     log.info("target-aware scoring: %s", out)
     return out
