@@ -10,6 +10,9 @@ weights are on validation; the loop does the rest, the same way for every model:
   (`learning_rate`: constant or cosine, after a linear warm-up), gradient clipping;
 - each epoch its batches in the task's seeded order, then validation; the best epoch's weights are kept
   and restored at the end; early stop after `patience` epochs without a better one;
+- a wall-time budget (`time_budget_s`, for comparing models at equal training time): after the first
+  epoch the run plans as many epochs as fit the budget at that epoch's pace (validation included; at most
+  `epochs`), and the schedule runs its course over them (the plan is part of the checkpoint);
 - per epoch the mean of every figure the steps report, cases/s and positions/s (positions trained per
   second: the unit that compares models whose steps differ in size);
 - checkpoints (`checkpoint_dir`): weights, optimizer state, best weights and the position (epoch, step,
@@ -55,6 +58,7 @@ class LoopSettings(Protocol):
     seed: int
     select_metric: str
     checkpoint_every: int
+    time_budget_s: float | None
 
 
 class TrainingTask(Protocol):
@@ -174,7 +178,8 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
     num_params = sum(p.numel() for p in module.parameters())
     log.info("%s: %s trainable of %s parameters, device %s, world %d", task.name, f"{sum(p.numel() for p in params):,}", f"{num_params:,}", device, world)
     t_start = time.perf_counter()
-    while position["epoch"] < cfg.epochs and position["bad_epochs"] < cfg.patience:
+    position.setdefault("planned_epochs", cfg.epochs)
+    while position["epoch"] < position["planned_epochs"] and position["bad_epochs"] < cfg.patience:
         epoch = position["epoch"]
         batches = task.epoch_batches(epoch)
         batches = batches[: len(batches) - len(batches) % world] if ddp else batches  # equal steps per rank
@@ -189,7 +194,7 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
         bar = tqdm(steps, desc=f"{task.name} epoch {epoch}", leave=False, disable=None if rank == 0 else True)
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + step, cfg.epochs * steps_per_epoch)
+                group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + step, position["planned_epochs"] * steps_per_epoch)
             out = task.train_step(train_module, batches[step * world + rank], epoch, step, rank)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -224,6 +229,11 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
             position["bad_epochs"] += 1
         if rank == 0:
             log.info("%s epoch %d: %s", task.name, epoch, record)
+        if epoch == 0 and cfg.time_budget_s:
+            pace = time.perf_counter() - t_epoch  # training and validation of one epoch
+            planned = max(1, min(cfg.epochs, cfg.time_budget_s // max(pace, 1e-9)))
+            position["planned_epochs"] = int(_broadcast(planned) if ddp else planned)  # one plan for every rank
+            log.info("%s: %.0f s an epoch: %d epochs fit the budget of %.0f s", task.name, pace, position["planned_epochs"], cfg.time_budget_s)
         position.update(epoch=epoch + 1, step=0)
         save()
         if position["bad_epochs"] >= cfg.patience and rank == 0:

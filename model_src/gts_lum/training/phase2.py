@@ -70,6 +70,8 @@ class Phase2Config:
     # and N - 1 of them become validation cases too, up to N cases a user (0: off)
     valid_holdout_events: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only, when a folder is given)
+    # training wall time (s) to plan the epochs by after the first one (training.loop); None: `epochs`
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         check_schedule(self, "Phase2Config")

@@ -67,6 +67,8 @@ class SequentialTrainConfig:
     lr_schedule: str = "constant"  # constant | cosine, after `warmup_steps` of linear warm-up (training.loop)
     warmup_steps: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only, when a folder is given)
+    # training wall time (s) to plan the epochs by after the first one (training.loop); None: `epochs`
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         check_schedule(self, "SequentialTrainConfig")

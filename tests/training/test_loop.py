@@ -1,0 +1,74 @@
+"""The shared training loop on a task of its own: the schedule, the best epoch, the time budget."""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from gts_lum.training.loop import train_loop
+
+
+@dataclass
+class Settings:
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    epochs: int = 50
+    patience: int = 50
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    select_metric: str = "fit"
+    checkpoint_every: int = 0
+    time_budget_s: float | None = None
+
+
+class Regression:
+    """y = x w: a task whose validation is minus the distance to the true weights."""
+
+    name = "regression"
+    find_unused_parameters = False
+
+    def __init__(self, epoch_seconds: float = 0.0):
+        torch.manual_seed(0)
+        self.module = nn.Linear(4, 1, bias=False)
+        self.x = torch.randn(256, 4)
+        self.w = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+        self.y = self.x @ self.w.T
+        self.epoch_seconds = epoch_seconds
+
+    def epoch_batches(self, epoch):
+        order = np.random.default_rng([0, epoch]).permutation(256)
+        return [order[i : i + 32] for i in range(0, 256, 32)]
+
+    def train_step(self, module, idx, epoch, step, rank):
+        loss = ((module(self.x[idx]) - self.y[idx]) ** 2).mean()
+        return {"loss": loss, "cases": torch.tensor(float(len(idx))), "positions": torch.tensor(float(len(idx)))}
+
+    def validate(self):
+        time.sleep(self.epoch_seconds)
+        return -float((self.module.weight - self.w).norm())
+
+    def weights_changed(self):
+        pass
+
+
+def test_the_loop_learns_keeps_the_best_epoch_and_logs_positions_per_second():
+    task = Regression()
+    stats = train_loop(task, Settings(epochs=20), device=torch.device("cpu"))
+    history = stats["history"]
+    assert stats["epochs"] == 20 and history[-1]["loss"] < history[0]["loss"] / 10
+    best = max(range(20), key=lambda e: history[e]["valid_fit"])
+    assert stats["best_epoch"] == best and stats["valid_fit"] == history[best]["valid_fit"]
+    assert all(h["positions_per_s"] > 0 and h["cases_per_s"] == h["positions_per_s"] for h in history)
+    assert history[-1]["lr"] < 0.01  # the cosine ran its course over the 20 epochs
+
+
+def test_a_time_budget_plans_the_epochs_after_the_first():
+    """An epoch of ~0.2 s (validation included) under a 1 s budget: about 5 epochs, and the cosine
+    schedule decays over those, not over the configured 50."""
+    stats = train_loop(Regression(epoch_seconds=0.2), Settings(epochs=50, time_budget_s=1.0), device=torch.device("cpu"))
+    assert 2 <= stats["epochs"] <= 5
+    assert stats["history"][-1]["lr"] < 0.2 * Settings.lr
