@@ -49,7 +49,7 @@ class Regression:
 
     def validate(self):
         time.sleep(self.epoch_seconds)
-        return -float((self.module.weight - self.w).norm())
+        return -float((self.module.weight.detach() - self.w).norm())
 
     def weights_changed(self):
         pass
