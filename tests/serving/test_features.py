@@ -8,12 +8,9 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +36,7 @@ from gts_lum.serving.features import (
     publish_features,
 )
 from gts_lum.tokenizer.semantic_ids import SemanticIds, tokenize_dataset
+from tests.conftest import loopback_port, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2] / "feature_repo"
 LAST_N = 512
@@ -105,9 +103,7 @@ def redis_server(tmp_path_factory):
         pytest.skip("redis-server is not installed (CI installs it through .ci/run: apt-get install redis-server)")
     import redis
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = loopback_port()
     folder = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
@@ -115,20 +111,10 @@ def redis_server(tmp_path_factory):
         stderr=subprocess.DEVNULL,
     )
     try:
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not start (exit code {proc.poll()})") from None
-                time.sleep(0.05)
+        wait_for(redis.Redis(host="127.0.0.1", port=port).ping, proc, f"redis-server on port {port}", timeout=20)
         yield port
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
