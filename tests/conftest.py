@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -87,6 +90,52 @@ def s3_bucket(s3_server, monkeypatch) -> str:
     bucket = f"gts-lum-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test-key", aws_secret_access_key="test-secret").create_bucket(Bucket=bucket)
     return bucket
+
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs: on the PATH, or where Debian's postgresql puts them."""
+    found = shutil.which("postgres")
+    candidates = [Path(found).resolve().parent] if found else []
+    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    return next((d for d in candidates if (d / "postgres").exists() and (d / "initdb").exists()), None)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster on a free port of 127.0.0.1 (trust auth, no fsync); stopped by its PID.
+    The server refuses to run as root, so as root it runs as Debian's `postgres` user. Yields its port."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (CI installs it through .ci/run: apt-get install postgresql)")
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
+    user = "postgres" if os.geteuid() == 0 else None
+    root = Path(tempfile.mkdtemp(prefix="gts-lum-pg-"))  # not under pytest's root-only tmp folders
+    if user:
+        shutil.chown(root, user, user)
+    port = loopback_port()
+    try:
+        subprocess.run([bindir / "initdb", "-D", root / "data", "-U", "gts", "--auth=trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True, user=user)
+        with open(root / "server.log", "wb") as out:
+            proc = subprocess.Popen(
+                [bindir / "postgres", "-D", root / "data", "-h", "127.0.0.1", "-p", str(port), "-k", root, "-F"], stdout=out, stderr=subprocess.STDOUT, user=user
+            )
+        try:
+            wait_for(lambda: psycopg.connect(f"postgresql://gts@127.0.0.1:{port}/postgres").close() is None, proc, f"PostgreSQL on port {port} (log: {root / 'server.log'})")
+            yield port
+        finally:
+            stop_process(proc)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def postgres_database(port: int) -> str:
+    """A new, empty database on the test server: its SQLAlchemy URL (the form Feast's SQL registry takes)."""
+    import psycopg
+
+    name = f"feast_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"postgresql://gts@127.0.0.1:{port}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+psycopg://gts@127.0.0.1:{port}/{name}"
 
 
 @pytest.fixture
