@@ -32,6 +32,11 @@ ASCEND_NODE_SELECTOR = {"accelerator": "huawei-Ascend910"}  # the node label of 
 ASCEND_TOLERATIONS = [{"key": ASCEND_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 NPU_IMAGE = os.environ.get("GTS_LUM_NPU_IMAGE", "ghcr.io/gts-lum/gts-lum-npu:0.1.0")  # images/Dockerfile.npu
 DEPLOYER_TOKEN = "/var/run/secrets/gts-lum-deployer"  # the deploy step's service-account token (a Secret volume)
+# The Ascend driver's device files belong to the host's HwHiAiUser group (1000 by default; set the host's
+# gid when compiling). kfp-kubernetes 2.17 sets no supplementalGroups, so the training container runs with
+# that group as its primary group (runAsGroup), the image's non-root user keeping its uid.
+ASCEND_DEVICE_GID = int(os.environ.get("GTS_LUM_ASCEND_DEVICE_GID", "1000"))
+IMAGE_UID = 10001  # images/Dockerfile.npu's user
 DATA_MOUNT = "/mnt/gts-lum"  # the data PVC in the training pod: pretrained decoders (net.decoder.pretrained), checkpoints
 
 
@@ -143,6 +148,7 @@ def training_pipeline(
     kubernetes.add_node_selector_json(lum, train_node_selector)
     kubernetes.add_toleration_json(lum, train_tolerations)
     kubernetes.mount_pvc(lum, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+    kubernetes.set_security_context(lum, run_as_user=IMAGE_UID, run_as_group=ASCEND_DEVICE_GID, run_as_non_root=True)
     model = train_model(
         sequences=seqs.outputs["sequences"], model_name=model_name, model_config=model_config, model_overrides=model_overrides, device=device
     ).set_display_name("train-sequence-baseline")

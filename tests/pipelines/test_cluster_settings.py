@@ -136,3 +136,17 @@ def test_tasks_retry_where_a_retry_is_safe(name):
             assert policy is None, f"{name}: {task} must not retry"
         else:
             assert policy and policy["maxRetryCount"] >= 1 and policy["backoffDuration"], f"{name}: {task} has no retry policy"
+
+
+def test_the_npu_training_step_gets_the_device_files_group():
+    """The PyTorchJob adds the Ascend driver's group as a supplemental group; kfp-kubernetes 2.17 has no
+    supplementalGroups, so the KFP training step runs with that group as its primary group."""
+    from pipelines.training_pipeline import ASCEND_DEVICE_GID, IMAGE_UID
+    from tests.delivery.test_manifests import MANIFESTS, find, render
+
+    spec, platform = compiled("training")
+    context = platform["executors"][executor(spec, "train-gts-lum")]["securityContext"]
+    assert context == {"runAsGroup": str(ASCEND_DEVICE_GID), "runAsUser": str(IMAGE_UID), "runAsNonRoot": True}
+    job = find(render(MANIFESTS / "overlays" / "npu"), "PyTorchJob")
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["securityContext"]["supplementalGroups"] == [ASCEND_DEVICE_GID] and pod["securityContext"]["runAsUser"] == IMAGE_UID
