@@ -36,9 +36,16 @@ def export_model(model: Input[Model], heads: Input[Model], sequences: Input[Data
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def batch_score(export: Input[Model], data: Input[Dataset], users: str, chunk_size: int, top_k: int, scores: Output[Dataset]):
     """Score every user of `data` (or the comma-separated `users`) into parquet chunks; resumes after a kill."""
+    import os
+    import tempfile
+
+    from gts_lum.data import storage
     from gts_lum.serving.batch import batch_score as score
 
-    summary = score(export.path, data.path, scores.path, users=[u for u in users.split(",") if u] or None, chunk_size=chunk_size, top_k=top_k, progress=False)
+    model = export.path
+    if not os.path.exists(model) and storage.is_remote(export.uri):  # kfp.local imports a bucket's URI without downloading it
+        model = str(storage.download(export.uri, tempfile.mkdtemp()))
+    summary = score(model, data.path, scores.path, users=[u for u in users.split(",") if u] or None, chunk_size=chunk_size, top_k=top_k, progress=False)
     scores.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 

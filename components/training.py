@@ -123,12 +123,13 @@ def label_tasks(
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote_model(sequences: Input[Dataset], model: Input[Model], registry: str, margin: float, metrics: Output[Metrics], decision: Output[Markdown]) -> bool:
-    """The gate: the new model against production on the same validation users; registered when better by `margin`.
-    Returns whether it promoted (the deploy step's condition)."""
+def promote_model(sequences: Input[Dataset], export: Input[Model], registry: str, margin: float, metrics: Output[Metrics], decision: Output[Markdown]) -> bool:
+    """The gate: the new export against production on the same validation users; registered (its artifact
+    URI, which KServe and the next run's gate read) when better by `margin`. Returns whether it promoted
+    (the deploy step's condition)."""
     from gts_lum.evaluation.promotion import PromotionConfig, promotion_gate
 
-    result = promotion_gate(sequences.path, model.path, registry, PromotionConfig(margin=margin), uri=model.uri)
+    result = promotion_gate(sequences.path, export.path, registry, PromotionConfig(margin=margin), uri=export.uri)
     metrics.log_metric("promoted", float(result["promoted"]))
     metrics.log_metric(f"candidate_{result['metric']}", result["candidate"])
     if result["production"] is not None:

@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     params = {**load_params(args.params), **dict(p.split("=", 1) for p in args.param)}
+    # The pipelines' defaults name KFP's bucket (minio://mlpipeline/...), which a local run has not:
+    # here the registry lives beside the run's outputs and the export is `make load-bench`'s.
+    local_defaults = {"training": {"registry": str(args.output / "registry")}, "batch_scoring": {"export_uri": "runs/export"}}
+    params = {**local_defaults[args.pipeline], **params}
     if not os.environ.get("GTS_LUM_PSEUDONYM_KEY"):
         # Feast keys users by a keyed hash; the key is never written to a file. Without one this run
         # makes a throw-away key: its feature store is then readable only within the run.

@@ -21,7 +21,7 @@ from components.ingest import ingest, validate
 from components.sequences import build_sequences
 from components.serving import deploy_model, export_model, publish_features
 from components.training import evaluate_models, label_tasks, promote_model, train_gts_lum, train_model
-from pipelines.cluster import sized
+from pipelines.cluster import reads_object_storage, sized
 
 # Where the training task runs. Every value is a pipeline parameter's default, so a run on a CPU cluster
 # drops them from the UI: train_accelerator="" (no accelerator limit), train_node_selector={},
@@ -32,12 +32,17 @@ ASCEND_NODE_SELECTOR = {"accelerator": "huawei-Ascend910"}  # the node label of 
 ASCEND_TOLERATIONS = [{"key": ASCEND_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 NPU_IMAGE = os.environ.get("GTS_LUM_NPU_IMAGE", "ghcr.io/gts-lum/gts-lum-npu:0.1.0")  # images/Dockerfile.npu
 DEPLOYER_TOKEN = "/var/run/secrets/gts-lum-deployer"  # the deploy step's service-account token (a Secret volume)
+# The Ascend driver's device files belong to the host's HwHiAiUser group (1000 by default; set the host's
+# gid when compiling). kfp-kubernetes 2.17 sets no supplementalGroups, so the training container runs with
+# that group as its primary group (runAsGroup), the image's non-root user keeping its uid.
+ASCEND_DEVICE_GID = int(os.environ.get("GTS_LUM_ASCEND_DEVICE_GID", "1000"))
+IMAGE_UID = 10001  # images/Dockerfile.npu's user
 DATA_MOUNT = "/mnt/gts-lum"  # the data PVC in the training pod: pretrained decoders (net.decoder.pretrained), checkpoints
 
 
 @dsl.pipeline(name="gts-lum-training", description="GTS-LUM: data to an evaluated model (leave-one-out R@K / NDCG@K).")
 def training_pipeline(
-    data_source: str = "synth:demo",
+    data_source: str = "synth:demo",  # synth:NAME, a folder (e.g. on the PVC) or s3:// / minio:// / gs:// URI
     mapping: str = "",
     synth_overrides: str = "{}",
     validation_overrides: str = "{}",
@@ -73,7 +78,9 @@ def training_pipeline(
     heads_config: str = "pkg:heads/default.yaml",
     heads_overrides: str = '{"task_token": {"epochs": 3}}',  # CPU-sized for the demo (pkg default: 8)
     # the life cycle: promote the new GTS-LUM when it beats production on validation by `promotion_margin`
-    registry: str = "runs/registry",  # a folder (local JSON registry) or the Kubeflow Model Registry's http(s) address
+    # where promoted models are registered: an object-store prefix (a JSON file there; by default in KFP's
+    # own bucket, so it outlives every run), a folder, or the Kubeflow Model Registry's http(s) address
+    registry: str = "minio://mlpipeline/gts-lum/registry",
     promotion_margin: float = 0.01,
     # serving: Feast (the local sqlite repo by default; in the image, its copy under the working folder)
     # and the KServe export. On a cluster: feature_config="production/feature_store.yaml" (Redis + the SQL
@@ -85,6 +92,7 @@ def training_pipeline(
     pseudonym_secret: str = "gts-lum-pseudonym",  # key: the key of the user-id pseudonyms
     feast_registry_secret: str = "gts-lum-feast-registry",  # url: the SQL registry's SQLAlchemy URL
     redis_secret: str = "gts-lum-redis",  # connection: Feast's Redis connection string
+    object_store_secret: str = "gts-lum-object-store",  # endpoint, access_key, secret_key: for data_source and registry URIs
     # the rollout after the gate (gts_lum.serving.deploy): the InferenceService of manifests/serving in
     # `deploy_namespace` (empty: no rollout), as the gts-lum-deployer service account, whose token the
     # operator puts in the Secret `deployer_token_secret` of the run's namespace
@@ -140,6 +148,7 @@ def training_pipeline(
     kubernetes.add_node_selector_json(lum, train_node_selector)
     kubernetes.add_toleration_json(lum, train_tolerations)
     kubernetes.mount_pvc(lum, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+    kubernetes.set_security_context(lum, run_as_user=IMAGE_UID, run_as_group=ASCEND_DEVICE_GID, run_as_non_root=True)
     model = train_model(
         sequences=seqs.outputs["sequences"], model_name=model_name, model_config=model_config, model_overrides=model_overrides, device=device
     ).set_display_name("train-sequence-baseline")
@@ -167,10 +176,13 @@ def training_pipeline(
     ).set_display_name("label-tasks")
     labels.set_caching_options(False)
     export = export_model(model=labels.outputs["labelled"], heads=labels.outputs["heads"], sequences=seqs.outputs["sequences"]).set_display_name("export-model")
-    gate = promote_model(sequences=seqs.outputs["sequences"], model=lum.outputs["model"], registry=registry, margin=promotion_margin).set_display_name(
+    # the gate scores and registers the export itself: what it promotes is what KServe serves
+    gate = promote_model(sequences=seqs.outputs["sequences"], export=export.outputs["export"], registry=registry, margin=promotion_margin).set_display_name(
         "promotion-gate"
     )
     gate.set_caching_options(False)
+    for task in (raw, gate):
+        reads_object_storage(task, object_store_secret)
     rollout = deploy_model(
         export=export.outputs["export"],
         promoted=gate.outputs["Output"],

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "images"  # not docker/: a top-level folder of that name shadows the docker package kfp.local imports
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
 LOCK = DOCKER / "requirements.lock"
+NPU_LOCK = DOCKER / "requirements-npu.lock"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
@@ -201,45 +202,69 @@ def _pip_requirements(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _pyproject_pins() -> dict[str, str]:
+def _pyproject_specs() -> dict[str, Requirement]:
+    return {canonicalize_name(Requirement(d).name): Requirement(d) for d in PYPROJECT["project"]["dependencies"]}
+
+
+def _dockerfile_pins(path: Path) -> dict[str, str]:
+    """name -> version of every package a Dockerfile's `pip install` lines name (each must be pinned)."""
     pins = {}
-    for dep in PYPROJECT["project"]["dependencies"]:
-        req = Requirement(dep)
+    for token, line in _pip_requirements(path):
+        req = Requirement(token)
         exact = [s.version for s in req.specifier if s.operator == "=="]
-        if exact:
-            pins[canonicalize_name(req.name)] = exact[0]
+        assert exact, f"{path.name}: `{line}`: {token} is not pinned (name==version)"
+        pins[canonicalize_name(req.name)] = exact[0]
     return pins
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_pip_installs_are_pinned_and_agree_with_pyproject(path):
-    pins = _pyproject_pins()
-    for token, line in _pip_requirements(path):
-        req = Requirement(token)
-        exact = [s.version for s in req.specifier if s.operator == "=="]
-        assert exact, f"{path.name}: `{line}`: {token} is not pinned (name==version)"
-        name = canonicalize_name(req.name)
-        if name in pins:
-            assert exact[0] == pins[name], f"{path.name}: {token}, but pyproject.toml pins {name}=={pins[name]}"
-        if name == "torch-npu":  # torch-npu X.Y.Z is built against torch X.Y.Z
-            assert exact[0].split(".post")[0] == pins["torch"], f"{path.name}: {token} does not pair with torch=={pins['torch']}"
-            assert any(canonicalize_name(Requirement(r).name) == "torch-npu" for r in PYPROJECT["project"]["optional-dependencies"]["npu"])
+    specs = _pyproject_specs()
+    pins = _dockerfile_pins(path)
+    for name, version in pins.items():
+        if name == "torch" and path.name == "Dockerfile.npu":
+            continue  # Ascend's torch replaces the pin on purpose (test_the_npu_image_pins_a_triple_of_ascends_table_with_its_own_lock)
+        if name in specs:
+            assert specs[name].specifier.contains(version, prereleases=True), f"{path.name}: {name}=={version}, but pyproject.toml asks {specs[name]}"
     text = path.read_text()
     for lock in re.findall(r"-r (\S+)", text):
         assert (REPO / "images" / Path(lock).name).exists(), f"{path.name}: -r {lock}: the lock is not in images/"
 
 
-def _lock() -> dict[str, str]:
+# Rows of Ascend's published matching table (Ascend Extension for PyTorch README): (CANN, torch, torch-npu).
+# torch-npu releases outside it are built for other CANN lines and fail at import or at the first kernel.
+ASCEND_TABLE = {
+    ("8.5.0", "2.9.0", "2.9.0"), ("8.5.0", "2.8.0", "2.8.0.post2"), ("8.5.0", "2.7.1", "2.7.1.post2"), ("8.5.0", "2.6.0", "2.6.0.post5"),
+    ("8.3.RC1", "2.8.0", "2.8.0"), ("8.3.RC1", "2.7.1", "2.7.1"), ("8.3.RC1", "2.6.0", "2.6.0.post3"),
+}
+
+
+def test_the_npu_image_pins_a_triple_of_ascends_table_with_its_own_lock():
+    path = DOCKER / "Dockerfile.npu"
+    cann = re.match(r"ascendai/cann:([^-]+)-", stages(path)[0]["image"]).group(1)
+    npu_lock = _lock(NPU_LOCK)
+    torch = _dockerfile_pins(path)["torch"]
+    assert (cann, torch, npu_lock["torch-npu"]) in ASCEND_TABLE, f"CANN {cann} / torch {torch} / torch-npu {npu_lock['torch-npu']} is not a row of Ascend's table"
+    assert npu_lock["torch"] == torch and f"-r /tmp/{NPU_LOCK.name}" in path.read_text()
+    # the same runtime closure as the CPU image's lock but for torch; plus torch-npu and CANN's Python needs
+    cpu_lock = _lock(LOCK)
+    assert {k: v for k, v in npu_lock.items() if k != "torch"} == {**{k: v for k, v in cpu_lock.items() if k != "torch"}, **{k: npu_lock[k] for k in set(npu_lock) - set(cpu_lock)}}
+    assert set(npu_lock) - set(cpu_lock) == {"torch-npu", "decorator", "absl-py", "pathlib2"}
+    assert _dockerfile_pins(DOCKER / "Dockerfile.component")["torch"] == cpu_lock["torch"] == "2.13.0", "the CPU image keeps torch 2.13"
+    assert any(canonicalize_name(Requirement(r).name) == "torch-npu" for r in PYPROJECT["project"]["optional-dependencies"]["npu"])
+
+
+def _lock(path: Path = LOCK) -> dict[str, str]:
     pins = {}
-    for number, line in enumerate(LOCK.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         req = Requirement(line)
         exact = [s.version for s in req.specifier if s.operator == "=="]
-        assert exact and len(req.specifier) == 1, f"{LOCK.name} line {number}: {line!r} is not name==version"
+        assert exact and len(req.specifier) == 1, f"{path.name} line {number}: {line!r} is not name==version"
         name = canonicalize_name(req.name)
-        assert name not in pins, f"{LOCK.name} line {number}: {name} pinned twice"
+        assert name not in pins, f"{path.name} line {number}: {name} pinned twice"
         pins[name] = exact[0]
     return pins
 

@@ -75,6 +75,26 @@ def test_the_components_image_carries_the_feature_repo_where_the_default_points(
     assert "--chown=10001:10001 feature_repo" in (DOCKER / "Dockerfile.component").read_text(), "a local-config publish writes data/ beside it"
 
 
+@pytest.mark.parametrize("name, tasks", [("training", ("ingest", "promote-model")), ("batch_scoring", ("ingest", "batch-score"))])
+def test_steps_that_read_object_storage_get_its_endpoint_and_keys_from_a_secret(name, tasks):
+    from pipelines.cluster import OBJECT_STORE_KEYS
+
+    spec, platform = compiled(name)
+    for task in tasks:
+        env = secret_env(platform, executor(spec, task))
+        # the variables gts_lum.data.storage reads; optional: synth: data and a Model Registry need none
+        assert {v: env[v] for v in OBJECT_STORE_KEYS.values()} == {v: ("object_store_secret", k, True) for k, v in OBJECT_STORE_KEYS.items()}
+    assert defaults(name)["object_store_secret"] == "gts-lum-object-store"
+
+
+def test_the_defaults_name_uris_the_launcher_and_the_registry_keep():
+    from gts_lum.data.storage import is_remote
+
+    # the KFP launcher imports only gs://, minio://, s3:// (and oci://) URIs; a folder in the pod would vanish
+    assert defaults("batch_scoring")["export_uri"].startswith(("gs://", "minio://", "s3://"))
+    assert is_remote(defaults("training")["registry"]), "the gate's default registry must outlive the pod"
+
+
 RESOURCES = ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit")
 NOT_RETRIED = {"promote-model"}  # a second try could register the same model twice
 
@@ -116,3 +136,17 @@ def test_tasks_retry_where_a_retry_is_safe(name):
             assert policy is None, f"{name}: {task} must not retry"
         else:
             assert policy and policy["maxRetryCount"] >= 1 and policy["backoffDuration"], f"{name}: {task} has no retry policy"
+
+
+def test_the_npu_training_step_gets_the_device_files_group():
+    """The PyTorchJob adds the Ascend driver's group as a supplemental group; kfp-kubernetes 2.17 has no
+    supplementalGroups, so the KFP training step runs with that group as its primary group."""
+    from pipelines.training_pipeline import ASCEND_DEVICE_GID, IMAGE_UID
+    from tests.delivery.test_manifests import MANIFESTS, find, render
+
+    spec, platform = compiled("training")
+    context = platform["executors"][executor(spec, "train-gts-lum")]["securityContext"]
+    assert context == {"runAsGroup": str(ASCEND_DEVICE_GID), "runAsUser": str(IMAGE_UID), "runAsNonRoot": True}
+    job = find(render(MANIFESTS / "overlays" / "npu"), "PyTorchJob")
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["securityContext"]["supplementalGroups"] == [ASCEND_DEVICE_GID] and pod["securityContext"]["runAsUser"] == IMAGE_UID

@@ -20,10 +20,9 @@ def test_compiled_yaml_matches_the_python(tmp_path):
         assert list(yaml.safe_load_all(kept.read_text())) == list(yaml.safe_load_all(path.read_text())), f"{kept} is stale: run `make compile`"
 
 
-def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatch):
+def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatch, s3_bucket):
     import shutil
 
-    
     monkeypatch.setenv("GTS_LUM_PSEUDONYM_KEY", "pipeline-test-key-of-at-least-32-bytes")
     repo = tmp_path / "feature_repo"
     shutil.copytree(REPO / "feature_repo", repo, ignore=shutil.ignore_patterns("data"))
@@ -46,7 +45,8 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
         "heads_overrides": json.dumps({"task_token": {"epochs": 2}, "train": {"epochs": 40}}),
         "qformer_overrides": json.dumps({"max_steps": 2, "batch_size": 16, "window_batch_size": 8, "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2}}),
     }
-    params["registry"] = str(tmp_path / "registry")
+    # the registry in a bucket of the local S3 server, as the cluster's default keeps it in KFP's bucket
+    params["registry"] = f"minio://{s3_bucket}/gts-lum/registry"
     params["feature_repo"] = str(repo)
     run_dir = run("training", tmp_path, params)
     steps = {p.name for p in run_dir.iterdir() if p.is_dir()}
@@ -78,8 +78,11 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
     assert history["behavior_ids"] and history["timestamps"] == sorted(history["timestamps"])
     # the first model meets an empty registry: promoted and registered with its metric and data version
     assert "**promoted**" in (run_dir / "promote-model" / "decision").read_text()
-    entry = json.loads((tmp_path / "registry" / "registry.json").read_text())["versions"][0]
+    from gts_lum.data.storage import read_bytes
+
+    entry = json.loads(read_bytes(f"s3://{s3_bucket}/gts-lum/registry/registry.json"))["versions"][0]
     assert entry["name"] == "gts-lum" and "NDCG@10" in entry["metrics"] and entry["data_version"]
+    assert entry["uri"] == str(run_dir / "export-model" / "export"), "the gate registers the export: what KServe serves"
     # the encoders' artifacts: a semantic ID per behaviour and a node2vec vector per behaviour
     from gts_lum.encoders.node2vec import GraphEmbeddings
     from gts_lum.tokenizer.semantic_ids import SemanticIds

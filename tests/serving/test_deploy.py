@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from gts_lum.serving.deploy import STORAGE_ENV, deploy, pointed_at, serving_uri
-from tests.delivery.test_manifests import MANIFESTS, find, render, validate
+import yaml
+
+from gts_lum.serving.deploy import FEAST_CONFIG_LABEL, STORAGE_ENV, TEMPLATE, created, deploy, pointed_at, serving_uri
+from tests.delivery.test_manifests import MANIFESTS, REPO, find, render, validate
 from tests.pipelines.test_cluster_settings import compiled, defaults, executor
 
 
@@ -42,6 +44,33 @@ def test_the_pointed_inferenceservice_validates_and_changes_only_the_export_and_
     assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 10, "the template is left alone"
     with pytest.raises(ValueError, match="0 to 100"):
         pointed_at(isvc, "s3://b/x", 101)
+
+
+@pytest.mark.parametrize("overlay", ["npu", "gpu"])
+def test_the_created_inferenceservice_is_the_manifests_own(overlay):
+    """Where none exists, the step creates what `kubectl apply -k` would have: the same object, pointed at
+    the export, on the Feast ConfigMap the manifests generated (found by its label under its hashed name)."""
+    objects = render(MANIFESTS / "overlays" / overlay)
+    rendered = find(objects, "InferenceService")
+    (feast,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"].get("labels", {}).get(FEAST_CONFIG_LABEL) == "true"]
+    template = yaml.safe_load((REPO / TEMPLATE).read_text())  # the file the components' image carries
+    uri = "minio://mlpipeline/v2/artifacts/gts-lum-training/run-8/export-model/export"
+    new = created(template, "gts-lum", rendered["metadata"]["namespace"], uri, 10, feast["metadata"]["name"])
+    validate(new, "created InferenceService")  # KServe's typed model, strictly
+    assert new == pointed_at(rendered, uri, 10)
+    role = find(objects, "Role", "gts-lum-deployer")
+    verbs = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert {("inferenceservices", "get"), ("inferenceservices", "create"), ("inferenceservices", "patch"), ("configmaps", "list")} <= verbs
+
+
+def test_the_components_image_carries_the_template():
+    from tests.delivery.test_images import DOCKER, stages
+    from tests.pipelines.test_cluster_settings import REPO as ROOT
+
+    final = stages(DOCKER / "Dockerfile.component")[-1]["steps"]
+    workdir = [rest for word, rest in final if word == "WORKDIR"][-1]
+    copies = [rest.split()[-2:] for word, rest in final if word == "COPY" and "--from=" not in rest]
+    assert [str(TEMPLATE), f"{workdir}/{TEMPLATE}"] in copies and (ROOT / TEMPLATE).exists()
 
 
 def test_without_a_token_nothing_is_applied(tmp_path):

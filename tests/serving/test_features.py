@@ -8,12 +8,9 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +36,7 @@ from gts_lum.serving.features import (
     publish_features,
 )
 from gts_lum.tokenizer.semantic_ids import SemanticIds, tokenize_dataset
+from tests.conftest import loopback_port, postgres_database, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2] / "feature_repo"
 LAST_N = 512
@@ -105,9 +103,7 @@ def redis_server(tmp_path_factory):
         pytest.skip("redis-server is not installed (CI installs it through .ci/run: apt-get install redis-server)")
     import redis
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = loopback_port()
     folder = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
@@ -115,27 +111,17 @@ def redis_server(tmp_path_factory):
         stderr=subprocess.DEVNULL,
     )
     try:
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not start (exit code {proc.poll()})") from None
-                time.sleep(0.05)
+        wait_for(redis.Redis(host="127.0.0.1", port=port).ping, proc, f"redis-server on port {port}", timeout=20)
         yield port
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
-def redis_store(redis_server, sources, tmp_path_factory, environment):
-    """The production config as it is: Redis online store and SQL registry (here SQLite through SQLAlchemy)."""
+def redis_store(redis_server, postgres_server, sources, tmp_path_factory, environment):
+    """The production config as it is: Redis online store and the SQL registry on PostgreSQL (psycopg)."""
     environment.setenv("GTS_LUM_REDIS", f"127.0.0.1:{redis_server}")
-    environment.setenv("GTS_LUM_FEAST_REGISTRY", f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}")
+    environment.setenv("GTS_LUM_FEAST_REGISTRY", postgres_database(postgres_server))
     return published(sources, tmp_path_factory, "redis", "production/feature_store.yaml")
 
 
@@ -366,3 +352,30 @@ def test_a_plain_feast_apply_works_on_a_fresh_clone_and_keeps_the_sequence_setti
     assert done.returncode == 0, done.stderr[-2000:]
     client = FeatureClient(repo, config)
     assert client.sequence_config == before and client.last_n == LAST_N
+
+
+def test_the_scorer_serves_histories_from_the_production_store(redis_store, reference, tiny_serving, tmp_path):
+    """As the InferenceService runs it: its feature repo is the production feature_store.yaml alone (the
+    ConfigMap's mount); the definitions come from the SQL registry on PostgreSQL, the histories from Redis."""
+    import httpx
+
+    from gts_lum.serving.scorer import launch_server
+
+    repo = tmp_path / "feature_repo"
+    repo.mkdir()
+    shutil.copy(REPO / "production" / "feature_store.yaml", repo / "feature_store.yaml")
+    event_log, _, _, by_length = reference
+    u = int(by_length[-1])  # the shortest history: every event of it is online (under last_n)
+    user = str(event_log.user_ids[u])
+    server = launch_server(tiny_serving.export, tmp_path / "server.log", feature_repo=repo)
+    try:
+        url = f"{server.url}/v1/models/{server.name}:predict"
+        found = httpx.post(url, json={"instances": [{"user_id": user, "top_k": 5}]}, timeout=60)
+        assert found.status_code == 200, found.text
+        prediction = found.json()["predictions"][0]
+        assert prediction["history"] == {**prediction["history"], "source": "feature_store", "events": int(event_log.lengths()[u])}
+        assert len(prediction["ranking"]) == 5
+        unknown = httpx.post(url, json={"instances": [{"user_id": "nobody-at-all"}]}, timeout=60)
+        assert unknown.status_code == 404 and "not in the feature store" in unknown.json()["error"]
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@
 - `synth:NAME` (NAME a config in `gts_lum/configs/synth/`, or a YAML path): simulate, then validate;
 - a folder validated before (it holds the `VALIDATED` marker): used as it is; one whose validation
   stopped (a summary, no marker) is refused;
+- an object-store URI (`s3://`, `minio://`, `gs://`; `data.storage`): its folder is downloaded, then as below;
 - a folder in the contract layout (`events/` or `events.*`, `behaviors.*`...): validated;
 - any other folder with `mapping=` (a YAML path or `pkg:adapters/NAME.yaml`): adapted, then validated.
 """
@@ -11,8 +12,10 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
+from gts_lum.data import storage
 from gts_lum.data.contract import table_files
 from gts_lum.data.validate import ValidationConfig, is_validated, require_validated, validate_dataset
 
@@ -37,9 +40,12 @@ def bring_in(spec: str | Path, raw: str | Path, mapping: str | None = None, synt
         cfg_path = name if name.endswith((".yaml", ".yml")) else f"pkg:synth/{name}.yaml"
         simulate(load_config(SimulatorConfig, cfg_path, synth_overrides), raw, progress=progress)
         return raw
-    source = Path(spec)
+    if storage.is_remote(spec) and mapping:  # the operator's own layout: adapted into `raw` from a throwaway copy
+        with tempfile.TemporaryDirectory() as tmp:
+            return bring_in(storage.download(spec, tmp), raw, mapping, synth_overrides, progress)
+    source = storage.download(spec, raw) if storage.is_remote(spec) else Path(spec)
     if not source.is_dir():
-        raise FileNotFoundError(f"data set {source} is not a folder (give a folder, or synth:NAME)")
+        raise FileNotFoundError(f"data set {source} is not a folder (give a folder, an object-store URI, or synth:NAME)")
     if mapping:
         from gts_lum.data.adapters import Mapping, adapt
 
@@ -47,7 +53,7 @@ def bring_in(spec: str | Path, raw: str | Path, mapping: str | None = None, synt
         return raw
     if table_files(source, "events") or table_files(source, "users"):
         return source
-    raise ValueError(f"{source} is not in the contract layout (no events/ or users table): pass a mapping (--mapping)")
+    raise ValueError(f"{spec} is not in the contract layout (no events/ or users table): pass a mapping (--mapping)")
 
 
 def prepare_dataset(

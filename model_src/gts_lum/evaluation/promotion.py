@@ -6,9 +6,13 @@ promoted only when its validation metric beats production's by at least `margin`
 1 %); the first model, with nothing in production, is promoted. A promoted model is registered with its
 metrics and the version of the data it was trained on:
 
-- `registry` empty or a folder: `LocalRegistry`, a JSON file (what `kfp.local` and the tests use);
+- `registry` a folder or an object-store URI (`s3://`, `minio://`, `gs://`; the pipeline's default is a
+  prefix in KFP's own bucket, so it outlives every run): `FileRegistry`, one JSON file there;
 - `registry` an http(s) address: the Kubeflow Model Registry (`model-registry` on PyPI), the model
   version's custom properties holding the metrics, the data version and the stage.
+
+A registered URI names the serving export, as KServe reads it (`minio://` registered as `s3://`): the
+next run's gate downloads it from there to score production, and the deploy step hands it to KServe.
 
 The InferenceService then rolls the promoted export out as a canary (manifests/serving).
 """
@@ -18,9 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from gts_lum.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +54,22 @@ def data_version(sequences_dir: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-class LocalRegistry:
-    """Promoted model versions in `<folder>/registry.json`; the last promoted one is in production."""
+class FileRegistry:
+    """Promoted model versions in `<location>/registry.json` (a folder or an object-store prefix); the last
+    promoted one is in production. One gate writes at a time (the pipeline's gate never retries); two
+    gates finishing together could each append to the state they read, and the later write wins."""
 
-    def __init__(self, folder: str | Path):
-        self.path = Path(folder) / "registry.json"
+    def __init__(self, location: str | Path):
+        self.uri = f"{str(location).rstrip('/')}/registry.json"
 
     def _read(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.exists() else {"versions": []}
+        data = storage.read_bytes(self.uri)
+        if data is None:
+            return {"versions": []}
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.uri}: not a registry file ({e})") from e
 
     def production(self, name: str) -> dict | None:
         versions = [v for v in self._read()["versions"] if v["name"] == name]
@@ -65,10 +80,7 @@ class LocalRegistry:
         entry = {"name": name, "version": str(sum(v["name"] == name for v in state["versions"]) + 1), "uri": uri,
                  "metrics": metrics, "data_version": data, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         state["versions"].append(entry)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.path)  # a reader never sees half a file
+        storage.write_bytes(self.uri, json.dumps(state, indent=2).encode())
         return entry
 
 
@@ -106,13 +118,15 @@ class KubeflowRegistry:
 def open_registry(registry: str):
     if registry.startswith(("http://", "https://")):
         return KubeflowRegistry(registry)
-    return LocalRegistry(registry or "runs/registry")
+    return FileRegistry(registry or "runs/registry")
 
 
 def promotion_gate(sequences_dir: str | Path, candidate_dir: str | Path, registry: str, cfg: PromotionConfig | None = None, uri: str | None = None) -> dict:
     """Score the candidate and the production model on the same validation cases; promote when better.
 
-    Returns the decision: promoted, both metrics, the relative gain, the reason, and the registry entry.
+    `uri`: the candidate's address for the cluster (on KFP, the export artifact's URI), registered instead
+    of the local `candidate_dir`. Returns the decision: promoted, both metrics, the relative gain, the
+    reason, and the registry entry.
     """
     from gts_lum.evaluation.candidates import select_candidates
     from gts_lum.evaluation.protocol import EvalConfig, evaluate
@@ -127,6 +141,9 @@ def promotion_gate(sequences_dir: str | Path, candidate_dir: str | Path, registr
     eval_cfg = EvalConfig(max_users=cfg.valid_users, seed=cfg.seed)
 
     def validation_metric(model_dir) -> float:
+        if storage.is_remote(model_dir):  # production, registered by an earlier run: read from the bucket
+            with tempfile.TemporaryDirectory() as tmp:
+                return validation_metric(storage.download(model_dir, tmp))
         model = load_model(model_dir)
         metrics = evaluate(model, split.log, split.valid, candidates, eval_cfg, desc=f"gate {Path(model_dir).name}")
         if cfg.metric not in metrics:
@@ -147,6 +164,7 @@ def promotion_gate(sequences_dir: str | Path, candidate_dir: str | Path, registr
         decision.update(promoted=promoted, reason=f"{cfg.metric} {new:.4f} vs production {old:.4f}: {gain:+.1%} "
                         f"{'>=' if promoted else '<'} the {cfg.margin:.1%} margin")
     if decision["promoted"]:
-        decision["registered"] = reg.register(cfg.model_name, uri or str(Path(candidate_dir).resolve()), {cfg.metric: new}, data_version(sequences_dir))
+        where = storage.canonical(uri) if uri else str(Path(candidate_dir).resolve())
+        decision["registered"] = reg.register(cfg.model_name, where, {cfg.metric: new}, data_version(sequences_dir))
     log.info("promotion gate: %s", decision["reason"])
     return {**decision, "config": asdict(cfg)}
