@@ -249,6 +249,20 @@ def test_full_softmax_over_the_target_catalog(cycle_data, one_thread_module, mon
     assert seen and all(s.tolist() == targets.tolist() for s in seen)
 
 
+def test_train_targets_all_predicts_every_next_event(cycle_data, one_thread_module, monkeypatch):
+    """`train.targets: all`: phase II predicts every next event against every behaviour (as the sequential
+    baselines train) while validation still ranks the split's targets."""
+    split = cycle_data.split()
+    model = build(cycle_data, train={**TINY["train"], "epochs": 1, "sampled_negatives": None, "targets": "all"})
+    seen = []
+    real = model.net.forward
+    monkeypatch.setattr(model.net, "forward", lambda batch, positives, sampled, *a: seen.append((sampled, a[3])) or real(batch, positives, sampled, *a))
+    model.fit(split, EvalConfig(ks=(1, 10)), candidates=np.array([1, 2, 3]))
+    assert seen and all(s.tolist() == list(range(split.log.num_behaviors)) and allowed is None for s, allowed in seen)
+    with pytest.raises(ValueError, match="targets"):
+        build(cycle_data, train={**TINY["train"], "targets": "some"})
+
+
 def test_valid_holdout_events_train_without_them_and_validate_on_them(cycle_data, one_thread_module, monkeypatch):
     """`train.valid_holdout_events`: phase II never sees a validated user's last training events; validation scores them."""
     split = cycle_data.split()

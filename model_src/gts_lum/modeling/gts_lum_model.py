@@ -717,7 +717,8 @@ class GTSLUM:
                 self.cfg.rerank_depth = configured
             return validation_metric(metrics, tc.select_metric)
 
-        stats = train_loop(Phase2Task(self, split, targets, valid_fn), tc, checkpoint_dir, self.device)
+        trained = targets if tc.targets == "split" else None  # what phase II predicts (validation ranks `targets`)
+        stats = train_loop(Phase2Task(self, split, trained, valid_fn), tc, checkpoint_dir, self.device)
         if len(depths) > 1:  # the best epoch's weights are in: pick the scoring on validation
             values = valid_by_depth()
             self.cfg.rerank_depth = max(values, key=lambda d: (values[d], d))

@@ -55,6 +55,11 @@ class Phase2Config:
     # uncorrected, a popular behaviour is a negative at nearly every step and a rare one almost never,
     # and the model learns to rank rare behaviours too high. No effect with the full softmax (None above).
     logq_correction: bool = True
+    # What phase II learns to predict where the split ranks a subset of behaviours (e.g. the next OTT
+    # service): "split", only next events in that subset (negatives from it too); "all", every next event
+    # against every behaviour, as the sequential baselines train (far more positions per window; the
+    # ranking still scores the subset only)
+    targets: str = "split"
     hard_negatives: int = 4  # target-aware negatives per case (each one decoder pass)
     hard_negative_pool: int | None = None  # they come from the agnostic top-N (None: the model's re-ranking depth)
     agnostic_weight: float = 1.0
@@ -75,6 +80,8 @@ class Phase2Config:
 
     def __post_init__(self) -> None:
         check_schedule(self, "Phase2Config")
+        if self.targets not in ("split", "all"):
+            raise ValueError(f"Phase2Config.targets {self.targets!r}: use 'split' or 'all'")
         if self.valid_holdout_events < 0:
             raise ValueError(f"Phase2Config.valid_holdout_events must be >= 0, got {self.valid_holdout_events}")
 
