@@ -6,8 +6,6 @@ paper's downstream task. Several filters separated by `;` must all hold.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -30,9 +28,3 @@ def select_candidates(behaviors: pd.DataFrame, behavior_ids: np.ndarray, expr: s
     if not len(out):
         raise ValueError(f"candidate filter {expr!r} selects no behaviour")
     return out
-
-
-def load_candidates(clean_dir: str | Path, behavior_ids: np.ndarray, expr: str | None) -> np.ndarray:
-    if not expr:
-        return np.arange(len(behavior_ids))
-    return select_candidates(pd.read_parquet(Path(clean_dir) / "behaviors.parquet"), behavior_ids, expr)

@@ -277,10 +277,6 @@ class TimeGrid:
         # (7 * slots_per_day,) descriptor id of every interval-of-week slot
         self.slot_descriptor = np.where(is_weekend[:, None], weekend_ids[None, :], weekday_ids[None, :]).reshape(-1)
 
-    @property
-    def num_descriptors(self) -> int:
-        return len(self.descriptor_texts)
-
     def local_seconds(self, timestamp: np.ndarray) -> np.ndarray:
         """Local wall-clock seconds since 1970-01-01 00:00 local of unix timestamps (DST-aware, vectorized)."""
         ts = np.asarray(timestamp, dtype=np.int64)

@@ -181,13 +181,6 @@ class SemanticIds:
             raise ValueError(f"extend_texts: encoder {encoder.identity!r} differs from the tree's {self.encoder_identity!r}")
         return self.extend(behavior_ids, encoder.encode(texts))
 
-    def to_frame(self) -> pd.DataFrame:
-        """behavior_id, semantic_id ("3-0-5-1"), sid_0 .. sid_depth: for Feast and for reading."""
-        frame = pd.DataFrame({"behavior_id": self.behavior_ids, "semantic_id": ["-".join(map(str, c)) for c in self.codes.tolist()]})
-        for j in range(self.id_length):
-            frame[f"sid_{j}"] = self.codes[:, j]
-        return frame
-
     def card(self) -> dict:
         return {
             "format": ARTIFACT_FORMAT,

@@ -23,7 +23,6 @@ encoded again later) but never leave keys and vectors out of step.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -242,27 +241,3 @@ def get_encoder(cfg: TextEncoderConfig = TextEncoderConfig()) -> TextEncoder:
 def encode(texts: Sequence[str], cfg: TextEncoderConfig | None = None) -> np.ndarray:
     """Vectors of `texts` (N, D) float32 under `cfg` (default: bundled MiniLM, unit length, disk cache)."""
     return get_encoder(cfg or TextEncoderConfig()).encode(texts)
-
-
-def bench_text_encoder(texts: Sequence[str], cfg: TextEncoderConfig | None = None) -> dict:
-    """Encoding time of `texts` without the cache, then the same texts from a fresh cache (figures only)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        base = cfg or TextEncoderConfig()
-        encoder = TextEncoder(dataclasses.replace(base, cache_dir=tmp))
-        t0 = time.perf_counter()
-        _ = encoder.model
-        t1 = time.perf_counter()
-        encoder.encode(texts)
-        t2 = time.perf_counter()
-        again = TextEncoder(encoder.cfg)
-        again.encode(texts)
-        t3 = time.perf_counter()
-    return {
-        "model": encoder.identity,
-        "texts": len(texts),
-        "model_load_s": round(t1 - t0, 2),
-        "encode_s": round(t2 - t1, 2),
-        "texts_per_s": round(len(texts) / max(t2 - t1, 1e-9)),
-        "cached_reencode_s": round(t3 - t2, 3),
-        "cache_hits": again.stats.hits,
-    }

@@ -624,19 +624,6 @@ class Phase1Trainer:
         log.info("resumed from %s at step %d", folder, self.global_step)
 
 
-def pretrain_phase1(
-    features: BehaviorFeatures,
-    windows: WindowSet | None,
-    out_dir: str | Path,
-    config: str | Path | None = "pkg:qformer/default.yaml",
-    overrides: list[str] | dict | None = None,
-    resume: bool = True,
-) -> dict:
-    """Load the config, train, write the outputs (see module doc); returns the metrics summary."""
-    cfg = load_config(Phase1Config, config, overrides)
-    return Phase1Trainer(cfg, features, windows, out_dir).train(resume=resume)
-
-
 def run_phase1(
     sequences_dir: str | Path,
     out_dir: str | Path,
