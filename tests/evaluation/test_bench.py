@@ -180,3 +180,14 @@ def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tm
         attach_dataset(model, dataset)
         scores = model.score(split.log, split.test.subset(np.arange(3)), np.arange(split.log.num_behaviors))
         assert scores.shape == (3, split.log.num_behaviors) and np.isfinite(scores).all(), spec[3]
+
+
+def test_equal_time_as_gives_the_later_models_the_reference_rows_training_time(tmp_path):
+    split = leave_one_out(popular_and_sequential_log())
+    hstu = ["dim=8", "qk_dim=4", "v_dim=4", "num_layers=1", "train.epochs=2", "train.max_len=6", "train.num_negatives=4", "train.device=cpu"]
+    models = [("hstu", None, hstu, "first"), ("markov", None, []), ("hstu", None, [*hstu, "train.epochs=4"], "later")]
+    first, markov, later = run_bench(split, models, tmp_path, eval_cfg=EvalConfig(ks=(5, 10, 50, 200)), equal_time_as="first")
+    assert "time_budget_s" not in str(first["overrides"]) and markov["overrides"] == []  # Markov trains no loop
+    assert later["model_config"]["train"]["time_budget_s"] == pytest.approx(first["train_seconds"])
+    with pytest.raises(ValueError, match="equal_time_as"):
+        run_bench(split, models, tmp_path / "x", eval_cfg=EvalConfig(ks=(5, 10, 50, 200)), equal_time_as="nobody")

@@ -183,6 +183,18 @@ def _has_train_seed(name: str, cfg_path: str | Path | None, overrides: list | di
     return hasattr(getattr(cfg, "train", None), "seed")
 
 
+def _takes_time_budget(name: str, cfg_path: str | Path | None, overrides: list | dict) -> bool:
+    """Whether the model's training honours a wall-time budget (`train.time_budget_s`, training.loop)."""
+    cfg = load_config(MODELS[name][0], cfg_path or default_config_path(name), overrides)
+    return hasattr(getattr(cfg, "train", None), "time_budget_s")
+
+
+def _with_time_budget(overrides: list | dict, seconds: float) -> list | dict:
+    if isinstance(overrides, dict):
+        return deep_merge(overrides, {"train": {"time_budget_s": seconds}})
+    return [*overrides, f"train.time_budget_s={seconds}"]
+
+
 def _with_seed(overrides: list | dict, seed: int | None) -> list | dict:
     if seed is None:
         return overrides
@@ -213,6 +225,7 @@ def run_bench(
     reference: str | int | None = None,
     dataset: Any = None,
     seeds: Sequence[int] | None = None,
+    equal_time_as: str | None = None,
 ) -> list[dict]:
     """Fit each model on `split` (train / valid), evaluate on `split.test`, write table.md + table.json.
 
@@ -220,6 +233,9 @@ def run_bench(
     `seeds`: each model that trains from a seed (`train.seed`) runs once per seed; its row holds the
     mean, the standard deviation across seeds under "sd" and each run (with its fit statistics) under
     "seeds". Deterministic models (Markov, popularity) run once.
+    `equal_time_as`: the label of a row listed before the others it governs; once it has run, every
+    later model whose training takes a wall-time budget gets that row's mean training time as its
+    `train.time_budget_s` (models compared at equal training time on the same machine).
 
     Returns one dict per model: method, model, config, overrides, the metrics (fractions), MRR, n,
     train_seconds, impv_avg and the model's fit statistics under "fit" (one run) or "seeds".
@@ -229,8 +245,13 @@ def run_bench(
     labels = [s[3] for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"duplicate method labels {labels}: give repeated models a fourth element, the label")
+    if equal_time_as is not None and equal_time_as not in labels:
+        raise ValueError(f"equal_time_as {equal_time_as!r} is not a method of the bench: {labels}")
     rows = []
+    budget = None
     for name, cfg_path, overrides, label in specs:
+        if budget is not None and _takes_time_budget(name, cfg_path, overrides):
+            overrides = _with_time_budget(overrides, budget)
         runs = [
             _fit_and_test(name, cfg_path, _with_seed(overrides, seed), label if seed is None else f"{label} (seed {seed})", split, candidates, eval_cfg, dataset)
             for seed in (seeds if seeds and _has_train_seed(name, cfg_path, overrides) else [None])
@@ -246,6 +267,9 @@ def run_bench(
             del row["fit"]  # per seed, under "seeds"
             log.info("bench: %s over seeds %s: NDCG@10 %.4f +- %.4f", label, list(seeds), row["NDCG@10"], row["sd"]["NDCG@10"])
         rows.append(row)
+        if label == equal_time_as:
+            budget = float(row["train_seconds"])
+            log.info("bench: the models after %s train for at most %.0f s each (its mean training time)", label, budget)
         # after every row: a long bench (hours on CPU) leaves a readable partial table if it is stopped
         done = [r["method"] for r in rows]
         partial_ref = reference if reference in done or (isinstance(reference, int) and -len(rows) <= reference < len(rows)) else None

@@ -50,6 +50,8 @@ class BenchConfig:
     encoder_overrides: dict = field(default_factory=dict)  # {tokenizer: {...}, graph: {...}, tables: {...}}
     # Each seeded model (train.seed) once per seed; rows are means with their spread (empty: one run each)
     seeds: list[int] = field(default_factory=list)
+    # A row's label (listed first): the models after it train for its mean training time (run_bench)
+    equal_time_as: str | None = None
     # Phase I before the GTS-LUM entries (needs encoders): Phase1Config overrides over
     # pkg:qformer/default.yaml, e.g. {epochs: 10}; {} its defaults. None: the Q-formers stay as built.
     phase1: dict | None = None
@@ -138,5 +140,5 @@ def run_bench_config(cfg: BenchConfig, out_dir: str | Path) -> dict:
             raise ValueError("bench phase1 needs encoders: true (phase I aligns the encoders' semantic IDs with the business embeddings)")
         specs = run_phase1_stages(specs, out / "sequences", artifacts, out / "phase1", cfg.phase1)
     log.info("bench %s: %d test cases, %s candidates, models %s", cfg.name, len(split.test), "all" if candidates is None else len(candidates), [s[3] for s in specs])
-    rows = run_bench(split, specs, out, candidates, cfg.eval, cfg.reference, dataset=data, seeds=cfg.seeds)
+    rows = run_bench(split, specs, out, candidates, cfg.eval, cfg.reference, dataset=data, seeds=cfg.seeds, equal_time_as=cfg.equal_time_as)
     return {"rows": rows, "table_md": (out / "table.md").read_text()}
