@@ -178,7 +178,8 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
     num_params = sum(p.numel() for p in module.parameters())
     log.info("%s: %s trainable of %s parameters, device %s, world %d", task.name, f"{sum(p.numel() for p in params):,}", f"{num_params:,}", device, world)
     t_start = time.perf_counter()
-    position.setdefault("planned_epochs", cfg.epochs)
+    if not cfg.time_budget_s or "planned_epochs" not in position:  # without a budget the config decides (a resume may extend it)
+        position["planned_epochs"] = cfg.epochs
     while position["epoch"] < position["planned_epochs"] and position["bad_epochs"] < cfg.patience:
         epoch = position["epoch"]
         batches = task.epoch_batches(epoch)
