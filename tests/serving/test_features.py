@@ -24,15 +24,14 @@ from gts_lum.data.validate import load_event_log
 from gts_lum.sequence.splits import EvalSet, leave_one_out
 from gts_lum.sequence.timestamp_process import BehaviorStats, TimeGrid, build_sequences
 from gts_lum.serving.export import history_log
+from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV, pseudonymize
 from gts_lum.serving.features import (
-    PSEUDONYM_KEY_ENV,
     SOURCE_FILES,
     USER_KEY,
     FeatureClient,
     dataset_sequence_config,
     export_feature_sources,
     open_store,
-    pseudonymize,
     publish_features,
 )
 from gts_lum.tokenizer.semantic_ids import SemanticIds, tokenize_dataset

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gts_lum.data.events import EventLog
+from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV
 from gts_lum.serving.export import ASSET_SUFFIXES, export_model, history_log
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,7 +182,7 @@ def feature_repo(tiny_serving, tmp_path_factory):
     features = pytest.importorskip("gts_lum.serving.features", reason="the Feast side (gts_lum.serving.features) is not there yet")
     root = tmp_path_factory.mktemp("feast")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(features.PSEUDONYM_KEY_ENV, "serving-test-key-0123456789abcdef")
+        mp.setenv(PSEUDONYM_KEY_ENV, "serving-test-key-0123456789abcdef")
         repo = root / "repo"
         repo.mkdir()
         for path in [*(REPO / "feature_repo").glob("*.py"), REPO / "feature_repo" / "feature_store.yaml"]:
@@ -450,7 +451,6 @@ def test_no_raw_user_id_in_any_log_line_or_error_body(scorer_server, offline, fe
 
 
 def test_a_feature_store_without_a_good_key_fails_at_start_and_a_wrong_key_is_noticed(tiny_serving, offline, feature_repo, tmp_path, monkeypatch):
-    from gts_lum.serving.features import PSEUDONYM_KEY_ENV
     from gts_lum.serving.scorer import UNKNOWN_USER_WINDOW, launch_server
 
     monkeypatch.delenv(PSEUDONYM_KEY_ENV)
