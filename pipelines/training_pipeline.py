@@ -167,6 +167,7 @@ def training_pipeline(
         clean=clean.outputs["clean"], ids=ids.outputs["ids"], feature_repo=feature_repo, feature_config=feature_config, last_n=feature_last_n
     ).set_display_name("publish-features")
     publish.set_caching_options(False)
+    kubernetes.add_pod_label(publish, "gts-lum.io/redis-client", "true")  # Redis's NetworkPolicy admits only its clients
     kubernetes.use_secret_as_env(publish, secret_name=feast_registry_secret, secret_key_to_env={"url": "GTS_LUM_FEAST_REGISTRY"}, optional=True)
     kubernetes.use_secret_as_env(publish, secret_name=redis_secret, secret_key_to_env={"connection": "GTS_LUM_REDIS"}, optional=True)
     labels = label_tasks(
