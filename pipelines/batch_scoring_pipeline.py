@@ -6,7 +6,7 @@ The KFP launcher imports only gs://, minio://, s3:// and oci:// URIs: on KFP's M
 run registered (s3://mlpipeline/...) is imported as minio://mlpipeline/... (the same object).
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 from kfp.dsl import Model
 
 from components.ingest import ingest, validate
@@ -25,6 +25,7 @@ def batch_scoring_pipeline(
     chunk_size: int = 256,
     top_k: int = 10,
     object_store_secret: str = "gts-lum-object-store",  # endpoint, access_key, secret_key (pipelines/cluster.py)
+    pseudonym_secret: str = "gts-lum-pseudonym",  # key: the export names users' profile rows by pseudonym
     # CPU and memory of the tasks (pipelines/cluster.py): data steps, and the scoring itself
     step_cpu_request: str = "500m",
     step_cpu_limit: str = "2",
@@ -38,6 +39,7 @@ def batch_scoring_pipeline(
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
     score = batch_score(export=export.output, data=clean.outputs["clean"], users=users, chunk_size=chunk_size, top_k=top_k).set_display_name("batch-score")
     score.set_caching_options(False)
+    kubernetes.use_secret_as_env(score, secret_name=pseudonym_secret, secret_key_to_env={"key": "GTS_LUM_PSEUDONYM_KEY"})
     for task in (raw, score):
         reads_object_storage(task, object_store_secret)
     for task in (raw, clean):

@@ -167,8 +167,7 @@ def training_pipeline(
         clean=clean.outputs["clean"], ids=ids.outputs["ids"], feature_repo=feature_repo, feature_config=feature_config, last_n=feature_last_n
     ).set_display_name("publish-features")
     publish.set_caching_options(False)
-    # kfp.local sets the pseudonym key itself (run_local); a cluster's pod gets it only from a Secret
-    kubernetes.use_secret_as_env(publish, secret_name=pseudonym_secret, secret_key_to_env={"key": "GTS_LUM_PSEUDONYM_KEY"})
+    kubernetes.add_pod_label(publish, "gts-lum.io/redis-client", "true")  # Redis's NetworkPolicy admits only its clients
     kubernetes.use_secret_as_env(publish, secret_name=feast_registry_secret, secret_key_to_env={"url": "GTS_LUM_FEAST_REGISTRY"}, optional=True)
     kubernetes.use_secret_as_env(publish, secret_name=redis_secret, secret_key_to_env={"connection": "GTS_LUM_REDIS"}, optional=True)
     labels = label_tasks(
@@ -181,6 +180,10 @@ def training_pipeline(
         "promotion-gate"
     )
     gate.set_caching_options(False)
+    # kfp.local sets the pseudonym key itself (run_local); a cluster's pod gets it only from a Secret. Publishing
+    # keys users by pseudonym, the export names profile rows by it, and the gate scores the export so
+    for task in (publish, export, gate):
+        kubernetes.use_secret_as_env(task, secret_name=pseudonym_secret, secret_key_to_env={"key": "GTS_LUM_PSEUDONYM_KEY"})
     for task in (raw, gate):
         reads_object_storage(task, object_store_secret)
     rollout = deploy_model(

@@ -627,3 +627,55 @@ def test_the_inferenceservice_serves_the_export_with_a_documented_canary(rendere
     assert storage.startswith("pvc://") and folder, f"STORAGE_URI {storage}: pvc://CLAIM/FOLDER of the export"
     find(rendered["npu"], "PersistentVolumeClaim", claim)
     assert "GTS_LUM_PSEUDONYM_KEY" in env, "the scorer pseudonymizes user ids before it asks Feast"
+
+
+def test_each_service_admits_only_its_callers(rendered):
+    """The scorer is cluster-local; every serving pod has a NetworkPolicy that selects it and admits only the
+    namespaces that should call it; Redis only its clients; the feature server takes no writes (issue 27)."""
+    from gts_lum.serving.feature_server import READ_ROUTES
+    from tests.pipelines.test_cluster_settings import compiled, executor
+
+    for overlay, objects in rendered.items():
+        isvc = find(objects, "InferenceService")
+        labels = isvc["metadata"]["labels"]
+        assert labels["networking.knative.dev/visibility"] == "cluster-local" and labels["networking.kserve.io/visibility"] == "cluster-local", overlay
+        # the labels of each serving pod: KServe adds the InferenceService's name to its predictor's
+        pods = {
+            "scorer": {**isvc["spec"]["predictor"]["labels"], "serving.kserve.io/inferenceservice": isvc["metadata"]["name"]},
+            "feast": find(objects, "Deployment", "gts-lum-feast")["spec"]["template"]["metadata"]["labels"],
+            "redis": find(objects, "StatefulSet", "gts-lum-redis")["spec"]["template"]["metadata"]["labels"],
+        }
+        callers = {
+            "gts-lum-scorer": ("scorer", [{"kubernetes.io/metadata.name": "knative-serving"}, {"kubernetes.io/metadata.name": "istio-system"}, {"gts-lum.io/scorer-client": "true"}]),
+            "gts-lum-feast": ("feast", [{"gts-lum.io/feature-client": "true"}]),
+            "gts-lum-redis": ("redis", [None, {"gts-lum.io/pipelines": "true"}]),  # None: this namespace
+        }
+        for name, (pod, namespaces) in callers.items():
+            spec = find(objects, "NetworkPolicy", name)["spec"]
+            assert spec["podSelector"]["matchLabels"].items() <= pods[pod].items(), f"{overlay}: NetworkPolicy {name} selects no {pod} pod"
+            assert spec["policyTypes"] == ["Ingress"] and len(spec["ingress"]) == 1, name
+            peers = spec["ingress"][0]["from"]
+            assert [p.get("namespaceSelector", {}).get("matchLabels") for p in peers] == namespaces, f"{overlay}: {name} admits {peers}"
+        redis_peers = find(objects, "NetworkPolicy", "gts-lum-redis")["spec"]["ingress"][0]["from"]
+        client = {"gts-lum.io/redis-client": "true"}
+        assert all(p["podSelector"]["matchLabels"] == client for p in redis_peers), "Redis admits only its clients, in any namespace"
+        clients = sorted(where for o in objects for where, _ in pod_specs(o) if client.items() <= _pod_labels(o).items())
+        assert clients == ["Deployment/gts-lum-feast", "InferenceService/gts-lum/predictor"], f"{overlay}: Redis clients {clients}"
+
+        feast = find(objects, "Deployment", "gts-lum-feast")["spec"]["template"]["spec"]["containers"][0]
+        assert feast["command"][:3] == ["python", "-m", "gts_lum.serving.feature_server"], "the read-only feature server, not `feast serve`"
+        assert set(READ_ROUTES) == {"/get-online-features", "/health"}
+        port = int(feast["command"][feast["command"].index("--port") + 1])
+        assert {"name": "http", "containerPort": port, "protocol": "TCP"} in feast["ports"]
+        assert find(objects, "NetworkPolicy", "gts-lum-feast")["spec"]["ingress"][0]["ports"] == [{"port": port, "protocol": "TCP"}]
+    # the pipeline's publish pods are Redis clients too (in the namespaces labelled gts-lum.io/pipelines=true)
+    spec, platform = compiled("training")
+    assert platform["executors"][executor(spec, "publish-features")]["podMetadata"]["labels"] == {"gts-lum.io/redis-client": "true"}
+
+
+def _pod_labels(obj: dict) -> dict:
+    """The labels of the pods an object makes (a predictor's `labels`, a template's metadata)."""
+    if obj["kind"] == "InferenceService":
+        return obj["spec"]["predictor"].get("labels", {})
+    template = obj.get("spec", {}).get("template", {})
+    return template.get("metadata", {}).get("labels", {}) if obj["kind"] in ("Deployment", "StatefulSet", "Job") else {}

@@ -48,6 +48,12 @@ def test_publish_features_gets_the_pseudonym_key_and_feast_addresses_from_secret
     # the production feature_store.yaml's addresses; optional, as the local config reads neither
     assert env["GTS_LUM_FEAST_REGISTRY"][1:] == ("url", True) and env["GTS_LUM_REDIS"][1:] == ("connection", True)
     names = defaults("training")
+    # the export names profile rows by pseudonym; the gate and batch scoring score it under the same names
+    for task in ("export-model", "promote-model"):
+        assert secret_env(platform, executor(spec, task))["GTS_LUM_PSEUDONYM_KEY"] == ("pseudonym_secret", "key", False), task
+    batch_spec, batch_platform = compiled("batch_scoring")
+    assert secret_env(batch_platform, executor(batch_spec, "batch-score"))["GTS_LUM_PSEUDONYM_KEY"] == ("pseudonym_secret", "key", False)
+    assert defaults("batch_scoring")["pseudonym_secret"] in OPERATOR_SECRETS
     # the same Secrets the manifests' pods read, by default
     assert {names[param] for param, _, _ in env.values()} <= OPERATOR_SECRETS
 

@@ -24,15 +24,14 @@ from gts_lum.data.validate import load_event_log
 from gts_lum.sequence.splits import EvalSet, leave_one_out
 from gts_lum.sequence.timestamp_process import BehaviorStats, TimeGrid, build_sequences
 from gts_lum.serving.export import history_log
+from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV, pseudonymize
 from gts_lum.serving.features import (
-    PSEUDONYM_KEY_ENV,
     SOURCE_FILES,
     USER_KEY,
     FeatureClient,
     dataset_sequence_config,
     export_feature_sources,
     open_store,
-    pseudonymize,
     publish_features,
 )
 from gts_lum.tokenizer.semantic_ids import SemanticIds, tokenize_dataset
@@ -379,3 +378,41 @@ def test_the_scorer_serves_histories_from_the_production_store(redis_store, refe
         assert unknown.status_code == 404 and "not in the feature store" in unknown.json()["error"]
     finally:
         server.stop()
+
+
+def test_the_feature_server_reads_and_refuses_every_write(sqlite_store, reference, tmp_path):
+    """The read-only feature server (what the manifests run) on 127.0.0.1: online features are served;
+    /push, /write-to-online-store and /materialize(-incremental) are 404, and nothing reaches the store."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    repo, config = sqlite_store
+    event_log = reference[0]
+    user = str(event_log.user_ids[0])
+    before = FeatureClient(repo, config).get_history(user)
+    port = loopback_port()
+    log_file = open(tmp_path / "feature-server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gts_lum.serving.feature_server", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log_file, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, proc, "the feature server", timeout=120)
+        read = httpx.post(f"{url}/get-online-features", json={"features": ["user_sequence:behavior_ids"], "entities": {USER_KEY: [pseudonymize(user)]}}, timeout=30)
+        assert read.status_code == 200, read.text
+        assert read.json()["results"][1]["values"][0] == before["behavior_ids"]
+        writes = {
+            "/push": {"push_source_name": "user_sequence_push", "df": {USER_KEY: [pseudonymize(user)], "behavior_ids": [["x"]]}, "to": "online"},
+            "/write-to-online-store": {"feature_view_name": "user_sequence", "df": {USER_KEY: [pseudonymize(user)]}},
+            "/materialize": {"start_ts": "2000-01-01T00:00:00", "end_ts": "2100-01-01T00:00:00"},
+            "/materialize-incremental": {"end_ts": "2100-01-01T00:00:00"},
+        }
+        for path, body in writes.items():
+            assert httpx.post(f"{url}{path}", json=body, timeout=30).status_code == 404, path
+    finally:
+        stop_process(proc)
+        log_file.close()
+    assert FeatureClient(repo, config).get_history(user) == before

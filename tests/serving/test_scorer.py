@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gts_lum.data.events import EventLog
+from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV
 from gts_lum.serving.export import ASSET_SUFFIXES, export_model, history_log
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,7 +182,7 @@ def feature_repo(tiny_serving, tmp_path_factory):
     features = pytest.importorskip("gts_lum.serving.features", reason="the Feast side (gts_lum.serving.features) is not there yet")
     root = tmp_path_factory.mktemp("feast")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(features.PSEUDONYM_KEY_ENV, "serving-test-key-0123456789abcdef")
+        mp.setenv(PSEUDONYM_KEY_ENV, "serving-test-key-0123456789abcdef")
         repo = root / "repo"
         repo.mkdir()
         for path in [*(REPO / "feature_repo").glob("*.py"), REPO / "feature_repo" / "feature_store.yaml"]:
@@ -450,7 +451,6 @@ def test_no_raw_user_id_in_any_log_line_or_error_body(scorer_server, offline, fe
 
 
 def test_a_feature_store_without_a_good_key_fails_at_start_and_a_wrong_key_is_noticed(tiny_serving, offline, feature_repo, tmp_path, monkeypatch):
-    from gts_lum.serving.features import PSEUDONYM_KEY_ENV
     from gts_lum.serving.scorer import UNKNOWN_USER_WINDOW, launch_server
 
     monkeypatch.delenv(PSEUDONYM_KEY_ENV)
@@ -472,3 +472,50 @@ def test_a_feature_store_without_a_good_key_fails_at_start_and_a_wrong_key_is_no
     log_text = (tmp_path / "wrong.log").read_text(errors="replace")
     assert log_text.count(f"of the last {UNKNOWN_USER_WINDOW} feature-store users were unknown") == 1
     assert not any(u in log_text for u in users)
+
+
+def test_slow_clients_are_cut_off_past_their_deadline_and_the_connection_cap_holds(tiny_serving, offline, tmp_path):
+    """Clients trickling a request (headers never finished, a body that stops) are closed after the header /
+    body timeout (a late header gets a 408); past --max-connections a request gets a 503; normal requests are
+    served before, beside and after them."""
+    import socket
+    import time
+
+    from gts_lum.serving.scorer import launch_server
+
+    timeout = 3
+    server = launch_server(tiny_serving.export, tmp_path / "slow.log", extra_args=["--header-timeout", str(timeout), "--body-timeout", str(timeout), "--max-connections", "6"])
+    instance = [{"events": offline.events(0)}]
+    head = f"POST /v1/models/{server.name}:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+    partial_body = head + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"instances": ['
+    slow: list[tuple[socket.socket, bool, float]] = []  # socket, late in its headers, opened at
+
+    def open_slow(n: int) -> None:
+        for i in range(n):
+            sock = socket.create_connection((server.host, server.port), timeout=timeout + 10)
+            headers_late = len(slow) % 2 == 0
+            sock.sendall(head if headers_late else partial_body)
+            slow.append((sock, headers_late, time.monotonic()))
+
+    try:
+        open_slow(3)
+        assert predict_v1(server, instance).status_code == 200  # 4 connections of 6
+        open_slow(2)
+        capped = predict_v1(server, instance)  # the 6th connection: at the cap
+        assert capped.status_code == 503, capped.text
+        for sock, headers_late, opened in slow:
+            received = b""
+            while chunk := sock.recv(4096):  # ends at the server's close (or the socket's timeout raises)
+                received += chunk
+            waited = time.monotonic() - opened
+            assert timeout - 0.5 < waited < timeout + 5, f"closed after {waited:.1f} s"
+            assert received.startswith(b"HTTP/1.1 408") if headers_late else b"200 OK" not in received
+            sock.close()
+        assert predict_v1(server, instance).status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    finally:
+        for sock, _, _ in slow:
+            sock.close()
+        server.stop()
+    assert 'gts_lum_slow_clients_total{late="headers"} 3.0' in metrics and 'gts_lum_slow_clients_total{late="body"} 2.0' in metrics
+    assert "no complete request headers within 3 s (--header-timeout)" in server.log_path.read_text()

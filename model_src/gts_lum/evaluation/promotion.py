@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gts_lum.data import storage
+from gts_lum.data.pseudonym import profiles_by_pseudonym, pseudonymous_log
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,9 @@ def promotion_gate(sequences_dir: str | Path, candidate_dir: str | Path, registr
             with tempfile.TemporaryDirectory() as tmp:
                 return validation_metric(storage.download(model_dir, tmp))
         model = load_model(model_dir)
-        metrics = evaluate(model, split.log, split.valid, candidates, eval_cfg, desc=f"gate {Path(model_dir).name}")
+        # an export names its profile rows by pseudonym: score the users under the same names
+        keyed = profiles_by_pseudonym(Path(model_dir) / "assets" / "users.npz")
+        metrics = evaluate(model, pseudonymous_log(split.log) if keyed else split.log, split.valid, candidates, eval_cfg, desc=f"gate {Path(model_dir).name}")
         if cfg.metric not in metrics:
             raise ValueError(f"promotion metric {cfg.metric!r} is not among {sorted(metrics)}")
         return float(metrics[cfg.metric])

@@ -7,7 +7,10 @@ through the `ServingModel` it returns, so online and offline ranks cannot drift 
                          behaviour ids (catalog order) and target behaviours (the training split's target
                          filter: what a request without candidates ranks), the timestamp-process settings (`sequence_config`:
                          timezone, interval, budget, ...; Feast parity reads them), the heads, a sha256 per file
-    weights.safetensors, model.yaml, assets/   the model as `training.checkpoint.save_model` wrote it
+    weights.safetensors, model.yaml, assets/   the model as `training.checkpoint.save_model` wrote it, but for
+                         the profile table (assets/users.npz): its users named by pseudonym (GTS_LUM_PSEUDONYM_KEY,
+                         the feature store's keys; serving.yaml `users`), or no ids for a model without profiles.
+                         No raw user id is exported; scoring a model with profiles needs the key.
     heads/               optional: heads.yaml + NAME.safetensors per label head (`save_head`)
 
 Nothing is pickled: tensors are safetensors, arrays .npz read with allow_pickle=False, the rest YAML.
@@ -33,6 +36,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from gts_lum.data.events import EventLog
+from gts_lum.data.pseudonym import KEY_CHECK, key_check, profiles_by_pseudonym, pseudonymize_all, pseudonymous_log
 from gts_lum.evaluation.labels import LabelTask
 from gts_lum.modeling.heads import HeadsConfig, LabelHead, UpliftHead, build_head
 from gts_lum.sequence.splits import EvalSet
@@ -135,6 +139,23 @@ def _catalog(model_dir: Path, card: dict, sequences_dir: str | Path | None) -> t
     return ids, expr, np.asarray(select_candidates(data.behaviors(), data.event_log.behavior_ids, expr), np.int64)
 
 
+def _pseudonymize_profiles(users_file: Path) -> dict:
+    """Rewrite a copied profile table (assets/users.npz) so the export holds no raw user id: pseudonyms
+    (`data.pseudonym`, the feature store's keys) with the key's check beside them when the model has profile
+    rows, else no ids at all (a model without a profile token never looks a user up)."""
+    with np.load(users_file, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if "vectors" not in arrays:
+        np.savez(users_file, user_ids=np.zeros(0, dtype=str))
+        return {"ids": "none", "rows": 0}
+    try:
+        ids = pseudonymize_all(arrays["user_ids"]).astype(str)
+    except ValueError as err:
+        raise ValueError(f"the model has user profile rows, which the export names by pseudonym: {err}") from None
+    np.savez(users_file, user_ids=ids, vectors=arrays["vectors"], **{KEY_CHECK: np.array(key_check())})
+    return {"ids": "pseudonyms", "rows": int(len(ids))}
+
+
 def export_model(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -172,6 +193,7 @@ def export_model(
             target = tmp / path.relative_to(model_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+        users = _pseudonymize_profiles(tmp / "assets" / "users.npz")
         heads = load_heads(heads_dir) if heads_dir else {}
         if heads_dir and not (Path(heads_dir) / HEADS_CARD).exists():  # an empty card is fine: no label tasks
             raise FileNotFoundError(f"{heads_dir}: no {HEADS_CARD} (write heads with gts_lum.serving.export.save_head)")
@@ -209,6 +231,7 @@ def export_model(
             "sequence_config": dataclasses.asdict(model._assets["sequence_cfg"]),
             "rerank_depth": int(model.cfg.rerank_depth),
             "hidden_size": int(hidden),
+            "users": users,
             "heads": {k: {"kind": h.task.kind, "classes": list(h.task.classes)} for k, h in heads.items()},
             "files": hashes,
         }
@@ -274,6 +297,17 @@ class ServingModel:
             self.model.cfg.rerank_depth = rerank_depth
         self.heads = load_heads(self.root / HEADS_DIR)
         self._lock = threading.Lock()
+        self._pseudonymous = profiles_by_pseudonym(self.root / "assets" / "users.npz")  # fails here on a missing or wrong key
+        self._keyed: tuple[EventLog | None, EventLog | None] = (None, None)
+
+    def _profile_log(self, log_: EventLog) -> EventLog:
+        """The log with its users named as the export's profile table names them (pseudonyms), made once per
+        log: batch scoring ranks one log chunk by chunk. Called under the lock."""
+        if not self._pseudonymous:
+            return log_
+        if self._keyed[0] is not log_:
+            self._keyed = (log_, pseudonymous_log(log_))
+        return self._keyed[1]
 
     @property
     def name(self) -> str:
@@ -296,7 +330,7 @@ class ServingModel:
             if candidates is not None:
                 self.model.cfg.rerank_depth = len(cand)
             try:
-                scores = self.model.score(log_, cases, cand)  # (B, C)
+                scores = self.model.score(self._profile_log(log_), cases, cand)  # (B, C)
             finally:
                 self.model.cfg.rerank_depth = depth
         k = min(int(top_k), len(cand))
@@ -316,7 +350,7 @@ class ServingModel:
         for name in names:
             spec = self.heads[name]
             with self._lock:
-                emb = torch.as_tensor(self.model.user_embeddings(log_, cases, task=spec.task_token)).float()
+                emb = torch.as_tensor(self.model.user_embeddings(self._profile_log(log_), cases, task=spec.task_token)).float()
             if isinstance(spec.head, UpliftHead):
                 p = spec.head.predict_proba(emb).numpy()
                 values = [{"uplift": float(r[1] - r[0]), "p_control": float(r[0]), "p_treated": float(r[1])} for r in p]

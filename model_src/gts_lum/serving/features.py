@@ -47,8 +47,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
-import hmac
 import importlib
 import json
 import logging
@@ -73,13 +71,12 @@ from tqdm.auto import tqdm
 from gts_lum.config import from_dict, load_config
 from gts_lum.data.contract import DatasetManifest, read_table
 from gts_lum.data.events import EventLog, ragged_arange
+from gts_lum.data.pseudonym import pseudonym_key, pseudonymize, pseudonymize_all
 from gts_lum.data.validate import load_event_log
 from gts_lum.sequence.timestamp_process import SECONDS_PER_DAY, SequenceConfig, TimeGrid
 
 log = logging.getLogger(__name__)
 
-PSEUDONYM_KEY_ENV = "GTS_LUM_PSEUDONYM_KEY"
-MIN_KEY_BYTES = 32  # an HMAC-SHA256 key as strong as its output; a short key can be searched for
 FEATURE_DATA_ENV = "GTS_LUM_FEATURE_DATA"  # read by feature_repo/data_sources.py
 USER_KEY = "user_pseudonym"
 BEHAVIOR_KEY = "behavior_id"
@@ -97,32 +94,6 @@ SOURCE_FILES = {
 SOURCES_MANIFEST = "feature_sources.yaml"
 TIME_COLUMNS = ("event_timestamp", "created")
 SNAPSHOT_ELEMENTS = 4_000_000  # array elements per written row group: bounds the export's memory
-
-
-def _pseudonym_key() -> bytes:
-    key = os.environ.get(PSEUDONYM_KEY_ENV, "")
-    if not key:
-        raise ValueError(
-            f"{PSEUDONYM_KEY_ENV} is not set: the feature store keys users by an HMAC pseudonym whose key comes "
-            f"only from the environment (e.g. a Kubernetes Secret); set it to a random string of at least {MIN_KEY_BYTES} bytes "
-            "(e.g. `openssl rand -hex 32`)"
-        )
-    if len(key.encode()) < MIN_KEY_BYTES:
-        raise ValueError(
-            f"{PSEUDONYM_KEY_ENV} holds {len(key.encode())} bytes: a pseudonym key needs at least {MIN_KEY_BYTES} "
-            "(e.g. `openssl rand -hex 32`); a short key lets anyone holding the stores recover user ids by trying keys"
-        )
-    return key.encode()
-
-
-def pseudonymize(user_id: str) -> str:
-    """The Feast entity key of a user: hex HMAC-SHA256 of the id under GTS_LUM_PSEUDONYM_KEY."""
-    return hmac.new(_pseudonym_key(), str(user_id).encode(), hashlib.sha256).hexdigest()
-
-
-def _pseudonymize_all(user_ids: Sequence) -> np.ndarray:
-    key = _pseudonym_key()
-    return np.array([hmac.new(key, str(u).encode(), hashlib.sha256).hexdigest() for u in user_ids], dtype=object)
 
 
 def dataset_sequence_config(clean_dir: str | Path, sequence_config: str | None = None) -> SequenceConfig:
@@ -207,7 +178,7 @@ def _write_profile(clean_dir: Path, path: Path, valid_from: int, created: int) -
     # one JSON object per user, nulls left out (pandas writes numpy scalars and timestamps as JSON)
     rows = users.drop(columns=["user_id"]).to_json(orient="records", lines=True, date_format="iso").splitlines() if len(users) else []
     objects = [json.dumps({k: v for k, v in json.loads(row).items() if v is not None}) for row in rows]
-    table = pa.table({USER_KEY: pa.array(_pseudonymize_all(users["user_id"].astype(str)).astype(str), pa.string()), "attributes": pa.array(objects, pa.string())})
+    table = pa.table({USER_KEY: pa.array(pseudonymize_all(users["user_id"].astype(str)).astype(str), pa.string()), "attributes": pa.array(objects, pa.string())})
     table = table.append_column("event_timestamp", _utc(np.full(len(users), valid_from)))
     table = table.append_column("created", _utc(np.full(len(users), created)))
     pq.write_table(table, path)
@@ -280,13 +251,13 @@ def export_feature_sources(
         raise ValueError(f"last_n={last_n!r}: expected an integer >= 1")
     if snapshot_days is not None and (type(snapshot_days) is not int or snapshot_days < 1):
         raise ValueError(f"snapshot_days={snapshot_days!r}: expected an integer >= 1, or None for the latest snapshot only")
-    _pseudonym_key()  # fail before any work when the key is missing
+    pseudonym_key()  # fail before any work when the key is missing
     cfg = dataset_sequence_config(clean_dir, sequence_config)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     created = int(time.time())
     event_log = load_event_log(clean_dir)  # seed 0, as the sequence stage's default split
-    pseudonyms = _pseudonymize_all(event_log.user_ids)
+    pseudonyms = pseudonymize_all(event_log.user_ids)
     files = {
         SEQUENCE_VIEW: _write_sequences(event_log, TimeGrid(cfg), pseudonyms, out / SOURCE_FILES[SEQUENCE_VIEW], last_n, snapshot_days, created)
     }
@@ -478,7 +449,7 @@ class FeatureClient:
     """
 
     def __init__(self, repo_path: str | Path, config: str | None = None):
-        _pseudonym_key()  # every read and write needs it: a missing or weak key fails here, not at the first user
+        pseudonym_key()  # every read and write needs it: a missing or weak key fails here, not at the first user
         self.repo_path = Path(repo_path).resolve()
         self.config_path = _config_file(self.repo_path, config)
         self._local = threading.local()

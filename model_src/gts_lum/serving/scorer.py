@@ -35,6 +35,8 @@ target-aware candidate scores (instances x candidates) than --max-request-candid
 that is not JSON (send `Content-Type: application/json`; parameters such as `; charset=utf-8` are
 accepted); 422 for a v2 body that is not an inference request. No raw user id reaches a log line or an
 error body (a user is named by the request path, e.g. `instances[0].user_id`).
+Slow clients: the request headers must arrive within --header-timeout s (a 408 and the connection closed
+otherwise), the body within --body-timeout s after them; past --max-connections a request gets a 503.
 A server started with --feature-repo checks the pseudonym key at start-up, and warns (once, without ids)
 when nearly every feature-store user of a window is unknown: the sign of a key other than the store's.
 kserve binds 0.0.0.0 and cannot be told otherwise; this server binds `--host` (127.0.0.1 by default;
@@ -63,6 +65,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import kserve
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, INFERENCE_CONTENT_LENGTH_HEADER
@@ -83,6 +86,7 @@ UNKNOWN_USER_WINDOW, UNKNOWN_USER_SHARE = 200, 0.9  # feature-store lookups watc
 REQUESTS = Counter("gts_lum_requests_total", "HTTP requests by endpoint and status code", ["endpoint", "code"])
 ERRORS = Counter("gts_lum_request_errors_total", "HTTP responses with status >= 400 by endpoint and status code", ["endpoint", "code"])
 LATENCY = Histogram("gts_lum_request_seconds", "HTTP request latency by endpoint", ["endpoint"])
+SLOW_CLIENTS = Counter("gts_lum_slow_clients_total", "connections closed for sending a request too slowly, by what was late", ["late"])
 
 
 @dataclass
@@ -98,13 +102,23 @@ class ScorerConfig:
     # a request without candidates its re-ranking depth. Bounds the time one request holds the single
     # scoring thread (32 x 500 candidates held a small request for 24 s on 2 cores): 413 above it.
     max_request_candidates: int = 2000
+    # slow clients (uvicorn has no request timeouts of its own): a connection whose request headers are not
+    # all in within header_timeout s of its start (or of the request's first byte on a kept-alive connection),
+    # or whose body is not within body_timeout s after them, is closed; past max_connections open
+    # connections a request gets a 503. 250 connections trickling partial bodies were held for 70 s without them.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 512
     rerank_depth: int | None = None  # None: the model's own
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates"):
+        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "max_connections"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ScorerConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("header_timeout", "body_timeout"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                raise ValueError(f"ScorerConfig.{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
 
 
 class UnknownUser(InvalidInput):
@@ -556,6 +570,65 @@ class ServingMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+class RequestDeadlines(HttpToolsProtocol):
+    """uvicorn's httptools protocol with deadlines for receiving a request, which uvicorn lacks (its keep-alive
+    timeout is reset by every byte, so a client trickling a request holds the connection for ever).
+
+    Armed through asyncio's and httptools' callbacks: at the connection's start and at a request's first byte
+    for the headers (`header_timeout`), at the end of the headers for the body (`body_timeout`); disarmed when
+    the request is complete. A late client's connection is closed (a late header gets a 408 first: nothing
+    has answered yet). `deadline_protocol` makes the subclass that carries one server's timeouts."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._deadline = None
+        self._deadline_transport = transport
+        self._arm("headers", self.header_timeout)
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm("headers", self.header_timeout)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm("body", self.body_timeout)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()
+
+    def _arm(self, late: str, seconds: float) -> None:
+        self._disarm()
+        self._deadline = asyncio.get_running_loop().call_later(seconds, self._expire, late, seconds)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self, late: str, seconds: float) -> None:
+        self._deadline = None
+        transport = self._deadline_transport
+        if transport.is_closing():
+            return
+        SLOW_CLIENTS.labels(late).inc()
+        log.warning("a client sent no complete request %s within %g s (--%s-timeout): connection closed", late, seconds, "header" if late == "headers" else "body")
+        if late == "headers":
+            transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        transport.close()
+
+
+def deadline_protocol(header_timeout: float, body_timeout: float) -> type[RequestDeadlines]:
+    return type("ServerRequestDeadlines", (RequestDeadlines,), {"header_timeout": header_timeout, "body_timeout": body_timeout})
+
+
 async def _client_error(request, exc: InvalidInput) -> JSONResponse:
     """A 4xx with the reason, logged as one line (kserve logs a traceback for each)."""
     code = getattr(exc, "status", 400)
@@ -564,12 +637,15 @@ async def _client_error(request, exc: InvalidInput) -> JSONResponse:
 
 
 class LocalRESTServer(RESTServer):
-    """kserve's REST server bound to `host` (kserve hard-codes 0.0.0.0), with `ServingMiddleware`."""
+    """kserve's REST server bound to `host` (kserve hard-codes 0.0.0.0), with `ServingMiddleware`, the request
+    deadlines (`RequestDeadlines`) and uvicorn's connection cap (`limit_concurrency`: a 503 past it)."""
 
-    def __init__(self, host: str, max_body_bytes: int, *args, **kwargs):
+    def __init__(self, host: str, cfg: ScorerConfig, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.config.host = host
-        self.max_body_bytes = max_body_bytes
+        self.config.http = deadline_protocol(cfg.header_timeout, cfg.body_timeout)
+        self.config.limit_concurrency = cfg.max_connections
+        self.max_body_bytes = cfg.max_body_bytes
 
     def _add_middlewares(self, app: FastAPI) -> None:
         super()._add_middlewares(app)
@@ -583,16 +659,16 @@ class LocalRESTServer(RESTServer):
 class LocalModelServer(kserve.ModelServer):
     """kserve.ModelServer whose REST server is `LocalRESTServer` (single process, no gRPC)."""
 
-    def __init__(self, host: str, http_port: int, max_body_bytes: int):
+    def __init__(self, host: str, http_port: int, cfg: ScorerConfig):
         super().__init__(http_port=http_port, enable_grpc=False, workers=1)
         self.host = host
-        self.max_body_bytes = max_body_bytes
+        self.cfg = cfg
 
     def start(self, models: list) -> None:
         self._register_and_check_atleast_one_model_is_ready(models)
         self._rest_server = LocalRESTServer(
             self.host,
-            self.max_body_bytes,
+            self.cfg,
             FASTAPI_APP_IMPORT_STRING,
             self.dataplane,
             self.model_repository_extension,
@@ -613,7 +689,7 @@ def serve(export_dir: str | Path, host: str = "127.0.0.1", http_port: int = 8080
     cfg = cfg or ScorerConfig()
     model = GTSLUMScorer(export_dir, feature_repo, cfg, name)
     model.load()
-    LocalModelServer(host, http_port, cfg.max_body_bytes).start([model])
+    LocalModelServer(host, http_port, cfg).start([model])
 
 
 # -- a server in a subprocess (tests, load bench) --------------------------------------------------
@@ -699,7 +775,10 @@ def run_from_args(args: argparse.Namespace) -> None:
     # per-request INFO lines of the sequence builder and profile alignment would drown the access log
     logging.getLogger("gts_lum.sequence.timestamp_process").setLevel(logging.WARNING)
     logging.getLogger("gts_lum.modeling.gts_lum_model").setLevel(logging.WARNING)
-    limits = ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "rerank_depth")
+    limits = (
+        "max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates",
+        "header_timeout", "body_timeout", "max_connections", "rerank_depth",
+    )
     cfg = ScorerConfig(device=args.device, **{k: getattr(args, k) for k in limits if getattr(args, k) is not None})
     serve(args.export, args.host, args.http_port, args.feature_repo, cfg, args.name)
 

@@ -1,0 +1,127 @@
+"""The serving export holds no raw user id: profile rows named by pseudonym, found by the scorer (issue 27, item 12)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV, pseudonymize_all
+from tests.serving.conftest import TINY_GTS_LUM
+from tests.serving.test_scorer import predict_v1
+
+KEY = "export-test-key-0123456789abcdef-0123456789"
+
+
+@dataclass
+class Profiled:
+    model_dir: Path
+    export: Path
+    user_ids: np.ndarray  # raw ids of the training log
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny_serving, tmp_path_factory) -> Profiled:
+    """The tiny model trained again with a user profile table (a profile token), exported under KEY."""
+    import torch
+
+    from gts_lum.encoders.table import encode_tables
+    from gts_lum.sequence.dataset import SequenceDataset
+    from gts_lum.serving.export import export_model
+    from gts_lum.training.train import train_model
+
+    root = tmp_path_factory.mktemp("profiled")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        encode_tables(tiny_serving.clean, root / "tables", behaviors=None)
+        # profiles only: no semantic IDs among the artifacts
+        overrides = {**TINY_GTS_LUM, "artifacts": {"tables": str(root / "tables")}, "net": {**TINY_GTS_LUM["net"], "semantic_id_embedding": "none"}}
+        train_model(tiny_serving.sequences, "gts_lum", None, overrides, root / "model")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(PSEUDONYM_KEY_ENV, KEY)
+            export_model(root / "model", root / "export")
+    finally:
+        torch.set_num_threads(threads)
+    return Profiled(root / "model", root / "export", SequenceDataset.load(tiny_serving.sequences).event_log.user_ids.astype(str))
+
+
+def _users(folder: Path) -> dict:
+    with np.load(folder / "assets" / "users.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_the_export_holds_no_raw_user_id(profiled, tiny_serving, monkeypatch):
+    assert "vectors" in _users(profiled.model_dir), "the model under test has profile rows"
+    files = [p for p in profiled.export.rglob("*") if p.is_file()]
+    for user in profiled.user_ids[:50]:
+        found = [str(p.relative_to(profiled.export)) for p in files if user.encode() in p.read_bytes()]
+        assert not found, f"raw user id in {found}"
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, KEY)
+    users = _users(profiled.export)
+    assert users["user_ids"].tolist() == pseudonymize_all(profiled.user_ids).astype(str).tolist()
+    assert yaml.safe_load((profiled.export / "serving.yaml").read_text())["users"] == {"ids": "pseudonyms", "rows": len(profiled.user_ids)}
+    # a model without profile rows never looks a user up: its export holds no id at all, and needs no key
+    assert _users(tiny_serving.export)["user_ids"].size == 0
+    assert yaml.safe_load((tiny_serving.export / "serving.yaml").read_text())["users"] == {"ids": "none", "rows": 0}
+
+
+def test_a_profiled_export_needs_its_key(profiled, monkeypatch):
+    from gts_lum.serving.export import export_model, load_export
+
+    monkeypatch.delenv(PSEUDONYM_KEY_ENV, raising=False)
+    with pytest.raises(ValueError, match=f"{PSEUDONYM_KEY_ENV} is not set"):
+        load_export(profiled.export)
+    with pytest.raises(ValueError, match=f"the model has user profile rows, which the export names by pseudonym: {PSEUDONYM_KEY_ENV} is not set"):
+        export_model(profiled.model_dir, profiled.export.parent / "again")
+    assert not (profiled.export.parent / "again").exists()
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "another-key-of-at-least-32-bytes-0123456789")
+    with pytest.raises(ValueError, match=f"users.npz: its users are pseudonyms made with another {PSEUDONYM_KEY_ENV}"):
+        load_export(profiled.export)
+
+
+def test_the_scorer_finds_a_users_profile_row_by_pseudonym(profiled, tiny_serving, tmp_path, monkeypatch):
+    """A request's user id finds the profile row it had in training: the scorer's scores equal the training
+    folder's (raw ids) on the same history, and differ from those of the same history without a user."""
+    import torch
+
+    from gts_lum.sequence.dataset import SequenceDataset
+    from gts_lum.sequence.splits import EvalSet
+    from gts_lum.serving.scorer import ServerProcess, launch_server
+    from gts_lum.training.checkpoint import load_model
+
+    log_ = SequenceDataset.load(tiny_serving.sequences).event_log
+    monkeypatch.delenv(PSEUDONYM_KEY_ENV, raising=False)
+    failed = ServerProcess(profiled.export, tmp_path / "nokey.log")
+    assert failed.proc.wait(120) == 2 and f"{PSEUDONYM_KEY_ENV} is not set" in failed.log_tail()
+    failed.stop()
+
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, KEY)
+    server = launch_server(profiled.export, tmp_path / "server.log")
+    u = 3
+    s, e = int(log_.offsets[u]), int(log_.offsets[u + 1])
+    events = {"behavior_ids": log_.behavior_ids[log_.behavior[s:e]].astype(str).tolist(), "timestamps": log_.timestamp[s:e].tolist()}
+    candidates = log_.behavior_ids[:6].astype(str).tolist()
+    try:
+        with_user = predict_v1(server, [{"user_id": str(log_.user_ids[u]), "events": events, "candidates": candidates}])
+        without = predict_v1(server, [{"events": events, "candidates": candidates}])
+    finally:
+        server.stop()
+    assert with_user.status_code == 200 and without.status_code == 200, with_user.text
+    served = {r["behavior_id"]: r["score"] for r in with_user.json()["predictions"][0]["ranking"]}
+    anonymous = {r["behavior_id"]: r["score"] for r in without.json()["predictions"][0]["ranking"]}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server: comparable scores
+    try:
+        model = load_model(profiled.model_dir)
+        model.cfg.rerank_depth = len(candidates)  # request candidates are all scored target-aware
+        case = EvalSet(np.array([u]), np.array([e]), np.zeros(1, np.int32), np.array([log_.timestamp[e - 1]]))
+        offline = model.score(log_, case, np.arange(len(candidates)))[0]
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose([served[c] for c in candidates], offline, rtol=1e-5, atol=1e-6)
+    assert not np.allclose([anonymous[c] for c in candidates], offline, rtol=1e-5, atol=1e-6), "the profile row changed nothing"
