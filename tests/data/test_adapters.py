@@ -1,5 +1,6 @@
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -129,3 +130,54 @@ def test_quarantine_names_the_operators_file_and_row_not_the_raw_intermediate(tm
     adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw2", progress=False)
     with pytest.raises(ValueError, match=rf"{src / 'log.csv'} \(adapted into .*part-00000\.parquet\): table 'events' lacks required column\(s\) \['timestamp'\]"):
         validate_dataset(tmp_path / "raw2", tmp_path / "clean2", progress=False)
+
+
+def _ordinal_mapping(path, order):
+    path.write_text(
+        f"name: x\ntables:\n  events:\n    files: ['log*.csv']\n    columns: {{user_id: uid, behavior_id: item}}\n    order: {order}\n"
+        "  behaviors:\n    from_events: true\n"
+    )
+
+
+@pytest.mark.parametrize("order", ["rows", "pos"])
+def test_an_ordered_log_without_times_comes_in_with_one_interval_per_event(tmp_path, order):
+    from gts_lum.data.contract import DatasetManifest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    # u0 rates 30 items in order (item x3 twice), across two files; u1 four; `pos` orders rows shuffled
+    items = [f"x{i}" for i in range(30)]
+    items[20] = "x3"
+    rows = pd.DataFrame({"uid": ["u0"] * 30 + ["u1"] * 4, "item": items + ["x1", "x2", "x1", "x0"], "pos": list(range(30)) + [7, 8, 9, 10]})
+    first, second = rows.iloc[:25], rows.iloc[25:]
+    if order == "pos":
+        first = first.sample(frac=1, random_state=0)
+    first.to_csv(src / "log1.csv", index=False)
+    second.to_csv(src / "log2.csv", index=False)
+    _ordinal_mapping(tmp_path / "m.yaml", order)
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    summary = validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)
+    assert summary["tables"]["events"] == {"rows_in": 34, "rows_kept": 34, "rejected": {}}  # a repeat is no duplicate
+    assert DatasetManifest.read(tmp_path / "clean").provenance["time"].startswith("ordinal")
+    log = load_event_log(tmp_path / "clean")
+    u0 = slice(log.offsets[0], log.offsets[1])
+    assert list(log.behavior_ids[log.behavior[u0]]) == items  # the given order
+    # a day apart: every event its own interval for any interval_minutes (a divisor of a day); last events aligned
+    assert set(np.diff(log.timestamp[u0])) == {86400} and log.timestamp[u0][-1] == log.timestamp[log.offsets[2] - 1]
+
+
+def test_ordinal_time_errors_name_the_mapping_and_the_cell(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"uid": ["u0", "u0", "u0"], "item": ["a", "b", "c"], "pos": ["1", "two", "3"]}).to_csv(src / "log.csv", index=False)
+    _ordinal_mapping(tmp_path / "m.yaml", "position")
+    with pytest.raises(KeyError, match=r"log\.csv.*\['position'\]"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    _ordinal_mapping(tmp_path / "m.yaml", "pos")
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)
+    q = pd.read_parquet(tmp_path / "clean" / "quarantine" / "events.parquet")
+    assert list(q["_row"]) == [2] and list(q["_field"]) == ["timestamp"] and set(q["_file"]) == {str(src / "log.csv")}
+    (tmp_path / "m.yaml").write_text((tmp_path / "m.yaml").read_text().replace("item}", "item, timestamp: pos}"))
+    with pytest.raises(ValueError, match=r"m\.yaml: table 'events' maps both columns.timestamp and order"):
+        Mapping.load(tmp_path / "m.yaml")
