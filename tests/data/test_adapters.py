@@ -181,3 +181,46 @@ def test_ordinal_time_errors_name_the_mapping_and_the_cell(tmp_path):
     (tmp_path / "m.yaml").write_text((tmp_path / "m.yaml").read_text().replace("item}", "item, timestamp: pos}"))
     with pytest.raises(ValueError, match=r"m\.yaml: table 'events' maps both columns.timestamp and order"):
         Mapping.load(tmp_path / "m.yaml")
+
+
+# MovieLens 100k's u.item layout: no header, "|" between fields, Latin-1 text, one 0/1 column per genre
+_GENRES = ["Action", "Comedy", "Drama"]
+_ITEMS = "1|Toy Story (1995)|0|1|0\n2|GoldenEye (1995)|1|0|0\n3|Caf\xe9 au lait (1994)|0|1|1\n4|Unknown (1990)|0|0|0\n"
+_ITEM_READ = """name: x
+tables:
+  behaviors:
+    files: [u.item]
+    read_options: {sep: "|", encoding: latin-1, names: [movie, title, Action, Comedy, Drama]}
+    columns: {behavior_id: movie}
+"""
+
+
+def _item_mapping(genres: list[str]) -> str:
+    return _ITEM_READ + f'    flags:\n      genres: {{columns: {genres}}}\n    template: {{description: "{{title}}. Genres: {{genres}}"}}\n'
+
+
+def test_one_hot_flag_columns_become_the_behaviour_text(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "u.item").write_bytes(_ITEMS.encode("latin-1"))
+    (tmp_path / "m.yaml").write_text(_item_mapping(_GENRES))
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    beh = pd.read_parquet(tmp_path / "raw" / "behaviors.parquet").set_index("behavior_id")["description"]
+    assert list(beh) == ["Toy Story (1995). Genres: Comedy", "GoldenEye (1995). Genres: Action", "Café au lait (1994). Genres: Comedy, Drama", "Unknown (1990). Genres: "]
+    (src / "u.item").write_bytes(_ITEMS.replace("2|GoldenEye (1995)|1|", "2|GoldenEye (1995)|x|").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"u\.item: data row 2, flag column 'Action': 'x' is not 0/1"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    (tmp_path / "m.yaml").write_text(_item_mapping(["Action", "Horror"]))
+    with pytest.raises(KeyError, match=r"u\.item.*\['Horror'\]"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+
+
+def test_a_headerless_file_with_a_malformed_line_is_read_with_its_names(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "u.item").write_bytes(_ITEMS.replace("2|GoldenEye (1995)|1|0|0", "2|GoldenEye (1995)|1|0|0|surplus").encode("latin-1"))
+    (tmp_path / "m.yaml").write_text(_ITEM_READ + '    template: {description: "{title}"}\n')
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    beh = pd.read_parquet(tmp_path / "raw" / "behaviors.parquet")
+    assert list(beh["behavior_id"].fillna("-")) == ["1", "-", "3", "4"] and list(beh["_malformed"].fillna("")) == ["", "line 2: expected 5 fields, saw 6", "", ""]
+    assert beh["description"].iloc[2] == "Café au lait (1994)"

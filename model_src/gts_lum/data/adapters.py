@@ -16,6 +16,8 @@ source column fills each contract column, and optional extras:
         template: {description: "{title}. Genres: {genres}. Tags: {tags}"}   # str.format over source columns
         aggregate:                                                          # top values of another file, joined
           tags: {files: [tags.csv], key: movieId, column: tag, top: 5}
+        flags:                                                               # one-hot 0/1 columns -> the names set
+          genres: {columns: [Action, Comedy, Drama], separator: ", "}
         keep: [genres]                                                       # attribute columns kept as they are
       labels:
         files: [churn.csv]
@@ -68,6 +70,17 @@ class AggregateSpec:
 
 
 @dataclass
+class FlagSpec:
+    """One-hot flag columns (one 0/1 column per category) -> the names of the set ones, joined."""
+
+    columns: list[str]
+    separator: str = ", "
+
+
+_SET, _UNSET = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no", ""}
+
+
+@dataclass
 class TableMapping:
     files: list[str] = field(default_factory=list)
     columns: dict[str, str] = field(default_factory=dict)  # contract column -> source column
@@ -75,6 +88,7 @@ class TableMapping:
     template: dict[str, str] = field(default_factory=dict)  # contract column -> format string
     values: dict[str, dict] = field(default_factory=dict)  # contract column -> {source value: value}
     aggregate: dict[str, AggregateSpec] = field(default_factory=dict)
+    flags: dict[str, FlagSpec] = field(default_factory=dict)  # derived column -> its flag columns
     keep: list[str] | str = field(default_factory=list)  # attribute columns, or "all" remaining
     from_events: bool = False
     read_options: dict = field(default_factory=dict)  # e.g. {sep: ";", encoding: latin-1}
@@ -100,6 +114,7 @@ class Mapping:
         for name, spec in tables.items():
             spec = dict(spec)
             spec["aggregate"] = {k: from_dict(AggregateSpec, v) for k, v in (spec.get("aggregate") or {}).items()}
+            spec["flags"] = {k: from_dict(FlagSpec, v) for k, v in (spec.get("flags") or {}).items()}
             files = spec.get("files", [])
             spec["files"] = [files] if isinstance(files, str) else files
             mapping.tables[name] = from_dict(TableMapping, spec)
@@ -146,10 +161,27 @@ def _aggregate(source: Path, spec: AggregateSpec, table: str) -> pd.Series:
     return spec.prefix + top.groupby(spec.key)[spec.column].agg(spec.separator.join)
 
 
+def _flags(frame: pd.DataFrame, spec: FlagSpec, file: Path) -> pd.Series:
+    """Per row, the names of the flag columns that are set (1, true, yes), joined; a cell that is neither
+    set nor unset (0, false, no, blank) is an error naming its file, data row and column."""
+    cells = frame[spec.columns].astype("string").fillna("").apply(lambda c: c.str.strip().str.lower())
+    bad = ~cells.isin(_SET | _UNSET)
+    if MALFORMED in frame:  # a malformed line has no cells; the quarantine reports it
+        bad &= frame[MALFORMED].isna().to_numpy()[:, None]
+    if bad.any().any():
+        row, column = np.argwhere(bad.to_numpy())[0]
+        raise ValueError(f"adapter: {file}: data row {row + 1}, flag column {spec.columns[column]!r}: {frame[spec.columns[column]].iloc[row]!r} is not 0/1 (or true/false, yes/no)")
+    names = np.array(spec.columns, dtype=object)
+    return pd.Series([spec.separator.join(names[mask]) for mask in cells.isin(_SET).to_numpy()], index=frame.index)
+
+
 def _apply(frame: pd.DataFrame, mapping: TableMapping, table: str, file: Path, extra: dict[str, pd.Series]) -> pd.DataFrame:
-    missing = [src for src in [*mapping.columns.values(), mapping.order] if src not in frame.columns and src not in ("", "rows")]
+    named = [*mapping.columns.values(), mapping.order, *(c for spec in mapping.flags.values() for c in spec.columns)]
+    missing = [src for src in named if src not in frame.columns and src not in ("", "rows") and src not in mapping.flags]
     if missing:
         raise KeyError(f"adapter: {file}: mapping for '{table}' names column(s) {missing}, the file has {list(frame.columns)}")
+    for name, spec in mapping.flags.items():  # before the columns and templates, which may use them
+        frame[name] = _flags(frame, spec, file)
     for name, series in extra.items():
         key = mapping.columns.get("behavior_id") or mapping.columns.get("user_id")
         frame[name] = frame[key].map(series).fillna("")
