@@ -61,3 +61,27 @@ def test_a_stopped_ingest_leaves_a_folder_every_stage_refuses(tmp_path, caplog):
     good = _contract_folder(tmp_path / "good", [f"2024-03-0{1 + i // 4} 0{i % 4}:00" for i in range(10)])
     assert main(["validate", str(good), "--out", str(clean)]) == 0 and (clean / "VALIDATED").exists()
     assert main(["ingest", str(clean), "--out", str(tmp_path / "again")]) == 0
+
+
+def test_table_auc_reads_any_table_through_its_mapping(tmp_path, caplog):
+    import numpy as np
+    import pandas as pd
+
+    src = tmp_path / "bank"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    age = rng.integers(18, 80, 120)
+    plan = rng.choice(["basic", "plus", "pro"], 120)
+    pd.DataFrame({"id": [f"c{i}" for i in range(120)], "age": age, "plan": plan, "left": np.where((age < 35) ^ (rng.random(120) < 0.1), "y", "n")}).to_csv(src / "customers.csv", sep=";", index=False)
+    mapping = tmp_path / "bank.yaml"
+    mapping.write_text(
+        "name: bank\ntables:\n  users:\n    files: [customers.csv]\n    read_options: {sep: ';'}\n    columns: {user_id: id}\n    keep: [age, plan]\n"
+        "  labels:\n    files: [customers.csv]\n    read_options: {sep: ';'}\n    columns: {user_id: id, label: left}\n    constants: {task: leaves}\n    values: {label: {y: 1, n: 0}}\n"
+    )
+    args = ["table-auc", "--data", str(src), "--mapping", str(mapping), "--no-text", "--set", "learned.epochs=1", "--set", "learned.progress=false"]
+    assert main([*args, "--task", "leaves", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "table_auc.json").read_text())
+    assert (result["rows"]["train"], result["rows"]["test"]) == (96, 24)
+    assert result["auc"]["gbt_raw"] > 0.7 and result["config"]["task"] == "leaves"
+    assert main([*args, "--out", str(tmp_path / "out2")]) == 2  # the default task, churn, is not in this table
+    assert "has label tasks ['leaves']: it needs users and labels of task 'churn'" in caplog.text
