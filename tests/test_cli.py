@@ -85,3 +85,23 @@ def test_table_auc_reads_any_table_through_its_mapping(tmp_path, caplog):
     assert result["auc"]["gbt_raw"] > 0.7 and result["config"]["task"] == "leaves"
     assert main([*args, "--out", str(tmp_path / "out2")]) == 2  # the default task, churn, is not in this table
     assert "has label tasks ['leaves']: it needs users and labels of task 'churn'" in caplog.text
+
+
+def test_a_bench_config_reads_its_data_from_its_own_folder(tmp_path, monkeypatch):
+    import yaml
+
+    configs = tmp_path / "project" / "configs"
+    configs.mkdir(parents=True)
+    stamps = [f"2024-03-0{1 + i // 6} {8 + i % 6}:00" for i in range(36)]
+    _contract_folder(configs / "mydata", stamps)
+    (configs / "bench.yaml").write_text("name: mine\ndata: mydata\nmodels: [popularity]\nsplit: {min_events: 2}\n")
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    assert main(["bench", "--config", "project/configs/bench.yaml", "--out", str(tmp_path / "out")]) == 0
+    assert "| popularity |" in (tmp_path / "out" / "table.md").read_text()
+    from gts_lum.evaluation.bench_runner import load_bench_config
+
+    # the shipped configs keep their paths from the repository root; so do paths not found beside the file, and overrides
+    assert load_bench_config("pkg:bench/movielens.yaml").data == "../shared/data/movielens-latest-small"
+    (configs / "other.yaml").write_text(yaml.safe_dump({"data": "elsewhere/data", "mapping": "m.yaml"}))
+    assert (load_bench_config(configs / "other.yaml").data, load_bench_config(configs / "other.yaml").mapping) == ("elsewhere/data", "m.yaml")
+    assert load_bench_config(configs / "bench.yaml", ["data=mydata"]).data == "mydata"

@@ -107,11 +107,10 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from gts_lum.evaluation.bench_runner import BenchConfig, run_bench_config
-    from gts_lum.config import load_config
+    from gts_lum.evaluation.bench_runner import load_bench_config, run_bench_config
 
     path = args.config if args.config.endswith((".yaml", ".yml")) else f"pkg:bench/{args.config}.yaml"
-    cfg = load_config(BenchConfig, path, args.set)
+    cfg = load_bench_config(path, args.set)
     if args.models:  # names or labels of the config's entries; other names run with their defaults
         wanted = args.models.split(",")
         entries = {(e if isinstance(e, str) else e.get("label", e.get("model"))): e for e in cfg.models}
