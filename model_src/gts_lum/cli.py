@@ -107,11 +107,10 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from gts_lum.evaluation.bench_runner import BenchConfig, run_bench_config
-    from gts_lum.config import load_config
+    from gts_lum.evaluation.bench_runner import load_bench_config, run_bench_config
 
     path = args.config if args.config.endswith((".yaml", ".yml")) else f"pkg:bench/{args.config}.yaml"
-    cfg = load_config(BenchConfig, path, args.set)
+    cfg = load_bench_config(path, args.set)
     if args.models:  # names or labels of the config's entries; other names run with their defaults
         wanted = args.models.split(",")
         entries = {(e if isinstance(e, str) else e.get("label", e.get("model"))): e for e in cfg.models}
@@ -124,7 +123,7 @@ def cmd_bench(args) -> None:
 def cmd_table_auc(args) -> None:
     from gts_lum.encoders.table_bench import telco_auc_comparison
 
-    result = telco_auc_comparison(args.data, overrides=args.set, include_text=not args.no_text)
+    result = telco_auc_comparison(args.data, args.mapping, args.task, overrides=args.set, include_text=not args.no_text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table_auc.json").write_text(json.dumps(result, indent=2, default=str))
     _print(result)
@@ -311,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("table-auc", help="churn ROC-AUC on telco-churn: learned/text table encoders vs gradient-boosted trees")
+    p = sub.add_parser("table-auc", help="churn ROC-AUC on telco-churn (another table: --mapping, --task): learned/text table encoders vs gradient-boosted trees")
     p.add_argument("--data", default="../shared/data/telco-churn")
+    p.add_argument("--mapping", default="pkg:adapters/telco_churn.yaml", help="column mapping of the data (users + labels), a YAML path or pkg:adapters/NAME.yaml")
+    p.add_argument("--task", default="churn", help="the labels' task to predict (0/1)")
     p.add_argument("--out", default="runs/bench/table_auc")
     p.add_argument("--no-text", action="store_true", help="skip the text encoder (slow on CPU)")
     overrides(p)

@@ -1,5 +1,6 @@
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -129,3 +130,97 @@ def test_quarantine_names_the_operators_file_and_row_not_the_raw_intermediate(tm
     adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw2", progress=False)
     with pytest.raises(ValueError, match=rf"{src / 'log.csv'} \(adapted into .*part-00000\.parquet\): table 'events' lacks required column\(s\) \['timestamp'\]"):
         validate_dataset(tmp_path / "raw2", tmp_path / "clean2", progress=False)
+
+
+def _ordinal_mapping(path, order):
+    path.write_text(
+        f"name: x\ntables:\n  events:\n    files: ['log*.csv']\n    columns: {{user_id: uid, behavior_id: item}}\n    order: {order}\n"
+        "  behaviors:\n    from_events: true\n"
+    )
+
+
+@pytest.mark.parametrize("order", ["rows", "pos"])
+def test_an_ordered_log_without_times_comes_in_with_one_interval_per_event(tmp_path, order):
+    from gts_lum.data.contract import DatasetManifest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    # u0 rates 30 items in order (item x3 twice), across two files; u1 four; `pos` orders rows shuffled
+    items = [f"x{i}" for i in range(30)]
+    items[20] = "x3"
+    rows = pd.DataFrame({"uid": ["u0"] * 30 + ["u1"] * 4, "item": items + ["x1", "x2", "x1", "x0"], "pos": list(range(30)) + [7, 8, 9, 10]})
+    first, second = rows.iloc[:25], rows.iloc[25:]
+    if order == "pos":
+        first = first.sample(frac=1, random_state=0)
+    first.to_csv(src / "log1.csv", index=False)
+    second.to_csv(src / "log2.csv", index=False)
+    _ordinal_mapping(tmp_path / "m.yaml", order)
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    summary = validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)
+    assert summary["tables"]["events"] == {"rows_in": 34, "rows_kept": 34, "rejected": {}}  # a repeat is no duplicate
+    assert DatasetManifest.read(tmp_path / "clean").provenance["time"].startswith("ordinal")
+    log = load_event_log(tmp_path / "clean")
+    u0 = slice(log.offsets[0], log.offsets[1])
+    assert list(log.behavior_ids[log.behavior[u0]]) == items  # the given order
+    # a day apart: every event its own interval for any interval_minutes (a divisor of a day); last events aligned
+    assert set(np.diff(log.timestamp[u0])) == {86400} and log.timestamp[u0][-1] == log.timestamp[log.offsets[2] - 1]
+
+
+def test_ordinal_time_errors_name_the_mapping_and_the_cell(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"uid": ["u0", "u0", "u0"], "item": ["a", "b", "c"], "pos": ["1", "two", "3"]}).to_csv(src / "log.csv", index=False)
+    _ordinal_mapping(tmp_path / "m.yaml", "position")
+    with pytest.raises(KeyError, match=r"log\.csv.*\['position'\]"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    _ordinal_mapping(tmp_path / "m.yaml", "pos")
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)
+    q = pd.read_parquet(tmp_path / "clean" / "quarantine" / "events.parquet")
+    assert list(q["_row"]) == [2] and list(q["_field"]) == ["timestamp"] and set(q["_file"]) == {str(src / "log.csv")}
+    (tmp_path / "m.yaml").write_text((tmp_path / "m.yaml").read_text().replace("item}", "item, timestamp: pos}"))
+    with pytest.raises(ValueError, match=r"m\.yaml: table 'events' maps both columns.timestamp and order"):
+        Mapping.load(tmp_path / "m.yaml")
+
+
+# MovieLens 100k's u.item layout: no header, "|" between fields, Latin-1 text, one 0/1 column per genre
+_GENRES = ["Action", "Comedy", "Drama"]
+_ITEMS = "1|Toy Story (1995)|0|1|0\n2|GoldenEye (1995)|1|0|0\n3|Caf\xe9 au lait (1994)|0|1|1\n4|Unknown (1990)|0|0|0\n"
+_ITEM_READ = """name: x
+tables:
+  behaviors:
+    files: [u.item]
+    read_options: {sep: "|", encoding: latin-1, names: [movie, title, Action, Comedy, Drama]}
+    columns: {behavior_id: movie}
+"""
+
+
+def _item_mapping(genres: list[str]) -> str:
+    return _ITEM_READ + f'    flags:\n      genres: {{columns: {genres}}}\n    template: {{description: "{{title}}. Genres: {{genres}}"}}\n'
+
+
+def test_one_hot_flag_columns_become_the_behaviour_text(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "u.item").write_bytes(_ITEMS.encode("latin-1"))
+    (tmp_path / "m.yaml").write_text(_item_mapping(_GENRES))
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    beh = pd.read_parquet(tmp_path / "raw" / "behaviors.parquet").set_index("behavior_id")["description"]
+    assert list(beh) == ["Toy Story (1995). Genres: Comedy", "GoldenEye (1995). Genres: Action", "Café au lait (1994). Genres: Comedy, Drama", "Unknown (1990). Genres: "]
+    (src / "u.item").write_bytes(_ITEMS.replace("2|GoldenEye (1995)|1|", "2|GoldenEye (1995)|x|").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"u\.item: data row 2, flag column 'Action': 'x' is not 0/1"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    (tmp_path / "m.yaml").write_text(_item_mapping(["Action", "Horror"]))
+    with pytest.raises(KeyError, match=r"u\.item.*\['Horror'\]"):
+        adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+
+
+def test_a_headerless_file_with_a_malformed_line_is_read_with_its_names(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "u.item").write_bytes(_ITEMS.replace("2|GoldenEye (1995)|1|0|0", "2|GoldenEye (1995)|1|0|0|surplus").encode("latin-1"))
+    (tmp_path / "m.yaml").write_text(_ITEM_READ + '    template: {description: "{title}"}\n')
+    adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
+    beh = pd.read_parquet(tmp_path / "raw" / "behaviors.parquet")
+    assert list(beh["behavior_id"].fillna("-")) == ["1", "-", "3", "4"] and list(beh["_malformed"].fillna("")) == ["", "line 2: expected 5 fields, saw 6", "", ""]
+    assert beh["description"].iloc[2] == "Café au lait (1994)"

@@ -443,6 +443,21 @@ def test_bad_cases_are_a_clear_error():
         build_sequences(lg, np.array([0, 5]))
 
 
+def test_a_cap_that_drops_a_large_share_warns_once_per_process(monkeypatch, caplog):
+    from gts_lum.sequence import timestamp_process
+
+    monkeypatch.setattr(timestamp_process, "_cap_warned", False)
+    spread = make_log([[(utc(2024, 1, 1) + 900 * i, i) for i in range(40)]], 40)  # one event per interval
+    positions = make_log([[(i, i) for i in range(40)]], 40)  # positions read as seconds: one interval
+    with caplog.at_level("INFO", logger="gts_lum.sequence.timestamp_process"):
+        build_sequences(spread)
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        build_sequences(positions)
+        build_sequences(positions)  # e.g. the next scorer request: no second warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "dropped 60% of 40 events" in warnings[0] and "ordinal time" in warnings[0]
+
+
 # --------------------------------------------------------------------------- real data
 
 

@@ -16,12 +16,20 @@ source column fills each contract column, and optional extras:
         template: {description: "{title}. Genres: {genres}. Tags: {tags}"}   # str.format over source columns
         aggregate:                                                          # top values of another file, joined
           tags: {files: [tags.csv], key: movieId, column: tag, top: 5}
+        flags:                                                               # one-hot 0/1 columns -> the names set
+          genres: {columns: [Action, Comedy, Drama], separator: ", "}
         keep: [genres]                                                       # attribute columns kept as they are
       labels:
         files: [churn.csv]
         columns: {user_id: customerID, label: Churn}
         constants: {task: churn}
         values: {label: {"Yes": 1, "No": 0}}                                 # recode cells
+
+An ordered log without times (user, item lines in the order they happened) maps `order` instead of a
+timestamp column: `order: rows` (each user's rows are in time order, files in name order) or
+`order: COLUMN` (a number per row whose order is the time order within a user, e.g. a position; equal
+numbers co-occur). Each user's events are then stamped one day apart, the last on `ORDINAL_END`: one
+interval per event whatever `interval_minutes`, and weekday, hour and descriptors carry nothing.
 
 `behaviors: {from_events: true}` builds the catalog from the distinct event behaviour ids when a
 data set has no catalog file (the description is then the id, or `template` over event columns).
@@ -43,6 +51,13 @@ from gts_lum.data.contract import INTERNAL_COLUMNS, MALFORMED, SOURCE_FILE, SOUR
 
 log = logging.getLogger(__name__)
 
+# Ordinal time: each user's last event sits here, earlier ones a day apart. A day is the longest interval
+# (`interval_minutes` divides a day), so every event has its own; 2020 keeps about 11,000 events per user
+# inside validation's default window (from 1990), more than any token budget reads.
+ORDINAL_END = pd.Timestamp("2020-01-01", tz="UTC")
+ORDINAL_STEP = pd.Timedelta(days=1)
+_ORDER = "_order"  # the ordering key of an events shard until `_ordinal_times` replaces it by a timestamp
+
 
 @dataclass
 class AggregateSpec:
@@ -55,6 +70,17 @@ class AggregateSpec:
 
 
 @dataclass
+class FlagSpec:
+    """One-hot flag columns (one 0/1 column per category) -> the names of the set ones, joined."""
+
+    columns: list[str]
+    separator: str = ", "
+
+
+_SET, _UNSET = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no", ""}
+
+
+@dataclass
 class TableMapping:
     files: list[str] = field(default_factory=list)
     columns: dict[str, str] = field(default_factory=dict)  # contract column -> source column
@@ -62,9 +88,11 @@ class TableMapping:
     template: dict[str, str] = field(default_factory=dict)  # contract column -> format string
     values: dict[str, dict] = field(default_factory=dict)  # contract column -> {source value: value}
     aggregate: dict[str, AggregateSpec] = field(default_factory=dict)
+    flags: dict[str, FlagSpec] = field(default_factory=dict)  # derived column -> its flag columns
     keep: list[str] | str = field(default_factory=list)  # attribute columns, or "all" remaining
     from_events: bool = False
     read_options: dict = field(default_factory=dict)  # e.g. {sep: ";", encoding: latin-1}
+    order: str = ""  # events without times: "rows" or a column that orders each user's events (ordinal time)
 
 
 @dataclass
@@ -86,9 +114,15 @@ class Mapping:
         for name, spec in tables.items():
             spec = dict(spec)
             spec["aggregate"] = {k: from_dict(AggregateSpec, v) for k, v in (spec.get("aggregate") or {}).items()}
+            spec["flags"] = {k: from_dict(FlagSpec, v) for k, v in (spec.get("flags") or {}).items()}
             files = spec.get("files", [])
             spec["files"] = [files] if isinstance(files, str) else files
             mapping.tables[name] = from_dict(TableMapping, spec)
+        for name, spec in mapping.tables.items():
+            if spec.order and name != "events":
+                raise ValueError(f"mapping {path}: table '{name}': `order` (an ordinal time) is for the events table only")
+            if spec.order and "timestamp" in spec.columns:
+                raise ValueError(f"mapping {path}: table 'events' maps both columns.timestamp and order: keep the timestamp, or drop it for an ordinal time")
         return mapping
 
 
@@ -127,10 +161,27 @@ def _aggregate(source: Path, spec: AggregateSpec, table: str) -> pd.Series:
     return spec.prefix + top.groupby(spec.key)[spec.column].agg(spec.separator.join)
 
 
+def _flags(frame: pd.DataFrame, spec: FlagSpec, file: Path) -> pd.Series:
+    """Per row, the names of the flag columns that are set (1, true, yes), joined; a cell that is neither
+    set nor unset (0, false, no, blank) is an error naming its file, data row and column."""
+    cells = frame[spec.columns].astype("string").fillna("").apply(lambda c: c.str.strip().str.lower())
+    bad = ~cells.isin(_SET | _UNSET)
+    if MALFORMED in frame:  # a malformed line has no cells; the quarantine reports it
+        bad &= frame[MALFORMED].isna().to_numpy()[:, None]
+    if bad.any().any():
+        row, column = np.argwhere(bad.to_numpy())[0]
+        raise ValueError(f"adapter: {file}: data row {row + 1}, flag column {spec.columns[column]!r}: {frame[spec.columns[column]].iloc[row]!r} is not 0/1 (or true/false, yes/no)")
+    names = np.array(spec.columns, dtype=object)
+    return pd.Series([spec.separator.join(names[mask]) for mask in cells.isin(_SET).to_numpy()], index=frame.index)
+
+
 def _apply(frame: pd.DataFrame, mapping: TableMapping, table: str, file: Path, extra: dict[str, pd.Series]) -> pd.DataFrame:
-    missing = [src for src in mapping.columns.values() if src not in frame.columns]
+    named = [*mapping.columns.values(), mapping.order, *(c for spec in mapping.flags.values() for c in spec.columns)]
+    missing = [src for src in named if src not in frame.columns and src not in ("", "rows") and src not in mapping.flags]
     if missing:
         raise KeyError(f"adapter: {file}: mapping for '{table}' names column(s) {missing}, the file has {list(frame.columns)}")
+    for name, spec in mapping.flags.items():  # before the columns and templates, which may use them
+        frame[name] = _flags(frame, spec, file)
     for name, series in extra.items():
         key = mapping.columns.get("behavior_id") or mapping.columns.get("user_id")
         frame[name] = frame[key].map(series).fillna("")
@@ -152,14 +203,36 @@ def _apply(frame: pd.DataFrame, mapping: TableMapping, table: str, file: Path, e
     out[SOURCE_ROW] = np.arange(1, len(frame) + 1)
     if MALFORMED in frame:
         out[MALFORMED] = frame[MALFORMED]
+    if mapping.order and mapping.order != "rows":
+        out[_ORDER] = pd.to_numeric(frame[mapping.order], errors="coerce")  # not a number: no time, quarantined as null
     return out
+
+
+def _ordinal_times(shards: list[Path]) -> None:
+    """Replace the ordering key of every events shard by a timestamp: per user, dense ranks of the key
+    (over all shards: a user may span files), the last on `ORDINAL_END`, one `ORDINAL_STEP` apart."""
+    frames = [pd.read_parquet(p, columns=["user_id", _ORDER]) for p in shards]
+    keys = pd.concat(frames, ignore_index=True)
+    rank = keys.groupby("user_id", dropna=False)[_ORDER].rank(method="dense")
+    last = rank.groupby(keys["user_id"], dropna=False).transform("max")
+    times = ORDINAL_END - (last - rank) * ORDINAL_STEP
+    start = 0
+    for path, frame in zip(shards, frames):
+        shard = pd.read_parquet(path).drop(columns=_ORDER)
+        shard["timestamp"] = times.iloc[start : start + len(frame)].to_numpy()
+        shard.to_parquet(path, index=False)
+        start += len(frame)
 
 
 def adapt(source: str | Path, mapping: Mapping, out_dir: str | Path, progress: bool = True) -> dict:
     """Write the data set of `source` in the contract layout under `out_dir` (not yet validated)."""
     source, out = Path(source), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    DatasetManifest(name=mapping.name, timezone=mapping.timezone, description=mapping.description, provenance={"source": str(source), "adapter": mapping.name}).write(out)
+    provenance = {"source": str(source), "adapter": mapping.name}
+    events = mapping.tables.get("events")
+    if events is not None and events.order:
+        provenance["time"] = f"ordinal (order: {events.order}): one day per event, weekday and hour carry nothing"
+    DatasetManifest(name=mapping.name, timezone=mapping.timezone, description=mapping.description, provenance=provenance).write(out)
     counts = {}
     for table, spec in mapping.tables.items():
         if spec.from_events:
@@ -168,11 +241,16 @@ def adapt(source: str | Path, mapping: Mapping, out_dir: str | Path, progress: b
         files = _source_files(source, spec.files, table)
         if table == "events":
             (out / "events").mkdir(exist_ok=True)
-            n = 0
+            n, shards = 0, []
             for i, file in enumerate(tqdm(files, desc="adapt events", unit="file", disable=not progress or None)):
                 frame = _apply(_read(file, spec.read_options), spec, table, file, extra)
-                frame.to_parquet(out / "events" / f"part-{i:05d}.parquet", index=False)
+                if spec.order == "rows":  # the position in the files, read in name order
+                    frame[_ORDER] = np.arange(n, n + len(frame), dtype=np.float64)
+                shards.append(out / "events" / f"part-{i:05d}.parquet")
+                frame.to_parquet(shards[-1], index=False)
                 n += len(frame)
+            if spec.order:
+                _ordinal_times(shards)
             counts[table] = n
         else:
             frame = pd.concat([_apply(_read(f, spec.read_options), spec, table, f, extra) for f in files], ignore_index=True)

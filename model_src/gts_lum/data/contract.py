@@ -94,7 +94,7 @@ TABLE_FORMATS = (".parquet", ".csv")
 # Validation quarantines malformed lines and names the source in the quarantine; no clean table keeps them.
 MALFORMED, SOURCE_FILE, SOURCE_ROW = "_malformed", "_source_file", "_source_row"
 INTERNAL_COLUMNS = (MALFORMED, SOURCE_FILE, SOURCE_ROW)
-_CSV_OPTIONS = {"sep", "delimiter", "encoding", "quotechar"}  # what the line-by-line reader honours
+_CSV_OPTIONS = {"sep", "delimiter", "encoding", "quotechar", "header", "names"}  # what the line-by-line reader honours
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes `surrogateescape` kept from an undecodable line
 
 
@@ -179,7 +179,7 @@ def read_csv(path: Path, options: dict | None = None) -> pd.DataFrame:
         try:
             return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **options)
         except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            if set(options) - _CSV_OPTIONS:
+            if set(options) - _CSV_OPTIONS or options.get("header", 0) not in (0, None):
                 raise ValueError(f"{path}: {err} (malformed lines are quarantined only with the read_options {sorted(_CSV_OPTIONS)})") from None
             return _read_csv_lines(path, options)
 
@@ -188,7 +188,11 @@ def _read_csv_lines(path: Path, options: dict) -> pd.DataFrame:
     encoding = options.get("encoding", "utf-8")
     text = path.read_bytes().decode(encoding, errors="surrogateescape")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=options.get("sep", options.get("delimiter", ",")), quotechar=options.get("quotechar", '"'))
-    header = next(reader)
+    # as pandas: `names` without `header` means the file has no header line; `header: 0` with `names` replaces it
+    header_line = next(reader) if options.get("header", None if "names" in options else 0) == 0 else None
+    header = list(options.get("names") or header_line or [])
+    if not header:
+        raise ValueError(f"{path}: read_options header: null needs names: [...] (the file's column names)")
     rows, reasons, line = [], [], reader.line_num
     for record in reader:
         first, line = line + 1, reader.line_num

@@ -7,6 +7,9 @@ customers' churn labels; its own head is reported too.
 
     from gts_lum.encoders.table_bench import telco_auc_comparison
     telco_auc_comparison("/work/shared/data/telco-churn")   # -> {"auc": {...}, "seconds": {...}, ...}
+
+Any other table with a 0/1 label comes in through its own column mapping (`mapping`, `task`): users
+(one row per customer, attribute columns) and labels of `task`.
 """
 
 from __future__ import annotations
@@ -34,11 +37,17 @@ from gts_lum.encoders.table import LearnedTableEncoder, TableEncoderConfig, Text
 log = logging.getLogger(__name__)
 
 
-def telco_table(data_dir: str | Path, workdir: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """Customers (users table, user_id first) and their churn labels (0/1), row-aligned."""
-    clean = prepare_dataset(data_dir, workdir, mapping="pkg:adapters/telco_churn.yaml", progress=False)
+TELCO_MAPPING = "pkg:adapters/telco_churn.yaml"
+
+
+def telco_table(data_dir: str | Path, workdir: str | Path, mapping: str = TELCO_MAPPING, task: str = "churn") -> tuple[pd.DataFrame, np.ndarray]:
+    """Customers (users table, user_id first) and their `task` labels (0/1), row-aligned."""
+    clean = prepare_dataset(data_dir, workdir, mapping=mapping, progress=False)
     users, labels = read_table(clean, "users"), read_table(clean, "labels")
-    churn = labels[labels["task"] == "churn"].set_index("user_id")["label"]
+    if users is None or labels is None or task not in set(labels["task"]):
+        have = "no users table" if users is None else "no labels table" if labels is None else f"label tasks {sorted(set(labels['task']))}"
+        raise ValueError(f"table-auc: {data_dir} (mapping {mapping}) has {have}: it needs users and labels of task {task!r}")
+    churn = labels[labels["task"] == task].set_index("user_id")["label"]
     users = users[users["user_id"].isin(churn.index)].reset_index(drop=True)
     return users, churn.loc[users["user_id"]].to_numpy(np.int64)
 
@@ -73,6 +82,8 @@ def raw_baselines(train: pd.DataFrame, test: pd.DataFrame, train_y: np.ndarray, 
 
 def telco_auc_comparison(
     data_dir: str | Path,
+    mapping: str = TELCO_MAPPING,
+    task: str = "churn",
     config: str | Path = "pkg:encoders/table.yaml",
     overrides: list[str] | None = None,
     text_encoder: TextFn | None = None,
@@ -81,13 +92,13 @@ def telco_auc_comparison(
     seed: int = 0,
     workdir: str | Path | None = None,
 ) -> dict:
-    """Test-split churn ROC-AUC of: raw GBT, raw one-hot LR, `learned` (+ its head, + frozen LR), `text` (+ LR).
+    """Test-split ROC-AUC of `task` (churn) of: raw GBT, raw one-hot LR, `learned` (+ its head, + frozen LR), `text` (+ LR).
 
     `overrides` apply to the table encoder config (e.g. ["learned.epochs=3"]); `text_encoder` feeds the
     `text` kind (None: the project's sentence encoder). Returns {"auc", "seconds", "rows", "config"}.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        users, y = telco_table(data_dir, workdir or tmp)
+        users, y = telco_table(data_dir, workdir or tmp, mapping, task)
     train_idx, test_idx = train_test_split(np.arange(len(users)), test_size=test_fraction, stratify=y, random_state=seed)
     features = users.drop(columns="user_id")
     train, test = features.iloc[train_idx], features.iloc[test_idx]
@@ -118,7 +129,7 @@ def telco_auc_comparison(
         "auc": {k: round(v, 4) for k, v in auc.items()},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "rows": {"train": len(train), "test": len(test), "churn_rate": round(float(y.mean()), 4)},
-        "config": {"learned": vars(cfg.learned), "seed": seed, "test_fraction": test_fraction},
+        "config": {"learned": vars(cfg.learned), "seed": seed, "test_fraction": test_fraction, "mapping": mapping, "task": task},
     }
-    log.info("telco churn ROC-AUC: %s", result["auc"])
+    log.info("%s ROC-AUC: %s", task, result["auc"])
     return result

@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gts_lum.config import deep_merge, load_config, parse_overrides, read_yaml, to_dict
+from gts_lum.data import storage
 from gts_lum.data.ingest import prepare_dataset
 from gts_lum.evaluation.bench import run_bench
 from gts_lum.evaluation.candidates import select_candidates
@@ -57,10 +59,26 @@ class BenchConfig:
     phase1: dict | None = None
 
 
+def load_bench_config(path: str | Path, overrides: list[str] | None = None) -> BenchConfig:
+    """A bench config from a YAML file or `pkg:bench/NAME.yaml`, then `overrides` (KEY=VALUE).
+
+    A relative `data:` or `mapping:` path in a config *file* is read from the file's folder where it exists
+    there, so a config beside its data runs from any working directory; else it is read as given, from the
+    working directory: so are the shipped `pkg:` configs, whose `../shared/data/...` paths are relative to
+    the repository root, and every override (typed on the command line, relative to where it is typed).
+    """
+    data = read_yaml(path)
+    folder = None if str(path).startswith("pkg:") else Path(path).parent
+    for key in ("data", "mapping"):
+        value = data.get(key)
+        local = isinstance(value, str) and value and not value.startswith(("synth:", "pkg:")) and not storage.is_remote(value) and not Path(value).is_absolute()
+        if folder is not None and local and (folder / value).exists():
+            data[key] = str(folder / value)
+    return load_config(BenchConfig, None, deep_merge(data, parse_overrides(overrides)))
+
+
 def model_specs(cfg: BenchConfig, artifacts: dict | None = None) -> list[tuple]:
     """(name, config, overrides, label) per `models` entry; GTS-LUM entries get the encoder artifacts."""
-    from gts_lum.config import deep_merge
-
     specs = []
     for entry in cfg.models:
         if isinstance(entry, str):
@@ -96,7 +114,6 @@ def run_phase1_stages(specs: list[tuple], sequences: Path, artifacts: dict, out:
     those entries then start from it (`artifacts.qformer`), as phase II does in the pipeline."""
     import json
 
-    from gts_lum.config import deep_merge, load_config, to_dict
     from gts_lum.evaluation.bench import default_config_path
     from gts_lum.modeling.gts_lum_model import GTSLUMConfig
     from gts_lum.training.phase1 import run_phase1

@@ -679,7 +679,34 @@ def build_sequences(
         *(counts[k] for k in ("events", "main_sequence", "deduplicated", "capped", "kept")),
         cfg.token_budget,
     )
+    _warn_if_the_cap_drops_much(counts["deduplicated"], counts["capped"], cfg)
     return out
+
+
+# The interval cap drops events only where many fall in one interval: a share this large means bursty or
+# made-up timestamps (e.g. positions read as seconds), not the few bursts the cap is for.
+CAP_WARN_SHARE = 0.10
+_cap_warned = False
+
+
+def _warn_if_the_cap_drops_much(reaching: int, capped: int, cfg: SequenceConfig) -> None:
+    """One WARNING per process when the cap drops more than `CAP_WARN_SHARE` of the events it sees.
+
+    Here, where the counts are, rather than at the data-set level (which sees only the tokens kept, and
+    cannot tell the cap's drops from the budget's); once per process because the scorer builds a sequence
+    per request and the share is a property of the data, not of one request. The budget's drops are by
+    design (recency first) and not warned about.
+    """
+    global _cap_warned
+    if _cap_warned or not reaching or (reaching - capped) / reaching <= CAP_WARN_SHARE:
+        return
+    _cap_warned = True
+    logger.warning(
+        "the interval cap (max_behaviors_per_interval=%s) dropped %.0f%% of %d events (warned once per process): "
+        "many events share one %d-minute interval. Made-up or coarse timestamps? Map an ordered log without "
+        "times with an ordinal time (README, 'Ordered logs without times'), or raise or unset the cap",
+        cfg.max_behaviors_per_interval, 100 * (reaching - capped) / reaching, reaching, cfg.interval_minutes,
+    )
 
 
 def synthetic_log(n_events: int, n_users: int, n_behaviors: int, seed: int = 0) -> EventLog:
