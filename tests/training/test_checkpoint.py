@@ -84,3 +84,4 @@ def test_a_real_kill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
         proc.wait(timeout=30)
         tensors, position = load_training_state(folder)
         assert float(tensors["weights"]["w"][0, 0]) == position["step"]
+

@@ -200,6 +200,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match="config differs"):
         Phase1Trainer(_cfg(lr=1e-2), feats, windows, tmp_path / "cut").train()
     assert len(list((tmp_path / "full" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+    # checkpoints are the checked all-or-nothing format: a damaged file stops the resume, named
+    from gts_lum.training.checkpoint import CheckpointError
+
+    last = Phase1Trainer(_cfg(), feats, windows, tmp_path / "cut").last_checkpoint()
+    assert (last / "manifest.json").exists()
+    (last / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Phase1Trainer(_cfg(), feats, windows, tmp_path / "cut").train()
 
 
 @pytest.mark.parametrize("variant", ["qformer", "text_biz_id", "biz_text", "no_qformer"])

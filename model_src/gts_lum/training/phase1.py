@@ -18,10 +18,10 @@ it has them, else the most frequent values of a behaviours-table column over the
 
 The trainer (`Phase1Trainer`): AdamW with warm-up + cosine decay, seeded, fp32 on CPU (bf16 autocast
 only on NPU/CUDA), tqdm + logs of every loss, BTC retrieval and BTM accuracy on behaviours and windows
-HELD OUT of training. Checkpoints every `save_every` steps (`checkpoints/step-NNNNNNNN/`):
-`checkpoint.safetensors` holds model + AdamW state + RNG states, its metadata the data position (the
-global step: epoch orders are a pure function of seed and epoch, so the step is the whole position),
-`config.yaml` the config. Resuming from the last checkpoint reproduces an uninterrupted run.
+HELD OUT of training. Checkpoints every `save_every` steps (`checkpoints/step-NNNNNNNN/`, the
+all-or-nothing format of `training.checkpoint.save_training_state`): model, AdamW state and RNG states,
+and a position holding the global step (epoch orders are a pure function of seed and epoch, so the step
+is the whole position) and the config. Resuming from the last checkpoint reproduces an uninterrupted run.
 
 Output folder: `qformer.safetensors` + `qformer.yaml` (the adapter, `modeling.qformer.load_adapter`),
 `fused_embeddings.npy` (N, decoder_hidden_size) b^F of every catalog behaviour, `metrics.json`.
@@ -44,14 +44,13 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-import yaml
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from gts_lum.config import load_config
 from gts_lum.data.events import EventLog, ragged_arange
 from gts_lum.modeling.behavior_features import BehaviorFeatures
 from gts_lum.modeling.qformer import BehaviorSide, QFormer, QFormerConfig, adapter_card, build_adapter, save_adapter, trim_text
+from gts_lum.training.checkpoint import CheckpointError, load_training_state, save_training_state
 from gts_lum.training.device import device_info, select_device
 
 log = logging.getLogger(__name__)
@@ -572,55 +571,52 @@ class Phase1Trainer:
         return self.out / "checkpoints"
 
     def last_checkpoint(self) -> Path | None:
-        found = sorted(p for p in self.checkpoint_dir().glob("step-*") if (p / "checkpoint.safetensors").exists())
+        """The newest whole checkpoint (`training.checkpoint`: a folder swapped in only once written)."""
+        found = sorted(p for p in self.checkpoint_dir().glob("step-*") if p.name[5:].isdigit())
         return found[-1] if found else None
 
     def save_checkpoint(self) -> Path:
-        """model + AdamW state + RNG states + position, written to a temporary folder then renamed."""
-        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        """model + AdamW state + RNG states + position, all-or-nothing with a manifest (`save_training_state`)."""
+        optim = {}
         for pid, state in self.optimizer.state_dict()["state"].items():
             for name, value in state.items():
-                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
-        tensors["rng.torch"] = torch.get_rng_state()
+                optim[f"{pid}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+        rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         epoch, step = divmod(self.global_step, self.steps_per_epoch)
-        meta = {"global_step": str(self.global_step), "epoch": str(epoch), "step_in_epoch": str(step)}
+        position = {
+            "global_step": self.global_step, "epoch": epoch, "step_in_epoch": step,
+            "phase1": dataclasses.asdict(self.cfg), "adapter": adapter_card(self.model),
+        }
         final = self.checkpoint_dir() / f"step-{self.global_step:08d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, tmp / "checkpoint.safetensors", metadata=meta)
-        card = {"phase1": dataclasses.asdict(self.cfg), "adapter": adapter_card(self.model), "position": meta}
-        (tmp / "config.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        model = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        save_training_state(final, {"model": model, "optim": optim, "rng": rng}, position)
         for old in sorted(self.checkpoint_dir().glob("step-*"))[: -self.cfg.keep_checkpoints or None]:
-            if old.suffix != ".tmp":
+            if old.name[5:].isdigit():
                 shutil.rmtree(old)
         log.info("checkpoint %s", final)
         return final
 
     def load_checkpoint(self, folder: Path) -> None:
-        card = yaml.safe_load((folder / "config.yaml").read_text())
-        now, then = dataclasses.asdict(self.cfg), card["phase1"]
+        loaded = load_training_state(folder)
+        if loaded is None:
+            raise CheckpointError(f"{folder}: an empty checkpoint folder; remove it to resume from the one before")
+        groups, position = loaded
+        now, then = dataclasses.asdict(self.cfg), position["phase1"]
         changed = sorted(k for k in set(now) | set(then) if k not in RESUMABLE_CHANGES and now.get(k) != then.get(k))
         if changed:
             raise ValueError(f"checkpoint {folder}: config differs in {changed}; resume with the same config or use a new output folder")
-        tensors = load_file(folder / "checkpoint.safetensors")
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.model.load_state_dict(groups["model"])
         state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, pid, name = key.split(".", 2)
-                state.setdefault(int(pid), {})[name] = value.to(self.device) if value.ndim else value
+        for key, value in groups["optim"].items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value.to(self.device) if value.ndim else value
         self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        with open(folder / "checkpoint.safetensors", "rb") as fh:  # the position lives in the header metadata
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        self.global_step = int(header["__metadata__"]["global_step"])
+        torch.set_rng_state(groups["rng"]["torch"])
+        if "cuda" in groups["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(groups["rng"]["cuda"], self.device)
+        self.global_step = int(position["global_step"])
         log.info("resumed from %s at step %d", folder, self.global_step)
 
 
