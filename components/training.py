@@ -1,7 +1,7 @@
 """Training and evaluation steps: GTS-LUM (phase II over the encoders' artifacts), baselines, evaluation."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -89,10 +89,14 @@ def label_tasks(
     metrics: Output[Metrics],
     report: Output[Markdown],
     qini: Output[HTML],
+    classification: Output[ClassificationMetrics],
+    curve_task: str = "churn",
 ):
     """Label tasks (churn, plan change, campaign uplift): a task token tuned through the frozen decoder and a
     head per task, evaluated on held-out users against the table baselines; the model with its tuned
-    tokens and the heads go on to the export. A data set without labels passes the model through."""
+    tokens and the heads go on to the export. A data set without labels passes the model through.
+    `classification`: the ROC curve and confusion matrix of binary task `curve_task` on held-out users
+    (the first binary task when the data set has no such task), for the Kubeflow UI."""
     import json
     import shutil
     import tempfile
@@ -116,6 +120,12 @@ def label_tasks(
                     metrics.log_metric(f"{name}.{scorer}.{metric}", float(value))
     with open(report.path, "w") as f:
         f.write("## Label tasks (held-out users)\n\n" + (work / "labels.md").read_text())
+    binary = {name: entry["curves"] for name, entry in results["tasks"].items() if "curves" in entry}
+    if binary:
+        curves = binary.get(curve_task) or next(iter(binary.values()))
+        classification.log_roc_curve(curves["fpr"], curves["tpr"], curves["thresholds"])
+        classification.log_confusion_matrix(curves["categories"], curves["confusion_matrix"])
+        classification.metadata["task"] = curve_task if curve_task in binary else next(iter(binary))
     pngs = sorted(work.glob("qini_*.png"))
     pages = [as_html(p.read_bytes(), p.stem.removeprefix("qini_")) for p in pngs] or ["<html><body>No uplift task in this data set.</body></html>"]
     with open(qini.path, "w") as f:

@@ -74,6 +74,9 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
     assert {"churn", "campaign_response"} <= set(card["heads"])
     assert "| churn | binary |" in (run_dir / "label-tasks" / "report").read_text()
     assert "data:image/png;base64," in (run_dir / "label-tasks" / "qini").read_text()
+    labels = json.loads((run_dir / "label-tasks" / "executor_output.json").read_text())
+    roc = labels["artifacts"]["classification"]["artifacts"][0]["metadata"]  # the UI's ROC curve + confusion matrix
+    assert roc["task"] == "churn" and roc["confidenceMetrics"] and roc["confusionMatrix"]["rows"]
     history = FeatureClient(repo).get_history("U000000")
     assert history["behavior_ids"] and history["timestamps"] == sorted(history["timestamps"])
     # the first model meets an empty registry: promoted and registered with its metric and data version

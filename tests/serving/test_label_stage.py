@@ -46,6 +46,11 @@ def test_every_task_is_tuned_fitted_reported_and_saved(label_stage):
     assert tasks["campaign_response"]["kind"] == "uplift" and "qini" in tasks["campaign_response"]["metrics"]["table_gbt"]
     assert (out / "qini_campaign_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| churn | binary |" in (out / "labels.md").read_text()
+    # the ROC curve and confusion matrix the Kubeflow UI shows (ClassificationMetrics)
+    curves = tasks["churn"]["curves"]
+    assert curves["fpr"][0] == 0.0 and curves["fpr"][-1] == 1.0 and curves["tpr"][-1] == 1.0
+    assert all(a <= b for a, b in zip(curves["fpr"], curves["fpr"][1:])) and len(curves["fpr"]) == len(curves["thresholds"]) <= 200
+    assert np.sum(curves["confusion_matrix"]) == tasks["churn"]["n_test"] and "curves" not in tasks["campaign_response"]
     assert json.loads((out / "labels.json").read_text())["users"]["left_out_without_events"] == 0
 
 

@@ -330,6 +330,8 @@ def evaluate_label_tasks(
             entry["class_counts"] = np.bincount(y, minlength=task.num_classes).tolist()
         else:
             entry["positive_rate"] = float(y.mean())
+        if task.kind == "binary":
+            entry["curves"] = binary_curves(y_test, scores, float(y[train].mean()))
         if task.kind == "uplift":
             entry["ate_test"] = average_treatment_effect(y_test, t_test) if t_test.min() != t_test.max() else float("nan")
             entry["treated_rate"] = float(t.mean())
@@ -340,6 +342,23 @@ def evaluate_label_tasks(
 
 
 METRIC_NAMES = {"auc": "ROC-AUC", "accuracy": "accuracy", "macro_auc": "macro ROC-AUC", "qini": "Qini coefficient", "auuc": "AUUC"}
+
+
+def binary_curves(y: np.ndarray, scores: np.ndarray, positive_rate: float, max_points: int = 200) -> dict:
+    """The held-out ROC curve (at most `max_points` points) and the confusion matrix of a binary head, for
+    a person to look at (the Kubeflow UI's ClassificationMetrics). The matrix flags as positive the same
+    share of users as the training labels hold, so it does not depend on the head's calibration."""
+    from sklearn.metrics import confusion_matrix, roc_curve
+
+    fpr, tpr, thresholds = roc_curve(y, scores)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).round().astype(int))
+    cut = np.quantile(scores, 1.0 - positive_rate) if 0.0 < positive_rate < 1.0 else 0.5
+    matrix = confusion_matrix(y, (scores >= cut).astype(int), labels=[0, 1])
+    finite = np.where(np.isfinite(thresholds[keep]), thresholds[keep], np.nan_to_num(thresholds[keep], posinf=1.0))
+    return {
+        "fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "thresholds": finite.tolist(),
+        "threshold": float(cut), "confusion_matrix": matrix.tolist(), "categories": ["0", "1"],
+    }
 
 
 def format_label_table(results: dict) -> str:
