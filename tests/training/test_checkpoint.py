@@ -85,3 +85,19 @@ def test_a_real_kill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
         tensors, position = load_training_state(folder)
         assert float(tensors["weights"]["w"][0, 0]) == position["step"]
 
+
+
+def test_a_saved_model_folder_is_replaced_whole(tmp_path, cycle_data):
+    """save_model writes a fresh folder and swaps it in: saving again over a model leaves one whole model,
+    no stray files of the old one and no half-written sibling."""
+    from gts_lum.evaluation.bench import build_model
+    from gts_lum.training.checkpoint import load_model, save_model
+
+    model = build_model("markov", None, {})
+    model.fit(cycle_data.split())
+    out = tmp_path / "model"
+    save_model(model, "markov", out)
+    (out / "stray.txt").write_text("from an older save")
+    save_model(model, "markov", out, {"again": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and not (out / "stray.txt").exists()
+    assert load_model(out) is not None

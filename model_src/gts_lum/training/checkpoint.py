@@ -45,14 +45,26 @@ class CheckpointError(RuntimeError):
 
 
 def save_model(model: Any, name: str, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    """Write the model folder all-or-nothing: into a fresh sibling folder, swapped in by renames (a kill
+    leaves the previous model or none, never new weights beside an old card)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    fresh = out.with_name(out.name + ".incoming")
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_tensors().items()}
-    save_file(tensors, out / "weights.safetensors")
+    save_file(tensors, fresh / "weights.safetensors")
     if hasattr(model, "save_assets"):  # arrays and texts beside the weights (e.g. the catalog's features)
-        model.save_assets(out / "assets")
+        model.save_assets(fresh / "assets")
     card = {"name": name, "config": dataclasses.asdict(model.cfg), "metadata": metadata or {}}
-    (out / "model.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    (fresh / "model.yaml").write_text(yaml.safe_dump(card, sort_keys=False))  # last: a folder with a card is whole
+    if out.exists():
+        replaced = out.with_name(out.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(out, replaced)
+        os.replace(fresh, out)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(fresh, out)
     return out
 
 
