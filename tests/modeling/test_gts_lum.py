@@ -329,8 +329,9 @@ def test_semantic_id_prefix_embeddings_give_each_behaviour_its_own_vector(cycle_
         build(cycle_data, net={**TINY["net"], "semantic_id_embedding": True})
 
 
-def test_input_dropout_only_while_training(cycle_data, one_thread_module):
-    model = build(cycle_data, net={**TINY["net"], "input_dropout": 0.5})
+@pytest.mark.parametrize("net", [{"input_dropout": 0.5}, {"decoder": {**TINY["net"]["decoder"], "dropout": 0.3}}], ids=["inputs", "blocks"])
+def test_dropout_only_while_training(cycle_data, one_thread_module, net):
+    model = build(cycle_data, net={**TINY["net"], **net})
     net, split = model.net, cycle_data.split()
     cases = split.test.subset(np.arange(4))
     batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
@@ -407,19 +408,9 @@ def test_bucketed_batches_group_similar_lengths_in_a_seeded_order():
     assert padded < 1.05 * lengths.sum()  # random batches pad to ~2x; sorted ones almost not at all
 
 
-def test_decoder_dropout_only_while_training(cycle_data, one_thread_module):
+def test_block_dropout_hooks_every_attention_and_mlp():
     from gts_lum.modeling.decoder import DecoderConfig, add_block_dropout, build_decoder
 
-    model = build(cycle_data, net={**TINY["net"], "decoder": {**TINY["net"]["decoder"], "dropout": 0.3}})
-    net, split = model.net, cycle_data.split()
-    cases = split.test.subset(np.arange(4))
-    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
-    with torch.no_grad():
-        ctx = net.context(batch)
-        net.train()
-        assert not torch.equal(net.user_states(ctx), net.user_states(ctx))
-        net.eval()
-        torch.testing.assert_close(net.user_states(ctx), net.user_states(ctx), rtol=0, atol=0)
     decoder, _ = build_decoder(DecoderConfig(hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32))
     assert add_block_dropout(decoder, 0.1) == 6  # attention and MLP of each of the 3 blocks
     with pytest.raises(ValueError, match="dropout"):

@@ -40,7 +40,7 @@ from gts_lum.data.pseudonym import KEY_CHECK, key_check, profiles_by_pseudonym, 
 from gts_lum.evaluation.labels import LabelTask
 from gts_lum.modeling.heads import HeadsConfig, LabelHead, UpliftHead, build_head
 from gts_lum.sequence.splits import EvalSet
-from gts_lum.training.checkpoint import load_model, read_card
+from gts_lum.training.checkpoint import load_model, read_card, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +108,6 @@ def load_heads(folder: str | Path) -> dict[str, ServingHead]:
 
 
 # -- writing the export ---------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _catalog(model_dir: Path, card: dict, sequences_dir: str | Path | None) -> tuple[np.ndarray, str, np.ndarray | None]:
@@ -201,7 +193,7 @@ def export_model(
             (tmp / HEADS_DIR).mkdir()
             for path in [Path(heads_dir) / HEADS_CARD, *(Path(heads_dir) / f"{n}.safetensors" for n in heads)]:
                 shutil.copy2(path, tmp / HEADS_DIR / path.name)
-        hashes = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        hashes = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         if version is None:  # model.yaml is left out: its metadata names training paths, not content
             content = "".join(f"{k}:{v}\n" for k, v in sorted(hashes.items()) if k != "model.yaml")
             version = hashlib.sha256(content.encode()).hexdigest()[:12]

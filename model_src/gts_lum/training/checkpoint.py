@@ -87,7 +87,8 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> Any:
     return model
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -138,7 +139,7 @@ def _read_checked(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         path = folder / name
         if not path.exists():
             raise CheckpointError(f"{path}: missing from the checkpoint; {what_to_do}")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: does not match the checkpoint manifest (truncated or changed); {what_to_do}")
     groups = {name[: -len(".safetensors")]: load_file(folder / name) for name in manifest if name.endswith(".safetensors")}
     groups = {k: {n: t for n, t in v.items() if n != "_empty"} for k, v in groups.items()}
