@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from gts_lum.data.events import EventLog
 from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference, word_embedder
@@ -424,7 +425,9 @@ class GTSLUMNetwork(nn.Module):
     # -- scores --------------------------------------------------------------------------------------
     def agnostic_scores(self, ctx: dict, items: torch.Tensor) -> torch.Tensor:
         """(B, C): cosine(h_last(history), P b^F) * scale against unit item vectors (C, H)."""
-        return F.normalize(self.user_states(ctx), dim=-1) @ items.T * self.scale
+        with record_function("gts_lum.agnostic_pass"):
+            users = self.user_states(ctx)
+        return F.normalize(users, dim=-1) @ items.T * self.scale
 
     def aware_scores(self, ctx: dict, candidates: torch.Tensor, chunk: int = 256, cases: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C) target-aware scores of candidates (B, C) (behaviour indices, in the context's unique set)
@@ -744,19 +747,24 @@ class GTSLUM:
         was_training = net.training
         net.eval()
         candidates = np.asarray(candidates, np.int64)
-        tokens = self.sequences(log_, cases)
-        batch = self.batch(tokens, log_, np.asarray(cases.history_end))
+        with record_function("gts_lum.timestamp_process"):  # stage labels: `gts-lum load-bench --profile`
+            tokens = self.sequences(log_, cases)
+            batch = self.batch(tokens, log_, np.asarray(cases.history_end))
         cand = torch.as_tensor(candidates, device=self.device)
         with self.autocast():
-            ctx = net.context(batch, extra_behaviors=cand)
-            scores = net.agnostic_scores(ctx, net.item_embeddings(net.lookup(ctx, cand)))  # (B, C)
-            depth = min(self.rerank_depth, len(candidates))
+            with record_function("gts_lum.fuse"):
+                ctx = net.context(batch, extra_behaviors=cand)
+            with record_function("gts_lum.retrieval"):  # the agnostic pass inside: its own label
+                scores = net.agnostic_scores(ctx, net.item_embeddings(net.lookup(ctx, cand)))  # (B, C)
+                depth = min(self.rerank_depth, len(candidates))
+                if depth:
+                    masked = scores.clone()
+                    if self.history_filter:
+                        masked[torch.as_tensor(history_mask(log_, cases, candidates), device=self.device)] = -torch.inf
+                    top = masked.topk(depth, dim=1).indices  # (B, N) columns
             if depth:
-                masked = scores.clone()
-                if self.history_filter:
-                    masked[torch.as_tensor(history_mask(log_, cases, candidates), device=self.device)] = -torch.inf
-                top = masked.topk(depth, dim=1).indices  # (B, N) columns
-                aware = net.aware_scores(ctx, cand[top], chunk=self.cfg.score_chunk)  # (B, N)
+                with record_function("gts_lum.aware_passes"):
+                    aware = net.aware_scores(ctx, cand[top], chunk=self.cfg.score_chunk)  # (B, N)
                 # above every agnostic score: cosine * scale lies in [-scale, scale]
                 scores.scatter_(1, top, aware + 4 * net.scale)
         net.train(was_training)

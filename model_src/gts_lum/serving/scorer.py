@@ -65,6 +65,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
+from torch.profiler import record_function
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import kserve
@@ -337,7 +338,8 @@ class GTSLUMScorer(kserve.Model):
         if len(instances) > self.cfg.max_instances:
             raise InvalidInput(f"{where}: {len(instances)} instances, more than the limit of {self.cfg.max_instances} (--max-instances)")
         has_store = self.features is not None
-        cases = [parse_instance(obj, f"{where}[{i}]", self.serving, self.cfg, has_store) for i, obj in enumerate(instances)]
+        with record_function("gts_lum.parse"):  # stage labels: `gts-lum load-bench --profile`
+            cases = [parse_instance(obj, f"{where}[{i}]", self.serving, self.cfg, has_store) for i, obj in enumerate(instances)]
         depth = min(self.serving.model.cfg.rerank_depth, len(self.serving.default_candidates))
         work = sum(depth if c.candidates is None else len(c.candidates) for c in cases)
         if work > self.cfg.max_request_candidates:
@@ -351,6 +353,7 @@ class GTSLUMScorer(kserve.Model):
                 await loop.run_in_executor(None, self._fetch_history, case, f"{where}[{i}]")
         return Prepared(protocol, cases, request_id)
 
+    @record_function("gts_lum.feast_read")
     def _fetch_history(self, case: ScoreCase, where: str) -> None:
         try:
             history = self.features.get_history(case.user_id)
@@ -397,7 +400,8 @@ class GTSLUMScorer(kserve.Model):
 
     def _score(self, case: ScoreCase) -> dict:
         s = self.serving
-        log_, cases = history_log(case.user_id or "", case.behaviors, case.timestamps, s.catalog)
+        with record_function("gts_lum.history"):
+            log_, cases = history_log(case.user_id or "", case.behaviors, case.timestamps, s.catalog)
         idx, scores = s.rank(log_, cases, case.candidates, case.top_k)
         threshold = s.aware_threshold()
         prediction = {
@@ -410,7 +414,8 @@ class GTSLUMScorer(kserve.Model):
             ],
         }
         if case.heads:
-            prediction["heads"] = s.head_outputs(log_, cases, case.heads)[0]
+            with record_function("gts_lum.heads"):
+                prediction["heads"] = s.head_outputs(log_, cases, case.heads)[0]
         return prediction
 
 
