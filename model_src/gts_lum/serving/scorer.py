@@ -112,9 +112,13 @@ class ScorerConfig:
     max_connections: int = 512
     rerank_depth: int | None = None  # None: the model's own
     device: str = "cpu"
+    # torch intra-op threads of the one scoring thread. Default 1: a top-10 request (~1.5 GFLOP at decoder
+    # width 128) gains little from a second thread, and one core per process is what an operator sizes
+    # replicas by; the InferenceService requests that one core (manifests/serving/inferenceservice.yaml).
+    torch_threads: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "max_connections"):
+        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "max_connections", "torch_threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ScorerConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("header_timeout", "body_timeout"):
@@ -775,16 +779,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace) -> None:
     import torch
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
     # per-request INFO lines of the sequence builder and profile alignment would drown the access log
     logging.getLogger("gts_lum.sequence.timestamp_process").setLevel(logging.WARNING)
     logging.getLogger("gts_lum.modeling.gts_lum_model").setLevel(logging.WARNING)
     limits = (
         "max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates",
-        "header_timeout", "body_timeout", "max_connections", "rerank_depth",
+        "header_timeout", "body_timeout", "max_connections", "rerank_depth", "torch_threads",
     )
     cfg = ScorerConfig(device=args.device, **{k: getattr(args, k) for k in limits if getattr(args, k) is not None})
+    torch.set_num_threads(cfg.torch_threads)
     serve(args.export, args.host, args.http_port, args.feature_repo, cfg, args.name)
 
 
