@@ -50,8 +50,7 @@ load-bench: $(BIN)/gts-lum
 	rm -rf runs/export
 	$(BIN)/gts-lum export $$(ls -d runs/demo/local_outputs/*/ | tail -1)train-gts-lum/model --out runs/export \
 	    --sequences $$(ls -d runs/demo/local_outputs/*/ | tail -1)build-sequences/sequences
-	$(BIN)/gts-lum load-bench runs/export --requests 100 --concurrency 1 --out runs/bench/load_c1
-	$(BIN)/gts-lum load-bench runs/export --requests 200 --concurrency 4 --out runs/bench/load_c4
+	$(BIN)/gts-lum load-bench runs/export --requests 100 --concurrency 1 --concurrency 4 --out runs/bench/load
 
 # On a CUDA machine: phase II in bf16 at width 512 (4 layers) beside HSTU on the demo simulator, positions/s
 # and candidates/s; fails when a loss does not fall. Runs on the machine's own torch + transformers

@@ -173,7 +173,13 @@ def cmd_load_bench(args) -> None:
     from gts_lum.evaluation.load_bench import load_bench
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    _print(load_bench(args.export, requests=args.requests, concurrency=args.concurrency, seconds_limit=args.seconds_limit, candidates=args.candidates, torch_threads=args.torch_threads, out_dir=args.out))
+    users = args.users.split(",") if args.users else None
+    shapes = tuple(args.shape or (("top10", "top10_feast", "candidates") if args.feature_repo else ("top10", "candidates")))
+    _print(load_bench(
+        args.export, requests=args.requests, concurrency=tuple(args.concurrency or (1, 4)), shapes=shapes, seconds_limit=args.seconds_limit,
+        candidates=args.candidates, history_events=args.history_events, torch_threads=args.torch_threads, feature_repo=args.feature_repo,
+        users=users, out_dir=args.out,
+    ))
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
@@ -195,7 +201,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, help="open connections; past them a request gets a 503")
     p.add_argument("--rerank-depth", type=int, help="target-aware re-ranking depth (default: the model's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads of the scoring thread (default 1: ScorerConfig.torch_threads)")
 
 
 def cmd_features(args) -> None:
@@ -362,12 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chunks", type=int, help="stop after this many new chunks (run again to resume)")
     p.set_defaults(func=cmd_batch_score)
 
-    p = sub.add_parser("load-bench", help="latency (p50/p99) and requests/s of the scorer on 127.0.0.1, 100 candidates a request")
+    p = sub.add_parser("load-bench", help="a request's stage profile, then p50/p90/p99 and requests/s of the scorer on 127.0.0.1 by request shape")
     p.add_argument("export", help="a folder written by `gts-lum export`")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--seconds-limit", type=float, default=60.0)
-    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--requests", type=int, default=100, help="per shape and concurrency")
+    p.add_argument("--concurrency", type=int, action="append", help="client threads (repeatable; default 1 and 4)")
+    p.add_argument("--shape", action="append", choices=["top10", "top10_feast", "candidates"], help="request shape (repeatable; default all, top10_feast with --feature-repo)")
+    p.add_argument("--seconds-limit", type=float, default=60.0, help="per shape and concurrency")
+    p.add_argument("--candidates", type=int, default=100, help="explicit candidates of the candidates shape")
+    p.add_argument("--history-events", type=int, default=100, help="inline history events a request")
+    p.add_argument("--feature-repo", help="Feast repository the top10_feast shape reads (the server gets it too)")
+    p.add_argument("--users", help="comma-separated user ids in that store")
     p.add_argument("--torch-threads", type=int, default=1, help="the server's torch threads")
     p.add_argument("--out", help="also write load_bench.json and the server log here")
     p.set_defaults(func=cmd_load_bench)

@@ -126,3 +126,29 @@ def test_the_scorer_finds_a_users_profile_row_by_pseudonym(profiled, tiny_servin
     np.testing.assert_allclose([served[c] for c in candidates], offline, rtol=1e-5, atol=1e-6)
     # re-ranked scores carry the offset 4 x scale (~57): a relative tolerance would hide the profile's effect
     assert not np.allclose([anonymous[c] for c in candidates], offline, rtol=0, atol=1e-6), "the profile row changed nothing"
+
+
+def test_the_catalog_cache_scores_as_plain_scoring(tiny_serving, offline):
+    """Issue 30: what the server computes once per load (b^F, P b^F, projected descriptors) gives the scores,
+    rankings and head embeddings of plain `GTSLUM.score` / `user_embeddings`, two-stage and with candidates."""
+    serving, model = offline.serving, offline.serving.model
+    some = serving.default_candidates[::3]
+    for u in range(0, offline.log.num_users, max(offline.log.num_users // 6, 1)):
+        case = offline.case(u)
+        for cand in (serving.default_candidates, some):
+            plain = model.score(offline.log, case, cand)
+            cached = model.score(offline.log, case, cand, serving.catalog_cache)
+            np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-5)
+        depth = model.cfg.rerank_depth
+        model.cfg.rerank_depth = len(some)  # every candidate target-aware, as the scorer scores request candidates
+        try:
+            np.testing.assert_allclose(model.score(offline.log, case, some, serving.catalog_cache), model.score(offline.log, case, some), rtol=1e-5, atol=1e-5)
+        finally:
+            model.cfg.rerank_depth = depth
+        idx, _ = serving.rank(offline.log, case)  # the server's path
+        plain = model.score(offline.log, case, serving.default_candidates)[0]
+        assert idx[0].tolist() == serving.default_candidates[np.argsort(-plain, kind="stable")[:10]].tolist()
+        np.testing.assert_allclose(
+            model.user_embeddings(offline.log, case, catalog=serving.catalog_cache), model.user_embeddings(offline.log, case), rtol=1e-5, atol=1e-5
+        )
+

@@ -1,16 +1,27 @@
-"""Load bench of the KServe scorer: latency percentiles and throughput of real HTTP requests.
+"""Load bench of the KServe scorer: a stage-by-stage profile of one request, then latency percentiles and
+throughput of real HTTP requests.
 
-    gts-lum load-bench runs/demo/export --requests 200 --concurrency 4 --seconds-limit 60
+    gts-lum load-bench runs/demo/export --requests 100 --concurrency 1 --concurrency 4 [--feature-repo DIR --users U1,U2]
 
-Starts `python -m gts_lum.serving.scorer` on a free 127.0.0.1 port (stopped by its PID at the end),
-sends `requests` v1 requests from `concurrency` client threads, each scoring `candidates` candidates
-for an inline history of `history_events` events (random catalog behaviours an hour apart, seeded),
-and stops early when `seconds_limit` is reached. A few warm-up requests go first and are not counted.
-Client and server share the machine, so the figures are a floor for a dedicated server.
+Request shapes (`SHAPES`), each over an inline history of `history_events` events (random catalog
+behaviours an hour apart, seeded) unless it reads Feast:
+- top10: no candidate list: agnostic retrieval over the export's targets, the top rerank_depth re-ranked
+  target-aware, the top 10 returned (the campaign tool's request);
+- top10_feast: the same with only a user_id: the history is read from the feature store (`feature_repo`,
+  users taken in turn from `users`; the server needs the store's GTS_LUM_PSEUDONYM_KEY);
+- candidates: `candidates` explicit candidates, all scored target-aware.
+
+The profile (`profile_request`) runs the scorer's own preprocess / predict in this process on one thread
+and reads the stage labels (`torch.profiler.record_function`) of the scoring path. The HTTP part starts
+`python -m gts_lum.serving.scorer` on a free 127.0.0.1 port (stopped by its PID at the end), and for
+each shape and concurrency sends `requests` v1 requests from that many client threads, stopping early at
+`seconds_limit`. Warm-up requests go first and are not counted. Client and server share the machine, so
+the figures are a floor for a dedicated server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import tempfile
@@ -21,113 +32,229 @@ from pathlib import Path
 
 import numpy as np
 
+from gts_lum.evaluation.speed import decoder_flops
+
 log = logging.getLogger(__name__)
 
+SHAPES = ("top10", "top10_feast", "candidates")
+GOAL_P99_MS = 50.0  # the top-10 request on one core (issue 30)
+# stages of one request in scoring order (labels of the scorer and of GTSLUM.score); retrieval holds the
+# agnostic pass, which is reported on its own
+STAGES = (
+    "json_parse", "parse", "feast_read", "history", "timestamp_process", "fuse", "agnostic_pass", "retrieval", "aware_passes", "heads", "serialise",
+)
 
-def _request_bodies(catalog: list[str], n: int, candidates: int, history_events: int, seed: int) -> list[bytes]:
+
+def _request_bodies(catalog: list[str], n: int, shape: str, candidates: int, history_events: int, seed: int, users: list[str] | None = None) -> list[bytes]:
     rng = np.random.default_rng(seed)
     if candidates > len(catalog):
         raise ValueError(f"candidates={candidates} but the catalog has {len(catalog)} behaviours")
+    if shape == "top10_feast" and not users:
+        raise ValueError("the top10_feast shape needs feature-store user ids (users)")
     bodies = []
-    for _ in range(n):
-        start = int(rng.integers(1_700_000_000, 1_710_000_000))
-        events = {
-            "behavior_ids": [catalog[i] for i in rng.integers(0, len(catalog), history_events)],
-            "timestamps": [start + 3600 * t for t in range(history_events)],
-        }
-        cands = [catalog[i] for i in rng.choice(len(catalog), candidates, replace=False)]
-        bodies.append(json.dumps({"instances": [{"events": events, "candidates": cands, "top_k": 10}]}).encode())
+    for i in range(n):
+        if shape == "top10_feast":
+            instance = {"user_id": users[i % len(users)], "top_k": 10}
+        else:
+            start = int(rng.integers(1_700_000_000, 1_710_000_000))
+            events = {
+                "behavior_ids": [catalog[j] for j in rng.integers(0, len(catalog), history_events)],
+                "timestamps": [start + 3600 * t for t in range(history_events)],
+            }
+            instance = {"events": events, "top_k": 10}
+            if shape == "candidates":
+                instance["candidates"] = [catalog[j] for j in rng.choice(len(catalog), candidates, replace=False)]
+        bodies.append(json.dumps({"instances": [instance]}).encode())
     return bodies
 
 
-def _run(export_dir, workdir: Path, bodies: list[bytes], warmup: int, concurrency: int, seconds_limit: float, torch_threads: int) -> tuple[list[tuple[float, int]], float]:
-    """Start the server, send the requests, stop the server: (latency s, status) per request, wall seconds."""
+def fp32_gflops(seconds: float = 1.0, size: int = 512) -> float:
+    """This process's fp32 matrix-product rate (GFLOP/s) at torch's current thread count."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        done += 1
+    return 2 * size**3 * done / (time.perf_counter() - t0) / 1e9
+
+
+def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
+    """Mean milliseconds per request of each stage (`STAGES`) over `bodies`, run through `scorer` (a
+    loaded GTSLUMScorer) in this process, plus the decoder FLOPs a request executed and the wall time per
+    request without the profiler (its own cost left out)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    net = scorer.serving.model.net
+    dec = net.decoder.config
+    flops = [0.0]
+
+    def count(_module, _args, kwargs):  # padded tokens included: what the decoder computes
+        n, t = kwargs["inputs_embeds"].shape[:2]
+        flops[0] += n * decoder_flops(dec.hidden_size, dec.intermediate_size, dec.num_hidden_layers, t)
+
+    loop = asyncio.new_event_loop()
+
+    def one(body: bytes) -> str:
+        with record_function("gts_lum.json_parse"):
+            payload = json.loads(body)
+        prepared = loop.run_until_complete(scorer.preprocess(payload))
+        predictions = scorer._score_all(prepared.cases)
+        with record_function("gts_lum.serialise"):
+            return json.dumps({"predictions": predictions})
+
+    try:
+        for body in bodies[:warmup]:
+            one(body)
+        counted = bodies[warmup:]
+        t0 = time.perf_counter()
+        for body in counted:
+            one(body)
+        wall_ms = (time.perf_counter() - t0) * 1000 / len(counted)
+        hook = net.decoder.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for body in counted:
+                    one(body)
+        finally:
+            hook.remove()
+    finally:
+        loop.close()
+    totals = {e.key.removeprefix("gts_lum."): e.cpu_time_total / 1000 / len(counted) for e in prof.key_averages() if e.key.startswith("gts_lum.")}
+    if "retrieval" in totals:
+        totals["retrieval"] -= totals.get("agnostic_pass", 0.0)
+    stages = {k: round(totals[k], 2) for k in STAGES if k in totals}
+    return {
+        "stages_ms": stages,
+        "stages_sum_ms": round(sum(stages.values()), 2),
+        "wall_ms": round(wall_ms, 2),
+        "decoder_gflop": round(flops[0] / len(counted) / 1e9, 4),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _send(url: str, bodies: list[bytes], warmup: int, concurrency: int, seconds_limit: float) -> tuple[list[tuple[float, int]], float]:
+    """Send the bodies from `concurrency` client threads: (latency s, status) per request, wall seconds."""
     import httpx
 
-    from gts_lum.serving.scorer import launch_server
-
-    server = launch_server(export_dir, workdir / "server.log", torch_threads=torch_threads)
-    url = f"{server.url}/v1/models/{server.name}:predict"
     headers = {"content-type": "application/json"}
-    try:
+    with httpx.Client(timeout=60) as client:
+        for body in bodies[:warmup]:
+            client.post(url, content=body, headers=headers).raise_for_status()
+    queue = iter(bodies[warmup:])
+    lock = threading.Lock()
+    results: list[tuple[float, int]] = []
+    started = time.perf_counter()
+    deadline = started + seconds_limit
+
+    def worker() -> None:
         with httpx.Client(timeout=60) as client:
-            for body in bodies[:warmup]:
-                client.post(url, content=body, headers=headers).raise_for_status()
-        queue = iter(bodies[warmup:])
-        lock = threading.Lock()
-        results: list[tuple[float, int]] = []  # (seconds, status)
-        started = time.perf_counter()
-        deadline = started + seconds_limit
+            while time.perf_counter() < deadline:
+                with lock:
+                    body = next(queue, None)
+                if body is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    status = client.post(url, content=body, headers=headers).status_code
+                except httpx.TransportError:
+                    status = 0
+                with lock:
+                    results.append((time.perf_counter() - t0, status))
 
-        def worker() -> None:
-            with httpx.Client(timeout=60) as client:
-                while time.perf_counter() < deadline:
-                    with lock:
-                        body = next(queue, None)
-                    if body is None:
-                        return
-                    t0 = time.perf_counter()
-                    try:
-                        status = client.post(url, content=body, headers=headers).status_code
-                    except httpx.TransportError:
-                        status = 0
-                    with lock:
-                        results.append((time.perf_counter() - t0, status))
-
-        with ThreadPoolExecutor(concurrency) as pool:
-            for future in [pool.submit(worker) for _ in range(concurrency)]:
-                future.result()
-        wall = time.perf_counter() - started
-    finally:
-        server.stop()
-    return results, wall
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    return results, time.perf_counter() - started
 
 
-def load_bench(
-    export_dir: str | Path,
-    requests: int = 200,
-    concurrency: int = 4,
-    seconds_limit: float = 60.0,
-    candidates: int = 100,
-    history_events: int = 50,
-    warmup: int = 5,
-    torch_threads: int = 1,
-    seed: int = 0,
-    out_dir: str | Path | None = None,
-) -> dict:
-    """Run the bench (see the module docstring); returns p50 / p90 / p99 latency (ms), requests/s and
-    the status codes seen. `out_dir`: also write load_bench.json and the server log there."""
-    from gts_lum.serving.export import read_serving_card
-
-    if requests < 1 or concurrency < 1 or seconds_limit <= 0:
-        raise ValueError(f"requests and concurrency must be >= 1 and seconds_limit > 0, got {requests}, {concurrency}, {seconds_limit}")
-    card = read_serving_card(export_dir)
-    bodies = _request_bodies(card["catalog"]["behavior_ids"], requests + warmup, candidates, history_events, seed)
-    with tempfile.TemporaryDirectory(prefix="gts-lum-load-bench-") as tmp:
-        workdir = Path(out_dir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        results, wall = _run(export_dir, workdir, bodies, warmup, concurrency, seconds_limit, torch_threads)
+def _summary(results: list[tuple[float, int]], wall: float, requests: int) -> dict:
     latency_ms = np.array([r[0] for r in results]) * 1000
     codes: dict[str, int] = {}
     for _, status in results:
         codes[str(status)] = codes.get(str(status), 0) + 1
-    summary = {
+    return {
         "requests_sent": len(results),
-        "requests_planned": requests,
         "stopped_by": "count" if len(results) == requests else "seconds_limit",
         "status_codes": codes,
-        "concurrency": concurrency,
-        "candidates_per_request": candidates,
-        "history_events": history_events,
-        "torch_threads": torch_threads,
         "wall_seconds": round(wall, 3),
         "requests_per_second": round(len(results) / wall, 2) if wall > 0 else 0.0,
         "latency_ms": {f"p{q}": round(float(np.percentile(latency_ms, q)), 2) for q in (50, 90, 99)} if len(results) else {},
-        "model": card["name"],
-        "version": card["version"],
     }
+
+
+def load_bench(
+    export_dir: str | Path,
+    requests: int = 100,
+    concurrency: tuple[int, ...] = (1, 4),
+    shapes: tuple[str, ...] = ("top10", "candidates"),
+    seconds_limit: float = 60.0,
+    candidates: int = 100,
+    history_events: int = 100,
+    warmup: int = 5,
+    torch_threads: int = 1,
+    feature_repo: str | Path | None = None,
+    users: list[str] | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+) -> dict:
+    """Run the profile and the bench (see the module docstring); returns, per shape, the profile and per
+    concurrency p50 / p90 / p99 latency (ms), requests/s and the status codes; for the candidates shape
+    also candidates/s and the decoder's GFLOP/s as a share of this machine's fp32 rate. `out_dir`: also
+    write load_bench.json and the server log there."""
+    import torch
+
+    from gts_lum.serving.export import read_serving_card
+    from gts_lum.serving.scorer import GTSLUMScorer, ScorerConfig, launch_server
+
+    if requests < 1 or not concurrency or min(concurrency) < 1 or seconds_limit <= 0:
+        raise ValueError(f"requests and each concurrency must be >= 1 and seconds_limit > 0, got {requests}, {concurrency}, {seconds_limit}")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"shapes {unknown}: use {SHAPES}")
+    card = read_serving_card(export_dir)
+    catalog = card["catalog"]["behavior_ids"]
+    plan = {s: _request_bodies(catalog, requests + warmup, s, candidates, history_events, seed, users) for s in shapes}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)  # the profile and the machine's rate on the server's threads
+    try:
+        scorer = GTSLUMScorer(export_dir, feature_repo, ScorerConfig(max_candidates=max(candidates, 500)))
+        scorer.load()
+        profiles = {s: profile_request(scorer, bodies[: min(len(bodies), 40)]) for s, bodies in plan.items()}
+        machine = fp32_gflops()
+    finally:
+        torch.set_num_threads(threads)
+    out: dict = {"model": card["name"], "version": card["version"], "torch_threads": torch_threads, "history_events": history_events,
+                 "machine_fp32_gflops": round(machine, 1), "goal_p99_ms_top10": GOAL_P99_MS, "shapes": {}}
+    extra = ["--max-candidates", str(max(candidates, 500))]
+    with tempfile.TemporaryDirectory(prefix="gts-lum-load-bench-") as tmp:
+        workdir = Path(out_dir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        server = launch_server(export_dir, workdir / "server.log", feature_repo, extra_args=extra, torch_threads=torch_threads)
+        try:
+            url = f"{server.url}/v1/models/{server.name}:predict"
+            for shape, bodies in plan.items():
+                row = {"profile": profiles[shape], "by_concurrency": {}}
+                for c in concurrency:
+                    results, wall = _send(url, bodies, warmup, c, seconds_limit)
+                    summary = _summary(results, wall, requests)
+                    if shape == "candidates":
+                        summary["candidates_per_second"] = round(summary["requests_per_second"] * candidates, 1)
+                        gflops = summary["requests_per_second"] * profiles[shape]["decoder_gflop"]
+                        summary["decoder_gflops"] = round(gflops, 2)
+                        summary["share_of_machine_fp32"] = round(gflops / machine, 3)
+                    if shape.startswith("top10") and summary["latency_ms"]:
+                        summary["meets_goal"] = summary["latency_ms"]["p99"] <= GOAL_P99_MS
+                    row["by_concurrency"][str(c)] = summary
+                    log.info("load bench %s at concurrency %d: p50 %s ms, p99 %s ms, %.1f req/s", shape, c,
+                             summary["latency_ms"].get("p50"), summary["latency_ms"].get("p99"), summary["requests_per_second"])
+                out["shapes"][shape] = row
+        finally:
+            server.stop()
     if out_dir:
-        (Path(out_dir) / "load_bench.json").write_text(json.dumps(summary, indent=2))
-    log.info("load bench: %d requests at concurrency %d: p50 %s ms, p99 %s ms, %.1f req/s", len(results), concurrency,
-             summary["latency_ms"].get("p50"), summary["latency_ms"].get("p99"), summary["requests_per_second"])
-    return summary
+        (Path(out_dir) / "load_bench.json").write_text(json.dumps(out, indent=2))
+    return out

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from gts_lum.data.events import EventLog
 from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference, word_embedder
@@ -312,8 +313,11 @@ class GTSLUMNetwork(nn.Module):
         return unique, self._fuse(unique)
 
     # -- decoder input -------------------------------------------------------------------------------
-    def _history(self, batch: SequenceBatch, unique: torch.Tensor, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L, H) history embeddings, (B, L) mask, (B, L) positions."""
+    def _history(
+        self, batch: SequenceBatch, unique: torch.Tensor, fused: torch.Tensor, descriptors: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, H) history embeddings, (B, L) mask, (B, L) positions. `descriptors`: the projected
+        descriptor table when cached (`catalog_cache`)."""
         dev = self.device
         kind = torch.as_tensor(batch.kind, device=dev)
         value = torch.as_tensor(batch.value, device=dev)
@@ -322,7 +326,8 @@ class GTSLUMNetwork(nn.Module):
         emb[is_b] = fused[torch.searchsorted(unique, value[is_b])]
         is_d = (kind == TokenKind.DESCRIPTOR) | (kind == TokenKind.TIME_TEXT)
         if is_d.any():
-            emb[is_d] = self.descriptor_projection(self.descriptor_table[value[is_d]]).to(emb.dtype)
+            projected = self.descriptor_projection(self.descriptor_table[value[is_d]]) if descriptors is None else descriptors[value[is_d]]
+            emb[is_d] = projected.to(emb.dtype)
         emb[kind == TokenKind.SEP] = self.sep.to(emb.dtype)
         if batch.components is not None:
             comp = torch.as_tensor(batch.components, device=dev)
@@ -353,12 +358,30 @@ class GTSLUMNetwork(nn.Module):
         emb = torch.where(self.user_has_profile[users][:, None], emb, self.missing_profile)
         return emb[:, None], torch.ones(len(batch), 1, dtype=torch.bool, device=self.device)
 
-    def context(self, batch: SequenceBatch, extra_behaviors: torch.Tensor | None = None) -> dict:
-        """Everything of the B cases that does not depend on the target: computed once, reused per candidate."""
-        hist_values = torch.as_tensor(batch.value[batch.kind == TokenKind.BEHAVIOR], device=self.device)
-        parts = [hist_values] + ([extra_behaviors] if extra_behaviors is not None else [])
-        unique, fused = self.fuse_unique(*parts)
-        hist, hist_mask, hist_pos = self._history(batch, unique, fused)
+    @torch.no_grad()
+    def catalog_cache(self, batch_size: int = 512) -> dict:
+        """What scoring reads of the catalog whatever the request, for the whole catalog: b^F, the unit
+        vectors P b^F and the projected descriptor table. Valid while the weights do not change (a served
+        model); eval mode."""
+        was_training = self.training
+        self.eval()
+        everything = torch.arange(self.adapter.num_behaviors, device=self.device)
+        fused = torch.cat([self._fuse(part) for part in everything.split(batch_size)])
+        cache = {"unique": everything, "fused": fused, "items": self.item_embeddings(fused), "descriptors": self.descriptor_projection(self.descriptor_table)}
+        self.train(was_training)
+        return cache
+
+    def context(self, batch: SequenceBatch, extra_behaviors: torch.Tensor | None = None, catalog: dict | None = None) -> dict:
+        """Everything of the B cases that does not depend on the target: computed once, reused per candidate.
+        `catalog`: `catalog_cache()`, read instead of fusing the request's behaviours (every behaviour is in it)."""
+        if catalog is None:
+            hist_values = torch.as_tensor(batch.value[batch.kind == TokenKind.BEHAVIOR], device=self.device)
+            parts = [hist_values] + ([extra_behaviors] if extra_behaviors is not None else [])
+            unique, fused = self.fuse_unique(*parts)
+            hist, hist_mask, hist_pos = self._history(batch, unique, fused)
+        else:
+            unique, fused = catalog["unique"], catalog["fused"]
+            hist, hist_mask, hist_pos = self._history(batch, unique, fused, catalog["descriptors"])
         comp, comp_mask = self._compressed(batch)
         prefix, prefix_mask = [comp], [comp_mask]
         profile = self._profile(batch)
@@ -367,6 +390,7 @@ class GTSLUMNetwork(nn.Module):
         return {
             "unique": unique,
             "fused": fused,
+            **({"items": catalog["items"]} if catalog is not None else {}),
             "prefix": torch.cat(prefix, 1),
             "prefix_mask": torch.cat(prefix_mask, 1),
             "hist": hist,
@@ -374,12 +398,13 @@ class GTSLUMNetwork(nn.Module):
             "hist_pos": hist_pos,
         }
 
-    def lookup(self, ctx: dict, behaviors: torch.Tensor) -> torch.Tensor:
-        """b^F of behaviours that were part of the context's unique set."""
+    def lookup(self, ctx: dict, behaviors: torch.Tensor, what: str = "fused") -> torch.Tensor:
+        """b^F (`what` "fused") of behaviours that were part of the context's unique set, or their cached
+        unit vectors P b^F ("items", a context of `catalog_cache`)."""
         pos = torch.searchsorted(ctx["unique"], behaviors)
         if bool((pos >= len(ctx["unique"])).any()) or not bool((ctx["unique"][pos.clamp(max=len(ctx["unique"]) - 1)] == behaviors).all()):
             raise KeyError("behaviour not in the context: pass it as extra_behaviors to context()")
-        return ctx["fused"][pos]
+        return ctx[what][pos]
 
     def user_states(
         self, ctx: dict, rows: torch.Tensor | None = None, target: torch.Tensor | None = None, task: torch.Tensor | None = None,
@@ -424,7 +449,9 @@ class GTSLUMNetwork(nn.Module):
     # -- scores --------------------------------------------------------------------------------------
     def agnostic_scores(self, ctx: dict, items: torch.Tensor) -> torch.Tensor:
         """(B, C): cosine(h_last(history), P b^F) * scale against unit item vectors (C, H)."""
-        return F.normalize(self.user_states(ctx), dim=-1) @ items.T * self.scale
+        with record_function("gts_lum.agnostic_pass"):
+            users = self.user_states(ctx)
+        return F.normalize(users, dim=-1) @ items.T * self.scale
 
     def aware_scores(self, ctx: dict, candidates: torch.Tensor, chunk: int = 256, cases: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C) target-aware scores of candidates (B, C) (behaviour indices, in the context's unique set)
@@ -439,7 +466,8 @@ class GTSLUMNetwork(nn.Module):
         for s in range(0, len(flat), chunk):
             r, t = rows[s : s + chunk], flat[s : s + chunk]
             u = F.normalize(self.user_states(ctx, r, target=t), dim=-1)
-            out.append((u * self.item_embeddings(self.lookup(ctx, t))).sum(-1) * self.scale)
+            items = self.lookup(ctx, t, "items") if "items" in ctx else self.item_embeddings(self.lookup(ctx, t))
+            out.append((u * items).sum(-1) * self.scale)
         return torch.cat(out).view(b, c)
 
     # -- phase II objective --------------------------------------------------------------------------
@@ -735,36 +763,44 @@ class GTSLUM:
         return 0 if self.cfg.net.target_placement == "none" else self.cfg.rerank_depth
 
     @torch.no_grad()
-    def score(self, log_: EventLog, cases, candidates: np.ndarray) -> np.ndarray:
+    def score(self, log_: EventLog, cases, candidates: np.ndarray, catalog: dict | None = None) -> np.ndarray:
         """(B, C) scores. Two-stage: agnostic over all candidates, the top `rerank_depth` re-scored
-        target-aware and placed above the rest in their new order (the rest keep agnostic order)."""
+        target-aware and placed above the rest in their new order (the rest keep agnostic order).
+        `catalog`: `catalog_cache()` of the current weights (a server computes it once per model load)."""
         from gts_lum.evaluation.protocol import history_mask
 
         net = self._require()
         was_training = net.training
         net.eval()
         candidates = np.asarray(candidates, np.int64)
-        tokens = self.sequences(log_, cases)
-        batch = self.batch(tokens, log_, np.asarray(cases.history_end))
+        with record_function("gts_lum.timestamp_process"):  # stage labels: `gts-lum load-bench --profile`
+            tokens = self.sequences(log_, cases)
+            batch = self.batch(tokens, log_, np.asarray(cases.history_end))
         cand = torch.as_tensor(candidates, device=self.device)
         with self.autocast():
-            ctx = net.context(batch, extra_behaviors=cand)
-            scores = net.agnostic_scores(ctx, net.item_embeddings(net.lookup(ctx, cand)))  # (B, C)
-            depth = min(self.rerank_depth, len(candidates))
+            with record_function("gts_lum.fuse"):
+                ctx = net.context(batch, extra_behaviors=cand, catalog=catalog)
+            with record_function("gts_lum.retrieval"):  # the agnostic pass inside: its own label
+                items = catalog["items"][cand] if catalog is not None else net.item_embeddings(net.lookup(ctx, cand))
+                scores = net.agnostic_scores(ctx, items)  # (B, C)
+                depth = min(self.rerank_depth, len(candidates))
+                if depth:
+                    masked = scores.clone()
+                    if self.history_filter:
+                        masked[torch.as_tensor(history_mask(log_, cases, candidates), device=self.device)] = -torch.inf
+                    top = masked.topk(depth, dim=1).indices  # (B, N) columns
             if depth:
-                masked = scores.clone()
-                if self.history_filter:
-                    masked[torch.as_tensor(history_mask(log_, cases, candidates), device=self.device)] = -torch.inf
-                top = masked.topk(depth, dim=1).indices  # (B, N) columns
-                aware = net.aware_scores(ctx, cand[top], chunk=self.cfg.score_chunk)  # (B, N)
+                with record_function("gts_lum.aware_passes"):
+                    aware = net.aware_scores(ctx, cand[top], chunk=self.cfg.score_chunk)  # (B, N)
                 # above every agnostic score: cosine * scale lies in [-scale, scale]
                 scores.scatter_(1, top, aware + 4 * net.scale)
         net.train(was_training)
         return scores.float().cpu().numpy()
 
     @torch.no_grad()
-    def user_embeddings(self, log_: EventLog, cases, task: int | None = None) -> np.ndarray:
-        """(B, H) last hidden states: target-agnostic, or with label task `task`'s token in front."""
+    def user_embeddings(self, log_: EventLog, cases, task: int | None = None, catalog: dict | None = None) -> np.ndarray:
+        """(B, H) last hidden states: target-agnostic, or with label task `task`'s token in front
+        (`catalog`: as in `score`)."""
         net = self._require()
         was_training = net.training
         net.eval()
@@ -773,7 +809,7 @@ class GTSLUM:
         out = []
         for s in range(0, len(cases), self.cfg.score_chunk):  # bounded memory on any number of users
             rows = np.arange(s, min(s + self.cfg.score_chunk, len(cases)))
-            ctx = net.context(self.batch(tokens.subset(rows), log_, ends[rows]))
+            ctx = net.context(self.batch(tokens.subset(rows), log_, ends[rows]), catalog=catalog)
             task_t = None if task is None else torch.full((len(rows),), task, dtype=torch.long, device=self.device)
             out.append(net.user_states(ctx, task=task_t).cpu().numpy())
         net.train(was_training)

@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,6 +292,17 @@ class ServingModel:
         self._lock = threading.Lock()
         self._pseudonymous = profiles_by_pseudonym(self.root / "assets" / "users.npz")  # fails here on a missing or wrong key
         self._keyed: tuple[EventLog | None, EventLog | None] = (None, None)
+        # what does not depend on a request, once per load: the catalog's b^F and P b^F, the projected descriptors
+        self.catalog_cache = self.model.net.catalog_cache()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One request's work at load (a one-event history, two-stage over the targets), so that the first user
+        does not pay the lazy set-up: the decoder's compile when `decoder.compile` is on, first allocations."""
+        started = time.perf_counter()
+        log_, cases = history_log("", np.array([self.default_candidates[0]]), np.array([0]), self.catalog)
+        self.rank(log_, cases)
+        log.info("warmed up in %.1f s (compile %s)", time.perf_counter() - started, "on" if self.model.cfg.net.decoder.compile else "off")
 
     def _profile_log(self, log_: EventLog) -> EventLog:
         """The log with its users named as the export's profile table names them (pseudonyms), made once per
@@ -322,7 +334,7 @@ class ServingModel:
             if candidates is not None:
                 self.model.cfg.rerank_depth = len(cand)
             try:
-                scores = self.model.score(self._profile_log(log_), cases, cand)  # (B, C)
+                scores = self.model.score(self._profile_log(log_), cases, cand, self.catalog_cache)  # (B, C)
             finally:
                 self.model.cfg.rerank_depth = depth
         k = min(int(top_k), len(cand))
@@ -342,7 +354,7 @@ class ServingModel:
         for name in names:
             spec = self.heads[name]
             with self._lock:
-                emb = torch.as_tensor(self.model.user_embeddings(self._profile_log(log_), cases, task=spec.task_token)).float()
+                emb = torch.as_tensor(self.model.user_embeddings(self._profile_log(log_), cases, task=spec.task_token, catalog=self.catalog_cache)).float()
             if isinstance(spec.head, UpliftHead):
                 p = spec.head.predict_proba(emb).numpy()
                 values = [{"uplift": float(r[1] - r[0]), "p_control": float(r[0]), "p_treated": float(r[1])} for r in p]
