@@ -19,7 +19,7 @@ resume, data parallel under torchrun. Each step seeds torch (dropout) and its ne
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -124,9 +124,7 @@ def training_windows(train: EventLog, build, targets: np.ndarray | None = None) 
         active = ends > start
     if not cases:
         raise ValueError("the training log has no user with two or more events: nothing to learn a next event from")
-    out = cases[0]
-    for more in cases[1:]:
-        out = out.concat(more)
+    out = EvalSet(*(np.concatenate([getattr(c, f.name) for c in cases]) for f in fields(EvalSet)))
     return out, TokenSequences.concat(parts) if len(parts) > 1 else parts[0]
 
 
