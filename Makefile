@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench load-bench gpu-check compile clean
+.PHONY: demo test lint bench load-bench gpu-check compile clean
 
 $(BIN)/gts-lum: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,11 @@ demo: $(BIN)/gts-lum
 
 test: $(BIN)/gts-lum
 	$(BIN)/pytest -q
+
+# ruff, configured in pyproject.toml ([tool.ruff]); .ci/run runs it before the tests.
+LINTED := model_src components pipelines feature_repo tests
+lint: $(BIN)/gts-lum
+	$(BIN)/ruff check $(LINTED)
 
 # The figures of BENCHMARKS.md (reads ../shared/data; hours on 2 cores: the GTS-LUM tables dominate).
 bench: $(BIN)/gts-lum

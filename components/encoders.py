@@ -31,7 +31,9 @@ def semantic_ids(clean: Input[Dataset], tokenizer_config: str, tokenizer_overrid
 
     from gts_lum.tokenizer.semantic_ids import tokenize_dataset
 
-    card = tokenize_dataset(clean.path, ids.path, tokenizer_config or "pkg:tokenizer/default.yaml", json.loads(tokenizer_overrides or "{}"), progress=False)
+    card = tokenize_dataset(
+        clean.path, ids.path, tokenizer_config or "pkg:tokenizer/default.yaml", json.loads(tokenizer_overrides or "{}"), progress=False
+    )
     ids.metadata.update({k: v for k, v in card.items() if isinstance(v, (int, float, str))})
     ids.metadata["codebook_sizes"] = card["codebook_sizes"]
     shutil.copyfile(f"{ids.path}/summary.md", summary.path)
@@ -50,15 +52,19 @@ def qformer_pretrain(
 ):
     """Phase I: the Q-former aligns business embeddings with semantic IDs (six alignment tasks) -> fused b^F."""
     import json
+    from pathlib import Path
 
     from gts_lum.training.phase1 import run_phase1
 
-    from pathlib import Path
-
     table = Path(tables.path) / "behavior_table.npz"
     summary = run_phase1(
-        sequences.path, qformer.path, ids.path, graph.path, table if table.exists() else None,
-        qformer_config or "pkg:qformer/default.yaml", json.loads(qformer_overrides or "{}"),
+        sequences.path,
+        qformer.path,
+        ids.path,
+        graph.path,
+        table if table.exists() else None,
+        qformer_config or "pkg:qformer/default.yaml",
+        json.loads(qformer_overrides or "{}"),
     )
     qformer.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     for key, value in summary["final"].items():
@@ -73,8 +79,14 @@ def encode_tables(clean: Input[Dataset], table_config: str, behavior_overrides: 
 
     from gts_lum.encoders.table import encode_tables as encode
 
-    summary = encode(clean.path, tables.path, table_config or "pkg:encoders/table.yaml", json.loads(behavior_overrides or "{}"),
-                     table_config or "pkg:encoders/table.yaml", json.loads(user_overrides or "{}"))
+    summary = encode(
+        clean.path,
+        tables.path,
+        table_config or "pkg:encoders/table.yaml",
+        json.loads(behavior_overrides or "{}"),
+        table_config or "pkg:encoders/table.yaml",
+        json.loads(user_overrides or "{}"),
+    )
     for name, info in summary.items():
         tables.metadata[f"{name}_rows"] = info["rows"]
         tables.metadata[f"{name}_dim"] = info["dim"]

@@ -8,13 +8,20 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def publish_features(
-    clean: Input[Dataset], ids: Input[Dataset], feature_repo: str, feature_config: str, last_n: int, sources: Output[Dataset], summary: Output[Markdown]
+    clean: Input[Dataset],
+    ids: Input[Dataset],
+    feature_repo: str,
+    feature_config: str,
+    last_n: int,
+    sources: Output[Dataset],
+    summary: Output[Markdown],
 ):
     """Feast: export the user profile, last-N behaviour sequences and the catalog's semantic IDs; apply + materialize
     into the store `feature_config` names (a feature_store.yaml relative to the repo; empty: the repo's own).
 
     User ids are pseudonymised with the key in GTS_LUM_PSEUDONYM_KEY (a Secret on the cluster)."""
-    from gts_lum.serving.features import export_feature_sources, publish_features as publish
+    from gts_lum.serving.features import export_feature_sources
+    from gts_lum.serving.features import publish_features as publish
 
     exported = export_feature_sources(clean.path, sources.path, ids.path, last_n=last_n)
     published = publish(feature_repo, sources.path, feature_config or None)
@@ -45,12 +52,22 @@ def batch_score(export: Input[Model], data: Input[Dataset], users: str, chunk_si
     model = export.path
     if not os.path.exists(model) and storage.is_remote(export.uri):  # kfp.local imports a bucket's URI without downloading it
         model = str(storage.download(export.uri, tempfile.mkdtemp()))
-    summary = score(model, data.path, scores.path, users=[u for u in users.split(",") if u] or None, chunk_size=chunk_size, top_k=top_k, progress=False)
+    summary = score(
+        model, data.path, scores.path, users=[u for u in users.split(",") if u] or None, chunk_size=chunk_size, top_k=top_k, progress=False
+    )
     scores.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def deploy_model(export: Input[Model], promoted: bool, inference_service: str, namespace: str, canary_percent: int, token_dir: str, rollout: Output[Markdown]):
+def deploy_model(
+    export: Input[Model],
+    promoted: bool,
+    inference_service: str,
+    namespace: str,
+    canary_percent: int,
+    token_dir: str,
+    rollout: Output[Markdown],
+):
     """After the promotion gate: point the InferenceService at the promoted export, the new revision taking
     `canary_percent` of the traffic. Nothing changes when the gate did not promote or `namespace` is empty."""
     from gts_lum.serving.deploy import deploy

@@ -7,7 +7,15 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_model(sequences: Input[Dataset], model_name: str, model_config: str, model_overrides: str, device: str, model: Output[Model], metrics: Output[Metrics]):
+def train_model(
+    sequences: Input[Dataset],
+    model_name: str,
+    model_config: str,
+    model_overrides: str,
+    device: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
     """Train one registered model on the training split; select on validation; save safetensors + config."""
     import json
 
@@ -127,13 +135,17 @@ def label_tasks(
         classification.log_confusion_matrix(curves["categories"], curves["confusion_matrix"])
         classification.metadata["task"] = curve_task if curve_task in binary else next(iter(binary))
     pngs = sorted(work.glob("qini_*.png"))
-    pages = [as_html(p.read_bytes(), p.stem.removeprefix("qini_")) for p in pngs] or ["<html><body>No uplift task in this data set.</body></html>"]
+    pages = [as_html(p.read_bytes(), p.stem.removeprefix("qini_")) for p in pngs] or [
+        "<html><body>No uplift task in this data set.</body></html>"
+    ]
     with open(qini.path, "w") as f:
         f.write("\n".join(pages))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote_model(sequences: Input[Dataset], export: Input[Model], registry: str, margin: float, metrics: Output[Metrics], decision: Output[Markdown]) -> bool:
+def promote_model(
+    sequences: Input[Dataset], export: Input[Model], registry: str, margin: float, metrics: Output[Metrics], decision: Output[Markdown]
+) -> bool:
     """The gate: the new export against production on the same validation users; registered (its artifact
     URI, which KServe and the next run's gate read) when better by `margin`. Returns whether it promoted
     (the deploy step's condition)."""

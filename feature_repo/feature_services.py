@@ -1,7 +1,6 @@
 """Feature services: the named feature sets that serving and training read."""
 
 from feast import FeatureService
-
 from feature_views import behavior_catalog, user_profile, user_sequence
 
 # What the KServe scorer reads per request (through gts_lum.serving.features.FeatureClient).

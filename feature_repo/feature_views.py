@@ -12,11 +12,10 @@ Every schema is declared, so `feast apply` works on a fresh clone, before any da
 
 from datetime import timedelta
 
-from feast import FeatureView, Field
-from feast.types import Array, Int32, Int64, String
-
 from data_sources import behavior_catalog_source, sequence_settings_source, user_profile_source, user_sequence_push
 from entities import behavior, settings, user
+from feast import FeatureView, Field
+from feast.types import Array, Int32, Int64, String
 
 # The data contract lets each data set bring its own users attribute columns (plan, device, region,
 # ...): one JSON object keeps the schema fixed, so it needs no data to be declared.

@@ -37,7 +37,9 @@ def batch_scoring_pipeline(
     export = dsl.importer(artifact_uri=export_uri, artifact_class=Model, reimport=False).set_display_name("exported-model")
     raw = ingest(source=data_source, mapping=mapping, synth_overrides=synth_overrides).set_display_name("ingest")
     clean = validate(raw=raw.outputs["raw"], validation_overrides=validation_overrides).set_display_name("validate")
-    score = batch_score(export=export.output, data=clean.outputs["clean"], users=users, chunk_size=chunk_size, top_k=top_k).set_display_name("batch-score")
+    score = batch_score(
+        export=export.output, data=clean.outputs["clean"], users=users, chunk_size=chunk_size, top_k=top_k
+    ).set_display_name("batch-score")
     score.set_caching_options(False)
     kubernetes.use_secret_as_env(score, secret_name=pseudonym_secret, secret_key_to_env={"key": "GTS_LUM_PSEUDONYM_KEY"})
     for task in (raw, score):

@@ -48,7 +48,11 @@ def report(run_dir: Path) -> str:
     """Where the results are, and the Markdown the Kubeflow UI would show."""
     lines = [f"Results of the run: {run_dir}"]
     for md in sorted(run_dir.rglob("*")):
-        if md.is_file() and md.parent.name.startswith(("evaluate", "validate", "build-sequences")) and md.name in ("table", "report", "preview"):
+        if (
+            md.is_file()
+            and md.parent.name.startswith(("evaluate", "validate", "build-sequences"))
+            and md.name in ("table", "report", "preview")
+        ):
             lines += ["", f"--- {md.relative_to(run_dir)} ---", md.read_text()]
     for executor_output in sorted(run_dir.glob("*/executor_output.json")):
         lines.append(f"metrics and artifacts of {executor_output.parent.name}: {executor_output}")
@@ -70,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default="training", choices=sorted(PIPELINES))
     parser.add_argument("--output", default="runs/demo", type=Path)
     parser.add_argument("--params", type=Path, help="a YAML file of pipeline parameters (e.g. pipelines/params/movielens.yaml)")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter (repeatable; wins over --params)")
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter (repeatable; wins over --params)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     params = {**load_params(args.params), **dict(p.split("=", 1) for p in args.param)}

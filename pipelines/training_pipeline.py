@@ -52,7 +52,10 @@ def training_pipeline(
     gts_lum_config: str = "pkg:models/gts_lum.yaml",
     # CPU-sized phase II for the demo: 2 epochs of 384 cases (each trains every prefix of its sequence),
     # the last 120 tokens; on an accelerator raise them from the UI
-    gts_lum_overrides: str = '{"sequence": {"token_budget": 120}, "train": {"epochs": 2, "max_cases_per_epoch": 384, "hard_negatives": 1, "valid_cases": 100}, "rerank_depth": 10}',
+    gts_lum_overrides: str = (
+        '{"sequence": {"token_budget": 120}, '
+        '"train": {"epochs": 2, "max_cases_per_epoch": 384, "hard_negatives": 1, "valid_cases": 100}, "rerank_depth": 10}'
+    ),
     model_name: str = "sasrec",
     model_config: str = "",
     model_overrides: str = '{"train": {"windows_per_epoch": 8192, "epochs": 10}}',
@@ -120,19 +123,30 @@ def training_pipeline(
         split_config=split_config,
     ).set_display_name("sequences")
     # Multi-modal encoders: independent of each other, so they run in parallel on a cluster.
-    ids = semantic_ids(clean=clean.outputs["clean"], tokenizer_config=tokenizer_config, tokenizer_overrides=tokenizer_overrides).set_display_name("semantic-ids")
-    graph = encode_graph(sequences=seqs.outputs["sequences"], graph_config=graph_config, graph_overrides=graph_overrides).set_display_name("graph-node2vec")
+    ids = semantic_ids(
+        clean=clean.outputs["clean"], tokenizer_config=tokenizer_config, tokenizer_overrides=tokenizer_overrides
+    ).set_display_name("semantic-ids")
+    graph = encode_graph(sequences=seqs.outputs["sequences"], graph_config=graph_config, graph_overrides=graph_overrides).set_display_name(
+        "graph-node2vec"
+    )
     tables = encode_tables(
-        clean=clean.outputs["clean"], table_config=table_config, behavior_overrides=behavior_table_overrides, user_overrides=user_table_overrides
+        clean=clean.outputs["clean"],
+        table_config=table_config,
+        behavior_overrides=behavior_table_overrides,
+        user_overrides=user_table_overrides,
     ).set_display_name("table-encoders")
-    phase1 = qformer_pretrain(
-        sequences=seqs.outputs["sequences"],
-        ids=ids.outputs["ids"],
-        graph=graph.outputs["graph"],
-        tables=tables.outputs["tables"],
-        qformer_config=qformer_config,
-        qformer_overrides=qformer_overrides,
-    ).set_display_name("qformer-pretrain").set_caching_options(False)
+    phase1 = (
+        qformer_pretrain(
+            sequences=seqs.outputs["sequences"],
+            ids=ids.outputs["ids"],
+            graph=graph.outputs["graph"],
+            tables=tables.outputs["tables"],
+            qformer_config=qformer_config,
+            qformer_overrides=qformer_overrides,
+        )
+        .set_display_name("qformer-pretrain")
+        .set_caching_options(False)
+    )
     lum = train_gts_lum(
         sequences=seqs.outputs["sequences"],
         ids=ids.outputs["ids"],
@@ -150,7 +164,11 @@ def training_pipeline(
     kubernetes.mount_pvc(lum, pvc_name=data_pvc, mount_path=DATA_MOUNT)
     kubernetes.set_security_context(lum, run_as_user=IMAGE_UID, run_as_group=ASCEND_DEVICE_GID, run_as_non_root=True)
     model = train_model(
-        sequences=seqs.outputs["sequences"], model_name=model_name, model_config=model_config, model_overrides=model_overrides, device=device
+        sequences=seqs.outputs["sequences"],
+        model_name=model_name,
+        model_config=model_config,
+        model_overrides=model_overrides,
+        device=device,
     ).set_display_name("train-sequence-baseline")
     model.set_caching_options(False)
     floor = train_model(
@@ -164,21 +182,33 @@ def training_pipeline(
         eval_config=eval_config,
     ).set_display_name("evaluate")
     publish = publish_features(
-        clean=clean.outputs["clean"], ids=ids.outputs["ids"], feature_repo=feature_repo, feature_config=feature_config, last_n=feature_last_n
+        clean=clean.outputs["clean"],
+        ids=ids.outputs["ids"],
+        feature_repo=feature_repo,
+        feature_config=feature_config,
+        last_n=feature_last_n,
     ).set_display_name("publish-features")
     publish.set_caching_options(False)
     kubernetes.add_pod_label(publish, "gts-lum.io/redis-client", "true")  # Redis's NetworkPolicy admits only its clients
-    kubernetes.use_secret_as_env(publish, secret_name=feast_registry_secret, secret_key_to_env={"url": "GTS_LUM_FEAST_REGISTRY"}, optional=True)
+    kubernetes.use_secret_as_env(
+        publish, secret_name=feast_registry_secret, secret_key_to_env={"url": "GTS_LUM_FEAST_REGISTRY"}, optional=True
+    )
     kubernetes.use_secret_as_env(publish, secret_name=redis_secret, secret_key_to_env={"connection": "GTS_LUM_REDIS"}, optional=True)
     labels = label_tasks(
-        model=lum.outputs["model"], sequences=seqs.outputs["sequences"], clean=clean.outputs["clean"], heads_config=heads_config, heads_overrides=heads_overrides
+        model=lum.outputs["model"],
+        sequences=seqs.outputs["sequences"],
+        clean=clean.outputs["clean"],
+        heads_config=heads_config,
+        heads_overrides=heads_overrides,
     ).set_display_name("label-tasks")
     labels.set_caching_options(False)
-    export = export_model(model=labels.outputs["labelled"], heads=labels.outputs["heads"], sequences=seqs.outputs["sequences"]).set_display_name("export-model")
+    export = export_model(
+        model=labels.outputs["labelled"], heads=labels.outputs["heads"], sequences=seqs.outputs["sequences"]
+    ).set_display_name("export-model")
     # the gate scores and registers the export itself: what it promotes is what KServe serves
-    gate = promote_model(sequences=seqs.outputs["sequences"], export=export.outputs["export"], registry=registry, margin=promotion_margin).set_display_name(
-        "promotion-gate"
-    )
+    gate = promote_model(
+        sequences=seqs.outputs["sequences"], export=export.outputs["export"], registry=registry, margin=promotion_margin
+    ).set_display_name("promotion-gate")
     gate.set_caching_options(False)
     # kfp.local sets the pseudonym key itself (run_local); a cluster's pod gets it only from a Secret. Publishing
     # keys users by pseudonym, the export names profile rows by it, and the gate scores the export so

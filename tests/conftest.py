@@ -68,7 +68,9 @@ def s3_server(tmp_path_factory):
     port = loopback_port()
     log = tmp_path_factory.mktemp("s3") / "moto.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(endpoint, timeout=2), proc, f"moto server on {endpoint} (log: {log})")
@@ -83,12 +85,19 @@ def s3_bucket(s3_server, monkeypatch) -> str:
     standard AWS variables (which subprocesses, such as kfp.local's steps, inherit). Returns its name."""
     import boto3  # moto's own dependency: the test creates the bucket as an operator would
 
-    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "test-key",
+        "AWS_SECRET_ACCESS_KEY": "test-secret",
+        "AWS_REGION": "us-east-1",
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     bucket = f"gts-lum-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test-key", aws_secret_access_key="test-secret").create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test-key", aws_secret_access_key="test-secret"
+    ).create_bucket(Bucket=bucket)
     return bucket
 
 
@@ -114,13 +123,25 @@ def postgres_server():
         shutil.chown(root, user, user)
     port = loopback_port()
     try:
-        subprocess.run([bindir / "initdb", "-D", root / "data", "-U", "gts", "--auth=trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True, user=user)
+        subprocess.run(
+            [bindir / "initdb", "-D", root / "data", "-U", "gts", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            check=True,
+            capture_output=True,
+            user=user,
+        )
         with open(root / "server.log", "wb") as out:
             proc = subprocess.Popen(
-                [bindir / "postgres", "-D", root / "data", "-h", "127.0.0.1", "-p", str(port), "-k", root, "-F"], stdout=out, stderr=subprocess.STDOUT, user=user
+                [bindir / "postgres", "-D", root / "data", "-h", "127.0.0.1", "-p", str(port), "-k", root, "-F"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                user=user,
             )
         try:
-            wait_for(lambda: psycopg.connect(f"postgresql://gts@127.0.0.1:{port}/postgres").close() is None, proc, f"PostgreSQL on port {port} (log: {root / 'server.log'})")
+            wait_for(
+                lambda: psycopg.connect(f"postgresql://gts@127.0.0.1:{port}/postgres").close() is None,
+                proc,
+                f"PostgreSQL on port {port} (log: {root / 'server.log'})",
+            )
             yield port
         finally:
             stop_process(proc)
@@ -171,7 +192,14 @@ def one_thread_module():
 
 
 # The cycle's behaviours differ only in their words; the ids are opaque to text-reading models.
-CYCLE_TEXTS = ["watch a football match", "stream a music album", "call the family", "read the morning news", "play an online game", "pay the phone bill"]
+CYCLE_TEXTS = [
+    "watch a football match",
+    "stream a music album",
+    "call the family",
+    "read the morning news",
+    "play an online game",
+    "pay the phone bill",
+]
 # Never in the events: two share a text, one has its own.
 CYCLE_EXTRA = {"twin_a": "top up prepaid credit", "twin_b": "top up prepaid credit", "single": "roam abroad on holiday"}
 

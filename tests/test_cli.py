@@ -11,7 +11,10 @@ def test_stages_chain_through_the_cli(tmp_path, capsys):
     assert main(["ingest", "synth:tiny", "--out", str(tmp_path / "data"), "--set", "users=60", "--set", "days=7"]) == 0
     clean = tmp_path / "data" / "clean"
     assert json.loads((clean / "validation_summary.json").read_text())["tables"]["users"]["rows_kept"] == 60
-    assert main(["sequences", str(clean), "--out", str(tmp_path / "seq"), "--split", "target_filter=type=ott", "--set", "token_budget=64"]) == 0
+    assert (
+        main(["sequences", str(clean), "--out", str(tmp_path / "seq"), "--split", "target_filter=type=ott", "--set", "token_budget=64"])
+        == 0
+    )
     summary = json.loads((tmp_path / "seq" / "summary.json").read_text())
     assert summary["tokens_per_sequence_max"] <= 64 and summary["timezone"] == "Asia/Shanghai"
     assert main(["train", str(tmp_path / "seq"), "--model", "markov", "--out", str(tmp_path / "markov")]) == 0
@@ -28,7 +31,21 @@ def test_bad_input_exits_with_a_message(tmp_path, caplog):
 
 
 def test_help_for_every_stage(capsys):
-    for stage in ("synth", "ingest", "validate", "sequences", "semantic-ids", "graph", "tables", "phase1", "train", "evaluate", "bench", "table-auc", "speed"):
+    for stage in (
+        "synth",
+        "ingest",
+        "validate",
+        "sequences",
+        "semantic-ids",
+        "graph",
+        "tables",
+        "phase1",
+        "train",
+        "evaluate",
+        "bench",
+        "table-auc",
+        "speed",
+    ):
         with pytest.raises(SystemExit) as exit_:
             main([stage, "--help"])
         assert exit_.value.code == 0
@@ -44,7 +61,9 @@ def _contract_folder(root, timestamps: list[str]):
     DatasetManifest(name="t", timezone="UTC").write(root)
     pd.DataFrame({"behavior_id": ["a", "b"], "description": ["watch video", "call"]}).to_csv(root / "behaviors.csv", index=False)
     n = len(timestamps)
-    pd.DataFrame({"user_id": [f"u{i % 3}" for i in range(n)], "timestamp": timestamps, "behavior_id": ["ab"[i % 2] for i in range(n)]}).to_csv(root / "events.csv", index=False)
+    pd.DataFrame(
+        {"user_id": [f"u{i % 3}" for i in range(n)], "timestamp": timestamps, "behavior_id": ["ab"[i % 2] for i in range(n)]}
+    ).to_csv(root / "events.csv", index=False)
     return root
 
 
@@ -72,13 +91,28 @@ def test_table_auc_reads_any_table_through_its_mapping(tmp_path, caplog):
     rng = np.random.default_rng(0)
     age = rng.integers(18, 80, 120)
     plan = rng.choice(["basic", "plus", "pro"], 120)
-    pd.DataFrame({"id": [f"c{i}" for i in range(120)], "age": age, "plan": plan, "left": np.where((age < 35) ^ (rng.random(120) < 0.1), "y", "n")}).to_csv(src / "customers.csv", sep=";", index=False)
+    pd.DataFrame(
+        {"id": [f"c{i}" for i in range(120)], "age": age, "plan": plan, "left": np.where((age < 35) ^ (rng.random(120) < 0.1), "y", "n")}
+    ).to_csv(src / "customers.csv", sep=";", index=False)
     mapping = tmp_path / "bank.yaml"
     mapping.write_text(
-        "name: bank\ntables:\n  users:\n    files: [customers.csv]\n    read_options: {sep: ';'}\n    columns: {user_id: id}\n    keep: [age, plan]\n"
-        "  labels:\n    files: [customers.csv]\n    read_options: {sep: ';'}\n    columns: {user_id: id, label: left}\n    constants: {task: leaves}\n    values: {label: {y: 1, n: 0}}\n"
+        "name: bank\ntables:\n  users:\n    files: [customers.csv]\n    read_options: {sep: ';'}\n"
+        "    columns: {user_id: id}\n    keep: [age, plan]\n"
+        "  labels:\n    files: [customers.csv]\n    read_options: {sep: ';'}\n    columns: {user_id: id, label: left}\n"
+        "    constants: {task: leaves}\n    values: {label: {y: 1, n: 0}}\n"
     )
-    args = ["table-auc", "--data", str(src), "--mapping", str(mapping), "--no-text", "--set", "learned.epochs=1", "--set", "learned.progress=false"]
+    args = [
+        "table-auc",
+        "--data",
+        str(src),
+        "--mapping",
+        str(mapping),
+        "--no-text",
+        "--set",
+        "learned.epochs=1",
+        "--set",
+        "learned.progress=false",
+    ]
     assert main([*args, "--task", "leaves", "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "table_auc.json").read_text())
     assert (result["rows"]["train"], result["rows"]["test"]) == (96, 24)
@@ -103,5 +137,8 @@ def test_a_bench_config_reads_its_data_from_its_own_folder(tmp_path, monkeypatch
     # the shipped configs keep their paths from the repository root; so do paths not found beside the file, and overrides
     assert load_bench_config("pkg:bench/movielens.yaml").data == "../shared/data/movielens-latest-small"
     (configs / "other.yaml").write_text(yaml.safe_dump({"data": "elsewhere/data", "mapping": "m.yaml"}))
-    assert (load_bench_config(configs / "other.yaml").data, load_bench_config(configs / "other.yaml").mapping) == ("elsewhere/data", "m.yaml")
+    assert (load_bench_config(configs / "other.yaml").data, load_bench_config(configs / "other.yaml").mapping) == (
+        "elsewhere/data",
+        "m.yaml",
+    )
     assert load_bench_config(configs / "bench.yaml", ["data=mydata"]).data == "mydata"

@@ -82,9 +82,7 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML file; `pkg:NAME` reads `gts_lum/configs/NAME` shipped with the package."""
     text = (
-        resources.files("gts_lum.configs").joinpath(str(path)[4:]).read_text()
-        if str(path).startswith("pkg:")
-        else Path(path).read_text()
+        resources.files("gts_lum.configs").joinpath(str(path)[4:]).read_text() if str(path).startswith("pkg:") else Path(path).read_text()
     )
     return yaml.safe_load(text) or {}
 

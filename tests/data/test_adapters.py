@@ -59,7 +59,10 @@ def test_a_timezone_must_be_an_iana_zone_name(tmp_path, zone):
     src = tmp_path / "src"
     src.mkdir()
     pd.DataFrame({"uid": ["1"], "when": ["2024-01-01 08:00"], "item": ["x"]}).to_csv(src / "log.csv", index=False)
-    mapping = "tables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n  behaviors:\n    from_events: true\n"
+    mapping = (
+        "tables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n"
+        "  behaviors:\n    from_events: true\n"
+    )
     (tmp_path / "m.yaml").write_text(f"name: x\ntimezone: {zone!r}\n" + mapping)
     with pytest.raises(ValueError, match="is not an IANA zone name"):
         Mapping.load(tmp_path / "m.yaml")
@@ -80,7 +83,9 @@ def test_mapping_files_cannot_leave_the_source_folder(tmp_path, pattern):
     pd.DataFrame({"uid": ["1"], "when": ["2024-01-01"], "item": ["x"]}).to_csv(outside / "secret.csv", index=False)
     shutil.copy(outside / "secret.csv", tmp_path / "secret.csv")
     (src / "link").symlink_to(outside)
-    (tmp_path / "m.yaml").write_text(f"name: x\ntables:\n  events:\n    files: [{pattern!r}]\n    columns: {{user_id: uid, timestamp: when, behavior_id: item}}\n")
+    (tmp_path / "m.yaml").write_text(
+        f"name: x\ntables:\n  events:\n    files: [{pattern!r}]\n    columns: {{user_id: uid, timestamp: when, behavior_id: item}}\n"
+    )
     with pytest.raises(ValueError, match="source folder"):
         adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "out", progress=False)
 
@@ -115,7 +120,8 @@ def test_quarantine_names_the_operators_file_and_row_not_the_raw_intermediate(tm
     src.mkdir()
     _log_with_bad_lines(src / "log.csv")
     (tmp_path / "m.yaml").write_text(
-        "name: x\ntables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n  behaviors:\n    from_events: true\n"
+        "name: x\ntables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n"
+        "  behaviors:\n    from_events: true\n"
     )
     adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
     summary = validate_dataset(tmp_path / "raw", tmp_path / "clean", progress=False)
@@ -128,7 +134,10 @@ def test_quarantine_names_the_operators_file_and_row_not_the_raw_intermediate(tm
     # a required column the mapping leaves out: the error names the operator's file
     (tmp_path / "m.yaml").write_text((tmp_path / "m.yaml").read_text().replace("timestamp: when, ", ""))
     adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw2", progress=False)
-    with pytest.raises(ValueError, match=rf"{src / 'log.csv'} \(adapted into .*part-00000\.parquet\): table 'events' lacks required column\(s\) \['timestamp'\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{src / 'log.csv'} \(adapted into .*part-00000\.parquet\): table 'events' lacks required column\(s\) \['timestamp'\]",
+    ):
         validate_dataset(tmp_path / "raw2", tmp_path / "clean2", progress=False)
 
 
@@ -206,7 +215,12 @@ def test_one_hot_flag_columns_become_the_behaviour_text(tmp_path):
     (tmp_path / "m.yaml").write_text(_item_mapping(_GENRES))
     adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
     beh = pd.read_parquet(tmp_path / "raw" / "behaviors.parquet").set_index("behavior_id")["description"]
-    assert list(beh) == ["Toy Story (1995). Genres: Comedy", "GoldenEye (1995). Genres: Action", "Café au lait (1994). Genres: Comedy, Drama", "Unknown (1990). Genres: "]
+    assert list(beh) == [
+        "Toy Story (1995). Genres: Comedy",
+        "GoldenEye (1995). Genres: Action",
+        "Café au lait (1994). Genres: Comedy, Drama",
+        "Unknown (1990). Genres: ",
+    ]
     (src / "u.item").write_bytes(_ITEMS.replace("2|GoldenEye (1995)|1|", "2|GoldenEye (1995)|x|").encode("latin-1"))
     with pytest.raises(ValueError, match=r"u\.item: data row 2, flag column 'Action': 'x' is not 0/1"):
         adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
@@ -222,5 +236,10 @@ def test_a_headerless_file_with_a_malformed_line_is_read_with_its_names(tmp_path
     (tmp_path / "m.yaml").write_text(_ITEM_READ + '    template: {description: "{title}"}\n')
     adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "raw", progress=False)
     beh = pd.read_parquet(tmp_path / "raw" / "behaviors.parquet")
-    assert list(beh["behavior_id"].fillna("-")) == ["1", "-", "3", "4"] and list(beh["_malformed"].fillna("")) == ["", "line 2: expected 5 fields, saw 6", "", ""]
+    assert list(beh["behavior_id"].fillna("-")) == ["1", "-", "3", "4"] and list(beh["_malformed"].fillna("")) == [
+        "",
+        "line 2: expected 5 fields, saw 6",
+        "",
+        "",
+    ]
     assert beh["description"].iloc[2] == "Café au lait (1994)"

@@ -101,7 +101,9 @@ def test_volume_and_catalogue_size(data):
     behaviors = data["behaviors"]
     assert 600 <= len(behaviors) <= 1500
     assert behaviors["description"].is_unique
-    assert {"ott", "voice", "sms", "data", "roaming", "billing", "topup", "plan", "care", "incident", "location", "usage"} <= set(behaviors["type"])
+    assert {"ott", "voice", "sms", "data", "roaming", "billing", "topup", "plan", "care", "incident", "location", "usage"} <= set(
+        behaviors["type"]
+    )
     assert set(behaviors["app_category"].dropna()) == set(CATEGORIES)
     bigger = build_catalog(num_apps=192)
     assert bigger.num_behaviors > len(behaviors) and bigger.table["app"].nunique() == 192
@@ -250,10 +252,19 @@ def test_categorical_rows_large_tables_search_inside_each_row():
         assert (got[np.array(expected) == 0] == 0).all()
 
 
-@pytest.mark.parametrize("override, field", [({"timezone": "Mars/Olympus"}, "timezone"), ({"users": 0}, "users"),
-                                             ({"start_date": "04/01/2024"}, "start_date"),
-                                             ({"campaign": {"treatment_fraction": 1.0}}, "campaign.treatment_fraction")])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"timezone": "Mars/Olympus"}, "timezone"),
+        ({"users": 0}, "users"),
+        ({"start_date": "04/01/2024"}, "start_date"),
+        ({"campaign": {"treatment_fraction": 1.0}}, "campaign.treatment_fraction"),
+    ],
+)
 def test_bad_settings_name_the_field(tmp_path: Path, override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        simulate(tiny(**override) if "campaign" not in override else load_config(SimulatorConfig, "pkg:synth/tiny.yaml", override),
-                 tmp_path, progress=False)
+        simulate(
+            tiny(**override) if "campaign" not in override else load_config(SimulatorConfig, "pkg:synth/tiny.yaml", override),
+            tmp_path,
+            progress=False,
+        )

@@ -40,7 +40,9 @@ def test_folders_and_files_round_trip(s3_bucket, tmp_path):
 
 
 def test_ingest_reads_a_data_set_from_a_bucket(s3_bucket, tmp_path):
-    local = prepare_dataset("synth:tiny", tmp_path / "made", progress=False).parent / "raw"  # the contract layout, as an operator uploads it
+    local = (
+        prepare_dataset("synth:tiny", tmp_path / "made", progress=False).parent / "raw"
+    )  # the contract layout, as an operator uploads it
     storage.upload(local, f"s3://{s3_bucket}/operators/tiny")
     raw = bring_in(f"s3://{s3_bucket}/operators/tiny", tmp_path / "raw", progress=False)
     assert raw == tmp_path / "raw"

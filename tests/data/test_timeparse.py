@@ -4,7 +4,9 @@ from gts_lum.data.timeparse import to_utc
 
 
 def test_every_granularity_and_form():
-    cells = pd.Series(["2024-03", "2024-03-01", "2024-03-01 08:15:02", "2024-03-01T08:15:02+02:00", "1709280902", "1709280902000", "nope", None])
+    cells = pd.Series(
+        ["2024-03", "2024-03-01", "2024-03-01 08:15:02", "2024-03-01T08:15:02+02:00", "1709280902", "1709280902000", "nope", None]
+    )
     got = to_utc(cells, "Europe/Berlin").astype(str).tolist()
     assert got == [
         "2024-02-29 23:00:00+00:00",  # a month, local midnight in Berlin (UTC+1 in winter)

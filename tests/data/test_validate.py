@@ -10,7 +10,9 @@ from gts_lum.data.validate import ContractError, ValidationConfig, load_event_lo
 
 def _write_raw(root, events: pd.DataFrame, timezone="Asia/Shanghai", shards=1):
     DatasetManifest(name="t", timezone=timezone).write(root)
-    pd.DataFrame({"behavior_id": ["a", "b", "c"], "description": ["watch video", "call", "sms"]}).to_csv(root / "behaviors.csv", index=False)
+    pd.DataFrame({"behavior_id": ["a", "b", "c"], "description": ["watch video", "call", "sms"]}).to_csv(
+        root / "behaviors.csv", index=False
+    )
     (root / "events").mkdir()
     for i, part in enumerate(np.array_split(np.arange(len(events)), shards)):
         events.iloc[part].to_csv(root / "events" / f"part-{i}.csv", index=False)
@@ -22,8 +24,16 @@ def test_bad_rows_are_quarantined_with_file_row_field_and_reason(tmp_path):
     events = pd.DataFrame(
         {
             "user_id": ["u1", "u1", "u1", "", "u2", "u2", "u2", "u2"],
-            "timestamp": ["2024-03-01 08:00", "not a time", "2024-03-01 08:05", "2024-03-01 09:00", "1709251200", "1709251200",
-                          "2024-03-01T10:00:00+08:00", "2024-03-01T02:00:00Z"],
+            "timestamp": [
+                "2024-03-01 08:00",
+                "not a time",
+                "2024-03-01 08:05",
+                "2024-03-01 09:00",
+                "1709251200",
+                "1709251200",
+                "2024-03-01T10:00:00+08:00",
+                "2024-03-01T02:00:00Z",
+            ],
             "behavior_id": ["a", "b", "zzz", "a", "b", "b", "c", "c"],
             "value": ["1.5", "2", "3", "4", "x", "5", "6", "7"],
         }
@@ -48,7 +58,13 @@ def test_bad_rows_are_quarantined_with_file_row_field_and_reason(tmp_path):
 def test_duplicates_across_shards_are_found(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    events = pd.DataFrame({"user_id": ["u1", "u2", "u1", "u3"], "timestamp": ["1700000100", "1700000200", "1700000100", "1700000300"], "behavior_id": ["a", "b", "a", "c"]})
+    events = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2", "u1", "u3"],
+            "timestamp": ["1700000100", "1700000200", "1700000100", "1700000300"],
+            "behavior_id": ["a", "b", "a", "c"],
+        }
+    )
     _write_raw(raw, events, shards=2)
     summary = validate_dataset(raw, tmp_path / "clean", progress=False)
     assert summary["tables"]["events"]["rows_kept"] == 3
@@ -135,7 +151,12 @@ def test_implausible_times_are_quarantined_and_a_mostly_implausible_column_stops
     raw.mkdir()
     good = [f"2024-03-01 0{h}:00" for h in range(8)]
     # a duration in seconds (1970), a year-2200 date and a row number among good times
-    _write_raw(raw, pd.DataFrame({"user_id": ["u1"] * 11, "timestamp": good + ["3600", "2200-01-01 00:00", "7"], "behavior_id": ["a", "b", "c"] * 3 + ["a", "b"]}))
+    _write_raw(
+        raw,
+        pd.DataFrame(
+            {"user_id": ["u1"] * 11, "timestamp": good + ["3600", "2200-01-01 00:00", "7"], "behavior_id": ["a", "b", "c"] * 3 + ["a", "b"]}
+        ),
+    )
     summary = validate_dataset(raw, tmp_path / "clean", progress=False)
     assert summary["tables"]["events"]["rejected"] == {"implausible_time": 3} and summary["time_window"][0] == "1990-01-01"
     q = pd.read_parquet(tmp_path / "clean" / "quarantine" / "events.parquet")
@@ -146,7 +167,12 @@ def test_implausible_times_are_quarantined_and_a_mostly_implausible_column_stops
 
     durations = tmp_path / "durations"
     durations.mkdir()
-    _write_raw(durations, pd.DataFrame({"user_id": ["u1"] * 6, "timestamp": ["30", "45", "60", "90", "120", "2024-03-01"], "behavior_id": ["a", "b", "c"] * 2}))
+    _write_raw(
+        durations,
+        pd.DataFrame(
+            {"user_id": ["u1"] * 6, "timestamp": ["30", "45", "60", "90", "120", "2024-03-01"], "behavior_id": ["a", "b", "c"] * 2}
+        ),
+    )
     with pytest.raises(ContractError, match=r"implausible_time.*durations, row numbers or another time_unit"):
         validate_dataset(durations, tmp_path / "clean2", progress=False)
     assert not (tmp_path / "clean2" / "VALIDATED").exists()
@@ -168,7 +194,9 @@ def test_a_zero_byte_source_file_is_named_by_the_adapter(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "log.csv").write_bytes(b"")
-    (tmp_path / "m.yaml").write_text("name: x\ntables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n")
+    (tmp_path / "m.yaml").write_text(
+        "name: x\ntables:\n  events:\n    files: [log.csv]\n    columns: {user_id: uid, timestamp: when, behavior_id: item}\n"
+    )
     with pytest.raises(ValueError, match=r"log\.csv: empty file"):
         adapt(src, Mapping.load(tmp_path / "m.yaml"), tmp_path / "out", progress=False)
 

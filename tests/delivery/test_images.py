@@ -13,10 +13,10 @@ import importlib.util
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -79,8 +79,11 @@ def final_user(path: Path) -> str:
 def dockerignore_excludes(rel: str) -> bool:
     """Docker's rule for a path of the build context: the last .dockerignore pattern that matches the
     path or one of its parent folders decides; `!` re-includes."""
+
     def regex(pattern: str) -> re.Pattern:
-        out = re.escape(pattern.strip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        out = (
+            re.escape(pattern.strip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        )
         return re.compile(out + "$")
 
     parts = rel.split("/")
@@ -115,15 +118,31 @@ def test_copy_sources_exist_and_are_in_the_build_context(path):
                 where = REPO / source
                 assert where.exists(), f"{path.name}: COPY {source}: no such path in the repository"
                 # build leftovers (bytecode, egg-info) stay out on purpose
-                files = [where] if where.is_file() else [f for f in where.rglob("*") if f.is_file() and not any(p == "__pycache__" or p.endswith(".egg-info") for p in f.parts)]
+                files = (
+                    [where]
+                    if where.is_file()
+                    else [
+                        f
+                        for f in where.rglob("*")
+                        if f.is_file() and not any(p == "__pycache__" or p.endswith(".egg-info") for p in f.parts)
+                    ]
+                )
                 assert files, f"{path.name}: COPY {source} is empty"
                 for f in files:
                     rel = f.relative_to(REPO).as_posix()
-                    assert not dockerignore_excludes(rel), f"{path.name}: COPY {source}: .dockerignore leaves {rel} out of the build context"
+                    assert not dockerignore_excludes(rel), (
+                        f"{path.name}: COPY {source}: .dockerignore leaves {rel} out of the build context"
+                    )
 
 
 def test_dockerignore_keeps_the_context_small():
-    for rel in (".venv/bin/python", "runs/demo/RESULTS.md", ".git/HEAD", "tests/conftest.py", "model_src/gts_lum/__pycache__/cli.cpython-311.pyc"):
+    for rel in (
+        ".venv/bin/python",
+        "runs/demo/RESULTS.md",
+        ".git/HEAD",
+        "tests/conftest.py",
+        "model_src/gts_lum/__pycache__/cli.cpython-311.pyc",
+    ):
         assert dockerignore_excludes(rel), f".dockerignore lets {rel} into the build context"
 
 
@@ -225,7 +244,9 @@ def test_pip_installs_are_pinned_and_agree_with_pyproject(path):
         if name == "torch" and path.name == "Dockerfile.npu":
             continue  # Ascend's torch replaces the pin on purpose (test_the_npu_image_pins_a_triple_of_ascends_table_with_its_own_lock)
         if name in specs:
-            assert specs[name].specifier.contains(version, prereleases=True), f"{path.name}: {name}=={version}, but pyproject.toml asks {specs[name]}"
+            assert specs[name].specifier.contains(version, prereleases=True), (
+                f"{path.name}: {name}=={version}, but pyproject.toml asks {specs[name]}"
+            )
     text = path.read_text()
     for lock in re.findall(r"-r (\S+)", text):
         assert (REPO / "images" / Path(lock).name).exists(), f"{path.name}: -r {lock}: the lock is not in images/"
@@ -234,8 +255,13 @@ def test_pip_installs_are_pinned_and_agree_with_pyproject(path):
 # Rows of Ascend's published matching table (Ascend Extension for PyTorch README): (CANN, torch, torch-npu).
 # torch-npu releases outside it are built for other CANN lines and fail at import or at the first kernel.
 ASCEND_TABLE = {
-    ("8.5.0", "2.9.0", "2.9.0"), ("8.5.0", "2.8.0", "2.8.0.post2"), ("8.5.0", "2.7.1", "2.7.1.post2"), ("8.5.0", "2.6.0", "2.6.0.post5"),
-    ("8.3.RC1", "2.8.0", "2.8.0"), ("8.3.RC1", "2.7.1", "2.7.1"), ("8.3.RC1", "2.6.0", "2.6.0.post3"),
+    ("8.5.0", "2.9.0", "2.9.0"),
+    ("8.5.0", "2.8.0", "2.8.0.post2"),
+    ("8.5.0", "2.7.1", "2.7.1.post2"),
+    ("8.5.0", "2.6.0", "2.6.0.post5"),
+    ("8.3.RC1", "2.8.0", "2.8.0"),
+    ("8.3.RC1", "2.7.1", "2.7.1"),
+    ("8.3.RC1", "2.6.0", "2.6.0.post3"),
 }
 
 
@@ -244,11 +270,16 @@ def test_the_npu_image_pins_a_triple_of_ascends_table_with_its_own_lock():
     cann = re.match(r"ascendai/cann:([^-]+)-", stages(path)[0]["image"]).group(1)
     npu_lock = _lock(NPU_LOCK)
     torch = _dockerfile_pins(path)["torch"]
-    assert (cann, torch, npu_lock["torch-npu"]) in ASCEND_TABLE, f"CANN {cann} / torch {torch} / torch-npu {npu_lock['torch-npu']} is not a row of Ascend's table"
+    assert (cann, torch, npu_lock["torch-npu"]) in ASCEND_TABLE, (
+        f"CANN {cann} / torch {torch} / torch-npu {npu_lock['torch-npu']} is not a row of Ascend's table"
+    )
     assert npu_lock["torch"] == torch and f"-r /tmp/{NPU_LOCK.name}" in path.read_text()
     # the same runtime closure as the CPU image's lock but for torch; plus torch-npu and CANN's Python needs
     cpu_lock = _lock(LOCK)
-    assert {k: v for k, v in npu_lock.items() if k != "torch"} == {**{k: v for k, v in cpu_lock.items() if k != "torch"}, **{k: npu_lock[k] for k in set(npu_lock) - set(cpu_lock)}}
+    assert {k: v for k, v in npu_lock.items() if k != "torch"} == {
+        **{k: v for k, v in cpu_lock.items() if k != "torch"},
+        **{k: npu_lock[k] for k in set(npu_lock) - set(cpu_lock)},
+    }
     assert set(npu_lock) - set(cpu_lock) == {"torch-npu", "decorator", "absl-py", "pathlib2"}
     assert _dockerfile_pins(DOCKER / "Dockerfile.component")["torch"] == cpu_lock["torch"] == "2.13.0", "the CPU image keeps torch 2.13"
     assert any(canonicalize_name(Requirement(r).name) == "torch-npu" for r in PYPROJECT["project"]["optional-dependencies"]["npu"])
@@ -303,4 +334,6 @@ def test_the_lock_is_the_whole_runtime_closure():
             extras = req.extras or {""}
             if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
                 todo.append(sub)
-    assert not missing, f"{LOCK.name} lacks packages of the runtime closure; add: " + " ".join(f"{n}=={v}" for n, v in sorted(missing.items()))
+    assert not missing, f"{LOCK.name} lacks packages of the runtime closure; add: " + " ".join(
+        f"{n}=={v}" for n, v in sorted(missing.items())
+    )

@@ -18,10 +18,10 @@ import json
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -333,7 +333,9 @@ def test_every_name_an_object_uses_is_rendered_or_an_operator_secret(rendered):
         for (kind, name), refs in used.items():
             for ref in refs:
                 if ref[0] == "Secret":
-                    assert ref[1] in OPERATOR_SECRETS, f"overlay {overlay}: {kind}/{name} names Secret {ref[1]}: add it to the base's list of Secrets to create"
+                    assert ref[1] in OPERATOR_SECRETS, (
+                        f"overlay {overlay}: {kind}/{name} names Secret {ref[1]}: add it to the base's list of Secrets to create"
+                    )
                 else:
                     assert ref in have, f"overlay {overlay}: {kind}/{name} names {ref[0]} {ref[1]}, which the render does not hold"
     documented = (MANIFESTS / "base" / "kustomization.yaml").read_text()
@@ -372,7 +374,9 @@ def test_pods_run_unprivileged_with_read_only_roots_and_resource_limits(rendered
         for obj in objects:
             for where, pod in pod_specs(obj):
                 where = f"overlay {overlay}: {where}"
-                assert pod.get("serviceAccountName") in accounts, f"{where}: runs as service account {pod.get('serviceAccountName')!r}, which the manifests do not define"
+                assert pod.get("serviceAccountName") in accounts, (
+                    f"{where}: runs as service account {pod.get('serviceAccountName')!r}, which the manifests do not define"
+                )
                 assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), where
                 volumes = {v["name"]: v for v in pod.get("volumes", [])}
                 assert not any("hostPath" in v for v in volumes.values()), f"{where}: hostPath volume"
@@ -382,10 +386,14 @@ def test_pods_run_unprivileged_with_read_only_roots_and_resource_limits(rendered
                     sc = c.get("securityContext", {})
                     assert _effective(pod, c, "runAsNonRoot") is True, f"{at}: runAsNonRoot is not set"
                     assert _effective(pod, c, "runAsUser") not in (None, 0), f"{at}: runAsUser must be a non-zero UID"
-                    assert (_effective(pod, c, "seccompProfile") or {}).get("type") == "RuntimeDefault", f"{at}: seccompProfile RuntimeDefault"
+                    assert (_effective(pod, c, "seccompProfile") or {}).get("type") == "RuntimeDefault", (
+                        f"{at}: seccompProfile RuntimeDefault"
+                    )
                     assert sc.get("allowPrivilegeEscalation") is False, f"{at}: allowPrivilegeEscalation must be false"
                     assert not sc.get("privileged"), f"{at}: privileged"
-                    assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc["capabilities"].get("add"), f"{at}: drop ALL capabilities, add none"
+                    assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc["capabilities"].get("add"), (
+                        f"{at}: drop ALL capabilities, add none"
+                    )
                     assert sc.get("readOnlyRootFilesystem") is True, f"{at}: readOnlyRootFilesystem"
                     for part in ("requests", "limits"):
                         got = c.get("resources", {}).get(part, {})
@@ -396,7 +404,9 @@ def test_pods_run_unprivileged_with_read_only_roots_and_resource_limits(rendered
                         # our images: a writable /tmp and home (caches) under the read-only root, as the image's user
                         assert _effective(pod, c, "runAsUser") == our_uid, f"{at}: the images' user is {our_uid}"
                         writable = {m["mountPath"] for m in c.get("volumeMounts", []) if "emptyDir" in volumes[m["name"]]}
-                        assert {"/tmp", "/home/gts"} <= writable, f"{at}: emptyDir volumes for /tmp and /home/gts (the text-embedding cache ~/.cache/gts-lum)"
+                        assert {"/tmp", "/home/gts"} <= writable, (
+                            f"{at}: emptyDir volumes for /tmp and /home/gts (the text-embedding cache ~/.cache/gts-lum)"
+                        )
 
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|CREDENTIAL", re.I)
@@ -412,19 +422,23 @@ def test_no_credentials_in_files(rendered):
         assert not re.search(r"://[^/\s:@$]+:[^/\s@$]+@", content), f"{path.relative_to(REPO)}: a URL with a password"
     for overlay, objects in rendered.items():
         for obj in objects:
-            assert obj["kind"] != "Secret", f"overlay {overlay}: a Secret is defined in the manifests; create it beside them and reference it by name"
+            assert obj["kind"] != "Secret", (
+                f"overlay {overlay}: a Secret is defined in the manifests; create it beside them and reference it by name"
+            )
             for where, pod in pod_specs(obj):
                 for c in containers(pod):
                     for env in c.get("env", []):
                         if SECRET_NAME.search(env["name"]):
-                            assert "secretKeyRef" in env.get("valueFrom", {}), f"{where}: env {env['name']} must come from a Secret (secretKeyRef)"
+                            assert "secretKeyRef" in env.get("valueFrom", {}), (
+                                f"{where}: env {env['name']} must come from a Secret (secretKeyRef)"
+                            )
                         value = env.get("value", "")
                         if "password=" in value:
                             assert re.search(r"password=\$\(\w+\)", value), f"{where}: env {env['name']} holds a password inline"
 
 
 def test_rbac_is_least_privilege(rendered):
-    for overlay, objects in rendered.items():
+    for objects in rendered.values():
         kinds = {o["kind"] for o in objects}
         assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, "cluster-wide RBAC: a namespaced Role is enough"
         roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
@@ -434,25 +448,37 @@ def test_rbac_is_least_privilege(rendered):
             for rule in role["rules"]:
                 for field in ("apiGroups", "resources", "verbs"):
                     assert "*" not in rule[field], f"Role {role['metadata']['name']}: a wildcard in {field}"
-                assert not {"secrets", "pods/exec", "roles", "rolebindings"} & set(rule["resources"]), f"Role {role['metadata']['name']}: {rule['resources']}"
-                assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"]), f"Role {role['metadata']['name']}: {rule['verbs']}"
+                assert not {"secrets", "pods/exec", "roles", "rolebindings"} & set(rule["resources"]), (
+                    f"Role {role['metadata']['name']}: {rule['resources']}"
+                )
+                assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"]), (
+                    f"Role {role['metadata']['name']}: {rule['verbs']}"
+                )
         for binding in (o for o in objects if o["kind"] == "RoleBinding"):
             ref = binding["roleRef"]
-            assert ref["kind"] == "Role" and ref["name"] in roles, f"RoleBinding {binding['metadata']['name']}: binds {ref}, not a Role of these manifests"
+            assert ref["kind"] == "Role" and ref["name"] in roles, (
+                f"RoleBinding {binding['metadata']['name']}: binds {ref}, not a Role of these manifests"
+            )
             for subject in binding["subjects"]:
-                assert subject["kind"] == "ServiceAccount" and subject["name"] in accounts, f"RoleBinding {binding['metadata']['name']}: subject {subject}"
+                assert subject["kind"] == "ServiceAccount" and subject["name"] in accounts, (
+                    f"RoleBinding {binding['metadata']['name']}: subject {subject}"
+                )
                 assert subject["namespace"] == binding["metadata"]["namespace"]
                 bound.add(subject["name"])
         for name, account in accounts.items():
             if name not in bound:  # no API access: no token to steal
-                assert account.get("automountServiceAccountToken") is False, f"ServiceAccount {name} has no Role: set automountServiceAccountToken false"
+                assert account.get("automountServiceAccountToken") is False, (
+                    f"ServiceAccount {name} has no Role: set automountServiceAccountToken false"
+                )
 
 
 def test_images_are_pinned_and_ours_are_built_in_docker(rendered):
     from tests.delivery.test_images import built_tags
 
     ours = built_tags()
-    feast_pin = next(d.split("==")[1] for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] if d.startswith("feast=="))
+    feast_pin = next(
+        d.split("==")[1] for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] if d.startswith("feast==")
+    )
     for objects in rendered.values():
         for obj in objects:
             for where, pod in pod_specs(obj):
@@ -533,7 +559,11 @@ def test_the_katib_experiment_searches_config_keys_on_the_trainers_metric():
     (fmt,) = exp["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"]
     pattern = re.compile(fmt)
     assert pattern.groups == 2
-    for line, value in ((json.dumps({metric: 0.1234, "epochs": 3}, indent=2), "0.1234"), (str({"epoch": 2, metric: 0.05}), "0.05"), (f'"{metric}": 1.5e-05', "1.5e-05")):
+    for line, value in (
+        (json.dumps({metric: 0.1234, "epochs": 3}, indent=2), "0.1234"),
+        (str({"epoch": 2, metric: 0.05}), "0.05"),
+        (f'"{metric}": 1.5e-05', "1.5e-05"),
+    ):
         found = pattern.search(line)
         assert found and found.groups() == (metric, value), f"metricsFormat misses {line!r}"
     # parameters -> trial parameters -> placeholders in the command, one to one
@@ -557,7 +587,7 @@ def test_the_katib_experiment_searches_config_keys_on_the_trainers_metric():
     for name, ref in trial_params.items():
         for value in values(params[ref]):
             chosen = {**firsts, name: value}
-            command = [re.sub(r"\$\{trialParameters\.(\w+)\}", lambda m: chosen[m.group(1)], a) for a in c["command"]]
+            command = [re.sub(r"\$\{trialParameters\.(\w+)\}", lambda m, chosen=chosen: chosen[m.group(1)], a) for a in c["command"]]
             args = _train_args(command, "Experiment")
             cfg = _gts_lum_config(args.set)
             assert cfg.train.lr > 0 and 0 < cfg.net.temperature < 1 and cfg.qformer.num_queries >= 1
@@ -573,7 +603,9 @@ def test_the_feast_configmap_is_the_production_feature_store():
     production = REPO / "feature_repo" / "production" / "feature_store.yaml"
     if not production.exists():
         pytest.skip(f"{production} is not there yet")
-    assert (MANIFESTS / "serving" / "feature_store.yaml").read_text() == production.read_text(), "manifests/serving/feature_store.yaml: copy feature_repo/production/feature_store.yaml again"
+    assert (MANIFESTS / "serving" / "feature_store.yaml").read_text() == production.read_text(), (
+        "manifests/serving/feature_store.yaml: copy feature_repo/production/feature_store.yaml again"
+    )
     config = yaml.safe_load(production.read_text())
     assert config["online_store"]["type"] == "redis" and config["registry"]["registry_type"] == "sql"
     assert _feature_store_variables(), "the production config reads its addresses from the environment"
@@ -611,7 +643,9 @@ def test_the_inferenceservice_serves_the_export_with_a_documented_canary(rendere
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless", "a canary needs Knative revisions"
     predictor = isvc["spec"]["predictor"]
     assert 0 <= predictor["canaryTrafficPercent"] <= 100
-    assert "canaryTrafficPercent" in (MANIFESTS / "serving" / "inferenceservice.yaml").read_text().split("apiVersion")[0], "document the canary in the header"
+    assert "canaryTrafficPercent" in (MANIFESTS / "serving" / "inferenceservice.yaml").read_text().split("apiVersion")[0], (
+        "document the canary in the header"
+    )
     (c,) = predictor["containers"]
     assert c["name"] == "kserve-container" and c["image"].endswith("gts-lum-serving:0.1.0")
     parser = argparse.ArgumentParser()
@@ -638,7 +672,9 @@ def test_each_service_admits_only_its_callers(rendered):
     for overlay, objects in rendered.items():
         isvc = find(objects, "InferenceService")
         labels = isvc["metadata"]["labels"]
-        assert labels["networking.knative.dev/visibility"] == "cluster-local" and labels["networking.kserve.io/visibility"] == "cluster-local", overlay
+        assert (
+            labels["networking.knative.dev/visibility"] == "cluster-local" and labels["networking.kserve.io/visibility"] == "cluster-local"
+        ), overlay
         # the labels of each serving pod: KServe adds the InferenceService's name to its predictor's
         pods = {
             "scorer": {**isvc["spec"]["predictor"]["labels"], "serving.kserve.io/inferenceservice": isvc["metadata"]["name"]},
@@ -646,7 +682,14 @@ def test_each_service_admits_only_its_callers(rendered):
             "redis": find(objects, "StatefulSet", "gts-lum-redis")["spec"]["template"]["metadata"]["labels"],
         }
         callers = {
-            "gts-lum-scorer": ("scorer", [{"kubernetes.io/metadata.name": "knative-serving"}, {"kubernetes.io/metadata.name": "istio-system"}, {"gts-lum.io/scorer-client": "true"}]),
+            "gts-lum-scorer": (
+                "scorer",
+                [
+                    {"kubernetes.io/metadata.name": "knative-serving"},
+                    {"kubernetes.io/metadata.name": "istio-system"},
+                    {"gts-lum.io/scorer-client": "true"},
+                ],
+            ),
             "gts-lum-feast": ("feast", [{"gts-lum.io/feature-client": "true"}]),
             "gts-lum-redis": ("redis", [None, {"gts-lum.io/pipelines": "true"}]),  # None: this namespace
         }

@@ -35,9 +35,16 @@ def _edges(graph: CooccurrenceGraph, matrix: str = "adjacency") -> dict[tuple[st
 # user 0: interval 0 holds A, B, A (repeat), C; interval 1 holds B, D; interval 20 holds E alone.
 # user 1: interval 0 holds A, B; interval 1 holds C. F never occurs. UTC, 15-minute intervals.
 HAND = [
-    ("u0", 0, "A"), ("u0", 10, "B"), ("u0", 60, "A"), ("u0", 120, "C"),
-    ("u0", 900, "B"), ("u0", 1000, "D"), ("u0", 18_000, "E"),
-    ("u1", 0, "A"), ("u1", 5, "B"), ("u1", 1000, "C"),
+    ("u0", 0, "A"),
+    ("u0", 10, "B"),
+    ("u0", 60, "A"),
+    ("u0", 120, "C"),
+    ("u0", 900, "B"),
+    ("u0", 1000, "D"),
+    ("u0", 18_000, "E"),
+    ("u1", 0, "A"),
+    ("u1", 5, "B"),
+    ("u1", 1000, "C"),
 ]
 
 

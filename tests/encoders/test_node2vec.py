@@ -200,7 +200,9 @@ def test_embeddings_do_not_depend_on_python_hash_seed():
 
 def test_save_load_roundtrip(tmp_path):
     graph = as_graph(king_graph(4))
-    emb = fit_graph_embeddings(graph, Node2VecConfig(walk=WalkConfig(walks_per_node=2, walk_length=6), skipgram=SMALL_SKIPGRAM), progress=False)
+    emb = fit_graph_embeddings(
+        graph, Node2VecConfig(walk=WalkConfig(walks_per_node=2, walk_length=6), skipgram=SMALL_SKIPGRAM), progress=False
+    )
     emb.save(tmp_path)
     back = GraphEmbeddings.load(tmp_path)
     assert np.array_equal(back.vectors, emb.vectors) and np.array_equal(back.origin, emb.origin)
@@ -258,8 +260,18 @@ def _write_hand_dataset(raw):
         {"behavior_id": list("PQRXYZ"), "description": [f"behaviour {b}" for b in "PQRXYZ"], "family": ["f1", "f1", "f2", "f2", "f2", "f1"]}
     ).to_csv(raw / "behaviors.csv", index=False)
     t = 1_709_251_200  # 2024-03-01 00:00 UTC = 05:30 in Asia/Kolkata
-    events = [("u0", t, "P"), ("u0", t + 10, "Q"), ("u0", t + 900, "R"), ("u0", t + 905, "X"), ("u0", t + 910, "Y"),
-              ("u1", t, "P"), ("u1", t + 5, "Q"), ("u1", t + 20, "R"), ("u1", t + 1800, "P"), ("u1", t + 1810, "Q")]
+    events = [
+        ("u0", t, "P"),
+        ("u0", t + 10, "Q"),
+        ("u0", t + 900, "R"),
+        ("u0", t + 905, "X"),
+        ("u0", t + 910, "Y"),
+        ("u1", t, "P"),
+        ("u1", t + 5, "Q"),
+        ("u1", t + 20, "R"),
+        ("u1", t + 1800, "P"),
+        ("u1", t + 1810, "Q"),
+    ]
     pd.DataFrame(events, columns=["user_id", "timestamp", "behavior_id"]).assign(timestamp=lambda f: f["timestamp"].astype(str)).to_csv(
         raw / "events.csv", index=False
     )

@@ -78,7 +78,13 @@ def test_feature_codec_standardizes_on_training_rows_and_maps_missing_and_unseen
     np.testing.assert_allclose(codec.mean, [(29.85 + 1889.5) / 2, 2.0])
     np.testing.assert_allclose(codec.std, [(1889.5 - 29.85) / 2, np.sqrt(2 / 3)])
     new = pd.DataFrame(
-        {"user_id": ["u9"] * 3, "plan": ["gold", None, "premium"], "fee": [29.85, None, 1889.5], "lines": [2] * 3, "broadband": [True, None, False]}
+        {
+            "user_id": ["u9"] * 3,
+            "plan": ["gold", None, "premium"],
+            "fee": [29.85, None, 1889.5],
+            "lines": [2] * 3,
+            "broadband": [True, None, False],
+        }
     )
     x_num, x_cat = codec.transform(new, schema)
     np.testing.assert_allclose(x_num[:, 0], [-1.0, np.nan, 1.0], rtol=1e-6)
@@ -137,7 +143,9 @@ def test_learned_encoder_is_deterministic_and_pretrains_without_labels_by_masked
     rng = np.random.default_rng(0)
     a = rng.choice(list("pqrs"), size=600)
     frame = pd.DataFrame({"a": a, "b": np.char.add(a, "x"), "v": (np.searchsorted(list("pqrs"), a) + rng.normal(0, 0.1, 600))})
-    cfg = TableEncoderConfig(kind="learned", learned=LearnedTableConfig(dim=16, num_layers=1, epochs=8, lr=5e-3, mask_prob=0.3, progress=False))
+    cfg = TableEncoderConfig(
+        kind="learned", learned=LearnedTableConfig(dim=16, num_layers=1, epochs=8, lr=5e-3, mask_prob=0.3, progress=False)
+    )
     enc = build_table_encoder(cfg).fit(frame)
     assert enc.label.objective == "masked"
     valid = [h["valid_loss"] for h in enc.history]
@@ -208,8 +216,13 @@ def save_tiny_llama(folder, texts: list[str]) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
 
@@ -240,7 +253,9 @@ def test_hf_encoder_mean_pools_real_tokens_whatever_the_batch(tmp_path):
 
 
 def test_learned_encoder_predicts_telco_churn_well_above_chance(telco_dir):
-    result = telco_auc_comparison(telco_dir, overrides=["learned.epochs=2", "learned.batch_size=512", "learned.progress=false"], include_text=False)
+    result = telco_auc_comparison(
+        telco_dir, overrides=["learned.epochs=2", "learned.batch_size=512", "learned.progress=false"], include_text=False
+    )
     auc = result["auc"]
     assert result["rows"] == {"train": 5634, "test": 1409, "churn_rate": 0.2654}
     assert auc["learned_head"] > 0.8 and auc["learned_logreg"] > 0.8

@@ -72,7 +72,20 @@ def test_run_bench_writes_both_tables_deterministically(tmp_path):
     models = [
         ("markov", None, []),
         ("popularity", None, None),
-        ("hstu", None, ["dim=8", "qk_dim=4", "v_dim=4", "num_layers=1", "train.epochs=2", "train.max_len=6", "train.num_negatives=4", "train.device=cpu"]),
+        (
+            "hstu",
+            None,
+            [
+                "dim=8",
+                "qk_dim=4",
+                "v_dim=4",
+                "num_layers=1",
+                "train.epochs=2",
+                "train.max_len=6",
+                "train.num_negatives=4",
+                "train.device=cpu",
+            ],
+        ),
         ("markov", None, {"smoothing": 1000.0}, "markov-smooth"),
     ]
     cfg = EvalConfig(ks=(5, 10, 50, 200))
@@ -91,7 +104,10 @@ def test_run_bench_writes_both_tables_deterministically(tmp_path):
         expected = np.mean([r[c] / by_method["markov"][c] - 1 for c in TABLE2_COLUMNS])
         assert r["impv_avg"] == pytest.approx(expected)
     again = run_bench(split, models, tmp_path / "b", eval_cfg=cfg, reference="popularity")
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("train_seconds", "fit", "impv_avg")} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in ("train_seconds", "fit", "impv_avg")} for r in rs]
+
     assert strip(again) == strip(rows)
     assert json.loads((tmp_path / "b" / "table.json").read_text())["reference"] == "popularity"
 
@@ -115,14 +131,25 @@ def test_registry_builds_from_name_yaml_and_overrides(tmp_path):
 
 def test_run_bench_over_seeds_reports_mean_and_spread(tmp_path):
     split = leave_one_out(popular_and_sequential_log())
-    hstu = ["dim=8", "qk_dim=4", "v_dim=4", "num_layers=1", "train.epochs=2", "train.max_len=6", "train.num_negatives=4", "train.device=cpu"]
+    hstu = [
+        "dim=8",
+        "qk_dim=4",
+        "v_dim=4",
+        "num_layers=1",
+        "train.epochs=2",
+        "train.max_len=6",
+        "train.num_negatives=4",
+        "train.device=cpu",
+    ]
     models = [("markov", None, []), ("hstu", None, hstu), ("hstu", None, {"train": {"lr": 0.01}}, "hstu-lr")]
     rows = run_bench(split, models, tmp_path, eval_cfg=EvalConfig(ks=(5, 10, 50, 200)), seeds=[0, 1, 2])
     markov, hstu_row, hstu_lr = rows
     assert "seeds" not in markov and "sd" not in markov  # deterministic: one run
     assert [r["seed"] for r in hstu_row["seeds"]] == [0, 1, 2]
     assert "fit" not in hstu_row and all("fit" in r for r in hstu_row["seeds"])
-    single = run_bench(split, [("hstu", None, [*hstu, "train.seed=1"], "one")], tmp_path / "one", eval_cfg=EvalConfig(ks=(5, 10, 50, 200)))[0]
+    single = run_bench(split, [("hstu", None, [*hstu, "train.seed=1"], "one")], tmp_path / "one", eval_cfg=EvalConfig(ks=(5, 10, 50, 200)))[
+        0
+    ]
     assert hstu_row["seeds"][1]["NDCG@10"] == pytest.approx(single["NDCG@10"])  # seed 1 of the mean is the seed-1 run
     per_seed = np.array([r["NDCG@10"] for r in hstu_row["seeds"]])
     assert hstu_row["NDCG@10"] == pytest.approx(per_seed.mean())
@@ -148,15 +175,19 @@ def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tm
     clean = prepare_dataset("synth:tiny", tmp_path / "data")
     build_sequence_dataset(clean, tmp_path / "sequences", None, {}, SplitConfig())
     artifacts = run_encoders(clean, tmp_path / "sequences", tmp_path / "encoders", {})
-    cfg = BenchConfig(models=[
-        "markov",
-        {"model": "gts_lum", "label": "front"},
-        {"model": "gts_lum", "label": "none", "overrides": {"net": {"target_placement": "none"}}},
-        {"model": "gts_lum", "label": "biz text", "overrides": {"qformer": {"variant": "biz_text"}}},
-        {"model": "gts_lum", "label": "given", "overrides": {"artifacts": {"qformer": "elsewhere"}}},
-        {"model": "gts_lum", "label": "w/o Q-former", "overrides": {"qformer": {"variant": "no_qformer"}}},
-    ])
-    specs = run_phase1_stages(model_specs(cfg, artifacts), tmp_path / "sequences", artifacts, tmp_path / "phase1", {"max_steps": 3, "save_every": 0})
+    cfg = BenchConfig(
+        models=[
+            "markov",
+            {"model": "gts_lum", "label": "front"},
+            {"model": "gts_lum", "label": "none", "overrides": {"net": {"target_placement": "none"}}},
+            {"model": "gts_lum", "label": "biz text", "overrides": {"qformer": {"variant": "biz_text"}}},
+            {"model": "gts_lum", "label": "given", "overrides": {"artifacts": {"qformer": "elsewhere"}}},
+            {"model": "gts_lum", "label": "w/o Q-former", "overrides": {"qformer": {"variant": "no_qformer"}}},
+        ]
+    )
+    specs = run_phase1_stages(
+        model_specs(cfg, artifacts), tmp_path / "sequences", artifacts, tmp_path / "phase1", {"max_steps": 3, "save_every": 0}
+    )
     qformer = {label: overrides.get("artifacts", {}).get("qformer") for _, _, overrides, label in specs}
     assert qformer["markov"] is None
     assert qformer["front"] == qformer["none"] != qformer["biz text"]  # one phase-I run per Q-former config
@@ -184,7 +215,16 @@ def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tm
 
 def test_equal_time_as_gives_the_later_models_the_reference_rows_training_time(tmp_path):
     split = leave_one_out(popular_and_sequential_log())
-    hstu = ["dim=8", "qk_dim=4", "v_dim=4", "num_layers=1", "train.epochs=2", "train.max_len=6", "train.num_negatives=4", "train.device=cpu"]
+    hstu = [
+        "dim=8",
+        "qk_dim=4",
+        "v_dim=4",
+        "num_layers=1",
+        "train.epochs=2",
+        "train.max_len=6",
+        "train.num_negatives=4",
+        "train.device=cpu",
+    ]
     models = [("hstu", None, hstu, "first"), ("markov", None, []), ("hstu", None, [*hstu, "train.epochs=4"], "later")]
     first, markov, later = run_bench(split, models, tmp_path, eval_cfg=EvalConfig(ks=(5, 10, 50, 200)), equal_time_as="first")
     assert "time_budget_s" not in str(first["overrides"]) and markov["overrides"] == []  # Markov trains no loop

@@ -41,7 +41,9 @@ class _Fixed:
 
 def test_protocol_candidate_subset_and_history_filter():
     # one user: history [0, 1], target 2
-    log = EventLog(np.array(["u"], object), np.array(list("abcd"), object), np.array([0, 3]), np.array([0, 1, 2], np.int32), np.array([1, 2, 3]))
+    log = EventLog(
+        np.array(["u"], object), np.array(list("abcd"), object), np.array([0, 3]), np.array([0, 1, 2], np.int32), np.array([1, 2, 3])
+    )
     cases = EvalSet(np.array([0]), np.array([2]), np.array([2], np.int32), np.array([3]))
     model = _Fixed(np.array([9.0, 8.0, 7.0, 1.0]))
     assert evaluate(model, log, cases, cfg=EvalConfig(ks=(1, 3)))["R@1"] == 0.0

@@ -26,7 +26,9 @@ def test_scoring_benchmark_counts_flops():
 def test_training_throughput_compares_positions_per_second(tmp_path):
     """GTS-LUM's phase II and HSTU's trainer on one data set through the shared loop: positions/s of each,
     and the check a device run must pass (the loss falls)."""
-    out = run_speed_benchmarks(["training"], tmp_path, quick=True, data="synth:tiny", device="cpu", width=32, layers=1)["training_throughput"]
+    out = run_speed_benchmarks(["training"], tmp_path, quick=True, data="synth:tiny", device="cpu", width=32, layers=1)[
+        "training_throughput"
+    ]
     for name in ("GTS-LUM", "HSTU"):
         row = out["models"][name]
         assert row["positions_per_s"] > 0 and row["cases_per_s"] > 0 and row["loss_last_epoch"] < row["loss_first_epoch"]

@@ -264,7 +264,9 @@ def test_evaluate_label_tasks_multiclass(tiny_clean, tmp_path):
     users = read_table(tiny_clean, "users")
     tier = pd.Categorical(users["plan_tier"]).codes + 1.0
     labels = read_table(tiny_clean, "labels")
-    extra = pd.DataFrame({"user_id": users["user_id"], "task": "tier", "label": tier.astype(np.float32), "treatment": np.nan, "time": labels["time"].iloc[0]})
+    extra = pd.DataFrame(
+        {"user_id": users["user_id"], "task": "tier", "label": tier.astype(np.float32), "treatment": np.nan, "time": labels["time"].iloc[0]}
+    )
     pd.concat([labels[labels["task"] == "churn"], extra], ignore_index=True).to_parquet(tmp_path / "labels.parquet")
     users.to_parquet(tmp_path / "users.parquet")
     embed, _ = table_embedding(tiny_clean)

@@ -102,7 +102,9 @@ def test_fit_ignores_test_targets():
         split = leave_one_out(make_log(seqs, catalog))
         model = MarkovChain()
         stats = model.fit(split, EvalConfig(ks=(1, 10)))
-        fitted.append((model.transitions.toarray(), model.popularity.counts, stats["grid"], model.score(split.log, split.valid, np.arange(3))))
+        fitted.append(
+            (model.transitions.toarray(), model.popularity.counts, stats["grid"], model.score(split.log, split.valid, np.arange(3)))
+        )
     for left, right in zip(*fitted):
         if isinstance(left, dict):
             assert left == right

@@ -15,9 +15,21 @@ from gts_lum.sequence.tokens import TokenKind
 from gts_lum.training.checkpoint import load_model, save_model
 
 TINY = {
-    "net": {"decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}, "compressor": {"windows": 2, "window_size": 4}},
+    "net": {
+        "decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "compressor": {"windows": 2, "window_size": 4},
+    },
     "qformer": {"num_queries": 2, "num_layers": 1, "num_heads": 2, "hidden_size": 32, "intermediate_size": 64, "max_window": 4},
-    "train": {"batch_size": 16, "lr": 0.001, "epochs": 6, "patience": 6, "sampled_negatives": 8, "hard_negatives": 2, "valid_cases": None, "device": "cpu"},
+    "train": {
+        "batch_size": 16,
+        "lr": 0.001,
+        "epochs": 6,
+        "patience": 6,
+        "sampled_negatives": 8,
+        "hard_negatives": 2,
+        "valid_cases": None,
+        "device": "cpu",
+    },
     "rerank_depth": 3,
 }
 
@@ -32,7 +44,9 @@ def build(data, **overrides):
 def test_make_batch_pads_left_and_cuts_old_history_into_windows():
     # one user, 20 events an hour apart; a budget that keeps the last few intervals only
     log_ = EventLog.from_frame(
-        __import__("pandas").DataFrame({"user_id": "u", "behavior_id": [f"b{i % 5}" for i in range(20)], "timestamp": 3600 * np.arange(20)}),
+        __import__("pandas").DataFrame(
+            {"user_id": "u", "behavior_id": [f"b{i % 5}" for i in range(20)], "timestamp": 3600 * np.arange(20)}
+        ),
         behavior_ids=np.array([f"b{i}" for i in range(5)], dtype=object),
     )
     cases = EvalSet(np.array([0, 0]), np.array([20, 3]), np.array([0, 3], np.int32), np.array([0, 0]))
@@ -212,7 +226,9 @@ def test_target_aware_term_trains_on_the_reranking_lists(cycle_data, one_thread_
     seen = []
     real = net.aware_scores
     # a spy, not a mock: it records the arguments and calls the real method
-    monkeypatch.setattr(net, "aware_scores", lambda ctx, cand, chunk=256, cases=None: seen.append((cand, cases)) or real(ctx, cand, chunk, cases))
+    monkeypatch.setattr(
+        net, "aware_scores", lambda ctx, cand, chunk=256, cases=None: seen.append((cand, cases)) or real(ctx, cand, chunk, cases)
+    )
     sampled = torch.arange(split.log.num_behaviors)
     # the agnostic ranks among the allowed targets, recomputed: with the widest list (every other allowed
     # behaviour) a case trains the term unless its positive ranks last
@@ -243,7 +259,9 @@ def test_full_softmax_over_the_target_catalog(cycle_data, one_thread_module, mon
     seen = []
     real = model.net.forward
     # a spy, not a mock: it records the negatives the trainer passes and runs the real forward
-    monkeypatch.setattr(model.net, "forward", lambda batch, positives, sampled, *a: seen.append(sampled) or real(batch, positives, sampled, *a))
+    monkeypatch.setattr(
+        model.net, "forward", lambda batch, positives, sampled, *a: seen.append(sampled) or real(batch, positives, sampled, *a)
+    )
     targets = np.array([1, 2, 3])
     model.fit(split, EvalConfig(ks=(1, 10)), candidates=targets)
     assert seen and all(s.tolist() == targets.tolist() for s in seen)
@@ -256,7 +274,9 @@ def test_train_targets_all_predicts_every_next_event(cycle_data, one_thread_modu
     model = build(cycle_data, train={**TINY["train"], "epochs": 1, "sampled_negatives": None, "targets": "all"})
     seen = []
     real = model.net.forward
-    monkeypatch.setattr(model.net, "forward", lambda batch, positives, sampled, *a: seen.append((sampled, a[3])) or real(batch, positives, sampled, *a))
+    monkeypatch.setattr(
+        model.net, "forward", lambda batch, positives, sampled, *a: seen.append((sampled, a[3])) or real(batch, positives, sampled, *a)
+    )
     model.fit(split, EvalConfig(ks=(1, 10)), candidates=np.array([1, 2, 3]))
     assert seen and all(s.tolist() == list(range(split.log.num_behaviors)) and allowed is None for s, allowed in seen)
     with pytest.raises(ValueError, match="targets"):
@@ -277,7 +297,7 @@ def test_valid_holdout_events_train_without_them_and_validate_on_them(cycle_data
     validated_cases = [c for lg, c in logs if lg is split.log]
     assert trained and validated_cases
     before = split.train.lengths()
-    for lg, cases in trained:
+    for lg, _cases in trained:
         np.testing.assert_array_equal(lg.lengths()[validated], before[validated] - 2)
     ends = np.concatenate([c.history_end for c in validated_cases])
     u = validated[0]  # of its two moved events (rows of the full log), the second is a validation target
@@ -372,7 +392,10 @@ def test_training_windows_train_every_transition_once():
     rows = []
     for u, n in enumerate([1, 2, 7, 40]):  # a one-event user has no transition and no window
         rows += [(f"u{u}", f"b{int(rng.integers(5))}", 1_700_000_000 + 1800 * t) for t in range(n)]
-    log_ = EventLog.from_frame(pd.DataFrame(rows, columns=["user_id", "behavior_id", "timestamp"]), behavior_ids=np.array([f"b{i}" for i in range(5)], dtype=object))
+    log_ = EventLog.from_frame(
+        pd.DataFrame(rows, columns=["user_id", "behavior_id", "timestamp"]),
+        behavior_ids=np.array([f"b{i}" for i in range(5)], dtype=object),
+    )
     cfg = SequenceConfig(token_budget=9, dedup_within_interval=False)
     windows, tokens = training_windows(log_, lambda lg, cases: build_sequences(lg, cases, cfg))
     assert len(windows) == len(tokens) and (tokens.lengths() <= 9).all()

@@ -1,7 +1,6 @@
 """HLLM baseline on a tiny sequence data set built by the real stages (validate -> sequences)."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -16,7 +15,16 @@ TINY = {
     "item_llm": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
     "user_llm": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
     "max_text_len": 12,
-    "train": {"max_len": 8, "batch_size": 16, "lr": 0.01, "epochs": 25, "patience": 6, "num_negatives": 6, "in_batch_negatives": 4, "device": "cpu"},
+    "train": {
+        "max_len": 8,
+        "batch_size": 16,
+        "lr": 0.01,
+        "epochs": 25,
+        "patience": 6,
+        "num_negatives": 6,
+        "in_batch_negatives": 4,
+        "device": "cpu",
+    },
 }
 EVAL = EvalConfig(ks=(1, 10))
 

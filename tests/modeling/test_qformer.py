@@ -27,8 +27,19 @@ DESCRIPTIONS = [
     "Asks customer care about the monthly bill through social media",
     "Downloads a game update for Rune Saga over 4G",
 ]
-TINY = dict(num_queries=3, num_layers=2, num_heads=2, hidden_size=16, intermediate_size=32, dropout=0.0,
-            decoder_hidden_size=24, contrast_size=8, max_text_len=16, max_window=6, num_business_codes=4)
+TINY = dict(
+    num_queries=3,
+    num_layers=2,
+    num_heads=2,
+    hidden_size=16,
+    intermediate_size=32,
+    dropout=0.0,
+    decoder_hidden_size=24,
+    contrast_size=8,
+    max_text_len=16,
+    max_window=6,
+    num_business_codes=4,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -203,8 +214,12 @@ def test_behavior_features_checks_name_the_field():
 
 
 def test_behavior_features_build_subset_save(tmp_path):
-    f = BehaviorFeatures.build(DESCRIPTIONS[:3], np.eye(3, dtype=np.float32), semantic_ids=np.array([[0, 2], [1, 0], [1, 1]]),
-                               business={"graph": np.ones((3, 2), np.float32)})
+    f = BehaviorFeatures.build(
+        DESCRIPTIONS[:3],
+        np.eye(3, dtype=np.float32),
+        semantic_ids=np.array([[0, 2], [1, 0], [1, 1]]),
+        business={"graph": np.ones((3, 2), np.float32)},
+    )
     assert f.codebook_sizes == [2, 3] and f.business_seen["graph"].all() and f.modalities == ["graph"]
     sub = f.subset(np.array([2, 0]))
     assert sub.descriptions == [DESCRIPTIONS[2], DESCRIPTIONS[0]] and sub.semantic_ids.tolist() == [[1, 1], [0, 2]]

@@ -78,7 +78,9 @@ def test_the_components_image_carries_the_feature_repo_where_the_default_points(
     copies = [rest.split()[-2:] for word, rest in final if word == "COPY" and "--from=" not in rest]
     target = str(Path(workdir) / defaults("training")["feature_repo"])
     assert ["feature_repo", target] in copies, f"the image must COPY feature_repo to {target} (WORKDIR + the pipeline's default)"
-    assert "--chown=10001:10001 feature_repo" in (DOCKER / "Dockerfile.component").read_text(), "a local-config publish writes data/ beside it"
+    assert "--chown=10001:10001 feature_repo" in (DOCKER / "Dockerfile.component").read_text(), (
+        "a local-config publish writes data/ beside it"
+    )
 
 
 @pytest.mark.parametrize("name, tasks", [("training", ("ingest", "promote-model")), ("batch_scoring", ("ingest", "batch-score"))])
@@ -89,7 +91,9 @@ def test_steps_that_read_object_storage_get_its_endpoint_and_keys_from_a_secret(
     for task in tasks:
         env = secret_env(platform, executor(spec, task))
         # the variables gts_lum.data.storage reads; optional: synth: data and a Model Registry need none
-        assert {v: env[v] for v in OBJECT_STORE_KEYS.values()} == {v: ("object_store_secret", k, True) for k, v in OBJECT_STORE_KEYS.items()}
+        assert {v: env[v] for v in OBJECT_STORE_KEYS.values()} == {
+            v: ("object_store_secret", k, True) for k, v in OBJECT_STORE_KEYS.items()
+        }
     assert defaults(name)["object_store_secret"] == "gts-lum-object-store"
 
 
@@ -128,7 +132,9 @@ def test_every_task_declares_cpu_and_memory_from_parameters(name):
         assert set(RESOURCES) <= set(resources), f"{name}: {label} lacks {sorted(set(RESOURCES) - set(resources))}"
         value = {k: parse_quantity(parameter_default(resources[k], names)) for k in RESOURCES}
         assert 0 < value["resourceCpuRequest"] <= value["resourceCpuLimit"], f"{name}: {label}: CPU request above its limit"
-        assert value["resourceMemoryRequest"] == value["resourceMemoryLimit"] >= 2**30, f"{name}: {label}: memory request = limit, 1Gi or more"
+        assert value["resourceMemoryRequest"] == value["resourceMemoryLimit"] >= 2**30, (
+            f"{name}: {label}: memory request = limit, 1Gi or more"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))

@@ -17,7 +17,9 @@ def test_compiled_yaml_matches_the_python(tmp_path):
         kept = COMPILED / path.name
         assert kept.exists(), f"{kept} missing: run `make compile` and commit it"
         # pipeline spec + platform spec (kfp-kubernetes settings): two YAML documents
-        assert list(yaml.safe_load_all(kept.read_text())) == list(yaml.safe_load_all(path.read_text())), f"{kept} is stale: run `make compile`"
+        assert list(yaml.safe_load_all(kept.read_text())) == list(yaml.safe_load_all(path.read_text())), (
+            f"{kept} is stale: run `make compile`"
+        )
 
 
 def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatch, s3_bucket):
@@ -32,25 +34,60 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
         "model_overrides": json.dumps({"train": {"windows_per_epoch": 256, "epochs": 1, "max_len": 20}}),
         "gts_lum_overrides": json.dumps(
             {
-                "net": {"decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}, "compressor": {"windows": 1, "window_size": 8}},
-                "train": {"epochs": 1, "max_cases_per_epoch": 64, "hard_negatives": 1, "sampled_negatives": 32, "valid_cases": 20, "device": "cpu"},
+                "net": {
+                    "decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+                    "compressor": {"windows": 1, "window_size": 8},
+                },
+                "train": {
+                    "epochs": 1,
+                    "max_cases_per_epoch": 64,
+                    "hard_negatives": 1,
+                    "sampled_negatives": 32,
+                    "valid_cases": 20,
+                    "device": "cpu",
+                },
                 "rerank_depth": 3,
             }
         ),
         # the tokenizer tests' embedding cache: the catalog's texts are encoded once per test session
         "tokenizer_overrides": json.dumps({"encoder": {"cache_dir": str(request.config.cache.mkdir("gts-lum-text-embeddings"))}}),
-        "graph_overrides": json.dumps({"node2vec": {"walk": {"walks_per_node": 2, "walk_length": 10}, "skipgram": {"epochs": 1, "dim": 16}}}),
+        "graph_overrides": json.dumps(
+            {"node2vec": {"walk": {"walks_per_node": 2, "walk_length": 10}, "skipgram": {"epochs": 1, "dim": 16}}}
+        ),
         "behavior_table_overrides": json.dumps({"kind": "learned", "learned": {"epochs": 2, "progress": False}}),
         "user_table_overrides": json.dumps({"kind": "learned", "learned": {"epochs": 2, "progress": False}}),
         "heads_overrides": json.dumps({"task_token": {"epochs": 2}, "train": {"epochs": 40}}),
-        "qformer_overrides": json.dumps({"max_steps": 2, "batch_size": 16, "window_batch_size": 8, "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2}}),
+        "qformer_overrides": json.dumps(
+            {
+                "max_steps": 2,
+                "batch_size": 16,
+                "window_batch_size": 8,
+                "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2},
+            }
+        ),
     }
     # the registry in a bucket of the local S3 server, as the cluster's default keeps it in KFP's bucket
     params["registry"] = f"minio://{s3_bucket}/gts-lum/registry"
     params["feature_repo"] = str(repo)
     run_dir = run("training", tmp_path, params)
     steps = {p.name for p in run_dir.iterdir() if p.is_dir()}
-    assert {"ingest", "validate", "build-sequences", "semantic-ids", "encode-graph", "encode-tables", "qformer-pretrain", "train-gts-lum", "train-model", "train-model-2", "evaluate-models", "promote-model", "publish-features", "label-tasks", "export-model"} <= steps
+    assert {
+        "ingest",
+        "validate",
+        "build-sequences",
+        "semantic-ids",
+        "encode-graph",
+        "encode-tables",
+        "qformer-pretrain",
+        "train-gts-lum",
+        "train-model",
+        "train-model-2",
+        "evaluate-models",
+        "promote-model",
+        "publish-features",
+        "label-tasks",
+        "export-model",
+    } <= steps
     table = (run_dir / "evaluate-models" / "table").read_text()
     assert "| gts_lum |" in table and "| sasrec |" in table and "| markov |" in table and "864 candidates" in table
     evaluation = json.loads((run_dir / "evaluate-models" / "executor_output.json").read_text())

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 
 from gts_lum.data.events import EventLog
-from gts_lum.sequence.splits import hold_out_for_validation, held_out_users, leave_one_out
+from gts_lum.sequence.splits import held_out_users, hold_out_for_validation, leave_one_out
 
 
 def _log():
@@ -47,7 +47,13 @@ def test_tie_break_is_seeded_not_by_item_id():
 def test_held_out_users_never_train():
     rng = np.random.default_rng(0)
     n = 400
-    df = pd.DataFrame({"user_id": np.repeat([f"u{i}" for i in range(n)], 5), "timestamp": np.tile(np.arange(5), n), "behavior_id": rng.integers(0, 30, 5 * n).astype(str)})
+    df = pd.DataFrame(
+        {
+            "user_id": np.repeat([f"u{i}" for i in range(n)], 5),
+            "timestamp": np.tile(np.arange(5), n),
+            "behavior_id": rng.integers(0, 30, 5 * n).astype(str),
+        }
+    )
     log = EventLog.from_frame(df)
     split = held_out_users(log, 0.25, seed=1)
     assert 60 < len(split.test) < 140
@@ -89,7 +95,9 @@ def test_hold_out_for_validation_moves_the_last_training_events_to_validation():
 
 
 def test_hold_out_for_validation_makes_cases_of_target_behaviours_only():
-    df = pd.DataFrame({"user_id": ["u"] * 7, "timestamp": [1, 2, 3, 4, 5, 6, 7], "behavior_id": ["call", "ott1", "sms", "ott2", "call", "ott3", "sms"]})
+    df = pd.DataFrame(
+        {"user_id": ["u"] * 7, "timestamp": [1, 2, 3, 4, 5, 6, 7], "behavior_id": ["call", "ott1", "sms", "ott2", "call", "ott3", "sms"]}
+    )
     log = EventLog.from_frame(df)
     ott = np.flatnonzero(np.char.startswith(log.behavior_ids.astype(str), "ott"))
     moved = hold_out_for_validation(leave_one_out(log, target_behaviors=ott), 3, ott)
@@ -97,7 +105,9 @@ def test_hold_out_for_validation_makes_cases_of_target_behaviours_only():
     # target, so no case; ott1's history (call) was trained on, so no case either
     assert list(log.behavior_ids[moved.train.behavior]) == ["call"]
     assert list(log.behavior_ids[moved.valid.target]) == ["ott2"]
-    df = pd.DataFrame({"user_id": ["u"] * 6, "timestamp": [1, 2, 3, 4, 5, 6], "behavior_id": ["call", "sms", "ott1", "call", "ott2", "ott3"]})
+    df = pd.DataFrame(
+        {"user_id": ["u"] * 6, "timestamp": [1, 2, 3, 4, 5, 6], "behavior_id": ["call", "sms", "ott1", "call", "ott2", "ott3"]}
+    )
     log = EventLog.from_frame(df)
     ott = np.flatnonzero(np.char.startswith(log.behavior_ids.astype(str), "ott"))
     moved = hold_out_for_validation(leave_one_out(log, target_behaviors=ott), 3, ott)

@@ -91,7 +91,23 @@ def test_berlin_spring_dst_change_gives_exact_tokens():
     assert tok["source_row"].tolist() == [-1, 0, -1, -1, 1, -1, -1, 2, 3, -1, -1, 4, -1, -1, 5]
     # descriptor / [SEP] carry the first / last kept event's timestamp of their interval
     ts = [e[0] for e in events]
-    assert tok["timestamp"].tolist() == [ts[0], ts[0], ts[0], ts[1], ts[1], ts[1], ts[2], ts[2], ts[3], ts[3], ts[4], ts[4], ts[4], ts[5], ts[5]]
+    assert tok["timestamp"].tolist() == [
+        ts[0],
+        ts[0],
+        ts[0],
+        ts[1],
+        ts[1],
+        ts[1],
+        ts[2],
+        ts[2],
+        ts[3],
+        ts[3],
+        ts[4],
+        ts[4],
+        ts[4],
+        ts[5],
+        ts[5],
+    ]
     # Monday 08:15 is slot 33 of Monday (weekday 0); Saturday 23:45 is slot 95 of weekday 5
     assert tok["week_slot"][11] == 0 * 96 + 33 and tok["week_slot"][1] == 5 * 96 + 95
     assert seqs.render(0) == (
@@ -140,7 +156,9 @@ def test_interval_grouping_boundaries():
     dedup = build_sequences(make_log([events], 4), None, SequenceConfig(timezone="Asia/Shanghai")).sequence(0)
     assert dedup["value"][dedup["kind"] == B].tolist() == [0, 1, 2, 3]
     assert dedup["source_row"][dedup["kind"] == B].tolist() == [0, 1, 3, 4]  # the latest occurrence is kept
-    again = build_sequences(make_log([[(t0, 0), (t0 + 10, 1), (t0 + 20, 0)]], 4), None, SequenceConfig(timezone="Asia/Shanghai")).sequence(0)
+    again = build_sequences(make_log([[(t0, 0), (t0 + 10, 1), (t0 + 20, 0)]], 4), None, SequenceConfig(timezone="Asia/Shanghai")).sequence(
+        0
+    )
     assert again["value"][again["kind"] == B].tolist() == [1, 0]  # the interval still ends on what it ended on
 
 
@@ -337,7 +355,9 @@ def test_deterministic_and_save_load_roundtrip(tmp_path):
     # subset and chunking do not change sequences
     sub = a.subset(np.array([3, 0]))
     np.testing.assert_array_equal(sub.sequence(0)["value"], a.sequence(3)["value"])
-    chunked = build_sequences(lg, None, SequenceConfig(timezone="Asia/Shanghai", variant="component", token_budget=50, chunk_events=7), stats)
+    chunked = build_sequences(
+        lg, None, SequenceConfig(timezone="Asia/Shanghai", variant="component", token_budget=50, chunk_events=7), stats
+    )
     np.testing.assert_array_equal(chunked.value, a.value)
     np.testing.assert_array_equal(chunked.offsets, a.offsets)
 

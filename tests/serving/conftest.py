@@ -12,14 +12,28 @@ import pytest
 
 # Tiny phase II: one short epoch (~15 s on 2 cores); the point is a real trained model, not a good one.
 TINY_GTS_LUM = {
-    "net": {"decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}, "compressor": {"windows": 1, "window_size": 8}},
+    "net": {
+        "decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "compressor": {"windows": 1, "window_size": 8},
+    },
     "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2},
     "train": {"epochs": 1, "max_cases_per_epoch": 64, "hard_negatives": 1, "sampled_negatives": 32, "valid_cases": 20, "device": "cpu"},
     "rerank_depth": 5,
     "select_rerank": False,  # the scorer's two-stage path is under test: keep it whatever validation says
 }
 # The scorer under test runs with small limits so that the limit tests stay cheap.
-SERVER_LIMITS = ["--max-candidates", "300", "--max-events", "3000", "--max-body-bytes", "400000", "--max-instances", "4", "--max-request-candidates", "500"]
+SERVER_LIMITS = [
+    "--max-candidates",
+    "300",
+    "--max-events",
+    "3000",
+    "--max-body-bytes",
+    "400000",
+    "--max-instances",
+    "4",
+    "--max-request-candidates",
+    "500",
+]
 
 
 @dataclass
@@ -92,7 +106,10 @@ class Offline:
     def events(self, u: int) -> dict:
         """User u's whole history as an inline `events` object, in log order."""
         s, e = self.log.offsets[u], self.log.offsets[u + 1]
-        return {"behavior_ids": [str(b) for b in self.log.behavior_ids[self.log.behavior[s:e]]], "timestamps": [int(t) for t in self.log.timestamp[s:e]]}
+        return {
+            "behavior_ids": [str(b) for b in self.log.behavior_ids[self.log.behavior[s:e]]],
+            "timestamps": [int(t) for t in self.log.timestamp[s:e]],
+        }
 
     def case(self, u: int):
         from gts_lum.sequence.splits import EvalSet

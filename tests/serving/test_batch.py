@@ -76,7 +76,17 @@ def test_user_lists_clean_data_and_mixed_settings(tiny_serving, offline, tmp_pat
 
 def test_batch_score_command(tiny_serving, tmp_path):
     (tmp_path / "users.txt").write_text("U000001\nU000002\n")
-    argv = ["batch-score", str(tiny_serving.export), str(tiny_serving.sequences), "--out", str(tmp_path / "out"), "--users", str(tmp_path / "users.txt"), "--top-k", "3"]
+    argv = [
+        "batch-score",
+        str(tiny_serving.export),
+        str(tiny_serving.sequences),
+        "--out",
+        str(tmp_path / "out"),
+        "--users",
+        str(tmp_path / "users.txt"),
+        "--top-k",
+        "3",
+    ]
     assert main(argv) == 0
     scores = read_batch_scores(tmp_path / "out")
     assert scores["user_id"].tolist() == ["U000001"] * 3 + ["U000002"] * 3

@@ -15,6 +15,10 @@ from pipelines.run_local import run
 def test_batch_scoring_reads_the_export_from_object_storage(tiny_serving, s3_bucket, tmp_path):
     uri = storage.upload(tiny_serving.export, f"minio://{s3_bucket}/v2/artifacts/gts-lum-training/run-1/export-model/export")
     storage.upload(tiny_serving.clean.parent / "raw", f"s3://{s3_bucket}/operators/tiny")  # the data from a bucket too
-    run_dir = run("batch_scoring", tmp_path, {"export_uri": uri, "data_source": f"s3://{s3_bucket}/operators/tiny", "users": "U000000,U000001", "top_k": 3})
+    run_dir = run(
+        "batch_scoring",
+        tmp_path,
+        {"export_uri": uri, "data_source": f"s3://{s3_bucket}/operators/tiny", "users": "U000000,U000001", "top_k": 3},
+    )
     scores = pd.concat(pd.read_parquet(p) for p in sorted((run_dir / "batch-score" / "scores").glob("part-*.parquet")))
     assert sorted(scores["user_id"].unique()) == ["U000000", "U000001"]

@@ -5,7 +5,6 @@ after the gate with the deployer's token. Applying it needs a live cluster (READ
 from __future__ import annotations
 
 import pytest
-
 import yaml
 
 from gts_lum.serving.deploy import FEAST_CONFIG_LABEL, STORAGE_ENV, TEMPLATE, created, deploy, pointed_at, serving_uri
@@ -40,7 +39,9 @@ def test_the_pointed_inferenceservice_validates_and_changes_only_the_export_and_
     assert {k: v for k, v in predictor.items() if k not in ("containers", "canaryTrafficPercent")} == {
         k: v for k, v in before.items() if k not in ("containers", "canaryTrafficPercent")
     }
-    assert [e for e in container["env"] if e["name"] != STORAGE_ENV] == [e for e in before["containers"][0]["env"] if e["name"] != STORAGE_ENV]
+    assert [e for e in container["env"] if e["name"] != STORAGE_ENV] == [
+        e for e in before["containers"][0]["env"] if e["name"] != STORAGE_ENV
+    ]
     assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 10, "the template is left alone"
     with pytest.raises(ValueError, match="0 to 100"):
         pointed_at(isvc, "s3://b/x", 101)

@@ -39,7 +39,11 @@ def profiled(tiny_serving, tmp_path_factory) -> Profiled:
     try:
         encode_tables(tiny_serving.clean, root / "tables", behaviors=None)
         # profiles only: no semantic IDs among the artifacts
-        overrides = {**TINY_GTS_LUM, "artifacts": {"tables": str(root / "tables")}, "net": {**TINY_GTS_LUM["net"], "semantic_id_embedding": "none"}}
+        overrides = {
+            **TINY_GTS_LUM,
+            "artifacts": {"tables": str(root / "tables")},
+            "net": {**TINY_GTS_LUM["net"], "semantic_id_embedding": "none"},
+        }
         train_model(tiny_serving.sequences, "gts_lum", None, overrides, root / "model")
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(PSEUDONYM_KEY_ENV, KEY)
@@ -75,7 +79,9 @@ def test_a_profiled_export_needs_its_key(profiled, monkeypatch):
     monkeypatch.delenv(PSEUDONYM_KEY_ENV, raising=False)
     with pytest.raises(ValueError, match=f"{PSEUDONYM_KEY_ENV} is not set"):
         load_export(profiled.export)
-    with pytest.raises(ValueError, match=f"the model has user profile rows, which the export names by pseudonym: {PSEUDONYM_KEY_ENV} is not set"):
+    with pytest.raises(
+        ValueError, match=f"the model has user profile rows, which the export names by pseudonym: {PSEUDONYM_KEY_ENV} is not set"
+    ):
         export_model(profiled.model_dir, profiled.export.parent / "again")
     assert not (profiled.export.parent / "again").exists()
     monkeypatch.setenv(PSEUDONYM_KEY_ENV, "another-key-of-at-least-32-bytes-0123456789")
@@ -142,13 +148,17 @@ def test_the_catalog_cache_scores_as_plain_scoring(tiny_serving, offline):
         depth = model.cfg.rerank_depth
         model.cfg.rerank_depth = len(some)  # every candidate target-aware, as the scorer scores request candidates
         try:
-            np.testing.assert_allclose(model.score(offline.log, case, some, serving.catalog_cache), model.score(offline.log, case, some), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                model.score(offline.log, case, some, serving.catalog_cache), model.score(offline.log, case, some), rtol=1e-5, atol=1e-5
+            )
         finally:
             model.cfg.rerank_depth = depth
         idx, _ = serving.rank(offline.log, case)  # the server's path
         plain = model.score(offline.log, case, serving.default_candidates)[0]
         assert idx[0].tolist() == serving.default_candidates[np.argsort(-plain, kind="stable")[:10]].tolist()
         np.testing.assert_allclose(
-            model.user_embeddings(offline.log, case, catalog=serving.catalog_cache), model.user_embeddings(offline.log, case), rtol=1e-5, atol=1e-5
+            model.user_embeddings(offline.log, case, catalog=serving.catalog_cache),
+            model.user_embeddings(offline.log, case),
+            rtol=1e-5,
+            atol=1e-5,
         )
-

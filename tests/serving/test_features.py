@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import shutil
 import subprocess
 import sys
@@ -20,11 +19,11 @@ import pytest
 
 from gts_lum.cli import main as cli_main
 from gts_lum.data.ingest import prepare_dataset
+from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV, pseudonymize
 from gts_lum.data.validate import load_event_log
 from gts_lum.sequence.splits import EvalSet, leave_one_out
 from gts_lum.sequence.timestamp_process import BehaviorStats, TimeGrid, build_sequences
 from gts_lum.serving.export import history_log
-from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV, pseudonymize
 from gts_lum.serving.features import (
     SOURCE_FILES,
     USER_KEY,
@@ -257,7 +256,7 @@ def test_concurrent_pushes_lose_no_event(store, reference):
     after = client.get_history(user)
     ts = np.asarray(after["timestamps"])
     assert len(ts) == LAST_N and np.all(np.diff(ts) >= 0)
-    assert list(zip(after["timestamps"][-len(expected):], after["behavior_ids"][-len(expected):])) == expected
+    assert list(zip(after["timestamps"][-len(expected) :], after["behavior_ids"][-len(expected) :])) == expected
     assert after["timestamps"][: LAST_N - len(expected)] == before["timestamps"][len(expected) + len(before["timestamps"]) - LAST_N :]
     np.testing.assert_array_equal(after["time_ids"], TimeGrid(cfg).time_id(ts))
 
@@ -323,7 +322,10 @@ def test_cli_on_a_data_set_without_users_table(cycle_data, tmp_path, capsys):
     clean = cycle_data.root.parent / "clean"
     repo = tmp_path / "repo"
     shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
-    assert cli_main(["features", "export", "--clean", str(clean), "--out", str(tmp_path / "src"), "--last-n", "8", "--snapshot-days", "0"]) == 0
+    assert (
+        cli_main(["features", "export", "--clean", str(clean), "--out", str(tmp_path / "src"), "--last-n", "8", "--snapshot-days", "0"])
+        == 0
+    )
     assert cli_main(["features", "publish", "--repo", str(repo), "--sources", str(tmp_path / "src")]) == 0
     client = FeatureClient(repo)
     history = client.get_history("u00")
@@ -396,16 +398,25 @@ def test_the_feature_server_reads_and_refuses_every_write(sqlite_store, referenc
     log_file = open(tmp_path / "feature-server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gts_lum.serving.feature_server", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log_file, stderr=subprocess.STDOUT,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, proc, "the feature server", timeout=120)
-        read = httpx.post(f"{url}/get-online-features", json={"features": ["user_sequence:behavior_ids"], "entities": {USER_KEY: [pseudonymize(user)]}}, timeout=30)
+        read = httpx.post(
+            f"{url}/get-online-features",
+            json={"features": ["user_sequence:behavior_ids"], "entities": {USER_KEY: [pseudonymize(user)]}},
+            timeout=30,
+        )
         assert read.status_code == 200, read.text
         assert read.json()["results"][1]["values"][0] == before["behavior_ids"]
         writes = {
-            "/push": {"push_source_name": "user_sequence_push", "df": {USER_KEY: [pseudonymize(user)], "behavior_ids": [["x"]]}, "to": "online"},
+            "/push": {
+                "push_source_name": "user_sequence_push",
+                "df": {USER_KEY: [pseudonymize(user)], "behavior_ids": [["x"]]},
+                "to": "online",
+            },
             "/write-to-online-store": {"feature_view_name": "user_sequence", "df": {USER_KEY: [pseudonymize(user)]}},
             "/materialize": {"start_ts": "2000-01-01T00:00:00", "end_ts": "2100-01-01T00:00:00"},
             "/materialize-incremental": {"end_ts": "2100-01-01T00:00:00"},

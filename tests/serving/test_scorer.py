@@ -62,7 +62,9 @@ def test_export_holds_the_catalog_the_time_settings_and_a_content_version(tiny_s
     assert card["heads"] == {"churn": {"kind": "binary", "classes": [0.0, 1.0]}}
     files = [p for p in export.rglob("*") if p.is_file()]
     assert all(p.suffix in ASSET_SUFFIXES for p in files), files  # safetensors, npz, yaml: no pickle
-    assert {"weights.safetensors", "model.yaml", "heads/churn.safetensors", "assets/features.npz"} <= {str(p.relative_to(export)) for p in files}
+    assert {"weights.safetensors", "model.yaml", "heads/churn.safetensors", "assets/features.npz"} <= {
+        str(p.relative_to(export)) for p in files
+    }
 
     # the default version is a content hash: the same model and heads give the same version
     again = export_model(tiny_serving.model_dir, tmp_path / "again", heads_dir=tiny_serving.heads_dir)
@@ -215,12 +217,20 @@ def test_feature_store_histories_score_as_offline(tiny_serving, offline, feature
 
         # events pushed online are in the next score
         new_ids = offline.serving.catalog[:2].astype(str).tolist()
-        new_ts = [int(offline.log.timestamp[offline.log.offsets[u + 1] - 1]) + 60, int(offline.log.timestamp[offline.log.offsets[u + 1] - 1]) + 120]
+        new_ts = [
+            int(offline.log.timestamp[offline.log.offsets[u + 1] - 1]) + 60,
+            int(offline.log.timestamp[offline.log.offsets[u + 1] - 1]) + 120,
+        ]
         client.push_events(user, new_ids, new_ts)
         after = predict_v1(server, [{"user_id": user, "top_k": 10}]).json()["predictions"][0]
         assert after["history"]["events"] == prediction["history"]["events"] + 2
         events = offline.events(u)
-        log_, cases = history_log(user, np.array([offline.serving.index[b] for b in events["behavior_ids"] + new_ids]), np.array(events["timestamps"] + new_ts), offline.serving.catalog)
+        log_, cases = history_log(
+            user,
+            np.array([offline.serving.index[b] for b in events["behavior_ids"] + new_ids]),
+            np.array(events["timestamps"] + new_ts),
+            offline.serving.catalog,
+        )
         idx, scores = offline.serving.rank(log_, cases, None, 10)
         assert [r["behavior_id"] for r in after["ranking"]] == offline.serving.catalog[idx[0]].astype(str).tolist()
         np.testing.assert_allclose([r["score"] for r in after["ranking"]], scores[0], atol=1e-5, rtol=0)
@@ -254,7 +264,7 @@ def test_bad_requests_are_4xx_naming_the_problem(scorer_server, offline):
         ({"instances": [{"events": one, "colour": "red"}]}, 400, "unknown field(s) ['colour']"),
         ({"instances": [{"user_id": 7, "events": one}]}, 400, "instances[0].user_id"),
         ({"instances": []}, 400, "no instances"),
-        ({"inputs": []}, 400, "expected {\"instances\": [...]}"),
+        ({"inputs": []}, 400, 'expected {"instances": [...]}'),
         ([1, 2], 400, "expected a JSON object"),
         (b"x" * 500_000, 413, "--max-body-bytes"),
     ]
@@ -262,7 +272,10 @@ def test_bad_requests_are_4xx_naming_the_problem(scorer_server, offline):
         for body, code, message in v1_cases:
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
             response = client.post(f"{url}/v1/models/{name}:predict", content=content, headers={"content-type": "application/json"})
-            assert response.status_code == code and message in response.json()["error"], (body if isinstance(body, dict) else body[:40], response.text[:300])
+            assert response.status_code == code and message in response.json()["error"], (
+                body if isinstance(body, dict) else body[:40],
+                response.text[:300],
+            )
         v2 = f"{url}/v2/models/{name}/infer"
         fp32 = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
         assert client.post(v2, json=fp32).status_code == 400 and "datatype 'FP32'" in client.post(v2, json=fp32).json()["error"]
@@ -288,9 +301,18 @@ def _requests(catalog: list[str]):
     ids = st.one_of(st.sampled_from(catalog), st.sampled_from(catalog), st.text(max_size=10))
     stamps = st.integers(0, 2**32) | st.integers(-5, 2**42)
     aligned = st.integers(1, 3).flatmap(
-        lambda n: st.fixed_dictionaries({"behavior_ids": st.lists(ids, min_size=n, max_size=n), "timestamps": st.lists(stamps, min_size=n, max_size=n)})
+        lambda n: st.fixed_dictionaries(
+            {"behavior_ids": st.lists(ids, min_size=n, max_size=n), "timestamps": st.lists(stamps, min_size=n, max_size=n)}
+        )
     )
-    loose = st.fixed_dictionaries({}, optional={"behavior_ids": st.lists(ids, max_size=3) | JSON_VALUES, "timestamps": st.lists(stamps, max_size=3) | JSON_VALUES, "more": JSON_VALUES})
+    loose = st.fixed_dictionaries(
+        {},
+        optional={
+            "behavior_ids": st.lists(ids, max_size=3) | JSON_VALUES,
+            "timestamps": st.lists(stamps, max_size=3) | JSON_VALUES,
+            "more": JSON_VALUES,
+        },
+    )
     fields = {
         "user_id": st.sampled_from(["U000001", ""]) | JSON_VALUES,
         "candidates": st.lists(ids, max_size=4) | JSON_VALUES,
@@ -304,7 +326,16 @@ def _requests(catalog: list[str]):
     instances = st.lists(instance, min_size=1, max_size=3)
     v1 = st.one_of(st.fixed_dictionaries({"instances": instances}), st.fixed_dictionaries({"instances": JSON_VALUES}), JSON_VALUES)
     well_formed_v2 = st.tuples(instances, st.sampled_from(["BYTES", "JSON"])).map(
-        lambda x: {"inputs": [{"name": "request", "shape": [len(x[0])], "datatype": x[1], "data": [json.dumps(i) for i in x[0]] if x[1] == "BYTES" else x[0]}]}
+        lambda x: {
+            "inputs": [
+                {
+                    "name": "request",
+                    "shape": [len(x[0])],
+                    "datatype": x[1],
+                    "data": [json.dumps(i) for i in x[0]] if x[1] == "BYTES" else x[0],
+                }
+            ]
+        }
     )
     tensor = st.fixed_dictionaries(
         {
@@ -315,7 +346,11 @@ def _requests(catalog: list[str]):
         },
         optional={"parameters": JSON_VALUES},
     )
-    v2 = st.one_of(well_formed_v2, st.fixed_dictionaries({"inputs": st.lists(tensor, max_size=2)}, optional={"id": JSON_VALUES, "parameters": JSON_VALUES}), JSON_VALUES)
+    v2 = st.one_of(
+        well_formed_v2,
+        st.fixed_dictionaries({"inputs": st.lists(tensor, max_size=2)}, optional={"id": JSON_VALUES, "parameters": JSON_VALUES}),
+        JSON_VALUES,
+    )
     encoded = lambda s: s.map(lambda obj: json.dumps(obj).encode())  # noqa: E731
     body = st.one_of(
         st.tuples(st.just("v1"), encoded(v1)),
@@ -358,7 +393,16 @@ def test_fuzzed_requests_are_never_a_5xx(scorer_server, offline):
 def _binary_v2(elements: list[bytes], shape: list[int] | None = None, size: int | None = None, tail: bytes = b"") -> tuple[bytes, dict]:
     """A binary-extension v2 body: the JSON header, then one BYTES tensor as 4-byte little-endian lengths + bytes."""
     raw = b"".join(len(e).to_bytes(4, "little") + e for e in elements) + tail
-    header = {"inputs": [{"name": "request", "shape": shape or [len(elements)], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw) if size is None else size}}]}
+    header = {
+        "inputs": [
+            {
+                "name": "request",
+                "shape": shape or [len(elements)],
+                "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(raw) if size is None else size},
+            }
+        ]
+    }
     head = json.dumps(header).encode()
     return head + raw, {"content-type": "application/octet-stream", "inference-header-content-length": str(len(head))}
 
@@ -368,9 +412,16 @@ def test_malformed_v2_bodies_are_4xx_and_the_connection_stays_usable(scorer_serv
     good = json.dumps({"events": offline.events(3), "top_k": 2}).encode()
     deep = "[" * 3000 + "]" * 3000
     cases = [
-        (json.dumps({"inputs": [{"name": "request", "shape": [1], "datatype": "BYTES", "data": [deep]}]}).encode(), {"content-type": "application/json"}, "data[0]: JSON nested too deep"),
+        (
+            json.dumps({"inputs": [{"name": "request", "shape": [1], "datatype": "BYTES", "data": [deep]}]}).encode(),
+            {"content-type": "application/json"},
+            "data[0]: JSON nested too deep",
+        ),
         (*_binary_v2([good], size=len(good) + 100), "past the end of the body"),  # a byte count larger than the data
-        (*_binary_v2([good], size=4 + len(good), tail=b"\x00" * 7), "7 bytes beyond the tensors' binary_data_size"),  # smaller than the data
+        (
+            *_binary_v2([good], size=4 + len(good), tail=b"\x00" * 7),
+            "7 bytes beyond the tensors' binary_data_size",
+        ),  # smaller than the data
         (*_binary_v2([good], tail=(1000).to_bytes(4, "little") + b"short"), "element 1's length prefix runs past"),
         (*_binary_v2([good], shape=[2]), "shape [2] holds 2 elements, the binary data 1"),
         (*_binary_v2([b"\xff\xfe{}"]), "element 0 is not UTF-8"),
@@ -396,7 +447,10 @@ def test_json_content_type_with_parameters_is_json_and_a_wrong_type_says_what_to
             assert response.status_code == 200, (content_type, response.text[:200])
         for content_type in ("application/x-www-form-urlencoded", "text/plain", "application/json; charset=latin-1"):
             response = client.post(url, content=body, headers={"content-type": content_type})
-            assert response.status_code == 415 and "Content-Type: application/json" in response.json()["error"], (content_type, response.text[:200])
+            assert response.status_code == 415 and "Content-Type: application/json" in response.json()["error"], (
+                content_type,
+                response.text[:200],
+            )
     # the README's curl examples send JSON (curl -d alone sends form encoding)
     curls = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("curl") and " -d " in line]
     assert curls and all("-H 'Content-Type: application/json'" in line for line in curls)
@@ -408,7 +462,11 @@ def test_work_a_request_asks_for_is_bounded(scorer_server, offline):
     one = {"events": events, "candidates": catalog[:250]}
     assert predict_v1(scorer_server, [one, one]).status_code == 200  # 500 candidate scores: at the limit
     response = predict_v1(scorer_server, [one, one, {**one, "candidates": catalog[:10]}])
-    assert response.status_code == 413 and "510 target-aware candidate scores" in response.json()["error"] and "--max-request-candidates" in response.json()["error"]
+    assert (
+        response.status_code == 413
+        and "510 target-aware candidate scores" in response.json()["error"]
+        and "--max-request-candidates" in response.json()["error"]
+    )
     readme = (REPO / "README.md").read_text()
     assert "--max-request-candidates" in readme
 
@@ -450,7 +508,9 @@ def test_no_raw_user_id_in_any_log_line_or_error_body(scorer_server, offline, fe
         assert user not in logs
 
 
-def test_a_feature_store_without_a_good_key_fails_at_start_and_a_wrong_key_is_noticed(tiny_serving, offline, feature_repo, tmp_path, monkeypatch):
+def test_a_feature_store_without_a_good_key_fails_at_start_and_a_wrong_key_is_noticed(
+    tiny_serving, offline, feature_repo, tmp_path, monkeypatch
+):
     from gts_lum.serving.scorer import UNKNOWN_USER_WINDOW, launch_server
 
     monkeypatch.delenv(PSEUDONYM_KEY_ENV)
@@ -484,14 +544,18 @@ def test_slow_clients_are_cut_off_past_their_deadline_and_the_connection_cap_hol
     from gts_lum.serving.scorer import launch_server
 
     timeout = 3
-    server = launch_server(tiny_serving.export, tmp_path / "slow.log", extra_args=["--header-timeout", str(timeout), "--body-timeout", str(timeout), "--max-connections", "6"])
+    server = launch_server(
+        tiny_serving.export,
+        tmp_path / "slow.log",
+        extra_args=["--header-timeout", str(timeout), "--body-timeout", str(timeout), "--max-connections", "6"],
+    )
     instance = [{"events": offline.events(0)}]
     head = f"POST /v1/models/{server.name}:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
     partial_body = head + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"instances": ['
     slow: list[tuple[socket.socket, bool, float]] = []  # socket, late in its headers, opened at
 
     def open_slow(n: int) -> None:
-        for i in range(n):
+        for _ in range(n):
             sock = socket.create_connection((server.host, server.port), timeout=timeout + 10)
             headers_late = len(slow) % 2 == 0
             sock.sendall(head if headers_late else partial_body)

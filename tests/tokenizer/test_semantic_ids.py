@@ -159,7 +159,9 @@ def test_save_load_round_trip_without_pickle_and_tamper_check(built, tmp_path):
 
 def test_tokenize_dataset_writes_artifact_summary_and_counts_cache_hits(built, synth_clean, encoder_cfg, tmp_path):
     ids, _ = built  # built first: every description is already in the cache folder
-    card = tokenize_dataset(synth_clean, tmp_path / "out", overrides={"encoder": {"cache_dir": encoder_cfg.cache_dir, "device": "cpu"}}, progress=False)
+    card = tokenize_dataset(
+        synth_clean, tmp_path / "out", overrides={"encoder": {"cache_dir": encoder_cfg.cache_dir, "device": "cpu"}}, progress=False
+    )
     assert card["cache_hits"] == len(ids.behavior_ids) and card["version"] == ids.version
     assert yaml.safe_load((tmp_path / "out" / "tokenizer.yaml").read_text())["version"] == ids.version
     summary = (tmp_path / "out" / "summary.md").read_text()

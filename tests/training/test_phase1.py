@@ -26,8 +26,18 @@ from gts_lum.training.phase1 import (
     uniformity,
 )
 
-TINY_QF = dict(num_queries=3, num_layers=2, num_heads=2, hidden_size=16, intermediate_size=32, dropout=0.0,
-               decoder_hidden_size=24, contrast_size=8, max_text_len=16, max_window=4)
+TINY_QF = dict(
+    num_queries=3,
+    num_layers=2,
+    num_heads=2,
+    hidden_size=16,
+    intermediate_size=32,
+    dropout=0.0,
+    decoder_hidden_size=24,
+    contrast_size=8,
+    max_text_len=16,
+    max_window=4,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,8 +64,20 @@ def tiny_log(n_behaviors=16) -> EventLog:
 
 def group(name: str) -> str:
     """The part of the model a parameter belongs to."""
-    for part in ("cross_attention", "window_position", "window_norm", "lm_head", "match_head", "behavior_contrast", "text_contrast",
-                 "decoder_projection", "memory_tokens", "item_tokens", "text_embedding", "fusion"):
+    for part in (
+        "cross_attention",
+        "window_position",
+        "window_norm",
+        "lm_head",
+        "match_head",
+        "behavior_contrast",
+        "text_contrast",
+        "decoder_projection",
+        "memory_tokens",
+        "item_tokens",
+        "text_embedding",
+        "fusion",
+    ):
         if part in name:
             return part
     return name.split(".")[0]
@@ -144,12 +166,14 @@ def test_describe_windows_counts_values_and_splits_cells():
 
 def test_scenario_windows_take_the_events_inside_the_span():
     log = tiny_log()
-    scenarios = pd.DataFrame({
-        "user_id": ["u1", "u1", "u9", "u0"],
-        "start": pd.to_datetime([3600, 0, 0, 5 * 3600], unit="s", utc=True),
-        "end": pd.to_datetime([3 * 3600, 7200 * 10, 3600, 5 * 3600], unit="s", utc=True),
-        "text": ["short span", "long span", "unknown user", "single event"],
-    })
+    scenarios = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u9", "u0"],
+            "start": pd.to_datetime([3600, 0, 0, 5 * 3600], unit="s", utc=True),
+            "end": pd.to_datetime([3 * 3600, 7200 * 10, 3600, 5 * 3600], unit="s", utc=True),
+            "text": ["short span", "long span", "unknown user", "single event"],
+        }
+    )
     w = scenario_windows(log, scenarios, size=4, min_behaviors=2)
     assert w.texts == ["short span", "long span"]  # unknown user and a 1-event span are dropped
     assert w.mask.sum(1).tolist() == [3, 4] and w.users.tolist() == [1, 1]
@@ -172,8 +196,18 @@ def test_build_windows_falls_back_to_a_column():
 
 
 def _cfg(**kw) -> Phase1Config:
-    base = {"qformer": TINY_QF, "windows": {"size": 4}, "epochs": 2, "batch_size": 6, "window_batch_size": 3,
-            "device": "cpu", "warmup_steps": 2, "lr": 3e-3, "save_every": 2, "holdout_fraction": 0.25}
+    base = {
+        "qformer": TINY_QF,
+        "windows": {"size": 4},
+        "epochs": 2,
+        "batch_size": 6,
+        "window_batch_size": 3,
+        "device": "cpu",
+        "warmup_steps": 2,
+        "lr": 3e-3,
+        "save_every": 2,
+        "holdout_fraction": 0.25,
+    }
     return load_config(Phase1Config, "pkg:qformer/default.yaml", base | kw)
 
 
@@ -195,7 +229,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    np.testing.assert_allclose(np.load(tmp_path / "full" / "fused_embeddings.npy"), np.load(tmp_path / "cut" / "fused_embeddings.npy"), atol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "full" / "fused_embeddings.npy"), np.load(tmp_path / "cut" / "fused_embeddings.npy"), atol=1e-6
+    )
     # a different config does not silently continue someone else's run
     with pytest.raises(ValueError, match="config differs"):
         Phase1Trainer(_cfg(lr=1e-2), feats, windows, tmp_path / "cut").train()
@@ -260,12 +296,19 @@ def test_alignment_generalises_to_held_out_behaviours(tmp_path):
     tfidf = TfidfVectorizer().fit_transform(behaviors["description"].astype(str))
     text = TruncatedSVD(48, random_state=0).fit_transform(tfidf).astype(np.float32)
     feats = stand_in_features(behaviors, text)
-    cfg = _cfg(qformer=TINY_QF | {"hidden_size": 48, "intermediate_size": 96, "num_queries": 4, "max_text_len": 24},
-               epochs=8, batch_size=64, lr=2e-3, warmup_steps=10, save_every=0, holdout_fraction=0.1,
-               # from scratch, matching against mined negatives needs a larger share of the gradient to leave chance;
-               # the paper's tasks alone: at weight 1 the spread term kept this width-48 Q-former's matching at
-               # chance for these 144 steps (at 0.25 it did not)
-               loss_weights={"btm": 4.0, "btg": 0.0, "stc": 0.0, "stm": 0.0, "stg": 0.0, "spread": 0.0})
+    cfg = _cfg(
+        qformer=TINY_QF | {"hidden_size": 48, "intermediate_size": 96, "num_queries": 4, "max_text_len": 24},
+        epochs=8,
+        batch_size=64,
+        lr=2e-3,
+        warmup_steps=10,
+        save_every=0,
+        holdout_fraction=0.1,
+        # from scratch, matching against mined negatives needs a larger share of the gradient to leave chance;
+        # the paper's tasks alone: at weight 1 the spread term kept this width-48 Q-former's matching at
+        # chance for these 144 steps (at 0.25 it did not)
+        loss_weights={"btm": 4.0, "btg": 0.0, "stc": 0.0, "stm": 0.0, "stg": 0.0, "spread": 0.0},
+    )
     trainer = Phase1Trainer(cfg, feats, None, tmp_path / "phase1")
     final = trainer.train()["final"]
     held = set(trainer.eval_behaviors.tolist())
@@ -282,7 +325,9 @@ def test_spread_term_is_the_uniformity_of_the_batch_and_training_on_it_spreads_t
     trainer = Phase1Trainer(_cfg(loss_weights=only_spread, epochs=8, save_every=0), feats, None, tmp_path)
     idx = torch.arange(6)
     losses = trainer.losses(idx, None)
-    assert set(losses) == {"spread"} and float(losses["spread"].detach()) == pytest.approx(float(uniformity(trainer.model.unprojected(idx)).detach()))
+    assert set(losses) == {"spread"} and float(losses["spread"].detach()) == pytest.approx(
+        float(uniformity(trainer.model.unprojected(idx)).detach())
+    )
     off = Phase1Trainer(_cfg(loss_weights={"spread": 0.0}), feats, None, tmp_path / "off")
     assert "spread" not in off.losses(idx, None) and "spread" in Phase1Trainer(_cfg(), feats, None, tmp_path / "on").losses(idx, None)
     catalog = torch.arange(16)

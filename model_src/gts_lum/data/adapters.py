@@ -47,7 +47,17 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from gts_lum.config import from_dict, read_yaml
-from gts_lum.data.contract import INTERNAL_COLUMNS, MALFORMED, SOURCE_FILE, SOURCE_ROW, TABLES, DatasetManifest, check_timezone, named_read, read_csv
+from gts_lum.data.contract import (
+    INTERNAL_COLUMNS,
+    MALFORMED,
+    SOURCE_FILE,
+    SOURCE_ROW,
+    TABLES,
+    DatasetManifest,
+    check_timezone,
+    named_read,
+    read_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +113,7 @@ class Mapping:
     tables: dict[str, TableMapping] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Mapping":
+    def load(cls, path: str | Path) -> Mapping:
         data = read_yaml(path)
         tables = data.pop("tables", {}) or {}
         unknown = set(tables) - set(TABLES)
@@ -122,7 +132,10 @@ class Mapping:
             if spec.order and name != "events":
                 raise ValueError(f"mapping {path}: table '{name}': `order` (an ordinal time) is for the events table only")
             if spec.order and "timestamp" in spec.columns:
-                raise ValueError(f"mapping {path}: table 'events' maps both columns.timestamp and order: keep the timestamp, or drop it for an ordinal time")
+                raise ValueError(
+                    f"mapping {path}: table 'events' maps both columns.timestamp and order: "
+                    "keep the timestamp, or drop it for an ordinal time"
+                )
         return mapping
 
 
@@ -130,7 +143,9 @@ def _source_files(source: Path, patterns: list[str], table: str) -> list[Path]:
     """The files under `source` that `patterns` match; a pattern or match that leaves `source` is an error."""
     for pattern in patterns:
         if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
-            raise ValueError(f"adapter: table '{table}': files pattern {pattern!r} leaves the source folder {source}: give a path inside it")
+            raise ValueError(
+                f"adapter: table '{table}': files pattern {pattern!r} leaves the source folder {source}: give a path inside it"
+            )
     files = sorted({p for pattern in patterns for p in source.glob(pattern)})
     root = source.resolve()
     outside = [p for p in files if not p.resolve().is_relative_to(root)]  # e.g. through a symbolic link
@@ -152,7 +167,13 @@ def _aggregate(source: Path, spec: AggregateSpec, table: str) -> pd.Series:
     """The `top` most frequent values of `column` per `key`, joined into one string."""
     frame = pd.concat([_read(p, {}) for p in _source_files(source, spec.files, table)], ignore_index=True)
     if MALFORMED in frame:  # an aggregate only enriches a text: its unreadable lines are left out, said here
-        log.warning("adapter: table '%s': %d malformed lines of %s left out of the aggregate %s", table, int(frame[MALFORMED].notna().sum()), spec.files, spec.column)
+        log.warning(
+            "adapter: table '%s': %d malformed lines of %s left out of the aggregate %s",
+            table,
+            int(frame[MALFORMED].notna().sum()),
+            spec.files,
+            spec.column,
+        )
         frame = frame[frame[MALFORMED].isna()]
     frame[spec.column] = frame[spec.column].astype(str).str.strip().str.lower()
     counts = frame.groupby([spec.key, spec.column]).size().rename("n").reset_index()
@@ -170,7 +191,10 @@ def _flags(frame: pd.DataFrame, spec: FlagSpec, file: Path) -> pd.Series:
         bad &= frame[MALFORMED].isna().to_numpy()[:, None]
     if bad.any().any():
         row, column = np.argwhere(bad.to_numpy())[0]
-        raise ValueError(f"adapter: {file}: data row {row + 1}, flag column {spec.columns[column]!r}: {frame[spec.columns[column]].iloc[row]!r} is not 0/1 (or true/false, yes/no)")
+        raise ValueError(
+            f"adapter: {file}: data row {row + 1}, flag column {spec.columns[column]!r}: "
+            f"{frame[spec.columns[column]].iloc[row]!r} is not 0/1 (or true/false, yes/no)"
+        )
     names = np.array(spec.columns, dtype=object)
     return pd.Series([spec.separator.join(names[mask]) for mask in cells.isin(_SET).to_numpy()], index=frame.index)
 
@@ -258,9 +282,13 @@ def adapt(source: str | Path, mapping: Mapping, out_dir: str | Path, progress: b
             counts[table] = len(frame)
     behaviors = mapping.tables.get("behaviors")
     if behaviors is not None and behaviors.from_events:
-        ids = pd.concat([pd.read_parquet(p, columns=["behavior_id"]) for p in sorted((out / "events").glob("*.parquet"))])["behavior_id"].dropna()  # a malformed line has no id
+        ids = pd.concat([pd.read_parquet(p, columns=["behavior_id"]) for p in sorted((out / "events").glob("*.parquet"))])[
+            "behavior_id"
+        ].dropna()  # a malformed line has no id
         catalog = pd.DataFrame({"behavior_id": pd.unique(ids.astype(str))})
-        catalog["description"] = [behaviors.template.get("description", "{behavior_id}").format(behavior_id=b) for b in catalog["behavior_id"]]
+        catalog["description"] = [
+            behaviors.template.get("description", "{behavior_id}").format(behavior_id=b) for b in catalog["behavior_id"]
+        ]
         catalog.to_parquet(out / "behaviors.parquet", index=False)
         counts["behaviors"] = len(catalog)
     log.info("adapted %s -> %s: %s", source, out, counts)

@@ -22,32 +22,99 @@ import pandas as pd
 # OTT app categories and, per category, (action key, description template) triples.
 CATEGORIES = ("video", "short_video", "music", "social", "gaming", "shopping", "news", "navigation")
 OTT_ACTIONS: dict[str, tuple[tuple[str, str], ...]] = {
-    "video": (("film", "Streams a film on {app}"), ("sports", "Watches live sports on {app}"), ("series", "Binge-watches series episodes on {app}")),
-    "short_video": (("scroll", "Scrolls through short videos on {app}"), ("upload", "Uploads a short video to {app}"), ("live", "Watches a livestream on {app}")),
-    "music": (("stream", "Streams music on {app}"), ("podcast", "Listens to a podcast on {app}"), ("download", "Downloads playlists for offline listening on {app}")),
-    "social": (("feed", "Browses the social feed on {app}"), ("message", "Sends chat messages on {app}"), ("videocall", "Makes a video call on {app}")),
-    "gaming": (("match", "Plays an online multiplayer match in {app}"), ("update", "Downloads a game update for {app}"), ("spectate", "Streams gameplay from {app}")),
-    "shopping": (("browse", "Browses products on the {app} shopping app"), ("order", "Places an order on the {app} shopping app"), ("track", "Tracks a parcel delivery on {app}")),
-    "news": (("headlines", "Reads news headlines on {app}"), ("clip", "Watches a news video clip on {app}"), ("alert", "Opens a breaking-news alert from {app}")),
-    "navigation": (("route", "Navigates a route with {app}"), ("traffic", "Checks live traffic on {app}"), ("ride", "Books a ride with {app}")),
+    "video": (
+        ("film", "Streams a film on {app}"),
+        ("sports", "Watches live sports on {app}"),
+        ("series", "Binge-watches series episodes on {app}"),
+    ),
+    "short_video": (
+        ("scroll", "Scrolls through short videos on {app}"),
+        ("upload", "Uploads a short video to {app}"),
+        ("live", "Watches a livestream on {app}"),
+    ),
+    "music": (
+        ("stream", "Streams music on {app}"),
+        ("podcast", "Listens to a podcast on {app}"),
+        ("download", "Downloads playlists for offline listening on {app}"),
+    ),
+    "social": (
+        ("feed", "Browses the social feed on {app}"),
+        ("message", "Sends chat messages on {app}"),
+        ("videocall", "Makes a video call on {app}"),
+    ),
+    "gaming": (
+        ("match", "Plays an online multiplayer match in {app}"),
+        ("update", "Downloads a game update for {app}"),
+        ("spectate", "Streams gameplay from {app}"),
+    ),
+    "shopping": (
+        ("browse", "Browses products on the {app} shopping app"),
+        ("order", "Places an order on the {app} shopping app"),
+        ("track", "Tracks a parcel delivery on {app}"),
+    ),
+    "news": (
+        ("headlines", "Reads news headlines on {app}"),
+        ("clip", "Watches a news video clip on {app}"),
+        ("alert", "Opens a breaking-news alert from {app}"),
+    ),
+    "navigation": (
+        ("route", "Navigates a route with {app}"),
+        ("traffic", "Checks live traffic on {app}"),
+        ("ride", "Books a ride with {app}"),
+    ),
 }
 # Invented app names: stem + suffix per category (unique pairs for up to len(stems) * len(suffixes) apps).
 _APP_NAME_PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "video": (("Cine", "Flick", "Reel", "Vista", "Lumen", "Screen", "Marquee", "Orbit", "Prism", "Vivid", "Nova", "Aurora"), ("Box", "Play", "TV", "Plus", "Now", "Max", "Stream", "Go")),
-    "short_video": (("Clip", "Flash", "Snip", "Zap", "Blink", "Swipe", "Pop", "Jolt", "Bite", "Quick", "Spin", "Dash"), ("Tok", "Reels", "Shorts", "Cam", "Vid", "Shot", "Bits", "Moments")),
-    "music": (("Tune", "Melo", "Beat", "Echo", "Rhythm", "Chord", "Sonic", "Groove", "Harmony", "Vinyl", "Lyric", "Tempo"), ("ify", "Wave", "Cast", "FM", "Loop", "Radio", "Deck", "Jam")),
-    "social": (("Chat", "Friend", "Circle", "Buzz", "Link", "Moment", "Hive", "Spark", "Town", "Huddle", "Kin", "Nest"), ("ly", "Gram", "Feed", "Space", "Book", "Up", "Wall", "Talk")),
-    "gaming": (("Dragon", "Pixel", "Clash", "Legend", "Quest", "Arena", "Battle", "Star", "Rune", "Titan", "Kart", "Squad"), (" Saga", " Royale", " Heroes", " Wars", " Rush", " Tactics", " Online", " Legends")),
-    "shopping": (("Shop", "Mall", "Cart", "Deal", "Bazaar", "Market", "Basket", "Bargain", "Outlet", "Trend", "Store", "Bid"), ("Go", "Hub", "Mart", "Express", "Club", "Box", "Spot", "Now")),
-    "news": (("Daily", "Herald", "Headline", "Bulletin", "Brief", "Ledger", "Beacon", "Tribune", "Courier", "Gazette", "Globe", "Wire"), (" News", " Today", " Digest", " Live", " Report", " Times", " Post", " Express")),
-    "navigation": (("Route", "Way", "Map", "Path", "Trail", "Compass", "Street", "Atlas", "Rider", "Transit", "Metro", "Geo"), ("Finder", "Pilot", "Guide", "Mate", "Nav", "Wise", "Scout", "Line")),
+    "video": (
+        ("Cine", "Flick", "Reel", "Vista", "Lumen", "Screen", "Marquee", "Orbit", "Prism", "Vivid", "Nova", "Aurora"),
+        ("Box", "Play", "TV", "Plus", "Now", "Max", "Stream", "Go"),
+    ),
+    "short_video": (
+        ("Clip", "Flash", "Snip", "Zap", "Blink", "Swipe", "Pop", "Jolt", "Bite", "Quick", "Spin", "Dash"),
+        ("Tok", "Reels", "Shorts", "Cam", "Vid", "Shot", "Bits", "Moments"),
+    ),
+    "music": (
+        ("Tune", "Melo", "Beat", "Echo", "Rhythm", "Chord", "Sonic", "Groove", "Harmony", "Vinyl", "Lyric", "Tempo"),
+        ("ify", "Wave", "Cast", "FM", "Loop", "Radio", "Deck", "Jam"),
+    ),
+    "social": (
+        ("Chat", "Friend", "Circle", "Buzz", "Link", "Moment", "Hive", "Spark", "Town", "Huddle", "Kin", "Nest"),
+        ("ly", "Gram", "Feed", "Space", "Book", "Up", "Wall", "Talk"),
+    ),
+    "gaming": (
+        ("Dragon", "Pixel", "Clash", "Legend", "Quest", "Arena", "Battle", "Star", "Rune", "Titan", "Kart", "Squad"),
+        (" Saga", " Royale", " Heroes", " Wars", " Rush", " Tactics", " Online", " Legends"),
+    ),
+    "shopping": (
+        ("Shop", "Mall", "Cart", "Deal", "Bazaar", "Market", "Basket", "Bargain", "Outlet", "Trend", "Store", "Bid"),
+        ("Go", "Hub", "Mart", "Express", "Club", "Box", "Spot", "Now"),
+    ),
+    "news": (
+        ("Daily", "Herald", "Headline", "Bulletin", "Brief", "Ledger", "Beacon", "Tribune", "Courier", "Gazette", "Globe", "Wire"),
+        (" News", " Today", " Digest", " Live", " Report", " Times", " Post", " Express"),
+    ),
+    "navigation": (
+        ("Route", "Way", "Map", "Path", "Trail", "Compass", "Street", "Atlas", "Rider", "Transit", "Metro", "Geo"),
+        ("Finder", "Pilot", "Guide", "Mate", "Nav", "Wise", "Scout", "Line"),
+    ),
 }
 # Companion category: where a user often goes next after an app of this category (cross-category link).
-COMPANION = {"video": "short_video", "short_video": "social", "music": "navigation", "social": "short_video",
-             "gaming": "video", "shopping": "social", "news": "social", "navigation": "music"}
+COMPANION = {
+    "video": "short_video",
+    "short_video": "social",
+    "music": "navigation",
+    "social": "short_video",
+    "gaming": "video",
+    "shopping": "social",
+    "news": "social",
+    "navigation": "music",
+}
 VIDEO_LIKE = ("video", "short_video")
-VIDEO_INCIDENTS = (("stall", "Video stalls and buffers on {app}"), ("resolution", "Video resolution drops to low definition on {app}"),
-                   ("failure", "Video playback fails on {app}"))
+VIDEO_INCIDENTS = (
+    ("stall", "Video stalls and buffers on {app}"),
+    ("resolution", "Video resolution drops to low definition on {app}"),
+    ("failure", "Video playback fails on {app}"),
+)
 
 NETWORKS = ("5G", "4G", "Wi-Fi")
 NETWORK_PHRASE = ("over 5G", "over 4G", "over Wi-Fi")
@@ -57,17 +124,30 @@ CALL_KINDS = ("local", "long-distance", "international")
 CALL_DIRECTIONS = ("Outgoing", "Incoming")
 CALL_LENGTHS = ("short (under two minutes)", "long (two minutes or more)")
 VOICE_NETWORKS = ("VoNR (5G)", "VoLTE (4G)", "2G/3G fallback")
-SMS_KINDS = (("sent", "Sends a text message (SMS)"), ("received", "Receives a text message (SMS)"),
-             ("intl_sent", "Sends an international text message (SMS)"), ("otp", "Receives a one-time verification code by SMS"),
-             ("promo", "Receives a promotional SMS from the operator"), ("usage_alert", "Receives an SMS alert that 80% of the monthly data is used"))
+SMS_KINDS = (
+    ("sent", "Sends a text message (SMS)"),
+    ("received", "Receives a text message (SMS)"),
+    ("intl_sent", "Sends an international text message (SMS)"),
+    ("otp", "Receives a one-time verification code by SMS"),
+    ("promo", "Receives a promotional SMS from the operator"),
+    ("usage_alert", "Receives an SMS alert that 80% of the monthly data is used"),
+)
 DATA_NETWORKS = ("5G standalone", "4G LTE", "3G")
 DATA_SIZES = ("small (under 50 MB)", "medium (50 to 500 MB)", "large (over 500 MB)")
-TRANSIT = (("metro", "Passes through underground metro coverage"), ("highway", "Hands over between cells along a highway"),
-           ("rail", "Connects to cells along a railway line"))
-ROAMING_KINDS = (("data", "Uses mobile data while roaming in {c}"), ("call_out", "Makes a voice call while roaming in {c}"),
-                 ("call_in", "Receives a voice call while roaming in {c}"), ("sms", "Sends an SMS while roaming in {c}"),
-                 ("register", "Registers on a partner network in {c}"), ("welcome", "Receives the roaming welcome SMS on arrival in {c}"),
-                 ("pass", "Buys a roaming data pass for {c}"))
+TRANSIT = (
+    ("metro", "Passes through underground metro coverage"),
+    ("highway", "Hands over between cells along a highway"),
+    ("rail", "Connects to cells along a railway line"),
+)
+ROAMING_KINDS = (
+    ("data", "Uses mobile data while roaming in {c}"),
+    ("call_out", "Makes a voice call while roaming in {c}"),
+    ("call_in", "Receives a voice call while roaming in {c}"),
+    ("sms", "Sends an SMS while roaming in {c}"),
+    ("register", "Registers on a partner network in {c}"),
+    ("welcome", "Receives the roaming welcome SMS on arrival in {c}"),
+    ("pass", "Buys a roaming data pass for {c}"),
+)
 DAILY_DATA_BANDS = ("light (under 500 MB)", "moderate (500 MB to 2 GB)", "heavy (2 to 5 GB)", "very heavy (over 5 GB)")
 DAILY_DATA_EDGES_MB = (500.0, 2000.0, 5000.0)
 DAILY_VOICE_BANDS = ("under 10 minutes", "10 to 60 minutes", "over an hour")
@@ -79,16 +159,56 @@ ADDON_SIZES = ("1 GB", "5 GB", "20 GB")
 CARE_CHANNELS = ("the hotline", "in-app chat", "a retail store", "social media")
 COMPLAINT_TOPICS = ("video streaming quality", "dropped calls", "slow mobile data", "a billing error", "poor indoor coverage")
 INQUIRY_TOPICS = ("the monthly bill", "plan options", "roaming charges", "a new device", "the remaining data balance")
-REGIONS = ("Metro Central", "Riverside", "Harbourfront", "Eastgate", "Westfield", "Northern Hills", "Southern Plains",
-           "Lakeside", "Valley", "Coastline", "Highlands", "Orchard County")
-COUNTRIES = ("Japan", "Thailand", "Singapore", "South Korea", "Malaysia", "Vietnam", "Australia", "the United States",
-             "the United Kingdom", "France", "Germany", "the United Arab Emirates", "Indonesia", "Italy", "Canada", "New Zealand")
+REGIONS = (
+    "Metro Central",
+    "Riverside",
+    "Harbourfront",
+    "Eastgate",
+    "Westfield",
+    "Northern Hills",
+    "Southern Plains",
+    "Lakeside",
+    "Valley",
+    "Coastline",
+    "Highlands",
+    "Orchard County",
+)
+COUNTRIES = (
+    "Japan",
+    "Thailand",
+    "Singapore",
+    "South Korea",
+    "Malaysia",
+    "Vietnam",
+    "Australia",
+    "the United States",
+    "the United Kingdom",
+    "France",
+    "Germany",
+    "the United Arab Emirates",
+    "Indonesia",
+    "Italy",
+    "Canada",
+    "New Zealand",
+)
 # Incident kinds (why a complaint is made); 0 = not an incident.
 INCIDENT_NONE, INCIDENT_VIDEO, INCIDENT_CALL, INCIDENT_DATA = 0, 1, 2, 3
 COMPLAINT_TOPIC_OF_INCIDENT = {INCIDENT_VIDEO: 0, INCIDENT_CALL: 1, INCIDENT_DATA: 2}
 
-BEHAVIOR_COLUMNS = ("behavior_id", "description", "type", "family", "granularity", "source", "value_unit",
-                    "app", "app_category", "network", "country", "region")
+BEHAVIOR_COLUMNS = (
+    "behavior_id",
+    "description",
+    "type",
+    "family",
+    "granularity",
+    "source",
+    "value_unit",
+    "app",
+    "app_category",
+    "network",
+    "country",
+    "region",
+)
 
 
 def _slug(text: str) -> str:
@@ -116,10 +236,29 @@ class _Rows:
         self.rows: list[dict] = []
         self.source: list[str] = []
 
-    def add(self, behavior_id: str, description: str, type: str, family: str, source: str, granularity: str = "second",
-            value_unit: str | None = None, **attributes) -> int:
-        self.rows.append(dict(behavior_id=behavior_id, description=description, type=type, family=family,
-                              granularity=granularity, source=source, value_unit=value_unit, **attributes))
+    def add(
+        self,
+        behavior_id: str,
+        description: str,
+        type: str,
+        family: str,
+        source: str,
+        granularity: str = "second",
+        value_unit: str | None = None,
+        **attributes,
+    ) -> int:
+        self.rows.append(
+            dict(
+                behavior_id=behavior_id,
+                description=description,
+                type=type,
+                family=family,
+                granularity=granularity,
+                source=source,
+                value_unit=value_unit,
+                **attributes,
+            )
+        )
         return len(self.rows) - 1
 
     def grid(self, axes: tuple[int, ...], make) -> np.ndarray:
@@ -208,13 +347,30 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
     def app_row(a: int, key: str, text: str, type: str, family: str, source: str, unit: str | None, network: str | None = None):
         cat = CATEGORIES[category[a]]
         net_id = f".{_slug(network)}" if network else ""
-        return dict(behavior_id=f"{type}.{cat}.{_slug(names[a])}.{key}{net_id}", description=text, type=type, family=family,
-                    source=source, value_unit=unit, app=names[a], app_category=cat, network=network)
+        return dict(
+            behavior_id=f"{type}.{cat}.{_slug(names[a])}.{key}{net_id}",
+            description=text,
+            type=type,
+            family=family,
+            source=source,
+            value_unit=unit,
+            app=names[a],
+            app_category=cat,
+            network=network,
+        )
 
     def ott_row(a, k, n):
         key, template = OTT_ACTIONS[CATEGORIES[category[a]]][k]
-        return app_row(a, key, f"{template.format(app=names[a])} {NETWORK_PHRASE[n]}", "ott", f"ott_{CATEGORIES[category[a]]}",
-                       "xdr", "MB", NETWORKS[n])
+        return app_row(
+            a,
+            key,
+            f"{template.format(app=names[a])} {NETWORK_PHRASE[n]}",
+            "ott",
+            f"ott_{CATEGORIES[category[a]]}",
+            "xdr",
+            "MB",
+            NETWORKS[n],
+        )
 
     ott = rows.grid((A, 3, 3), ott_row)
     video_incident = np.full((A, len(VIDEO_INCIDENTS)), -1, np.int32)
@@ -224,75 +380,246 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
         cat = CATEGORIES[category[a]]
         if cat in VIDEO_LIKE:
             for j, (key, template) in enumerate(VIDEO_INCIDENTS):
-                video_incident[a, j] = rows.add(**app_row(a, key, template.format(app=names[a]), "incident", "incident_video", "qoe_probe", None))
+                video_incident[a, j] = rows.add(
+                    **app_row(a, key, template.format(app=names[a]), "incident", "incident_video", "qoe_probe", None)
+                )
         if cat == "gaming":
-            gaming_lag[a] = rows.add(**app_row(a, "lag", f"Lag spike during an online match in {names[a]}", "incident", "incident_gaming", "qoe_probe", "ms"))
+            gaming_lag[a] = rows.add(
+                **app_row(a, "lag", f"Lag spike during an online match in {names[a]}", "incident", "incident_gaming", "qoe_probe", "ms")
+            )
         if cat in VIDEO_LIKE + ("music",):
-            app_addon[a] = rows.add(**app_row(a, "addon", f"Subscribes to the {names[a]} streaming add-on bundle", "plan", "plan_addon", "bss", "currency"))
+            app_addon[a] = rows.add(
+                **app_row(a, "addon", f"Subscribes to the {names[a]} streaming add-on bundle", "plan", "plan_addon", "bss", "currency")
+            )
 
     def voice_row(k, d, length, n):
         kind = CALL_KINDS[k]
-        return dict(behavior_id=f"voice.{_slug(kind)}.{CALL_DIRECTIONS[d].lower()}.{'short' if length == 0 else 'long'}.{_slug(VOICE_NETWORKS[n])}",
-                    description=f"{CALL_DIRECTIONS[d]} {kind} voice call, {CALL_LENGTHS[length]}, over {VOICE_NETWORKS[n]}",
-                    type="voice", family=f"voice_{_slug(kind)}", source="cdr", value_unit="seconds", network=VOICE_NETWORKS[n])
+        return dict(
+            behavior_id=f"voice.{_slug(kind)}.{CALL_DIRECTIONS[d].lower()}.{'short' if length == 0 else 'long'}.{_slug(VOICE_NETWORKS[n])}",
+            description=f"{CALL_DIRECTIONS[d]} {kind} voice call, {CALL_LENGTHS[length]}, over {VOICE_NETWORKS[n]}",
+            type="voice",
+            family=f"voice_{_slug(kind)}",
+            source="cdr",
+            value_unit="seconds",
+            network=VOICE_NETWORKS[n],
+        )
 
     voice = rows.grid((3, 2, 2, 3), voice_row)
-    call_drop = rows.grid((3,), lambda k: dict(behavior_id=f"incident.call_drop.{_slug(CALL_KINDS[k])}",
-                                               description=f"Call drops in the middle of a {CALL_KINDS[k]} voice call",
-                                               type="incident", family="incident_call", source="cdr"))
-    redial = rows.add("voice.redial", "Redials the same number right after a dropped call", "voice", "voice_redial", "cdr", value_unit="seconds")
-    call_setup_failure = rows.add("incident.call_setup_failure", "Outgoing call fails to connect (call setup failure)", "incident", "incident_call", "cdr")
-    sms = rows.grid((len(SMS_KINDS),), lambda k: dict(behavior_id=f"sms.{SMS_KINDS[k][0]}", description=SMS_KINDS[k][1], type="sms", family="sms", source="cdr"))
-    data = rows.grid((3, 3), lambda n, s: dict(behavior_id=f"data.{_slug(DATA_NETWORKS[n])}.{('small', 'medium', 'large')[s]}",
-                                               description=f"Mobile data session over {DATA_NETWORKS[n]}, {DATA_SIZES[s]}",
-                                               type="data", family="data_session", source="xdr", value_unit="MB", network=DATA_NETWORKS[n]))
-    tethering = rows.grid((2,), lambda n: dict(behavior_id=f"data.tethering.{_slug(NETWORKS[n])}",
-                                               description=f"Shares mobile data through a personal hotspot over {NETWORKS[n]}",
-                                               type="data", family="data_tethering", source="xdr", value_unit="MB", network=NETWORKS[n]))
-    slow_data = rows.grid((3,), lambda c: dict(behavior_id=f"incident.slow_data.{CELL_TYPES[c]}",
-                                               description=f"Mobile data is very slow (below 1 Mbps) in a {CELL_TYPES[c]} cell",
-                                               type="incident", family="incident_data", source="qoe_probe"))
-    data_lost = rows.add("incident.data_lost", "Mobile data connection is lost and re-established", "incident", "incident_data", "signalling")
-    location = rows.grid((num_regions, 3, 2), lambda r, c, n: dict(
-        behavior_id=f"location.{_slug(REGIONS[r])}.{CELL_TYPES[c]}.{_slug(NETWORKS[n])}",
-        description=f"Location update: registers on a {CELL_TYPES[c]} {NETWORKS[n]} cell in {REGIONS[r]}",
-        type="location", family="location_update", source="signalling", network=NETWORKS[n], region=REGIONS[r]))
-    transit = rows.grid((len(TRANSIT),), lambda k: dict(behavior_id=f"location.transit.{TRANSIT[k][0]}", description=TRANSIT[k][1],
-                                                       type="location", family="location_transit", source="signalling"))
-    roaming = rows.grid((num_countries, len(ROAMING_KINDS)), lambda c, k: dict(
-        behavior_id=f"roaming.{_slug(COUNTRIES[c])}.{ROAMING_KINDS[k][0]}", description=ROAMING_KINDS[k][1].format(c=COUNTRIES[c]),
-        type="roaming", family=f"roaming_{ROAMING_KINDS[k][0]}", source="roaming_tap",
-        value_unit={"data": "MB", "call_out": "seconds", "call_in": "seconds", "pass": "currency"}.get(ROAMING_KINDS[k][0]),
-        country=COUNTRIES[c].removeprefix("the ")))
-    daily_data = rows.grid((4,), lambda b: dict(behavior_id=f"usage.daily_data.{_slug(DAILY_DATA_BANDS[b].split(' (')[0])}",
-                                                description=f"Daily mobile data usage record: {DAILY_DATA_BANDS[b]}", type="usage",
-                                                family="usage_daily", source="usage_summary", granularity="day", value_unit="MB"))
-    daily_voice = rows.grid((3,), lambda b: dict(behavior_id=f"usage.daily_voice.{b}", description=f"Daily voice usage record: {DAILY_VOICE_BANDS[b]} of calls",
-                                                 type="usage", family="usage_daily", source="usage_summary", granularity="day", value_unit="minutes"))
-    bill = rows.grid((4,), lambda t: dict(behavior_id=f"billing.bill.{TIERS[t]}", description=f"Monthly postpaid bill issued for the {TIERS[t]} plan",
-                                          type="billing", family="billing_bill", source="billing", granularity="month", value_unit="currency"))
-    renewal = rows.grid((4,), lambda t: dict(behavior_id=f"billing.prepaid_renewal.{TIERS[t]}", description=f"Prepaid {TIERS[t]} package renews for the month",
-                                             type="billing", family="billing_renewal", source="billing", granularity="month", value_unit="currency"))
-    bill_paid = rows.grid((4,), lambda c: dict(behavior_id=f"billing.payment.{_slug(PAY_CHANNELS[c])}", description=f"Pays the monthly bill through {PAY_CHANNELS[c]}",
-                                               type="billing", family="billing_payment", source="billing", value_unit="currency"))
-    overdue = rows.add("billing.overdue_reminder", "Receives a reminder that the monthly bill is overdue", "billing", "billing_overdue", "billing")
-    topup = rows.grid((4, 4), lambda m, c: dict(behavior_id=f"topup.{TOPUP_AMOUNTS[m]}.{_slug(TOPUP_CHANNELS[c])}",
-                                                description=f"Tops up the prepaid balance with {TOPUP_AMOUNTS[m]} through {TOPUP_CHANNELS[c]}",
-                                                type="topup", family="topup", source="billing", value_unit="currency"))
+    call_drop = rows.grid(
+        (3,),
+        lambda k: dict(
+            behavior_id=f"incident.call_drop.{_slug(CALL_KINDS[k])}",
+            description=f"Call drops in the middle of a {CALL_KINDS[k]} voice call",
+            type="incident",
+            family="incident_call",
+            source="cdr",
+        ),
+    )
+    redial = rows.add(
+        "voice.redial", "Redials the same number right after a dropped call", "voice", "voice_redial", "cdr", value_unit="seconds"
+    )
+    call_setup_failure = rows.add(
+        "incident.call_setup_failure", "Outgoing call fails to connect (call setup failure)", "incident", "incident_call", "cdr"
+    )
+    sms = rows.grid(
+        (len(SMS_KINDS),),
+        lambda k: dict(behavior_id=f"sms.{SMS_KINDS[k][0]}", description=SMS_KINDS[k][1], type="sms", family="sms", source="cdr"),
+    )
+    data = rows.grid(
+        (3, 3),
+        lambda n, s: dict(
+            behavior_id=f"data.{_slug(DATA_NETWORKS[n])}.{('small', 'medium', 'large')[s]}",
+            description=f"Mobile data session over {DATA_NETWORKS[n]}, {DATA_SIZES[s]}",
+            type="data",
+            family="data_session",
+            source="xdr",
+            value_unit="MB",
+            network=DATA_NETWORKS[n],
+        ),
+    )
+    tethering = rows.grid(
+        (2,),
+        lambda n: dict(
+            behavior_id=f"data.tethering.{_slug(NETWORKS[n])}",
+            description=f"Shares mobile data through a personal hotspot over {NETWORKS[n]}",
+            type="data",
+            family="data_tethering",
+            source="xdr",
+            value_unit="MB",
+            network=NETWORKS[n],
+        ),
+    )
+    slow_data = rows.grid(
+        (3,),
+        lambda c: dict(
+            behavior_id=f"incident.slow_data.{CELL_TYPES[c]}",
+            description=f"Mobile data is very slow (below 1 Mbps) in a {CELL_TYPES[c]} cell",
+            type="incident",
+            family="incident_data",
+            source="qoe_probe",
+        ),
+    )
+    data_lost = rows.add(
+        "incident.data_lost", "Mobile data connection is lost and re-established", "incident", "incident_data", "signalling"
+    )
+    location = rows.grid(
+        (num_regions, 3, 2),
+        lambda r, c, n: dict(
+            behavior_id=f"location.{_slug(REGIONS[r])}.{CELL_TYPES[c]}.{_slug(NETWORKS[n])}",
+            description=f"Location update: registers on a {CELL_TYPES[c]} {NETWORKS[n]} cell in {REGIONS[r]}",
+            type="location",
+            family="location_update",
+            source="signalling",
+            network=NETWORKS[n],
+            region=REGIONS[r],
+        ),
+    )
+    transit = rows.grid(
+        (len(TRANSIT),),
+        lambda k: dict(
+            behavior_id=f"location.transit.{TRANSIT[k][0]}",
+            description=TRANSIT[k][1],
+            type="location",
+            family="location_transit",
+            source="signalling",
+        ),
+    )
+    roaming = rows.grid(
+        (num_countries, len(ROAMING_KINDS)),
+        lambda c, k: dict(
+            behavior_id=f"roaming.{_slug(COUNTRIES[c])}.{ROAMING_KINDS[k][0]}",
+            description=ROAMING_KINDS[k][1].format(c=COUNTRIES[c]),
+            type="roaming",
+            family=f"roaming_{ROAMING_KINDS[k][0]}",
+            source="roaming_tap",
+            value_unit={"data": "MB", "call_out": "seconds", "call_in": "seconds", "pass": "currency"}.get(ROAMING_KINDS[k][0]),
+            country=COUNTRIES[c].removeprefix("the "),
+        ),
+    )
+    daily_data = rows.grid(
+        (4,),
+        lambda b: dict(
+            behavior_id=f"usage.daily_data.{_slug(DAILY_DATA_BANDS[b].split(' (')[0])}",
+            description=f"Daily mobile data usage record: {DAILY_DATA_BANDS[b]}",
+            type="usage",
+            family="usage_daily",
+            source="usage_summary",
+            granularity="day",
+            value_unit="MB",
+        ),
+    )
+    daily_voice = rows.grid(
+        (3,),
+        lambda b: dict(
+            behavior_id=f"usage.daily_voice.{b}",
+            description=f"Daily voice usage record: {DAILY_VOICE_BANDS[b]} of calls",
+            type="usage",
+            family="usage_daily",
+            source="usage_summary",
+            granularity="day",
+            value_unit="minutes",
+        ),
+    )
+    bill = rows.grid(
+        (4,),
+        lambda t: dict(
+            behavior_id=f"billing.bill.{TIERS[t]}",
+            description=f"Monthly postpaid bill issued for the {TIERS[t]} plan",
+            type="billing",
+            family="billing_bill",
+            source="billing",
+            granularity="month",
+            value_unit="currency",
+        ),
+    )
+    renewal = rows.grid(
+        (4,),
+        lambda t: dict(
+            behavior_id=f"billing.prepaid_renewal.{TIERS[t]}",
+            description=f"Prepaid {TIERS[t]} package renews for the month",
+            type="billing",
+            family="billing_renewal",
+            source="billing",
+            granularity="month",
+            value_unit="currency",
+        ),
+    )
+    bill_paid = rows.grid(
+        (4,),
+        lambda c: dict(
+            behavior_id=f"billing.payment.{_slug(PAY_CHANNELS[c])}",
+            description=f"Pays the monthly bill through {PAY_CHANNELS[c]}",
+            type="billing",
+            family="billing_payment",
+            source="billing",
+            value_unit="currency",
+        ),
+    )
+    overdue = rows.add(
+        "billing.overdue_reminder", "Receives a reminder that the monthly bill is overdue", "billing", "billing_overdue", "billing"
+    )
+    topup = rows.grid(
+        (4, 4),
+        lambda m, c: dict(
+            behavior_id=f"topup.{TOPUP_AMOUNTS[m]}.{_slug(TOPUP_CHANNELS[c])}",
+            description=f"Tops up the prepaid balance with {TOPUP_AMOUNTS[m]} through {TOPUP_CHANNELS[c]}",
+            type="topup",
+            family="topup",
+            source="billing",
+            value_unit="currency",
+        ),
+    )
     upgrade = np.full(4, -1, np.int32)
     downgrade = np.full(4, -1, np.int32)
     for t in range(3):
-        upgrade[t] = rows.add(f"plan.upgrade.{TIERS[t]}_to_{TIERS[t + 1]}", f"Upgrades the plan from {TIERS[t]} to {TIERS[t + 1]}", "plan", "plan_upgrade", "bss")
-        downgrade[t + 1] = rows.add(f"plan.downgrade.{TIERS[t + 1]}_to_{TIERS[t]}", f"Downgrades the plan from {TIERS[t + 1]} to {TIERS[t]}", "plan", "plan_downgrade", "bss")
-    data_addon = rows.grid((3,), lambda s: dict(behavior_id=f"plan.data_addon.{_slug(ADDON_SIZES[s])}", description=f"Buys a {ADDON_SIZES[s]} mobile data add-on",
-                                                type="plan", family="plan_addon", source="bss", value_unit="currency"))
-    intl_pack = rows.add("plan.intl_calling_pack", "Adds an international calling pack to the plan", "plan", "plan_addon", "bss", value_unit="currency")
-    complaint = rows.grid((len(COMPLAINT_TOPICS), 4), lambda t, c: dict(
-        behavior_id=f"care.complaint.{_slug(COMPLAINT_TOPICS[t])}.{_slug(CARE_CHANNELS[c])}",
-        description=f"Complains to customer care about {COMPLAINT_TOPICS[t]} through {CARE_CHANNELS[c]}", type="care", family="care_complaint", source="crm"))
-    inquiry = rows.grid((len(INQUIRY_TOPICS), 4), lambda t, c: dict(
-        behavior_id=f"care.inquiry.{_slug(INQUIRY_TOPICS[t])}.{_slug(CARE_CHANNELS[c])}",
-        description=f"Asks customer care about {INQUIRY_TOPICS[t]} through {CARE_CHANNELS[c]}", type="care", family="care_inquiry", source="crm"))
+        upgrade[t] = rows.add(
+            f"plan.upgrade.{TIERS[t]}_to_{TIERS[t + 1]}",
+            f"Upgrades the plan from {TIERS[t]} to {TIERS[t + 1]}",
+            "plan",
+            "plan_upgrade",
+            "bss",
+        )
+        downgrade[t + 1] = rows.add(
+            f"plan.downgrade.{TIERS[t + 1]}_to_{TIERS[t]}",
+            f"Downgrades the plan from {TIERS[t + 1]} to {TIERS[t]}",
+            "plan",
+            "plan_downgrade",
+            "bss",
+        )
+    data_addon = rows.grid(
+        (3,),
+        lambda s: dict(
+            behavior_id=f"plan.data_addon.{_slug(ADDON_SIZES[s])}",
+            description=f"Buys a {ADDON_SIZES[s]} mobile data add-on",
+            type="plan",
+            family="plan_addon",
+            source="bss",
+            value_unit="currency",
+        ),
+    )
+    intl_pack = rows.add(
+        "plan.intl_calling_pack", "Adds an international calling pack to the plan", "plan", "plan_addon", "bss", value_unit="currency"
+    )
+    complaint = rows.grid(
+        (len(COMPLAINT_TOPICS), 4),
+        lambda t, c: dict(
+            behavior_id=f"care.complaint.{_slug(COMPLAINT_TOPICS[t])}.{_slug(CARE_CHANNELS[c])}",
+            description=f"Complains to customer care about {COMPLAINT_TOPICS[t]} through {CARE_CHANNELS[c]}",
+            type="care",
+            family="care_complaint",
+            source="crm",
+        ),
+    )
+    inquiry = rows.grid(
+        (len(INQUIRY_TOPICS), 4),
+        lambda t, c: dict(
+            behavior_id=f"care.inquiry.{_slug(INQUIRY_TOPICS[t])}.{_slug(CARE_CHANNELS[c])}",
+            description=f"Asks customer care about {INQUIRY_TOPICS[t]} through {CARE_CHANNELS[c]}",
+            type="care",
+            family="care_inquiry",
+            source="crm",
+        ),
+    )
 
     table = rows.frame()
     incident_kind = np.zeros(len(table), np.int8)
@@ -302,11 +629,39 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
     incident_kind[family == "incident_data"] = INCIDENT_DATA
     source_codes, sources = pd.factorize(table["source"], sort=True)
     return Catalog(
-        table=table, app_name=names, app_category=category, ott=ott, video_incident=video_incident, gaming_lag=gaming_lag,
-        app_addon=app_addon, voice=voice, call_drop=call_drop, redial=redial, call_setup_failure=call_setup_failure, sms=sms,
-        data=data, tethering=tethering, slow_data=slow_data, data_lost=data_lost, location=location, transit=transit,
-        roaming=roaming, daily_data=daily_data, daily_voice=daily_voice, bill=bill, renewal=renewal, bill_paid=bill_paid,
-        overdue=overdue, topup=topup, upgrade=upgrade, downgrade=downgrade, data_addon=data_addon, intl_pack=intl_pack,
-        complaint=complaint, inquiry=inquiry, incident_kind=incident_kind, source=source_codes.astype(np.int32),
+        table=table,
+        app_name=names,
+        app_category=category,
+        ott=ott,
+        video_incident=video_incident,
+        gaming_lag=gaming_lag,
+        app_addon=app_addon,
+        voice=voice,
+        call_drop=call_drop,
+        redial=redial,
+        call_setup_failure=call_setup_failure,
+        sms=sms,
+        data=data,
+        tethering=tethering,
+        slow_data=slow_data,
+        data_lost=data_lost,
+        location=location,
+        transit=transit,
+        roaming=roaming,
+        daily_data=daily_data,
+        daily_voice=daily_voice,
+        bill=bill,
+        renewal=renewal,
+        bill_paid=bill_paid,
+        overdue=overdue,
+        topup=topup,
+        upgrade=upgrade,
+        downgrade=downgrade,
+        data_addon=data_addon,
+        intl_pack=intl_pack,
+        complaint=complaint,
+        inquiry=inquiry,
+        incident_kind=incident_kind,
+        source=source_codes.astype(np.int32),
         sources=np.asarray(sources, dtype=object),
     )

@@ -123,7 +123,7 @@ class DatasetManifest:
         check_timezone(self.timezone, f"data set {self.name!r}")
 
     @classmethod
-    def read(cls, root: str | Path) -> "DatasetManifest":
+    def read(cls, root: str | Path) -> DatasetManifest:
         path = Path(root) / "dataset.yaml"
         if not path.exists():
             return cls(name=Path(root).name)
@@ -180,14 +180,18 @@ def read_csv(path: Path, options: dict | None = None) -> pd.DataFrame:
             return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **options)
         except (pd.errors.ParserError, UnicodeDecodeError) as err:
             if set(options) - _CSV_OPTIONS or options.get("header", 0) not in (0, None):
-                raise ValueError(f"{path}: {err} (malformed lines are quarantined only with the read_options {sorted(_CSV_OPTIONS)})") from None
+                raise ValueError(
+                    f"{path}: {err} (malformed lines are quarantined only with the read_options {sorted(_CSV_OPTIONS)})"
+                ) from None
             return _read_csv_lines(path, options)
 
 
 def _read_csv_lines(path: Path, options: dict) -> pd.DataFrame:
     encoding = options.get("encoding", "utf-8")
     text = path.read_bytes().decode(encoding, errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=options.get("sep", options.get("delimiter", ",")), quotechar=options.get("quotechar", '"'))
+    reader = csv.reader(
+        io.StringIO(text, newline=""), delimiter=options.get("sep", options.get("delimiter", ",")), quotechar=options.get("quotechar", '"')
+    )
     # as pandas: `names` without `header` means the file has no header line; `header: 0` with `names` replaces it
     header_line = next(reader) if options.get("header", None if "names" in options else 0) == 0 else None
     header = list(options.get("names") or header_line or [])

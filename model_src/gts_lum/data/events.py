@@ -135,7 +135,7 @@ class EventLog:
         s, e = self.offsets[u], self.offsets[u + 1]
         return self.behavior[s:e], self.timestamp[s:e]
 
-    def select_events(self, keep: np.ndarray) -> "EventLog":
+    def select_events(self, keep: np.ndarray) -> EventLog:
         """A new log with only the events where boolean mask `keep` is true (users and catalog unchanged)."""
         counts = np.bincount(self.user_of_event()[keep], minlength=self.num_users)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -148,7 +148,7 @@ class EventLog:
             None if self.value is None else self.value[keep],
         )
 
-    def select_users(self, users: np.ndarray) -> "EventLog":
+    def select_users(self, users: np.ndarray) -> EventLog:
         """A new log with only the given user indices, in that order."""
         users = np.asarray(users, dtype=np.int64)
         lengths = self.lengths()[users]
@@ -169,7 +169,7 @@ class EventLog:
         behavior_ids: np.ndarray | None = None,
         user_ids: np.ndarray | None = None,
         seed: int = 0,
-    ) -> "EventLog":
+    ) -> EventLog:
         """Build from a clean `events` table (user_id, timestamp as datetime64 UTC or int seconds, behavior_id).
 
         `behavior_ids` fixes the catalog order (e.g. the behaviours table); ids outside it are an error
@@ -209,7 +209,7 @@ class EventLog:
         np.savez(path, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "EventLog":
+    def load(cls, path: str | Path) -> EventLog:
         with np.load(path, allow_pickle=False) as z:
             return cls(
                 user_ids=z["user_ids"].astype(object),

@@ -29,7 +29,9 @@ def is_clean(path: Path) -> bool:
     return is_validated(path)
 
 
-def bring_in(spec: str | Path, raw: str | Path, mapping: str | None = None, synth_overrides: list[str] | dict | None = None, progress: bool = True) -> Path:
+def bring_in(
+    spec: str | Path, raw: str | Path, mapping: str | None = None, synth_overrides: list[str] | dict | None = None, progress: bool = True
+) -> Path:
     """The data set named by `spec` in the contract layout, not yet validated (see the module docstring)."""
     spec, raw = str(spec), Path(raw)
     if spec.startswith("synth:"):

@@ -14,8 +14,8 @@ import dataclasses
 import hashlib
 import hmac
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -169,45 +169,141 @@ class Archetype:
 
 
 ARCHETYPES = (
-    Archetype("commuter", 0.22, ((8, 1.0, 3.0), (12.5, 1.0, 1.0), (18, 1.0, 3.0), (21.5, 1.5, 2.0)),
-              ((11, 2.0, 1.5), (15.5, 2.5, 1.5), (21, 2.0, 2.0)), 0.85, 1.0,
-              (0.42, 0.13, 0.06, 0.14, 0.22, 0.006, 0.0006), (0.14, 0.16, 0.16, 0.16, 0.04, 0.08, 0.14, 0.12),
-              0.15, (0.2, 0.4, 0.3, 0.1), (0.08, 0.35, 0.32, 0.17, 0.07, 0.01), (0.45, 0.45, 0.1), 0.1, (0.82, 0.15, 0.03), True),
-    Archetype("student", 0.14, ((10, 1.5, 1.0), (13, 1.0, 1.5), (17, 1.5, 1.2), (22, 2.0, 3.0), (1, 1.5, 1.2)),
-              ((13, 3.0, 2.0), (18, 2.0, 1.2), (23, 2.5, 3.0), (2, 1.5, 1.5)), 1.15, 1.25,
-              (0.58, 0.05, 0.05, 0.12, 0.12, 0.006, 0.0006), (0.12, 0.24, 0.14, 0.22, 0.18, 0.05, 0.01, 0.04),
-              0.6, (0.45, 0.4, 0.12, 0.03), (0.85, 0.15, 0, 0, 0, 0), (0.6, 0.3, 0.1), 0.05, (0.78, 0.2, 0.02)),
-    Archetype("night_worker", 0.08, ((23, 2.0, 3.0), (2, 2.0, 3.0), (5.5, 1.5, 1.5), (18, 2.0, 1.0)),
-              ((1, 2.0, 2.0), (21, 3.0, 2.0), (15, 3.0, 1.0)), 1.0, 0.95,
-              (0.5, 0.1, 0.05, 0.15, 0.14, 0.006, 0.0006), (0.2, 0.2, 0.12, 0.12, 0.2, 0.06, 0.04, 0.06),
-              0.4, (0.35, 0.4, 0.2, 0.05), (0.15, 0.35, 0.3, 0.15, 0.05, 0), (0.4, 0.4, 0.2), 0.05, (0.82, 0.15, 0.03)),
-    Archetype("traveller", 0.07, ((7.5, 1.5, 2.0), (12, 2.0, 1.5), (19, 2.0, 2.0), (22, 1.5, 1.5)),
-              ((10, 2.0, 1.5), (15, 3.0, 1.5), (21, 2.0, 1.5)), 0.95, 1.1,
-              (0.38, 0.16, 0.08, 0.2, 0.15, 0.006, 0.0006), (0.16, 0.1, 0.14, 0.18, 0.03, 0.07, 0.12, 0.2),
-              0.1, (0.1, 0.3, 0.4, 0.2), (0.05, 0.3, 0.35, 0.2, 0.08, 0.02), (0.6, 0.35, 0.05), 1.6, (0.65, 0.2, 0.15)),
-    Archetype("family", 0.2, ((7, 1.0, 1.5), (12, 1.5, 1.0), (16, 2.0, 1.2), (20.5, 2.0, 3.0)),
-              ((10, 2.0, 2.0), (15, 3.0, 2.0), (20, 2.0, 2.0)), 1.1, 0.9,
-              (0.45, 0.17, 0.07, 0.14, 0.12, 0.006, 0.0006), (0.26, 0.14, 0.1, 0.16, 0.06, 0.16, 0.06, 0.06),
-              0.2, (0.2, 0.35, 0.3, 0.15), (0.02, 0.25, 0.4, 0.25, 0.07, 0.01), (0.3, 0.5, 0.2), 0.15, (0.76, 0.2, 0.04)),
-    Archetype("business", 0.12, ((9, 1.5, 3.0), (11, 1.5, 2.0), (14.5, 2.0, 2.5), (17.5, 1.0, 2.0), (20.5, 1.5, 1.0)),
-              ((11, 3.0, 1.0), (19, 3.0, 1.0)), 0.6, 1.1,
-              (0.3, 0.3, 0.06, 0.18, 0.14, 0.006, 0.0006), (0.1, 0.06, 0.1, 0.2, 0.02, 0.06, 0.26, 0.2),
-              0.05, (0.05, 0.2, 0.4, 0.35), (0.01, 0.25, 0.4, 0.25, 0.08, 0.01), (0.7, 0.25, 0.05), 0.6, (0.58, 0.3, 0.12)),
-    Archetype("retiree", 0.17, ((8, 2.0, 2.0), (10.5, 2.0, 2.0), (15, 2.0, 2.0), (19, 2.0, 1.5)),
-              ((8, 2.0, 2.0), (10.5, 2.0, 2.0), (15, 2.0, 2.0), (19, 2.0, 1.5)), 1.0, 0.6,
-              (0.33, 0.3, 0.1, 0.1, 0.1, 0.006, 0.0006), (0.3, 0.12, 0.1, 0.14, 0.02, 0.1, 0.18, 0.04),
-              0.3, (0.45, 0.4, 0.12, 0.03), (0, 0, 0, 0.05, 0.35, 0.6), (0.25, 0.4, 0.35), 0.1, (0.72, 0.25, 0.03)),
+    Archetype(
+        "commuter",
+        0.22,
+        ((8, 1.0, 3.0), (12.5, 1.0, 1.0), (18, 1.0, 3.0), (21.5, 1.5, 2.0)),
+        ((11, 2.0, 1.5), (15.5, 2.5, 1.5), (21, 2.0, 2.0)),
+        0.85,
+        1.0,
+        (0.42, 0.13, 0.06, 0.14, 0.22, 0.006, 0.0006),
+        (0.14, 0.16, 0.16, 0.16, 0.04, 0.08, 0.14, 0.12),
+        0.15,
+        (0.2, 0.4, 0.3, 0.1),
+        (0.08, 0.35, 0.32, 0.17, 0.07, 0.01),
+        (0.45, 0.45, 0.1),
+        0.1,
+        (0.82, 0.15, 0.03),
+        True,
+    ),
+    Archetype(
+        "student",
+        0.14,
+        ((10, 1.5, 1.0), (13, 1.0, 1.5), (17, 1.5, 1.2), (22, 2.0, 3.0), (1, 1.5, 1.2)),
+        ((13, 3.0, 2.0), (18, 2.0, 1.2), (23, 2.5, 3.0), (2, 1.5, 1.5)),
+        1.15,
+        1.25,
+        (0.58, 0.05, 0.05, 0.12, 0.12, 0.006, 0.0006),
+        (0.12, 0.24, 0.14, 0.22, 0.18, 0.05, 0.01, 0.04),
+        0.6,
+        (0.45, 0.4, 0.12, 0.03),
+        (0.85, 0.15, 0, 0, 0, 0),
+        (0.6, 0.3, 0.1),
+        0.05,
+        (0.78, 0.2, 0.02),
+    ),
+    Archetype(
+        "night_worker",
+        0.08,
+        ((23, 2.0, 3.0), (2, 2.0, 3.0), (5.5, 1.5, 1.5), (18, 2.0, 1.0)),
+        ((1, 2.0, 2.0), (21, 3.0, 2.0), (15, 3.0, 1.0)),
+        1.0,
+        0.95,
+        (0.5, 0.1, 0.05, 0.15, 0.14, 0.006, 0.0006),
+        (0.2, 0.2, 0.12, 0.12, 0.2, 0.06, 0.04, 0.06),
+        0.4,
+        (0.35, 0.4, 0.2, 0.05),
+        (0.15, 0.35, 0.3, 0.15, 0.05, 0),
+        (0.4, 0.4, 0.2),
+        0.05,
+        (0.82, 0.15, 0.03),
+    ),
+    Archetype(
+        "traveller",
+        0.07,
+        ((7.5, 1.5, 2.0), (12, 2.0, 1.5), (19, 2.0, 2.0), (22, 1.5, 1.5)),
+        ((10, 2.0, 1.5), (15, 3.0, 1.5), (21, 2.0, 1.5)),
+        0.95,
+        1.1,
+        (0.38, 0.16, 0.08, 0.2, 0.15, 0.006, 0.0006),
+        (0.16, 0.1, 0.14, 0.18, 0.03, 0.07, 0.12, 0.2),
+        0.1,
+        (0.1, 0.3, 0.4, 0.2),
+        (0.05, 0.3, 0.35, 0.2, 0.08, 0.02),
+        (0.6, 0.35, 0.05),
+        1.6,
+        (0.65, 0.2, 0.15),
+    ),
+    Archetype(
+        "family",
+        0.2,
+        ((7, 1.0, 1.5), (12, 1.5, 1.0), (16, 2.0, 1.2), (20.5, 2.0, 3.0)),
+        ((10, 2.0, 2.0), (15, 3.0, 2.0), (20, 2.0, 2.0)),
+        1.1,
+        0.9,
+        (0.45, 0.17, 0.07, 0.14, 0.12, 0.006, 0.0006),
+        (0.26, 0.14, 0.1, 0.16, 0.06, 0.16, 0.06, 0.06),
+        0.2,
+        (0.2, 0.35, 0.3, 0.15),
+        (0.02, 0.25, 0.4, 0.25, 0.07, 0.01),
+        (0.3, 0.5, 0.2),
+        0.15,
+        (0.76, 0.2, 0.04),
+    ),
+    Archetype(
+        "business",
+        0.12,
+        ((9, 1.5, 3.0), (11, 1.5, 2.0), (14.5, 2.0, 2.5), (17.5, 1.0, 2.0), (20.5, 1.5, 1.0)),
+        ((11, 3.0, 1.0), (19, 3.0, 1.0)),
+        0.6,
+        1.1,
+        (0.3, 0.3, 0.06, 0.18, 0.14, 0.006, 0.0006),
+        (0.1, 0.06, 0.1, 0.2, 0.02, 0.06, 0.26, 0.2),
+        0.05,
+        (0.05, 0.2, 0.4, 0.35),
+        (0.01, 0.25, 0.4, 0.25, 0.08, 0.01),
+        (0.7, 0.25, 0.05),
+        0.6,
+        (0.58, 0.3, 0.12),
+    ),
+    Archetype(
+        "retiree",
+        0.17,
+        ((8, 2.0, 2.0), (10.5, 2.0, 2.0), (15, 2.0, 2.0), (19, 2.0, 1.5)),
+        ((8, 2.0, 2.0), (10.5, 2.0, 2.0), (15, 2.0, 2.0), (19, 2.0, 1.5)),
+        1.0,
+        0.6,
+        (0.33, 0.3, 0.1, 0.1, 0.1, 0.006, 0.0006),
+        (0.3, 0.12, 0.1, 0.14, 0.02, 0.1, 0.18, 0.04),
+        0.3,
+        (0.45, 0.4, 0.12, 0.03),
+        (0, 0, 0, 0.05, 0.35, 0.6),
+        (0.25, 0.4, 0.35),
+        0.1,
+        (0.72, 0.25, 0.03),
+    ),
 )
 # Hour-of-day multipliers: (what, hours, factor). Episode types first, then OTT categories.
 EPISODE_HOURS = (
-    (E_VOICE, range(9, 21), 1.5), (E_VOICE, (0, 1, 2, 3, 4, 5), 0.3), (E_MOVE, (0, 1, 2, 3, 4, 5), 0.2),
-    (E_MOVE, RUSH_HOURS, 1.6), (E_OTT, range(19, 24), 1.3), (E_TOPUP, range(9, 21), 2.0), (E_TOPUP, range(0, 7), 0.1),
-    (E_INQUIRY, range(9, 20), 2.5), (E_INQUIRY, (*range(0, 8), 22, 23), 0.05),
+    (E_VOICE, range(9, 21), 1.5),
+    (E_VOICE, (0, 1, 2, 3, 4, 5), 0.3),
+    (E_MOVE, (0, 1, 2, 3, 4, 5), 0.2),
+    (E_MOVE, RUSH_HOURS, 1.6),
+    (E_OTT, range(19, 24), 1.3),
+    (E_TOPUP, range(9, 21), 2.0),
+    (E_TOPUP, range(0, 7), 0.1),
+    (E_INQUIRY, range(9, 20), 2.5),
+    (E_INQUIRY, (*range(0, 8), 22, 23), 0.05),
 )
 COMMUTE_MOVE_FACTOR = 2.5  # commuters' extra location updates at weekday rush hours
 CATEGORY_HOURS = (
-    ("news", (6, 7, 8, 9), 2.5), ("navigation", RUSH_HOURS, 2.5), ("music", RUSH_HOURS, 1.8), ("gaming", (21, 22, 23, 0, 1, 2, 3), 2.2),
-    ("video", (19, 20, 21, 22, 23), 1.8), ("short_video", (12, 13, 21, 22, 23, 0), 1.5), ("shopping", (12, 13, 20, 21, 22), 1.5),
+    ("news", (6, 7, 8, 9), 2.5),
+    ("navigation", RUSH_HOURS, 2.5),
+    ("music", RUSH_HOURS, 1.8),
+    ("gaming", (21, 22, 23, 0, 1, 2, 3), 2.2),
+    ("video", (19, 20, 21, 22, 23), 1.8),
+    ("short_video", (12, 13, 21, 22, 23, 0), 1.5),
+    ("shopping", (12, 13, 20, 21, 22), 1.5),
 )
 CATEGORY_WEEKEND = {"video": 1.3, "gaming": 1.3, "shopping": 1.2, "news": 0.7, "navigation": 0.6}
 WIFI_HOURS = np.array([1.0] * 7 + [0.25] * 3 + [0.55] * 7 + [0.35] * 3 + [1.0] * 4)  # P(Wi-Fi) multiplier by local hour
@@ -217,8 +313,18 @@ MAX_CHAIN = 8
 P_SAME_APP, P_RELATED_APP = 0.35, 0.25  # next session: same app / a related app / else a fresh draw from taste
 RELATED_APPS = 3  # per app: two of its category and one of its companion category
 APP_TASTE_SHAPE = 0.35  # Gamma shape of a user's app weights: small = a few favourites
-ACTION_PROBS = np.array([[0.5, 0.2, 0.3], [0.7, 0.1, 0.2], [0.65, 0.2, 0.15], [0.5, 0.35, 0.15],
-                         [0.7, 0.1, 0.2], [0.6, 0.2, 0.2], [0.6, 0.25, 0.15], [0.5, 0.35, 0.15]])  # (C, 3)
+ACTION_PROBS = np.array(
+    [
+        [0.5, 0.2, 0.3],
+        [0.7, 0.1, 0.2],
+        [0.65, 0.2, 0.15],
+        [0.5, 0.35, 0.15],
+        [0.7, 0.1, 0.2],
+        [0.6, 0.2, 0.2],
+        [0.6, 0.25, 0.15],
+        [0.5, 0.35, 0.15],
+    ]
+)  # (C, 3)
 SESSION_MINUTES = np.array([20.0, 6.0, 12.0, 4.0, 15.0, 5.0, 3.0, 12.0])  # median per category
 MB_PER_MINUTE = np.array([6.0, 5.0, 0.8, 1.2, 0.8, 1.5, 1.2, 0.4])
 NET_MB = np.array([1.3, 1.0, 1.3])  # 5G, 4G, Wi-Fi: higher bit rates where the link allows
@@ -323,7 +429,7 @@ class Calendar:
     month_start: np.ndarray  # (D,) bool: the local 1st of a month
 
     @classmethod
-    def build(cls, start_date: str, days: int, timezone: str) -> "Calendar":
+    def build(cls, start_date: str, days: int, timezone: str) -> Calendar:
         tz = ZoneInfo(timezone)
         dates = [date.fromisoformat(start_date) + timedelta(days=d) for d in range(days + 1)]
         # Local midnights via zoneinfo so that DST days last 23 or 25 hours (a loop over days, not events).
@@ -353,7 +459,7 @@ class World:
     country_popularity: np.ndarray  # (K,)
 
     @classmethod
-    def build(cls, catalog: Catalog, rng: np.random.Generator) -> "World":
+    def build(cls, catalog: Catalog, rng: np.random.Generator) -> World:
         A, C = catalog.num_apps, len(cat.CATEGORIES)
         rank = np.empty(A)
         for c in range(C):  # Zipf popularity inside each category, random order of apps
@@ -409,10 +515,12 @@ class Population:
     treated: np.ndarray  # campaign arm, drawn for everyone; used for eligible users
 
     @classmethod
-    def sample(cls, n: int, num_regions: int, treatment_fraction: float, rng: np.random.Generator) -> "Population":
+    def sample(cls, n: int, num_regions: int, treatment_fraction: float, rng: np.random.Generator) -> Population:
         arch = CategoricalRows(np.array([[a.share for a in ARCHETYPES]])).sample(np.zeros(n), rng)
+
         def per_arch(attr: str) -> np.ndarray:
             return CategoricalRows(np.array([getattr(a, attr) for a in ARCHETYPES])).sample(arch, rng)
+
         tier = per_arch("tiers")
         cell = per_arch("cells")
         prepaid = rng.random(n) < np.array([a.prepaid for a in ARCHETYPES])[arch]
@@ -425,37 +533,50 @@ class Population:
         young = age <= 1
         care_w = np.where(young[:, None], [[0.2, 0.45, 0.1, 0.25]], [[0.55, 0.15, 0.25, 0.05]])
         return cls(
-            archetype=arch, age=age, region=rng.integers(0, num_regions, n).astype(np.int32), cell=cell, prepaid=prepaid,
-            tier=tier, device_5g=rng.random(n) < p5g, brand=brand, tenure=tenure, family_lines=lines,
-            home_broadband=rng.random(n) < np.where(family, 0.75, 0.45), fee_factor=np.exp(rng.normal(0.0, 0.08, n)),
+            archetype=arch,
+            age=age,
+            region=rng.integers(0, num_regions, n).astype(np.int32),
+            cell=cell,
+            prepaid=prepaid,
+            tier=tier,
+            device_5g=rng.random(n) < p5g,
+            brand=brand,
+            tenure=tenure,
+            family_lines=lines,
+            home_broadband=rng.random(n) < np.where(family, 0.75, 0.45),
+            fee_factor=np.exp(rng.normal(0.0, 0.08, n)),
             activity=np.exp(rng.normal(-0.125, 0.5, n)) * np.array([a.activity for a in ARCHETYPES])[arch],
-            time_shift=rng.normal(0.0, 1_800.0, n).astype(np.int64), quality=np.exp(rng.normal(0.0, 0.35, n)),
+            time_shift=rng.normal(0.0, 1_800.0, n).astype(np.int64),
+            quality=np.exp(rng.normal(0.0, 0.35, n)),
             price_sensitivity=rng.standard_normal(n) + 0.5 * prepaid + 0.3 * young,
             complaint_propensity=np.exp(rng.normal(0.0, 0.6, n)),
             care_channel=CategoricalRows(care_w).sample(np.arange(n), rng),
             pay_channel=CategoricalRows(np.array([[0.4, 0.3, 0.2, 0.1]])).sample(np.zeros(n), rng),
             topup_channel=CategoricalRows(np.array([[0.45, 0.25, 0.2, 0.1]])).sample(np.zeros(n), rng),
-            late_payer=rng.random(n) < 0.08, treated=rng.random(n) < treatment_fraction,
+            late_payer=rng.random(n) < 0.08,
+            treated=rng.random(n) < treatment_fraction,
         )
 
     def users_table(self, user_ids: np.ndarray, tier_at_cutoff: np.ndarray, regions: tuple[str, ...]) -> pd.DataFrame:
         """The public users table; the plan tier and fee are those at the end of the window."""
-        return pd.DataFrame({
-            "user_id": user_ids,
-            "archetype": np.array([a.name for a in ARCHETYPES])[self.archetype],
-            "age_band": np.array(AGE_BANDS)[self.age],
-            "region": np.array(regions)[self.region],
-            "cell_type": np.array(cat.CELL_TYPES)[self.cell],
-            "plan_tier": np.array(cat.TIERS)[tier_at_cutoff],
-            "payment_type": np.where(self.prepaid, "prepaid", "postpaid"),
-            "monthly_fee": np.round(TIER_FEE[tier_at_cutoff] * self.fee_factor, 2),
-            "device_network": np.where(self.device_5g, "5G", "4G"),
-            "device_brand": np.array(BRANDS)[self.brand],
-            "device_os": np.array(BRAND_OS)[self.brand],
-            "tenure_months": self.tenure,
-            "family_lines": self.family_lines,
-            "home_broadband": self.home_broadband,
-        })
+        return pd.DataFrame(
+            {
+                "user_id": user_ids,
+                "archetype": np.array([a.name for a in ARCHETYPES])[self.archetype],
+                "age_band": np.array(AGE_BANDS)[self.age],
+                "region": np.array(regions)[self.region],
+                "cell_type": np.array(cat.CELL_TYPES)[self.cell],
+                "plan_tier": np.array(cat.TIERS)[tier_at_cutoff],
+                "payment_type": np.where(self.prepaid, "prepaid", "postpaid"),
+                "monthly_fee": np.round(TIER_FEE[tier_at_cutoff] * self.fee_factor, 2),
+                "device_network": np.where(self.device_5g, "5G", "4G"),
+                "device_brand": np.array(BRANDS)[self.brand],
+                "device_os": np.array(BRAND_OS)[self.brand],
+                "tenure_months": self.tenure,
+                "family_lines": self.family_lines,
+                "home_broadband": self.home_broadband,
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,15 +595,19 @@ class Events:
     duration: np.ndarray  # (N,) float32 seconds, NaN where absent
 
     @classmethod
-    def of(cls, user, time, behavior, value=None, duration=None) -> "Events":
+    def of(cls, user, time, behavior, value=None, duration=None) -> Events:
         n = len(user)
         nan = np.full(n, np.nan, np.float32)
         for name, array in (("time", time), ("behavior", behavior), ("value", value), ("duration", duration)):
             if array is not None and np.shape(array) != (n,):
                 raise ValueError(f"Events.of: {name} has shape {np.shape(array)}, expected ({n},)")
-        return cls(np.asarray(user, np.int64), np.asarray(time, np.int64), np.asarray(behavior, np.int32),
-                   nan if value is None else np.round(np.asarray(value, np.float32), 1),
-                   nan if duration is None else np.round(np.asarray(duration, np.float32)))
+        return cls(
+            np.asarray(user, np.int64),
+            np.asarray(time, np.int64),
+            np.asarray(behavior, np.int32),
+            nan if value is None else np.round(np.asarray(value, np.float32), 1),
+            nan if duration is None else np.round(np.asarray(duration, np.float32)),
+        )
 
 
 @dataclass
@@ -495,7 +620,7 @@ class Episodes:
     weekend: np.ndarray
     start: np.ndarray
 
-    def take(self, idx: np.ndarray) -> "Episodes":
+    def take(self, idx: np.ndarray) -> Episodes:
         return Episodes(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
 
 
@@ -504,21 +629,48 @@ TOD_OF_HOUR = np.array([0] * 6 + [2] + [1] * 3 + [2] * 2 + [3] * 2 + [4] * 3 + [
 DAY_PHRASES = ("one day",) + tuple(f"{d} days" for d in range(2, 15)) + ("more than two weeks",)
 INCIDENT_PHRASES = ("video buffering", "dropped calls", "slow mobile data")
 SCENARIOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # kind: (templates, axes)
-    "poor_video": (("Poor video quality during the {tod} on {app}", "Buffering and a resolution drop while watching {app} in the {tod}",
-                    "Streaming on {app} keeps stalling in the {tod}"), ("tod", "app")),
-    "playback_failure": (("Playback failure after repeated buffering on {app}",
-                          "Video on {app} freezes, drops resolution and then fails to play"), ("app",)),
-    "commute_streaming": (("Commute streaming on {app} during the {tod}", "Uses {app} on the way to or from work in the {tod}"), ("tod", "app")),
+    "poor_video": (
+        (
+            "Poor video quality during the {tod} on {app}",
+            "Buffering and a resolution drop while watching {app} in the {tod}",
+            "Streaming on {app} keeps stalling in the {tod}",
+        ),
+        ("tod", "app"),
+    ),
+    "playback_failure": (
+        ("Playback failure after repeated buffering on {app}", "Video on {app} freezes, drops resolution and then fails to play"),
+        ("app",),
+    ),
+    "commute_streaming": (
+        ("Commute streaming on {app} during the {tod}", "Uses {app} on the way to or from work in the {tod}"),
+        ("tod", "app"),
+    ),
     "late_night_gaming": (("Late-night gaming session on {app}", "Plays {app} online late at night"), ("app",)),
     "weekend_binge": (("Weekend binge-watching on {app}", "Watches several episodes in a row on {app} at the weekend"), ("app",)),
-    "dropped_call": (("Dropped call followed by an immediate redial", "A call drops in the {tod} and the user calls back at once"), ("tod",)),
-    "topup_data": (("Tops up the prepaid balance and starts using mobile data right away",
-                    "Prepaid top-up followed by a mobile data session"), ()),
-    "roaming": (("Roaming abroad in {country} for {days}", "Travels to {country} and uses roaming services for {days}"), ("country", "days")),
-    "complaint": (("Complains to customer care after repeated {topic}", "Contacts customer care about {topic} after a run of network problems"), ("topic",)),
-    "shopping_checkout": (("Online shopping checkout on {app} confirmed with an SMS code",
-                           "Orders on {app} and receives a verification code by SMS"), ("app",)),
-    "metro_commute": (("Commutes across the city's cells in the {tod}", "Daily commute through metro and highway coverage in the {tod}"), ("tod",)),
+    "dropped_call": (
+        ("Dropped call followed by an immediate redial", "A call drops in the {tod} and the user calls back at once"),
+        ("tod",),
+    ),
+    "topup_data": (
+        ("Tops up the prepaid balance and starts using mobile data right away", "Prepaid top-up followed by a mobile data session"),
+        (),
+    ),
+    "roaming": (
+        ("Roaming abroad in {country} for {days}", "Travels to {country} and uses roaming services for {days}"),
+        ("country", "days"),
+    ),
+    "complaint": (
+        ("Complains to customer care after repeated {topic}", "Contacts customer care about {topic} after a run of network problems"),
+        ("topic",),
+    ),
+    "shopping_checkout": (
+        ("Online shopping checkout on {app} confirmed with an SMS code", "Orders on {app} and receives a verification code by SMS"),
+        ("app",),
+    ),
+    "metro_commute": (
+        ("Commutes across the city's cells in the {tod}", "Daily commute through metro and highway coverage in the {tod}"),
+        ("tod",),
+    ),
 }
 
 
@@ -526,8 +678,13 @@ class ScenarioTexts:
     """All scenario sentences rendered once per data set; a scenario's text is then an array lookup."""
 
     def __init__(self, catalog: Catalog):
-        axes = {"tod": TOD_PHRASES, "app": tuple(catalog.app_name), "country": catalog.country_names, "days": DAY_PHRASES,
-                "topic": INCIDENT_PHRASES}
+        axes = {
+            "tod": TOD_PHRASES,
+            "app": tuple(catalog.app_name),
+            "country": catalog.country_names,
+            "days": DAY_PHRASES,
+            "topic": INCIDENT_PHRASES,
+        }
         self.tables: dict[str, np.ndarray] = {}
         for kind, (templates, names) in SCENARIOS.items():
             shape = (len(templates),) + tuple(len(axes[a]) for a in names)
@@ -540,8 +697,17 @@ class ScenarioTexts:
 class ShardSimulator:
     """Simulates the users `lo:hi` of the population over the calendar."""
 
-    def __init__(self, cfg: SimulatorConfig, world: World, calendar: Calendar, population: Population,
-                 texts: ScenarioTexts, lo: int, hi: int, rng: np.random.Generator):
+    def __init__(
+        self,
+        cfg: SimulatorConfig,
+        world: World,
+        calendar: Calendar,
+        population: Population,
+        texts: ScenarioTexts,
+        lo: int,
+        hi: int,
+        rng: np.random.Generator,
+    ):
         self.cfg, self.world, self.cal, self.texts, self.rng = cfg, world, calendar, texts, rng
         self.catalog = world.catalog
         self.n = hi - lo
@@ -629,10 +795,13 @@ class ShardSimulator:
         self.emit(su, register, catalog.roaming[c, 4])
         self.emit(su, arrive, catalog.roaming[c, 5])
         buys = rng.random(len(su)) < 0.5
-        self.emit(su[buys], arrive[buys] + _uniform(rng, 60, 1_800, int(buys.sum())), catalog.roaming[c[buys], 6],
-                  value=rng.choice([15.0, 30.0, 60.0], int(buys.sum())))
-        self.scenario("roaming", su, register, self.cal.day_start[ed + 1] - 1, country=c,
-                      days=np.minimum(ed - sd, len(DAY_PHRASES) - 1))
+        self.emit(
+            su[buys],
+            arrive[buys] + _uniform(rng, 60, 1_800, int(buys.sum())),
+            catalog.roaming[c[buys], 6],
+            value=rng.choice([15.0, 30.0, 60.0], int(buys.sum())),
+        )
+        self.scenario("roaming", su, register, self.cal.day_start[ed + 1] - 1, country=c, days=np.minimum(ed - sd, len(DAY_PHRASES) - 1))
         return abroad
 
     def episodes(self, abroad: np.ndarray) -> tuple[Episodes, np.ndarray]:
@@ -736,8 +905,12 @@ class ShardSimulator:
         self.scenario("poor_video", user[hit][~fail], t[hit][~fail], end[~fail], tod=TOD_OF_HOUR[hour[hit][~fail]], app=app[hit][~fail])
         self.scenario("playback_failure", user[hit][fail], t[hit][fail], end[fail], app=app[hit][fail])
         lag = np.flatnonzero((catalog.gaming_lag[app] >= 0) & (rng.random(N) < GAMING_LAG_BASE * risk))
-        self.emit(user[lag], t[lag] + (rng.random(len(lag)) * dur[lag]).astype(np.int64), catalog.gaming_lag[app[lag]],
-                  value=rng.integers(150, 900, len(lag)))
+        self.emit(
+            user[lag],
+            t[lag] + (rng.random(len(lag)) * dur[lag]).astype(np.int64),
+            catalog.gaming_lag[app[lag]],
+            value=rng.integers(150, 900, len(lag)),
+        )
 
         # an online order is confirmed by an SMS code
         order = np.flatnonzero((category == C_SHOPPING) & (action == 1) & (rng.random(N) < 0.8))  # action 1: places an order
@@ -799,7 +972,9 @@ class ShardSimulator:
         roam = (country >= 0) & np.isin(kind, (0, 2))
         self.emit(user, t, np.where(roam, catalog.roaming[np.maximum(country, 0), 3], catalog.sms[kind]))
 
-    def data_session(self, user: np.ndarray, t: np.ndarray, country: np.ndarray, tether_p: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    def data_session(
+        self, user: np.ndarray, t: np.ndarray, country: np.ndarray, tether_p: float | np.ndarray = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One mobile data session per row (roaming abroad); returns the network (0 5G, 1 4G, 2 3G) and duration."""
         rng, p, catalog, N = self.rng, self.p, self.catalog, len(user)
         mb = _lognormal(rng, 40.0, 1.3, N)
@@ -861,8 +1036,12 @@ class ShardSimulator:
         self.scenario("topup_data", e.user[follow], e.start[follow], data_t)
         addon = np.flatnonzero(rng.random(n) < 0.15)
         size = rng.integers(0, 3, len(addon))
-        self.emit(e.user[addon], e.start[addon] + _uniform(rng, 60, 600, len(addon)), catalog.data_addon[size],
-                  value=np.array([5.0, 15.0, 40.0], np.float32)[size])
+        self.emit(
+            e.user[addon],
+            e.start[addon] + _uniform(rng, 60, 600, len(addon)),
+            catalog.data_addon[size],
+            value=np.array([5.0, 15.0, 40.0], np.float32)[size],
+        )
 
     def inquiry(self, e: Episodes) -> None:
         topic = CategoricalRows(INQUIRY_PROBS[None, :]).sample(np.zeros(len(e.user)), self.rng)
@@ -887,8 +1066,12 @@ class ShardSimulator:
         used = mb > 0
         self.emit(users[used], midnight[used], catalog.daily_data[np.searchsorted(cat.DAILY_DATA_EDGES_MB, mb[used])], value=mb[used])
         called = minutes > 0
-        self.emit(users[called], midnight[called], catalog.daily_voice[np.searchsorted(cat.DAILY_VOICE_EDGES_MIN, minutes[called])],
-                  value=minutes[called])
+        self.emit(
+            users[called],
+            midnight[called],
+            catalog.daily_voice[np.searchsorted(cat.DAILY_VOICE_EDGES_MIN, minutes[called])],
+            value=minutes[called],
+        )
         return mb.reshape(U, D)
 
     def billing(self) -> None:
@@ -903,7 +1086,9 @@ class ShardSimulator:
         amount = fee * np.where(post, np.exp(rng.normal(0.05, 0.1, len(user))), 1.0)
         self.emit(user, at, np.where(post, catalog.bill[p.tier[user]], catalog.renewal[p.tier[user]]), value=amount)
         late = post & p.late_payer[user] & (rng.random(len(user)) < 0.6)
-        delay = np.where(late, rng.integers(17, 26, len(user)), rng.integers(1, 15, len(user))) * DAY + _uniform(rng, 8 * HOUR, 22 * HOUR, len(user))
+        delay = np.where(late, rng.integers(17, 26, len(user)), rng.integers(1, 15, len(user))) * DAY + _uniform(
+            rng, 8 * HOUR, 22 * HOUR, len(user)
+        )
         self.emit(user[late], at[late] + 16 * DAY + 10 * HOUR, np.full(int(late.sum()), catalog.overdue))
         self.emit(user[post], at[post] + delay[post], catalog.bill_paid[p.pay_channel[user[post]]], value=amount[post])
 
@@ -911,8 +1096,13 @@ class ShardSimulator:
         """Complaints after incidents, plan changes and add-ons. Returns (U, D) incidents, (U,) complaints, tier at cutoff."""
         rng, p, catalog, cal = self.rng, self.p, self.catalog, self.cal
         U, D = self.n, cal.days
-        per_kind = np.stack([self.user_day_sum(activity, lambda e, k=k: catalog.incident_kind[e.behavior] == k)
-                             for k in (cat.INCIDENT_VIDEO, cat.INCIDENT_CALL, cat.INCIDENT_DATA)], axis=-1).reshape(U, D, 3)
+        per_kind = np.stack(
+            [
+                self.user_day_sum(activity, lambda e, k=k: catalog.incident_kind[e.behavior] == k)
+                for k in (cat.INCIDENT_VIDEO, cat.INCIDENT_CALL, cat.INCIDENT_DATA)
+            ],
+            axis=-1,
+        ).reshape(U, D, 3)
         incidents = per_kind.sum(axis=-1)
         window = np.cumsum(incidents, axis=1)
         last_week = window - np.concatenate([np.zeros((U, 7)), window[:, :-7]], axis=1)[:, :D]
@@ -945,15 +1135,27 @@ class ShardSimulator:
         self.emit(who, t, np.where(upgrade, catalog.upgrade[p.tier[who]], catalog.downgrade[p.tier[who]]))
         # data add-ons on days over the allowance; a streaming add-on for the favourite app now and then
         au, ad = np.nonzero(over & (rng.random((U, D)) < 0.04))
-        self.emit(au, cal.day_start[ad] + _uniform(rng, 12 * HOUR, 23 * HOUR, len(au)), catalog.data_addon[rng.integers(0, 3, len(au))],
-                  value=rng.choice([5.0, 15.0, 40.0], len(au)))
+        self.emit(
+            au,
+            cal.day_start[ad] + _uniform(rng, 12 * HOUR, 23 * HOUR, len(au)),
+            catalog.data_addon[rng.integers(0, 3, len(au))],
+            value=rng.choice([5.0, 15.0, 40.0], len(au)),
+        )
         addon_app = catalog.app_addon[self._favourite_apps(activity)]
         subs = np.flatnonzero((addon_app >= 0) & (rng.random(U) < 0.06 * TIER_STREAMING[p.tier]))
-        self.emit(subs, cal.day_start[rng.integers(0, D, len(subs))] + _uniform(rng, 9 * HOUR, 23 * HOUR, len(subs)),
-                  addon_app[subs], value=rng.choice([9.0, 15.0], len(subs)))
+        self.emit(
+            subs,
+            cal.day_start[rng.integers(0, D, len(subs))] + _uniform(rng, 9 * HOUR, 23 * HOUR, len(subs)),
+            addon_app[subs],
+            value=rng.choice([9.0, 15.0], len(subs)),
+        )
         intl = np.flatnonzero((np.array([a.calls[2] for a in ARCHETYPES])[p.archetype] > 0.1) & (rng.random(U) < 0.15))
-        self.emit(intl, cal.day_start[rng.integers(0, D, len(intl))] + _uniform(rng, 9 * HOUR, 21 * HOUR, len(intl)),
-                  np.full(len(intl), catalog.intl_pack), value=np.full(len(intl), 20.0))
+        self.emit(
+            intl,
+            cal.day_start[rng.integers(0, D, len(intl))] + _uniform(rng, 9 * HOUR, 21 * HOUR, len(intl)),
+            np.full(len(intl), catalog.intl_pack),
+            value=np.full(len(intl), 20.0),
+        )
         return incidents, complaints, tier
 
     def _favourite_apps(self, activity: list[tuple[Events, np.ndarray]]) -> np.ndarray:
@@ -986,18 +1188,39 @@ class ShardSimulator:
             return (rng.random(U) < -np.expm1(np.log1p(-p30) * horizon_days / 30.0)).astype(np.float32)
 
         horizon = self.cfg.label_horizon_days
-        churn = draw(-4.9 + 1.1 * np.log1p(rate) + 0.15 * np.log1p(recent) + 0.45 * np.minimum(complaints, 3) + 0.5 * p.prepaid
-                     - 0.012 * p.tenure + 0.35 * p.price_sensitivity + 0.3 * (tier == 0), horizon)
+        churn = draw(
+            -4.9
+            + 1.1 * np.log1p(rate)
+            + 0.15 * np.log1p(recent)
+            + 0.45 * np.minimum(complaints, 3)
+            + 0.5 * p.prepaid
+            - 0.012 * p.tenure
+            + 0.35 * p.price_sensitivity
+            + 0.3 * (tier == 0),
+            horizon,
+        )
         upgrade_logit = -3.4 + 2.5 * over + 0.6 * low_5g - 0.3 * np.log1p(rate)
         upgrade = np.where(tier < 3, draw(upgrade_logit, horizon), 0.0)
-        downgrade = np.where(tier > 0, draw(-4.3 + 0.9 * np.log1p(rate) + 0.6 * p.price_sensitivity - 1.5 * over + 0.3 * p.prepaid, horizon), 0.0)
-        tau = (cc.base_effect + cc.heavy_user_effect * np.minimum(over / 0.3, 1.0) + cc.device_effect * low_5g
-               + cc.incident_effect * np.minimum(rate / 10.0, 1.0))
+        downgrade = np.where(
+            tier > 0, draw(-4.3 + 0.9 * np.log1p(rate) + 0.6 * p.price_sensitivity - 1.5 * over + 0.3 * p.prepaid, horizon), 0.0
+        )
+        tau = (
+            cc.base_effect
+            + cc.heavy_user_effect * np.minimum(over / 0.3, 1.0)
+            + cc.device_effect * low_5g
+            + cc.incident_effect * np.minimum(rate / 10.0, 1.0)
+        )
         treated = p.treated
         response = draw(upgrade_logit + 0.2 + treated * tau)
         eligible = tier < 3
-        return dict(churn=churn, upgrade=upgrade.astype(np.float32), downgrade=downgrade.astype(np.float32),
-                    campaign_response=response, eligible=eligible, treated=treated)
+        return dict(
+            churn=churn,
+            upgrade=upgrade.astype(np.float32),
+            downgrade=downgrade.astype(np.float32),
+            campaign_response=response,
+            eligible=eligible,
+            treated=treated,
+        )
 
     # -- all together --------------------------------------------------------------------------------
 
@@ -1029,8 +1252,11 @@ class ShardSimulator:
         # events outside the window get the largest key and are cut off the end of the order
         keys = []
         for e in parts:
-            key = ((e.user.astype(np.uint64) << np.uint64(44)) | (np.clip(e.time - start, 0, None).astype(np.uint64) << np.uint64(14))
-                   | e.behavior.astype(np.uint64))
+            key = (
+                (e.user.astype(np.uint64) << np.uint64(44))
+                | (np.clip(e.time - start, 0, None).astype(np.uint64) << np.uint64(14))
+                | e.behavior.astype(np.uint64)
+            )
             key[(e.time < start) | (e.time >= cutoff)] = np.iinfo(np.uint64).max
             keys.append(key)
         key = np.concatenate(keys)
@@ -1075,14 +1301,16 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
 
 def _events_table(ev: Events, user_ids: np.ndarray, catalog: Catalog) -> pa.Table:
     """Dictionary-encoded string columns straight from the integer indices: no string per event is built."""
-    return pa.table({
-        "user_id": pa.DictionaryArray.from_arrays(pa.array(ev.user.astype(np.int32)), pa.array(user_ids.astype(str))),
-        "timestamp": _utc(ev.time),
-        "behavior_id": pa.DictionaryArray.from_arrays(pa.array(ev.behavior), pa.array(catalog.table["behavior_id"].to_numpy(str))),
-        "value": pa.array(ev.value, from_pandas=True),
-        "duration": pa.array(ev.duration, from_pandas=True),
-        "source": pa.DictionaryArray.from_arrays(pa.array(catalog.source[ev.behavior]), pa.array(catalog.sources.astype(str))),
-    })
+    return pa.table(
+        {
+            "user_id": pa.DictionaryArray.from_arrays(pa.array(ev.user.astype(np.int32)), pa.array(user_ids.astype(str))),
+            "timestamp": _utc(ev.time),
+            "behavior_id": pa.DictionaryArray.from_arrays(pa.array(ev.behavior), pa.array(catalog.table["behavior_id"].to_numpy(str))),
+            "value": pa.array(ev.value, from_pandas=True),
+            "duration": pa.array(ev.duration, from_pandas=True),
+            "source": pa.DictionaryArray.from_arrays(pa.array(catalog.source[ev.behavior]), pa.array(catalog.sources.astype(str))),
+        }
+    )
 
 
 LABEL_TASKS = ("churn", "upgrade", "downgrade", "campaign_response")
@@ -1092,8 +1320,14 @@ def _labels_frame(user_ids: np.ndarray, labels: dict[str, np.ndarray], cutoff: i
     frames = []
     for task in LABEL_TASKS:
         rows = np.flatnonzero(labels["eligible"]) if task == "campaign_response" else np.arange(len(user_ids))
-        treatment = pd.array(labels["treated"][rows].astype(np.int8), dtype="Int8") if task == "campaign_response" else pd.array([pd.NA] * len(rows), dtype="Int8")
-        frames.append(pd.DataFrame({"user_id": user_ids[rows], "task": task, "label": labels[task][rows].astype(np.float32), "treatment": treatment}))
+        treatment = (
+            pd.array(labels["treated"][rows].astype(np.int8), dtype="Int8")
+            if task == "campaign_response"
+            else pd.array([pd.NA] * len(rows), dtype="Int8")
+        )
+        frames.append(
+            pd.DataFrame({"user_id": user_ids[rows], "task": task, "label": labels[task][rows].astype(np.float32), "treatment": treatment})
+        )
     out = pd.concat(frames, ignore_index=True)
     out["time"] = pd.to_datetime(np.full(len(out), cutoff, np.int64), unit="s", utc=True).astype("datetime64[ns, UTC]")
     return out
@@ -1119,8 +1353,15 @@ def simulate(cfg: SimulatorConfig, out_dir: str | Path, progress: bool = True) -
     shards = range(0, cfg.users, cfg.users_per_shard)
     tier_at_cutoff = population.tier.copy()
     label_frames, scene_frames, num_events = [], [], 0
-    log.info("simulating %d users x %d days (%s, %d behaviours) in %d shard(s) -> %s",
-             cfg.users, cfg.days, cfg.timezone, catalog.num_behaviors, len(shards), out)
+    log.info(
+        "simulating %d users x %d days (%s, %d behaviours) in %d shard(s) -> %s",
+        cfg.users,
+        cfg.days,
+        cfg.timezone,
+        catalog.num_behaviors,
+        len(shards),
+        out,
+    )
     for i, lo in enumerate(tqdm(shards, desc="simulate", unit="shard", disable=not progress or None)):
         hi = min(lo + cfg.users_per_shard, cfg.users)
         shard = ShardSimulator(cfg, world, calendar, population, texts, lo, hi, np.random.default_rng([cfg.seed, 1, i]))
@@ -1139,22 +1380,37 @@ def simulate(cfg: SimulatorConfig, out_dir: str | Path, progress: bool = True) -
     _write_frame(labels, out / "labels.parquet")
     _write_frame(scenarios, out / "scenarios.parquet")
     DatasetManifest(
-        name=cfg.name, timezone=cfg.timezone,
-        description=(f"Synthetic telecom operator: {cfg.users} users x {cfg.days} days from {cfg.start_date} "
-                     f"({cfg.timezone}); labels describe the {cfg.label_horizon_days} days after the window, "
-                     "their time is the end of the window."),
+        name=cfg.name,
+        timezone=cfg.timezone,
+        description=(
+            f"Synthetic telecom operator: {cfg.users} users x {cfg.days} days from {cfg.start_date} "
+            f"({cfg.timezone}); labels describe the {cfg.label_horizon_days} days after the window, "
+            "their time is the end of the window."
+        ),
         provenance={"generator": f"{__name__}.simulate", "config": dataclasses.asdict(cfg)},
     ).write(out)
     seconds = time.perf_counter() - started
     summary = {
-        "out_dir": str(out), "users": cfg.users, "days": cfg.days, "events": num_events, "behaviors": catalog.num_behaviors,
-        "shards": len(shards), "labels": len(labels), "scenarios": len(scenarios),
+        "out_dir": str(out),
+        "users": cfg.users,
+        "days": cfg.days,
+        "events": num_events,
+        "behaviors": catalog.num_behaviors,
+        "shards": len(shards),
+        "labels": len(labels),
+        "scenarios": len(scenarios),
         "events_per_user_per_day": round(num_events / (cfg.users * cfg.days), 2),
         "label_rates": {t: round(float(labels.loc[labels.task == t, "label"].mean()), 4) for t in LABEL_TASKS},
-        "seconds": round(seconds, 3), "events_per_second": round(num_events / max(seconds, 1e-9)),
+        "seconds": round(seconds, 3),
+        "events_per_second": round(num_events / max(seconds, 1e-9)),
     }
-    log.info("wrote %d events (%.1f per user-day) in %.1f s: %.0f events/s", num_events, summary["events_per_user_per_day"],
-             seconds, summary["events_per_second"])
+    log.info(
+        "wrote %d events (%.1f per user-day) in %.1f s: %.0f events/s",
+        num_events,
+        summary["events_per_user_per_day"],
+        seconds,
+        summary["events_per_second"],
+    )
     return summary
 
 

@@ -6,7 +6,8 @@
   timezone (DST gaps shift forward; ambiguous fall-back hours are read as standard time);
 - tz-aware datetimes: converted.
 A cell without a date ("12:30", "8:15 PM") is unreadable: a lenient parser would date it today, and
-the result would depend on the day of the run. Unparseable cells become NaT; the caller decides what to do with them (validation quarantines them).
+the result would depend on the day of the run. Unparseable cells become NaT; the caller decides what
+to do with them (validation quarantines them).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Every row that fails is written aside to `quarantine/<table>.parquet` with the f
 is dropped silently. A row an adapter brought in names the operator's own file and row (its
 `_source_file` / `_source_row`), not the intermediate raw file; a CSV line that could not be read (more
 fields than the header, bytes not in the encoding) is quarantined as `malformed_line` with the line
-number in `_malformed`, and the rest of the file is validated. Structural problems (a missing file or required column) stop the run with an error
-that names the file and the column.
+number in `_malformed`, and the rest of the file is validated. Structural problems (a missing file or
+required column) stop the run with an error that names the file and the column.
 
 A run that completes writes the marker file `VALIDATED` last, after every table and the summary; a
 run stopped on the way (a structural error, too many rows rejected) leaves none, and `require_validated`
@@ -34,7 +34,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from gts_lum.data.contract import INTERNAL_COLUMNS, MALFORMED, SOURCE_FILE, SOURCE_ROW, TABLES, DatasetManifest, TableSpec, read_arrow, read_file, table_files
+from gts_lum.data.contract import (
+    INTERNAL_COLUMNS,
+    MALFORMED,
+    SOURCE_FILE,
+    SOURCE_ROW,
+    TABLES,
+    DatasetManifest,
+    TableSpec,
+    read_arrow,
+    read_file,
+    table_files,
+)
+from gts_lum.data.events import EventLog
 from gts_lum.data.timeparse import to_utc
 
 log = logging.getLogger(__name__)
@@ -65,7 +77,7 @@ class TableReport:
     rows_kept: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
-    def add(self, other: "TableReport") -> None:
+    def add(self, other: TableReport) -> None:
         self.rows_in += other.rows_in
         self.rows_kept += other.rows_kept
         for k, v in other.rejected.items():
@@ -160,7 +172,7 @@ def _time_window(cfg: ValidationConfig) -> tuple[int, int]:
     return pd.Timestamp(cfg.earliest_time, tz="UTC").value, pd.Timestamp(cfg.latest_time, tz="UTC").value
 
 
-def _mark_implausible(nanos: np.ndarray, readable: np.ndarray, rej: "_Rejects", cfg: ValidationConfig, column: str) -> None:
+def _mark_implausible(nanos: np.ndarray, readable: np.ndarray, rej: _Rejects, cfg: ValidationConfig, column: str) -> None:
     earliest, latest = _time_window(cfg)
     rej.mark(readable & ((nanos < earliest) | (nanos > latest)), "implausible_time", column)
 
@@ -185,7 +197,11 @@ def _clean_typed(frame: pd.DataFrame, spec: TableSpec, rej: _Rejects, tz: str, c
         null = raw.isna().to_numpy()
         if col.kind in ("id", "text"):
             value = _strip(raw)
-            null |= (value == "").to_numpy(dtype=bool, na_value=True) if not isinstance(value.dtype, pd.CategoricalDtype) else (value.isna() | (value == "")).to_numpy()
+            null |= (
+                (value == "").to_numpy(dtype=bool, na_value=True)
+                if not isinstance(value.dtype, pd.CategoricalDtype)
+                else (value.isna() | (value == "")).to_numpy()
+            )
         elif col.kind == "time":
             value = to_utc(raw, tz, cfg.time_unit, cfg.time_format)
             rej.mark(value.isna().to_numpy() & ~null, "bad_time", col.name)
@@ -226,7 +242,9 @@ def _validate_small(
     files = table_files(root, spec.name)
     if not files:
         if spec.required:
-            raise ContractError(f"{root}: required table '{spec.name}' not found (expected {spec.name}.parquet, {spec.name}.csv or a folder {spec.name}/)")
+            raise ContractError(
+                f"{root}: required table '{spec.name}' not found (expected {spec.name}.parquet, {spec.name}.csv or a folder {spec.name}/)"
+            )
         return None, TableReport(), []
     kept, quarantine, report = [], [], TableReport()
     for file in files:
@@ -243,7 +261,9 @@ def _validate_small(
     clean = pd.concat(kept, ignore_index=True)
     dup = clean.duplicated(subset=list(spec.key), keep="first").to_numpy()
     if dup.any():  # across shards
-        quarantine.append(clean[dup].astype("string").assign(_reason="duplicate", _field=",".join(spec.key), _file="(across shards)", _row=-1))
+        quarantine.append(
+            clean[dup].astype("string").assign(_reason="duplicate", _field=",".join(spec.key), _file="(across shards)", _row=-1)
+        )
         report.rows_kept -= int(dup.sum())
         report.rejected["duplicate"] = report.rejected.get("duplicate", 0) + int(dup.sum())
         clean = clean[~dup].reset_index(drop=True)
@@ -253,7 +273,10 @@ def _validate_small(
 
 def _require_rows(report: TableReport, table: str, files: list[Path]) -> None:
     if not report.rows_in:
-        raise ContractError(f"{', '.join(map(str, files))}: table '{table}' holds no rows (a header only?): an empty input is an error, not an empty data set")
+        raise ContractError(
+            f"{', '.join(map(str, files))}: table '{table}' holds no rows (a header only?): "
+            "an empty input is an error, not an empty data set"
+        )
 
 
 def _newest_input_time(root: Path) -> pd.Timestamp:
@@ -286,7 +309,9 @@ def require_validated(clean_dir: str | Path) -> None:
             f"{clean_dir}: its validation stopped before the end (no {COMPLETE_MARKER} marker; the reason is in the "
             "ingest's error and validation_summary.json): fix the input or mapping and ingest again"
         )
-    raise ContractError(f"{clean_dir}: not a validated data set (no {COMPLETE_MARKER} marker): run `gts-lum ingest` or `gts-lum validate` first")
+    raise ContractError(
+        f"{clean_dir}: not a validated data set (no {COMPLETE_MARKER} marker): run `gts-lum ingest` or `gts-lum validate` first"
+    )
 
 
 def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfig | None = None, progress: bool = True) -> dict:
@@ -351,7 +376,11 @@ def validate_dataset(root: str | Path, out_dir: str | Path, cfg: ValidationConfi
             raise ContractError(
                 f"{name}: {rep.rows_in - rep.rows_kept} of {rep.rows_in} rows rejected ({rep.rejected}); "
                 f"more than max_quarantine_fraction={cfg.max_quarantine_fraction}: check the column mapping"
-                + (f" (times outside [{cfg.earliest_time}, {cfg.latest_time}]: durations, row numbers or another time_unit?)" if rep.rejected.get("implausible_time") else "")
+                + (
+                    f" (times outside [{cfg.earliest_time}, {cfg.latest_time}]: durations, row numbers or another time_unit?)"
+                    if rep.rejected.get("implausible_time")
+                    else ""
+                )
                 + ". "
                 f"Rejected rows are in {qdir / (name + '.parquet')}"
             )
@@ -542,8 +571,11 @@ def _validate_events_shard(file, tz, cfg, catalog, catalog_values, known_users) 
     rej.mark(dup, "duplicate", ",".join(spec.key))
     keep = _rows(rej.ok)
     # Ids stay dictionary-encoded: compact on disk and cheap to turn into an EventLog.
-    columns = {"user_id": user.arrow(keep), "timestamp": pa.array(typed["timestamp"][keep], pa.timestamp("ns", "UTC")),
-               "behavior_id": pa.DictionaryArray.from_arrays(pa.array(behavior[keep]), catalog_values)}
+    columns = {
+        "user_id": user.arrow(keep),
+        "timestamp": pa.array(typed["timestamp"][keep], pa.timestamp("ns", "UTC")),
+        "behavior_id": pa.DictionaryArray.from_arrays(pa.array(behavior[keep]), catalog_values),
+    }
     for name in ("value", "duration", "source"):
         if isinstance(typed.get(name), _Ids):
             columns[name] = typed[name].arrow(keep)
@@ -560,7 +592,9 @@ def _dictionary_codes(column: pa.ChunkedArray, index: pd.Index) -> np.ndarray:
     return _Ids.recode(index.get_indexer(encoded.dictionary.to_pandas()), encoded.indices.to_numpy())
 
 
-def _drop_cross_shard_duplicates(paths: list[Path], shard_users: list[np.ndarray], catalog: pd.Index, report: TableReport, quarantine: list) -> None:
+def _drop_cross_shard_duplicates(
+    paths: list[Path], shard_users: list[np.ndarray], catalog: pd.Index, report: TableReport, quarantine: list
+) -> None:
     """A duplicate can span shards only through a user present in several; exports split by user have none.
 
     Only those users' rows are read again; the earliest shard keeps a row.
@@ -589,7 +623,12 @@ def _drop_cross_shard_duplicates(paths: list[Path], shard_users: list[np.ndarray
         table = pq.read_table(paths[shard])
         mask = np.zeros(len(table), dtype=bool)
         mask[pos[later & (shard_of == shard)]] = True
-        quarantine.append(table.filter(mask).to_pandas().astype("string").assign(_reason="duplicate", _field="user_id,timestamp,behavior_id", _file="(across shards)", _row=-1))
+        quarantine.append(
+            table.filter(mask)
+            .to_pandas()
+            .astype("string")
+            .assign(_reason="duplicate", _field="user_id,timestamp,behavior_id", _file="(across shards)", _row=-1)
+        )
         _write_events(table.filter(~mask), paths[shard])
     n = int(later.sum())
     report.rows_kept -= n
@@ -597,14 +636,15 @@ def _drop_cross_shard_duplicates(paths: list[Path], shard_users: list[np.ndarray
     log.warning("events: %d duplicate rows across shards quarantined", n)
 
 
-def load_event_log(clean_dir: str | Path, seed: int = 0) -> "EventLog":
+def load_event_log(clean_dir: str | Path, seed: int = 0) -> EventLog:
     """The validated events of `clean_dir` as an `EventLog` whose catalog is the behaviours table."""
-    from gts_lum.data.events import EventLog
-
     clean_dir = Path(clean_dir)
     require_validated(clean_dir)
     behaviors = pd.read_parquet(clean_dir / "behaviors.parquet", columns=["behavior_id"])
-    events = pd.read_parquet(clean_dir / "events", columns=["user_id", "timestamp", "behavior_id", "value"] if _has_value(clean_dir) else ["user_id", "timestamp", "behavior_id"])
+    events = pd.read_parquet(
+        clean_dir / "events",
+        columns=["user_id", "timestamp", "behavior_id", "value"] if _has_value(clean_dir) else ["user_id", "timestamp", "behavior_id"],
+    )
     return EventLog.from_frame(events, behavior_ids=behaviors["behavior_id"].astype(str).to_numpy(), seed=seed)
 
 

@@ -204,7 +204,7 @@ class CooccurrenceGraph:
         return out
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "CooccurrenceGraph":
+    def load(cls, out_dir: str | Path) -> CooccurrenceGraph:
         root = Path(out_dir)
         if not (root / "graph.npz").exists():
             raise FileNotFoundError(f"{root}: no graph.npz (not a saved co-occurrence graph)")

@@ -311,7 +311,7 @@ class GraphEmbeddings:
         return out
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "GraphEmbeddings":
+    def load(cls, out_dir: str | Path) -> GraphEmbeddings:
         root = Path(out_dir)
         if not (root / "embeddings.npz").exists():
             raise FileNotFoundError(f"{root}: no embeddings.npz (not saved graph embeddings)")
@@ -319,9 +319,7 @@ class GraphEmbeddings:
         with np.load(root / "embeddings.npz", allow_pickle=False) as z:
             ids, vectors, origin = z["behavior_ids"].astype(object), z["vectors"], z["origin"]
         if vectors.shape != (len(ids), card["dim"]) or origin.shape != (len(ids),):
-            raise ValueError(
-                f"{root}/embeddings.npz: vectors {vectors.shape} / origin {origin.shape} do not match {len(ids)} behaviours"
-            )
+            raise ValueError(f"{root}/embeddings.npz: vectors {vectors.shape} / origin {origin.shape} do not match {len(ids)} behaviours")
         return cls(ids, vectors, origin, from_dict(Node2VecConfig, card["config"]), card.get("metadata", {}))
 
 
@@ -373,7 +371,10 @@ def run_graph_encoder(
         column = cfg.node2vec.fallback_column
         if column == "auto":
             column = next((c for c in AUTO_FALLBACK_COLUMNS if c in behaviors), None)
-            logger.info("node2vec fallback for unvisited behaviours: %s", f"mean of their {column!r} group" if column else "zeros (no family column)")
+            logger.info(
+                "node2vec fallback for unvisited behaviours: %s",
+                f"mean of their {column!r} group" if column else "zeros (no family column)",
+            )
         if column is not None and column not in behaviors:
             raise ValueError(
                 f"node2vec.fallback_column={column!r} is not a column of the behaviours table "

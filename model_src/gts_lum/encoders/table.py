@@ -117,7 +117,9 @@ def encode_tables(
         encoder = build_table_encoder(cfg)
         encoder.fit(frame)
         vectors = encoder.encode(frame)
-        np.savez(out / f"{name}_table.npz", **{f"{name}_ids": frame[key].astype(str).to_numpy().astype(str), "vectors": vectors})  # unicode, not object: loads without pickle
+        np.savez(
+            out / f"{name}_table.npz", **{f"{name}_ids": frame[key].astype(str).to_numpy().astype(str), "vectors": vectors}
+        )  # unicode, not object: loads without pickle
         encoder.save(out / f"{name}_encoder")
         summary[name] = {"rows": len(frame), "dim": int(vectors.shape[1]), "kind": cfg.kind, "columns": list(encoder.schema.columns)}
     if not summary:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -105,7 +106,7 @@ class TableSchema:
     columns: list[str]  # all features in serialization order
 
     @classmethod
-    def infer(cls, frame: pd.DataFrame, cfg: TableEncoderConfig) -> "TableSchema":
+    def infer(cls, frame: pd.DataFrame, cfg: TableEncoderConfig) -> TableSchema:
         named = list(cfg.columns) if cfg.columns is not None else list(frame.columns)
         for option, wanted in (("columns", cfg.columns or []), ("exclude", cfg.exclude), ("categorical", cfg.categorical)):
             absent = [c for c in wanted if c not in frame.columns]
@@ -172,7 +173,7 @@ class TableEncoder(ABC):
         self.cfg = cfg
         self.schema: TableSchema | None = None
 
-    def fit(self, frame: pd.DataFrame, labels: Any = None) -> "TableEncoder":
+    def fit(self, frame: pd.DataFrame, labels: Any = None) -> TableEncoder:
         """Fix the feature columns from `frame`; kinds that learn also train here (text/hf ignore `labels`)."""
         if len(frame) == 0:
             raise ValueError("table encoder: cannot fit on an empty table")
@@ -203,7 +204,7 @@ class TableEncoder(ABC):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Inverse of `extra_state` / `tensors`; the schema and config are already set."""
 
     def save(self, out_dir: str | Path) -> Path:

@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 TELCO_MAPPING = "pkg:adapters/telco_churn.yaml"
 
 
-def telco_table(data_dir: str | Path, workdir: str | Path, mapping: str = TELCO_MAPPING, task: str = "churn") -> tuple[pd.DataFrame, np.ndarray]:
+def telco_table(
+    data_dir: str | Path, workdir: str | Path, mapping: str = TELCO_MAPPING, task: str = "churn"
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Customers (users table, user_id first) and their `task` labels (0/1), row-aligned."""
     clean = prepare_dataset(data_dir, workdir, mapping=mapping, progress=False)
     users, labels = read_table(clean, "users"), read_table(clean, "labels")

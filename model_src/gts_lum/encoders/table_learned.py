@@ -50,7 +50,7 @@ class FeatureCodec:
     vocab: dict[str, list[str]] = field(default_factory=dict)  # column -> values in slot order (from slot 2)
 
     @classmethod
-    def fit(cls, frame: pd.DataFrame, schema: TableSchema, cfg: LearnedTableConfig) -> "FeatureCodec":
+    def fit(cls, frame: pd.DataFrame, schema: TableSchema, cfg: LearnedTableConfig) -> FeatureCodec:
         x = schema.numbers(frame)
         with np.errstate(all="ignore"):
             mean, std = np.nanmean(x, 0), np.nanstd(x, 0)
@@ -93,7 +93,7 @@ class LabelSpec:
     std: float = 1.0
 
     @classmethod
-    def fit(cls, labels: pd.Series | None, objective: str) -> "LabelSpec":
+    def fit(cls, labels: pd.Series | None, objective: str) -> LabelSpec:
         if objective not in OBJECTIVES:
             raise ValueError(f"LearnedTableConfig.objective: {objective!r} is not one of {OBJECTIVES}")
         if labels is None:
@@ -247,7 +247,7 @@ class LearnedTableEncoder(TableEncoder):
             return F.cross_entropy(out, y)
         return F.mse_loss(out.squeeze(-1), y)
 
-    def fit(self, frame: pd.DataFrame, labels: np.ndarray | pd.Series | list | None = None) -> "LearnedTableEncoder":
+    def fit(self, frame: pd.DataFrame, labels: np.ndarray | pd.Series | list | None = None) -> LearnedTableEncoder:
         """Fit scalers and vocabularies on `frame`, then train: on `labels` (one per row, in row order) or,
         without labels, on masked cells. The weights of the epoch with the lowest validation loss are kept."""
         super().fit(frame)

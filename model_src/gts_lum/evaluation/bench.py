@@ -22,10 +22,11 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -253,7 +254,16 @@ def run_bench(
         if budget is not None and _takes_time_budget(name, cfg_path, overrides):
             overrides = _with_time_budget(overrides, budget)
         runs = [
-            _fit_and_test(name, cfg_path, _with_seed(overrides, seed), label if seed is None else f"{label} (seed {seed})", split, candidates, eval_cfg, dataset)
+            _fit_and_test(
+                name,
+                cfg_path,
+                _with_seed(overrides, seed),
+                label if seed is None else f"{label} (seed {seed})",
+                split,
+                candidates,
+                eval_cfg,
+                dataset,
+            )
             for seed in (seeds if seeds and _has_train_seed(name, cfg_path, overrides) else [None])
         ]
         row = {"method": label, "model": name, "config": str(cfg_path or default_config_path(name)), "overrides": overrides, **runs[0]}

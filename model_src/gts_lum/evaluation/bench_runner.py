@@ -71,7 +71,13 @@ def load_bench_config(path: str | Path, overrides: list[str] | None = None) -> B
     folder = None if str(path).startswith("pkg:") else Path(path).parent
     for key in ("data", "mapping"):
         value = data.get(key)
-        local = isinstance(value, str) and value and not value.startswith(("synth:", "pkg:")) and not storage.is_remote(value) and not Path(value).is_absolute()
+        local = (
+            isinstance(value, str)
+            and value
+            and not value.startswith(("synth:", "pkg:"))
+            and not storage.is_remote(value)
+            and not Path(value).is_absolute()
+        )
         if folder is not None and local and (folder / value).exists():
             data[key] = str(folder / value)
     return load_config(BenchConfig, None, deep_merge(data, parse_overrides(overrides)))
@@ -104,7 +110,12 @@ def run_encoders(clean: Path, sequences: Path, out: Path, overrides: dict) -> di
 
     tokenize_dataset(clean, out / "semantic_ids", "pkg:tokenizer/default.yaml", overrides.get("tokenizer", {}), progress=False)
     run_graph_encoder(sequences, out / "graph", "pkg:encoders/graph.yaml", overrides.get("graph", {}))
-    encode_tables(clean, out / "tables", behavior_overrides=overrides.get("tables", {}), user_overrides={"kind": "learned", **overrides.get("users", {})})
+    encode_tables(
+        clean,
+        out / "tables",
+        behavior_overrides=overrides.get("tables", {}),
+        user_overrides={"kind": "learned", **overrides.get("users", {})},
+    )
     return {"semantic_ids": str(out / "semantic_ids"), "graph": str(out / "graph"), "tables": str(out / "tables")}
 
 
@@ -131,9 +142,13 @@ def run_phase1_stages(specs: list[tuple], sequences: Path, artifacts: dict, out:
                     folder = out / f"{qformer['variant']}-{len(runs)}"
                     log.info("bench: phase I for %s (Q-former %s) -> %s", label, qformer["variant"], folder)
                     summary = run_phase1(
-                        sequences, folder, artifacts.get("semantic_ids"), artifacts.get("graph"),
+                        sequences,
+                        folder,
+                        artifacts.get("semantic_ids"),
+                        artifacts.get("graph"),
                         table if table is not None and table.exists() else None,
-                        "pkg:qformer/default.yaml", deep_merge(overrides, {"qformer": qformer}),
+                        "pkg:qformer/default.yaml",
+                        deep_merge(overrides, {"qformer": qformer}),
                     )
                     log.info("bench: phase I %s: %d steps, held-out alignment %s", folder.name, summary["steps"], summary["final"])
                     runs[key] = str(folder)
@@ -156,6 +171,12 @@ def run_bench_config(cfg: BenchConfig, out_dir: str | Path) -> dict:
         if artifacts is None:
             raise ValueError("bench phase1 needs encoders: true (phase I aligns the encoders' semantic IDs with the business embeddings)")
         specs = run_phase1_stages(specs, out / "sequences", artifacts, out / "phase1", cfg.phase1)
-    log.info("bench %s: %d test cases, %s candidates, models %s", cfg.name, len(split.test), "all" if candidates is None else len(candidates), [s[3] for s in specs])
+    log.info(
+        "bench %s: %d test cases, %s candidates, models %s",
+        cfg.name,
+        len(split.test),
+        "all" if candidates is None else len(candidates),
+        [s[3] for s in specs],
+    )
     rows = run_bench(split, specs, out, candidates, cfg.eval, cfg.reference, dataset=data, seeds=cfg.seeds, equal_time_as=cfg.equal_time_as)
     return {"rows": rows, "table_md": (out / "table.md").read_text()}

@@ -34,6 +34,9 @@ def evaluate_saved_models(sequences_dir: str | Path, model_dirs: list[str | Path
         metrics = evaluate(model, split.log, split.test, candidates, eval_cfg, desc=f"test {card['name']}")
         rows.append({"method": card["name"], **metrics, "train_seconds": card["metadata"].get("train_stats", {}).get("train_seconds", 0.0)})
     ref = len(rows) - 1 if len(rows) > 1 else 0  # the last model given is the floor the others are compared with
-    header = f"## Test ranking ({split.kind}, {rows[0]['n']:,} cases, {rows[0]['num_candidates']:,} candidates{', history filtered' if eval_cfg.history_filter else ''})\n\n"
+    header = (
+        f"## Test ranking ({split.kind}, {rows[0]['n']:,} cases, {rows[0]['num_candidates']:,} candidates"
+        f"{', history filtered' if eval_cfg.history_filter else ''})\n\n"
+    )
     markdown = header + format_table(rows, reference=ref) + f"\nImpv.(avg): mean relative gain over `{rows[ref]['method']}`.\n"
     return {"rows": json.loads(json.dumps(rows, default=float)), "markdown": markdown}

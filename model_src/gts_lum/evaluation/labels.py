@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -113,16 +113,22 @@ def discover_tasks(labels_df: pd.DataFrame, max_classes: int = 20) -> list[Label
     unparsable = np.isnan(label) & labels_df["label"].notna().to_numpy()
     if unparsable.any():
         row = int(np.flatnonzero(unparsable)[0])
-        raise ValueError(f"labels table: label in row {row} (task {labels_df['task'].iloc[row]!r}) is not a number: {labels_df['label'].iloc[row]!r}")
+        raise ValueError(
+            f"labels table: label in row {row} (task {labels_df['task'].iloc[row]!r}) is not a number: {labels_df['label'].iloc[row]!r}"
+        )
     treatment = (
-        pd.to_numeric(labels_df["treatment"], errors="coerce").to_numpy(np.float64, na_value=np.nan) if "treatment" in labels_df.columns else None
+        pd.to_numeric(labels_df["treatment"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        if "treatment" in labels_df.columns
+        else None
     )
     tasks = labels_df["task"].astype(str).to_numpy()
     out = []
     for name in sorted(set(tasks)):
         rows = tasks == name
         out.append(_task_of(name, label[rows], None if treatment is None else treatment[rows], max_classes))
-    log.info("label tasks: %s", ", ".join(f"{t.name} ({t.kind}{', %d classes' % t.num_classes if t.kind == 'multiclass' else ''})" for t in out))
+    log.info(
+        "label tasks: %s", ", ".join(f"{t.name} ({t.kind}{f', {t.num_classes} classes' if t.kind == 'multiclass' else ''})" for t in out)
+    )
     return out
 
 
@@ -142,7 +148,9 @@ def label_arrays(labels_df: pd.DataFrame, user_ids: np.ndarray, task: LabelTask 
     name = task.name if isinstance(task, LabelTask) else str(task)
     rows = labels_df[labels_df["task"].astype(str) == name]
     if not len(rows):
-        raise KeyError(f"label_arrays: no rows of task {name!r} in the labels table; its tasks: {sorted(labels_df['task'].astype(str).unique())}")
+        raise KeyError(
+            f"label_arrays: no rows of task {name!r} in the labels table; its tasks: {sorted(labels_df['task'].astype(str).unique())}"
+        )
     if not isinstance(task, LabelTask):
         (task,) = discover_tasks(rows)
     rows = rows.assign(_order=np.arange(len(rows)))
@@ -156,12 +164,23 @@ def label_arrays(labels_df: pd.DataFrame, user_ids: np.ndarray, task: LabelTask 
     index = position.get_indexer(users)
     unknown = index < 0
     if unknown.any():
-        log.warning("task %r: %d labelled user(s) not among the %d users given are left out, e.g. %s", name, int(unknown.sum()), len(user_ids), users[unknown].iloc[:3].tolist())
+        log.warning(
+            "task %r: %d labelled user(s) not among the %d users given are left out, e.g. %s",
+            name,
+            int(unknown.sum()),
+            len(user_ids),
+            users[unknown].iloc[:3].tolist(),
+        )
     label = pd.to_numeric(rows["label"]).to_numpy(np.float64, na_value=np.nan)
     treatment = pd.to_numeric(rows["treatment"]).to_numpy(np.float64, na_value=np.nan) if task.kind == "uplift" else None
     missing = np.isnan(label) if treatment is None else np.isnan(label) | np.isnan(treatment)
     if (missing & ~unknown).any():
-        log.warning("task %r: %d row(s) without a label%s left out", name, int((missing & ~unknown).sum()), "" if treatment is None else " or treatment")
+        log.warning(
+            "task %r: %d row(s) without a label%s left out",
+            name,
+            int((missing & ~unknown).sum()),
+            "" if treatment is None else " or treatment",
+        )
     keep = ~unknown & ~missing
     class_index = pd.Index(task.classes).get_indexer(label[keep])
     if (class_index < 0).any():
@@ -210,13 +229,24 @@ def _metrics(task: LabelTask, y: np.ndarray, score: np.ndarray, treatment: np.nd
     return {"qini": qini_coefficient(score, y, treatment), "auuc": auuc(score, y, treatment)}
 
 
-def _baseline_scores(task: LabelTask, X: np.ndarray, categorical: np.ndarray, y: np.ndarray, t: np.ndarray | None, train: np.ndarray, test: np.ndarray, seed: int) -> np.ndarray:
+def _baseline_scores(
+    task: LabelTask,
+    X: np.ndarray,
+    categorical: np.ndarray,
+    y: np.ndarray,
+    t: np.ndarray | None,
+    train: np.ndarray,
+    test: np.ndarray,
+    seed: int,
+) -> np.ndarray:
     """Gradient-boosted trees on the raw users table: P(1), class probabilities, or T-learner uplift."""
     if task.kind == "uplift":
         return t_learner_uplift(X[train], y[train], t[train], X[test], seed, categorical)
     if len(np.unique(y[train])) < 2:
         log.warning("task %r: training users hold one class only; the table baseline predicts it", task.name)
-        return np.full(len(test), float(y[train][0])) if task.kind == "binary" else np.eye(task.num_classes)[np.full(len(test), y[train][0])]
+        return (
+            np.full(len(test), float(y[train][0])) if task.kind == "binary" else np.eye(task.num_classes)[np.full(len(test), y[train][0])]
+        )
     classes, proba = gbt_proba(X[train], y[train], X[test], seed, categorical)
     if task.kind == "binary":
         return proba[:, list(classes).index(1)]
@@ -254,8 +284,13 @@ def _embed(embed_users: EmbedFn, ids: np.ndarray, task: LabelTask) -> torch.Tens
 
 
 def evaluate_label_tasks(
-    embed_users: EmbedFn, clean_dir: str | Path, cfg: HeadsConfig, seed: int = 0, tune: TuneFn | None = None,
-    known_users: np.ndarray | None = None, on_head: Callable | None = None,
+    embed_users: EmbedFn,
+    clean_dir: str | Path,
+    cfg: HeadsConfig,
+    seed: int = 0,
+    tune: TuneFn | None = None,
+    known_users: np.ndarray | None = None,
+    on_head: Callable | None = None,
 ) -> dict:
     """Fit a head per task on embeddings of training users; report on held-out users.
 
@@ -325,7 +360,9 @@ def evaluate_label_tasks(
         if tuned is not None:
             entry["task_token"] = tuned
         if on_head is not None:
-            on_head(task, head, {"head": scores, **({"table_gbt": baseline} if features is not None else {}), "y": y_test, "treatment": t_test})
+            on_head(
+                task, head, {"head": scores, **({"table_gbt": baseline} if features is not None else {}), "y": y_test, "treatment": t_test}
+            )
         if task.kind == "multiclass":
             entry["class_counts"] = np.bincount(y, minlength=task.num_classes).tolist()
         else:
@@ -356,8 +393,12 @@ def binary_curves(y: np.ndarray, scores: np.ndarray, positive_rate: float, max_p
     matrix = confusion_matrix(y, (scores >= cut).astype(int), labels=[0, 1])
     finite = np.where(np.isfinite(thresholds[keep]), thresholds[keep], np.nan_to_num(thresholds[keep], posinf=1.0))
     return {
-        "fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "thresholds": finite.tolist(),
-        "threshold": float(cut), "confusion_matrix": matrix.tolist(), "categories": ["0", "1"],
+        "fpr": fpr[keep].tolist(),
+        "tpr": tpr[keep].tolist(),
+        "thresholds": finite.tolist(),
+        "threshold": float(cut),
+        "confusion_matrix": matrix.tolist(),
+        "categories": ["0", "1"],
     }
 
 
@@ -373,5 +414,7 @@ def format_label_table(results: dict) -> str:
         for metric in metrics["head"]:
             cells = [f"{metrics[s][metric]:.4f}" if s in metrics else "-" for s in ("head", "table_gbt")]
             cells.append(f"{metrics['random'][metric]:.4f} ± {metrics['random'][metric + '_std']:.4f}")
-            lines.append(f"| {name} | {entry['kind']} | {entry['n_test']} | {METRIC_NAMES.get(metric, metric)} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {name} | {entry['kind']} | {entry['n_test']} | {METRIC_NAMES.get(metric, metric)} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)

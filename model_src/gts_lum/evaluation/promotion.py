@@ -78,8 +78,14 @@ class FileRegistry:
 
     def register(self, name: str, uri: str, metrics: dict, data: str) -> dict:
         state = self._read()
-        entry = {"name": name, "version": str(sum(v["name"] == name for v in state["versions"]) + 1), "uri": uri,
-                 "metrics": metrics, "data_version": data, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entry = {
+            "name": name,
+            "version": str(sum(v["name"] == name for v in state["versions"]) + 1),
+            "uri": uri,
+            "metrics": metrics,
+            "data_version": data,
+            "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         state["versions"].append(entry)
         storage.write_bytes(self.uri, json.dumps(state, indent=2).encode())
         return entry
@@ -98,16 +104,29 @@ class KubeflowRegistry:
         model = self.client.get_registered_model(name)
         if model is None:
             return None
-        version = self.client.get_model_version(name, model.custom_properties.get("production_version")) if model.custom_properties.get("production_version") else None
+        version = (
+            self.client.get_model_version(name, model.custom_properties.get("production_version"))
+            if model.custom_properties.get("production_version")
+            else None
+        )
         if version is None:
             return None
         artifact = self.client.get_model_artifact(name, version.name)
-        return {"name": name, "version": version.name, "uri": artifact.uri, "metrics": json.loads(version.custom_properties.get("metrics", "{}"))}
+        return {
+            "name": name,
+            "version": version.name,
+            "uri": artifact.uri,
+            "metrics": json.loads(version.custom_properties.get("metrics", "{}")),
+        }
 
     def register(self, name: str, uri: str, metrics: dict, data: str) -> dict:
         version = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         self.client.register_model(
-            name, uri, model_format_name="gts-lum-safetensors", model_format_version="1", version=version,
+            name,
+            uri,
+            model_format_name="gts-lum-safetensors",
+            model_format_version="1",
+            version=version,
             metadata={"metrics": json.dumps(metrics), "data_version": data, "stage": "production"},
         )
         model = self.client.get_registered_model(name)
@@ -122,7 +141,9 @@ def open_registry(registry: str):
     return FileRegistry(registry or "runs/registry")
 
 
-def promotion_gate(sequences_dir: str | Path, candidate_dir: str | Path, registry: str, cfg: PromotionConfig | None = None, uri: str | None = None) -> dict:
+def promotion_gate(
+    sequences_dir: str | Path, candidate_dir: str | Path, registry: str, cfg: PromotionConfig | None = None, uri: str | None = None
+) -> dict:
     """Score the candidate and the production model on the same validation cases; promote when better.
 
     `uri`: the candidate's address for the cluster (on KFP, the export artifact's URI), registered instead
@@ -148,7 +169,14 @@ def promotion_gate(sequences_dir: str | Path, candidate_dir: str | Path, registr
         model = load_model(model_dir)
         # an export names its profile rows by pseudonym: score the users under the same names
         keyed = profiles_by_pseudonym(Path(model_dir) / "assets" / "users.npz")
-        metrics = evaluate(model, pseudonymous_log(split.log) if keyed else split.log, split.valid, candidates, eval_cfg, desc=f"gate {Path(model_dir).name}")
+        metrics = evaluate(
+            model,
+            pseudonymous_log(split.log) if keyed else split.log,
+            split.valid,
+            candidates,
+            eval_cfg,
+            desc=f"gate {Path(model_dir).name}",
+        )
         if cfg.metric not in metrics:
             raise ValueError(f"promotion metric {cfg.metric!r} is not among {sorted(metrics)}")
         return float(metrics[cfg.metric])
@@ -164,8 +192,10 @@ def promotion_gate(sequences_dir: str | Path, candidate_dir: str | Path, registr
         gain = new / old - 1 if old > 0 else float("inf") if new > 0 else 0.0
         decision.update(production=old, gain=gain, production_version=production["version"])
         promoted = gain >= cfg.margin
-        decision.update(promoted=promoted, reason=f"{cfg.metric} {new:.4f} vs production {old:.4f}: {gain:+.1%} "
-                        f"{'>=' if promoted else '<'} the {cfg.margin:.1%} margin")
+        decision.update(
+            promoted=promoted,
+            reason=f"{cfg.metric} {new:.4f} vs production {old:.4f}: {gain:+.1%} {'>=' if promoted else '<'} the {cfg.margin:.1%} margin",
+        )
     if decision["promoted"]:
         where = storage.canonical(uri) if uri else str(Path(candidate_dir).resolve())
         decision["registered"] = reg.register(cfg.model_name, where, {cfg.metric: new}, data_version(sequences_dir))

@@ -53,8 +53,14 @@ def bench_validation_and_sequences(out_dir: Path, users: int, days: int) -> dict
 
 
 def run_speed_benchmarks(
-    what: list[str], out_dir: str | Path, quick: bool = False, data: str = "synth:tiny", mapping: str | None = None,
-    device: str = "auto", width: int = 128, layers: int = 2,
+    what: list[str],
+    out_dir: str | Path,
+    quick: bool = False,
+    data: str = "synth:tiny",
+    mapping: str | None = None,
+    device: str = "auto",
+    width: int = 128,
+    layers: int = 2,
 ) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +72,9 @@ def run_speed_benchmarks(
         results["simulator"] = bench_simulator(users=users, days=days, out_dir=out / "simulator")
         shutil.rmtree(out / "simulator", ignore_errors=True)
     if "validation" in what or "sequences" in what:
-        results["validation_and_sequences"] = bench_validation_and_sequences(out / "pipeline", users=users // 2 if not quick else users, days=days)
+        results["validation_and_sequences"] = bench_validation_and_sequences(
+            out / "pipeline", users=users // 2 if not quick else users, days=days
+        )
         shutil.rmtree(out / "pipeline", ignore_errors=True)
     if "tree" in what:
         from gts_lum.tokenizer.spectral_tree import bench_spectral_tree
@@ -90,7 +98,13 @@ def run_speed_benchmarks(
 
 
 def bench_training_throughput(
-    data: str, out_dir: Path, mapping: str | None = None, device: str = "auto", width: int = 128, layers: int = 2, quick: bool = False,
+    data: str,
+    out_dir: Path,
+    mapping: str | None = None,
+    device: str = "auto",
+    width: int = 128,
+    layers: int = 2,
+    quick: bool = False,
 ) -> dict:
     """Positions trained per second by GTS-LUM's phase II and by HSTU's trainer, one after the other on one
     data set, device and thread count, both through the shared training loop; and the GTS-LUM decoder's
@@ -142,7 +156,9 @@ def bench_training_throughput(
             "parameters": stats["num_parameters"],
         }
         if not losses[-1] < losses[0]:
-            raise RuntimeError(f"training throughput: {label}'s loss did not fall ({losses}): the training step is broken on {stats['device']}")
+            raise RuntimeError(
+                f"training throughput: {label}'s loss did not fall ({losses}): the training step is broken on {stats['device']}"
+            )
     dev = select_device(device)
     scoring = bench_target_aware_scoring(width, layers, tokens=64 if quick else 256, sequences=64 if quick else 512, device=str(dev))
     out = {
@@ -167,7 +183,13 @@ def decoder_flops(hidden: int, intermediate: int, layers: int, tokens: int) -> f
 
 
 def bench_target_aware_scoring(
-    hidden: int = 128, layers: int = 2, tokens: int = 256, sequences: int = 512, chunk: int = 128, compile: bool = False, device: str = "cpu",
+    hidden: int = 128,
+    layers: int = 2,
+    tokens: int = 256,
+    sequences: int = 512,
+    chunk: int = 128,
+    compile: bool = False,
+    device: str = "cpu",
 ) -> dict:
     """Candidates scored per second by the target-aware path: one decoder pass per (user, candidate)
     over `tokens` input embeddings (target first), batched `chunk` sequences a pass, fp32 on CPU (bf16

@@ -39,7 +39,10 @@ def _check_inputs(score: np.ndarray, y: np.ndarray, treatment: np.ndarray) -> tu
     if not (len(score) == len(y) == len(treatment)):
         raise ValueError(f"uplift metrics: uplift_score, y and treatment differ in length ({len(score)}, {len(y)}, {len(treatment)})")
     if not np.isfinite(score).all():
-        raise ValueError(f"uplift metrics: uplift_score holds {int((~np.isfinite(score)).sum())} non-finite value(s), e.g. row {int(np.flatnonzero(~np.isfinite(score))[0])}")
+        raise ValueError(
+            f"uplift metrics: uplift_score holds {int((~np.isfinite(score)).sum())} non-finite value(s), "
+            f"e.g. row {int(np.flatnonzero(~np.isfinite(score))[0])}"
+        )
     for name, values in (("y", y), ("treatment", treatment)):
         bad = ~np.isin(values, (0.0, 1.0))
         if bad.any():
@@ -154,7 +157,9 @@ def gbt_threads(rows: int) -> threadpool_limits:
     return threadpool_limits(limits=1 if rows < SINGLE_THREAD_BELOW else None, user_api="openmp")
 
 
-def gbt_proba(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, seed: int, categorical_features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def gbt_proba(
+    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, seed: int, categorical_features: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The raw-table baseline (scikit-learn's default gradient-boosted trees, native categorical splits
     where marked): (classes seen in training, (N_test, len(classes)) probabilities)."""
     mask = None if categorical_features is None or not np.any(categorical_features) else np.asarray(categorical_features, bool)

@@ -18,8 +18,8 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 import scipy.sparse as sp
+import torch
 
 from gts_lum.data.events import EventLog
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
@@ -165,7 +165,8 @@ class MarkovChain:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], device: str = "cpu") -> None:
         n = len(tensors["popularity.counts"])
         self.transitions = sp.csr_matrix(
-            (tensors["transitions.data"].numpy(), tensors["transitions.indices"].numpy(), tensors["transitions.indptr"].numpy()), shape=(n, n)
+            (tensors["transitions.data"].numpy(), tensors["transitions.indices"].numpy(), tensors["transitions.indptr"].numpy()),
+            shape=(n, n),
         )
         self.popularity.load_state_tensors({"counts": tensors["popularity.counts"]})
         self.smoothing = float(tensors["smoothing"])

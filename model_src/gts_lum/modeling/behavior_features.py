@@ -82,7 +82,7 @@ class BehaviorFeatures:
         codebook_sizes: list[int] | None = None,
         business: dict[str, np.ndarray] | None = None,
         business_seen: dict[str, np.ndarray] | None = None,
-    ) -> "BehaviorFeatures":
+    ) -> BehaviorFeatures:
         """Fill the optional parts: no semantic IDs (L = 0), sizes = max code + 1, every business vector seen."""
         n = len(descriptions)
         ids = np.zeros((n, 0), np.int64) if semantic_ids is None else np.asarray(semantic_ids)
@@ -100,7 +100,7 @@ class BehaviorFeatures:
         """Business modality names in a fixed (sorted) order: the order of the Q-former's memory tokens."""
         return sorted(self.business)
 
-    def subset(self, idx: np.ndarray) -> "BehaviorFeatures":
+    def subset(self, idx: np.ndarray) -> BehaviorFeatures:
         """The features of behaviours `idx`, in that order (same codebooks)."""
         idx = np.asarray(idx, np.int64)
         return BehaviorFeatures(
@@ -126,7 +126,7 @@ class BehaviorFeatures:
         np.savez(path, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "BehaviorFeatures":
+    def load(cls, path: str | Path) -> BehaviorFeatures:
         with np.load(path, allow_pickle=False) as z:
             names = [k.split(".", 1)[1] for k in z.files if k.startswith("business.")]
             return cls(
@@ -160,7 +160,7 @@ class BusinessCodebook:
     centroids: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (C_m, D_m) float32
 
     @classmethod
-    def fit(cls, features: BehaviorFeatures, num_codes: int, seed: int = 0, modalities: list[str] | None = None) -> "BusinessCodebook":
+    def fit(cls, features: BehaviorFeatures, num_codes: int, seed: int = 0, modalities: list[str] | None = None) -> BusinessCodebook:
         from sklearn.cluster import KMeans
 
         out = {}
@@ -236,7 +236,7 @@ def features_from_artifacts(
     graph_dir: str | Path | None = None,
     table_embeddings: str | Path | None = None,
     text_encoder=None,
-) -> "BehaviorFeatures":
+) -> BehaviorFeatures:
     """The bundle for the catalog of a sequence data set (row i = behaviour index i of its EventLog),
     from the pipeline's artifacts: semantic IDs (tokenizer), node2vec (graph encoder), and behaviour
     table embeddings (an .npz with `behavior_ids`, `vectors`). Any of them may be absent."""
@@ -258,7 +258,9 @@ def features_from_artifacts(
         graph = GraphEmbeddings.load(graph_dir)
         rows = pd.Index(graph.behavior_ids.astype(str)).get_indexer(ids)
         if (rows < 0).any():
-            raise KeyError(f"{graph_dir}: {int((rows < 0).sum())} catalog behaviours have no node2vec vector, e.g. {ids[rows < 0][:3].tolist()}")
+            raise KeyError(
+                f"{graph_dir}: {int((rows < 0).sum())} catalog behaviours have no node2vec vector, e.g. {ids[rows < 0][:3].tolist()}"
+            )
         business["graph"], seen["graph"] = graph.vectors[rows], graph.seen[rows]
     if table_embeddings is not None:
         with np.load(table_embeddings, allow_pickle=False) as z:

@@ -74,16 +74,26 @@ class DecoderInfo:
     total_parameters: int
 
 
-def small_llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, max_positions: int, **extra) -> nn.Module:
+def small_llama(
+    vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, max_positions: int, **extra
+) -> nn.Module:
     """A fresh Llama-architecture base model of these sizes (offline, random weights; no special tokens,
     since every caller feeds its own ids or `inputs_embeds`). `extra`: further `LlamaConfig` fields."""
     from transformers import LlamaConfig, LlamaModel
 
     return LlamaModel(
         LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            num_key_value_heads=num_heads, intermediate_size=intermediate_size, max_position_embeddings=max_positions,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None, **extra,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_positions,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            **extra,
         )
     )
 
@@ -119,8 +129,14 @@ def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
     else:
         model = small_llama(
             2,  # inputs_embeds only: the token table is never read
-            cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.max_positions,
-            rope_theta=cfg.rope_theta, attn_implementation=cfg.attn_implementation, attention_dropout=cfg.dropout,
+            cfg.hidden_size,
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.intermediate_size,
+            cfg.max_positions,
+            rope_theta=cfg.rope_theta,
+            attn_implementation=cfg.attn_implementation,
+            attention_dropout=cfg.dropout,
         )
     if cfg.dropout > 0:
         add_block_dropout(model, cfg.dropout)
@@ -132,7 +148,9 @@ def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
         from peft import LoraConfig, get_peft_model
 
         lora = cfg.lora
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)))
+        model = get_peft_model(
+            model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
+        )
     info = DecoderInfo(
         hidden_size=int(model.config.hidden_size),
         pretrained=bool(cfg.pretrained),
@@ -150,7 +168,9 @@ def compiled_for_inference(decoder: nn.Module) -> nn.Module:
     import shutil
 
     if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
-        raise RuntimeError("DecoderConfig.compile: torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or set compile: false")
+        raise RuntimeError(
+            "DecoderConfig.compile: torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or set compile: false"
+        )
     return torch.compile(decoder, dynamic=True)
 
 

@@ -111,7 +111,9 @@ class _Head(nn.Module):
         self.register_buffer("input_mean", torch.zeros(hidden_size))
         self.register_buffer("input_std", torch.ones(hidden_size))
         if mlp_hidden:
-            self.net = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_hidden, out_features))
+            self.net = nn.Sequential(
+                nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_hidden, out_features)
+            )
         else:
             self.net = nn.Linear(hidden_size, out_features)
 
@@ -138,7 +140,7 @@ class _Head(nn.Module):
 class LabelHead(_Head):
     """User embedding (N, D) -> 1 logit (binary task) or C logits (multi-class task)."""
 
-    def __init__(self, hidden_size: int, task: "LabelTask", mlp_hidden: int = 0, dropout: float = 0.1):
+    def __init__(self, hidden_size: int, task: LabelTask, mlp_hidden: int = 0, dropout: float = 0.1):
         if task.kind not in ("binary", "multiclass"):
             raise ValueError(f"LabelHead: task {task.name!r} is of kind {task.kind!r}; use UpliftHead for uplift tasks")
         if task.kind == "multiclass" and task.num_classes < 2:
@@ -205,7 +207,7 @@ class UpliftHead(_Head):
         return p[:, 1] - p[:, 0]
 
 
-def build_head(task: "LabelTask", hidden_size: int, cfg: HeadsConfig) -> LabelHead | UpliftHead:
+def build_head(task: LabelTask, hidden_size: int, cfg: HeadsConfig) -> LabelHead | UpliftHead:
     """The head `cfg` describes for `task` (uplift tasks get an UpliftHead)."""
     if task.kind == "uplift":
         return UpliftHead(hidden_size, cfg.mlp_hidden, cfg.dropout, cfg.transformed_outcome_weight)
@@ -283,7 +285,9 @@ def fit_head(
         generator = torch.Generator().manual_seed(seed)
         step = batch_size or len(train)
         best, best_loss, best_epoch, stale = None, math.inf, -1, 0
-        bar = tqdm(range(epochs), desc=f"fit {type(head).__name__}", unit="epoch", leave=False, disable=None if progress is None else not progress)
+        bar = tqdm(
+            range(epochs), desc=f"fit {type(head).__name__}", unit="epoch", leave=False, disable=None if progress is None else not progress
+        )
         for epoch in bar:
             head.train()
             order = train[torch.randperm(len(train), generator=generator).numpy()]
@@ -322,6 +326,11 @@ def fit_head(
     }
     log.info(
         "%s: %d train / %d held-out rows, %d epochs (best %d), held-out loss %.4f",
-        type(head).__name__, stats["n_train"], stats["n_valid"], stats["epochs_run"], stats["best_epoch"], stats["valid_loss"],
+        type(head).__name__,
+        stats["n_train"],
+        stats["n_valid"],
+        stats["epochs_run"],
+        stats["best_epoch"],
+        stats["valid_loss"],
     )
     return stats

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -208,7 +208,12 @@ class HLLM(SequentialRecommender):
         ids, padding = tokenizer(texts.tolist())  # (N, T), [CLS] ... [SEP]
         self.text_vocab = torch.as_tensor(tokenizer.vocab, dtype=torch.int64)
         self.item_tokens = item_token_rows(ids, padding, item_token=len(tokenizer))
-        log.info("hllm: %d behaviour texts, %d-token compact vocabulary, up to %d tokens each", len(texts), len(tokenizer), self.item_tokens.shape[1])
+        log.info(
+            "hllm: %d behaviour texts, %d-token compact vocabulary, up to %d tokens each",
+            len(texts),
+            len(tokenizer),
+            self.item_tokens.shape[1],
+        )
 
     def build_encoder(self, num_behaviors: int, pretrained: bool = True) -> HLLMNetwork:
         if self.item_tokens is None:
@@ -263,7 +268,15 @@ class HLLM(SequentialRecommender):
 
     # -- training --------------------------------------------------------------------------------------
 
-    def _step_loss(self, encoder: nn.Module, tokens: torch.Tensor, times: torch.Tensor, num_tokens: int, log_q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    def _step_loss(
+        self,
+        encoder: nn.Module,
+        tokens: torch.Tensor,
+        times: torch.Tensor,
+        num_tokens: int,
+        log_q: torch.Tensor | None,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
         """InfoNCE of one batch of (B, L + 1) windows; the item LLM runs once per distinct item. (Reads
         `self.encoder`'s two towers directly: `fit` refuses data parallel, which goes through forward.)"""
         tc = self.train_cfg

@@ -8,10 +8,11 @@ the paper's equations (its section 3.1):
 
 with phi1 = phi2 = SiLU. Attention is pointwise (no softmax): each weight stands on its own, so the
 output keeps how *much* of the history relates to the query, not only its mix; it is divided by the
-sequence length N, here the padded length max_len, so that no position depends on how many follow it. rab^{p,t} is a learned relative attention bias
-indexed by the relative position (i - j) and by a log-scale bucket of the time gap (t_i - t_j) between
-query event i and key event j. Layers are residual, X <- X + Y(LN(X)) (pre-norm); there is no absolute
-position embedding, positions and time enter through rab only.
+sequence length N, here the padded length max_len, so that no position depends on how many follow it.
+rab^{p,t} is a learned relative attention bias indexed by the relative position (i - j) and by a
+log-scale bucket of the time gap (t_i - t_j) between query event i and key event j. Layers are
+residual, X <- X + Y(LN(X)) (pre-norm); there is no absolute position embedding, positions and time
+enter through rab only.
 
 The time gap is measured between events of the history (t_i - t_j >= 0 under the causal mask), so the
 model never reads the time of the event it predicts. Trained with sampled softmax / InfoNCE
@@ -96,7 +97,9 @@ class HSTUEncoder(SequenceEncoder):
     def __init__(self, num_behaviors: int, max_len: int, cfg: HSTUConfig):
         super().__init__()
         if cfg.time_bucket_base <= 1.0 or cfg.num_time_buckets < 1:
-            raise ValueError(f"HSTUConfig: time_bucket_base must be > 1 and num_time_buckets >= 1, got {cfg.time_bucket_base}, {cfg.num_time_buckets}")
+            raise ValueError(
+                f"HSTUConfig: time_bucket_base must be > 1 and num_time_buckets >= 1, got {cfg.time_bucket_base}, {cfg.num_time_buckets}"
+            )
         self.cfg = cfg
         self.max_len = max_len
         self.item_emb = nn.Embedding(num_behaviors + 1, cfg.dim, padding_idx=PAD)

@@ -167,7 +167,7 @@ class TextTokenizer:
         enc = self.tokenizer(list(texts), max_length=self.max_len, truncation=True, padding="longest", return_tensors="np")
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(bool)
 
-    def fit(self, texts: list[str], kind: str = "corpus") -> "TextTokenizer":
+    def fit(self, texts: list[str], kind: str = "corpus") -> TextTokenizer:
         if kind == "full":
             used = np.arange(len(self.tokenizer), dtype=np.int64)
         else:
@@ -348,7 +348,7 @@ class BehaviorSide:
     def __len__(self) -> int:
         return self.items.shape[0]
 
-    def select(self, idx: torch.Tensor) -> "BehaviorSide":
+    def select(self, idx: torch.Tensor) -> BehaviorSide:
         """Rows `idx` (e.g. mined hard negatives)."""
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return BehaviorSide(self.items[idx], self.item_pad[idx], pick(self.memory), pick(self.memory_pad))
@@ -419,7 +419,9 @@ class BehaviorAdapter(nn.Module, abc.ABC):
         """b^F before the projection for the whole catalog, (N, D_a), in eval mode (no dropout)."""
         n = self.num_behaviors
         with self._eval_mode():
-            return torch.cat([self.unprojected(torch.arange(s, min(s + batch_size, n), device=self.device)) for s in range(0, n, batch_size)])
+            return torch.cat(
+                [self.unprojected(torch.arange(s, min(s + batch_size, n), device=self.device)) for s in range(0, n, batch_size)]
+            )
 
     @torch.no_grad()
     def fuse_all(self, features: BehaviorFeatures | None = None, batch_size: int = 512) -> np.ndarray:
@@ -555,7 +557,9 @@ class QFormer(BehaviorAdapter):
 
     def set_catalog(self, features: BehaviorFeatures) -> None:
         self._check_catalog(features)
-        self._catalog_buffer("catalog_semantic_ids", semantic_id_table_rows(features.semantic_ids, features.codebook_sizes, self.cfg.semantic_id_tokens)[0])
+        self._catalog_buffer(
+            "catalog_semantic_ids", semantic_id_table_rows(features.semantic_ids, features.codebook_sizes, self.cfg.semantic_id_tokens)[0]
+        )
         for i, name in enumerate(self.spec.business_dims):
             self._catalog_buffer(f"catalog_business_{i}", features.business[name])
             self._catalog_buffer(f"catalog_seen_{i}", features.business_seen[name])
@@ -723,7 +727,10 @@ def build_adapter(cfg: QFormerConfig, features: BehaviorFeatures, texts: list[st
     adapter.set_catalog(features)
     log.info(
         "adapter %s: %s parameters, business modalities used: %s, semantic-ID levels: %d",
-        cfg.variant, f"{sum(p.numel() for p in adapter.parameters()):,}", adapter.modalities_used or "none", len(features.codebook_sizes),
+        cfg.variant,
+        f"{sum(p.numel() for p in adapter.parameters()):,}",
+        adapter.modalities_used or "none",
+        len(features.codebook_sizes),
     )
     return adapter
 

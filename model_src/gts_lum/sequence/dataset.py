@@ -19,7 +19,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -66,7 +65,7 @@ class SequenceDataset:
     stats: BehaviorStats
 
     @classmethod
-    def load(cls, root: str | Path) -> "SequenceDataset":
+    def load(cls, root: str | Path) -> SequenceDataset:
         root = Path(root)
         return cls(
             root,

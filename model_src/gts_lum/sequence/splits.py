@@ -30,13 +30,13 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.users)
 
-    def concat(self, other: "EvalSet") -> "EvalSet":
+    def concat(self, other: EvalSet) -> EvalSet:
         return EvalSet(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(EvalSet)))
 
-    def subset(self, idx: np.ndarray) -> "EvalSet":
+    def subset(self, idx: np.ndarray) -> EvalSet:
         return EvalSet(self.users[idx], self.history_end[idx], self.target[idx], self.target_time[idx])
 
-    def sample(self, n: int | None, seed: int) -> "EvalSet":
+    def sample(self, n: int | None, seed: int) -> EvalSet:
         """A fixed, seeded sample of at most `n` cases (all when n is None or larger)."""
         if n is None or n >= len(self):
             return self
@@ -135,7 +135,9 @@ def hold_out_for_validation(split: Split, n: int, target_behaviors: np.ndarray |
     train_rows = ragged_arange(train.offsets[users + 1] - moved, moved)
     user_of_row = np.repeat(users, moved)
     log_rows = train_rows - train.offsets[user_of_row] + log_.offsets[user_of_row]
-    if not np.array_equal(log_.behavior[log_rows], train.behavior[train_rows]) or not np.array_equal(log_.timestamp[log_rows], train.timestamp[train_rows]):
+    if not np.array_equal(log_.behavior[log_rows], train.behavior[train_rows]) or not np.array_equal(
+        log_.timestamp[log_rows], train.timestamp[train_rows]
+    ):
         raise ValueError("hold_out_for_validation: the training log is not a per-user prefix of the full log")
     keep = np.ones(train.num_events, dtype=bool)
     keep[train_rows] = False

@@ -361,7 +361,7 @@ class BehaviorStats:
         cfg: SequenceConfig,
         source: np.ndarray | list[str] | None = None,
         importance: np.ndarray | None = None,
-    ) -> "BehaviorStats":
+    ) -> BehaviorStats:
         """Learn importance and sources from `train` (= `Split.train`).
 
         `source`: (B,) source name per behaviour; inferred from timestamp granularity when None.
@@ -401,8 +401,7 @@ class BehaviorStats:
             main = self.source_names.index(main_sequence)
         else:
             raise ValueError(
-                f"SequenceConfig.main_sequence={main_sequence!r}: no such source; "
-                f"use 'all', 'longest' or one of {list(self.source_names)}"
+                f"SequenceConfig.main_sequence={main_sequence!r}: no such source; use 'all', 'longest' or one of {list(self.source_names)}"
             )
         return self.source == main
 
@@ -416,7 +415,7 @@ class BehaviorStats:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "BehaviorStats":
+    def load(cls, path: str | Path) -> BehaviorStats:
         with np.load(path, allow_pickle=False) as z:
             return cls(z["importance"], z["source"], tuple(z["source_names"].tolist()), z["source_events"])
 
@@ -433,7 +432,7 @@ class _Events:
     time_id: np.ndarray  # (M,) int64
     group: np.ndarray  # (M,) int64 interval group: run of equal time ID in one sequence, 0..G-1
 
-    def take(self, idx: np.ndarray) -> "_Events":
+    def take(self, idx: np.ndarray) -> _Events:
         return _Events(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
@@ -528,9 +527,7 @@ def _case_bounds(log: EventLog, cases: EvalSet | np.ndarray | None) -> tuple[np.
     bad = np.flatnonzero((ends < starts) | (ends > user_ends))
     if len(bad):
         i = bad[0]
-        raise ValueError(
-            f"cases.history_end[{i}]={ends[i]} lies outside user {users[i]}'s rows [{starts[i]}, {user_ends[i]}] of the log"
-        )
+        raise ValueError(f"cases.history_end[{i}]={ends[i]} lies outside user {users[i]}'s rows [{starts[i]}, {user_ends[i]}] of the log")
     return users, starts, ends
 
 
@@ -705,7 +702,10 @@ def _warn_if_the_cap_drops_much(reaching: int, capped: int, cfg: SequenceConfig)
         "the interval cap (max_behaviors_per_interval=%s) dropped %.0f%% of %d events (warned once per process): "
         "many events share one %d-minute interval. Made-up or coarse timestamps? Map an ordered log without "
         "times with an ordinal time (README, 'Ordered logs without times'), or raise or unset the cap",
-        cfg.max_behaviors_per_interval, 100 * (reaching - capped) / reaching, reaching, cfg.interval_minutes,
+        cfg.max_behaviors_per_interval,
+        100 * (reaching - capped) / reaching,
+        reaching,
+        cfg.interval_minutes,
     )
 
 
@@ -753,7 +753,7 @@ def bench_sequences(
     t1 = time.perf_counter()
     whole = build_sequences(event_log, None, cfg, stats)
     t2 = time.perf_counter()
-    prefixes = build_sequences(event_log, split.test, cfg, stats)
+    build_sequences(event_log, split.test, cfg, stats)  # timed only
     t3 = time.perf_counter()
     prefix_events = int((split.test.history_end - event_log.offsets[split.test.users]).sum())
     out = {

@@ -85,14 +85,14 @@ class TokenSequences:
             out["components"] = self.components[s:e]
         return out
 
-    def subset(self, idx: np.ndarray) -> "TokenSequences":
+    def subset(self, idx: np.ndarray) -> TokenSequences:
         """The sequences `idx`, in that order."""
         idx = np.asarray(idx, dtype=np.int64)
         lengths = self.lengths()[idx]
         rows = ragged_arange(self.offsets[idx], lengths)
         return self._with(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), rows, self.users[idx])
 
-    def _with(self, offsets: np.ndarray, rows: np.ndarray, users: np.ndarray) -> "TokenSequences":
+    def _with(self, offsets: np.ndarray, rows: np.ndarray, users: np.ndarray) -> TokenSequences:
         per_token = {name: getattr(self, name)[rows] for name in _TOKEN_FIELDS}
         components = None if self.components is None else self.components[rows]
         return TokenSequences(
@@ -106,7 +106,7 @@ class TokenSequences:
         )
 
     @classmethod
-    def concat(cls, parts: list["TokenSequences"]) -> "TokenSequences":
+    def concat(cls, parts: list[TokenSequences]) -> TokenSequences:
         """Sequences of `parts` one after another (parts built with the same config)."""
         if not parts:
             raise ValueError("TokenSequences.concat: no parts")
@@ -165,7 +165,7 @@ class TokenSequences:
         np.savez(path, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenSequences":
+    def load(cls, path: str | Path) -> TokenSequences:
         with np.load(path, allow_pickle=False) as z:
             missing = sorted({f.name for f in fields(cls)} - {"components"} - set(z.files))
             if missing:

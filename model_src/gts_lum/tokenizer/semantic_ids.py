@@ -26,9 +26,9 @@ import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -139,14 +139,16 @@ class SemanticIds:
         rows = np.fromiter((self._row.get(b, -1) for b in keys), dtype=np.int64, count=len(keys))
         if (rows < 0).any():
             unknown = [keys[i] for i in np.flatnonzero(rows < 0)[:5]]
-            raise KeyError(f"semantic ids {self.version}: {int((rows < 0).sum())} unknown behaviour id(s), e.g. {unknown}; add them with extend()")
+            raise KeyError(
+                f"semantic ids {self.version}: {int((rows < 0).sum())} unknown behaviour id(s), e.g. {unknown}; add them with extend()"
+            )
         return rows
 
     def lookup(self, behavior_ids: Sequence) -> np.ndarray:
         """Semantic IDs of `behavior_ids`. (N, depth + 1) int32"""
         return self.codes[self.rows(behavior_ids)]
 
-    def extend(self, behavior_ids: Sequence, embeddings: np.ndarray) -> "SemanticIds":
+    def extend(self, behavior_ids: Sequence, embeddings: np.ndarray) -> SemanticIds:
         """A new artifact with IDs for behaviours not seen at build time; known ids keep their IDs.
 
         `embeddings` (N, D) must come from the same text encoder (`extend_texts` checks that).
@@ -175,7 +177,7 @@ class SemanticIds:
             _row=None,
         )
 
-    def extend_texts(self, behavior_ids: Sequence, texts: Sequence[str], encoder: TextEncoder) -> "SemanticIds":
+    def extend_texts(self, behavior_ids: Sequence, texts: Sequence[str], encoder: TextEncoder) -> SemanticIds:
         """`extend` from descriptions, encoded by `encoder`, which must be the one the tree was built with."""
         if encoder.identity != self.encoder_identity:
             raise ValueError(f"extend_texts: encoder {encoder.identity!r} differs from the tree's {self.encoder_identity!r}")
@@ -205,7 +207,7 @@ class SemanticIds:
         return out
 
     @classmethod
-    def load(cls, path: str | Path) -> "SemanticIds":
+    def load(cls, path: str | Path) -> SemanticIds:
         """Read a saved artifact and check its content against the recorded version."""
         root = Path(path)
         card_path = root / "tokenizer.yaml"
@@ -224,10 +226,14 @@ class SemanticIds:
                 tree_config=card.get("tree_config", {}),
             )
         if out.version != card["version"]:
-            raise ValueError(f"{root}: content hash {out.version} does not match the recorded version {card['version']} (files edited or mixed)")
+            raise ValueError(
+                f"{root}: content hash {out.version} does not match the recorded version {card['version']} (files edited or mixed)"
+            )
         return out
 
-    def summary_markdown(self, descriptions: Sequence[str], embeddings: np.ndarray | None = None, levels: int = 2, examples: int = 3) -> str:
+    def summary_markdown(
+        self, descriptions: Sequence[str], embeddings: np.ndarray | None = None, levels: int = 2, examples: int = 3
+    ) -> str:
         """The top `levels` levels of the tree as Markdown, with example descriptions per branch.
 
         Examples are the members closest to the branch centroid when `embeddings` (aligned with
@@ -288,7 +294,9 @@ def build_semantic_ids(
     table = behaviors.assign(behavior_id=behaviors["behavior_id"].astype(str)).sort_values("behavior_id", kind="stable")
     missing = table["description"].isna() | (table["description"].astype(str).str.strip() == "")
     if missing.any():
-        raise ValueError(f"behaviours table: behaviour {table['behavior_id'][missing].iloc[0]!r} has no description ({int(missing.sum())} such rows)")
+        raise ValueError(
+            f"behaviours table: behaviour {table['behavior_id'][missing].iloc[0]!r} has no description ({int(missing.sum())} such rows)"
+        )
     ids = _ids_array(table["behavior_id"], "behaviours table")
     encoder = encoder or get_encoder(cfg.encoder)
     x = encoder.encode(table["description"].astype(str).tolist())
@@ -298,7 +306,13 @@ def build_semantic_ids(
     return out, x
 
 
-def tokenize_dataset(dataset_dir: str | Path, out_dir: str | Path, config: str | None = "pkg:tokenizer/default.yaml", overrides: list[str] | dict | None = None, progress: bool = True) -> dict:
+def tokenize_dataset(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    config: str | None = "pkg:tokenizer/default.yaml",
+    overrides: list[str] | dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Pipeline stage: the clean data set's behaviours table -> the semantic-ids artifact in `out_dir`."""
     from gts_lum.data.contract import read_table
 

@@ -262,7 +262,7 @@ class SpectralTree:
         return {name: getattr(self, name) for name in self.ARRAYS} | {"shape": np.array([self.depth, self.branching])}
 
     @classmethod
-    def from_arrays(cls, arrays) -> "SpectralTree":
+    def from_arrays(cls, arrays) -> SpectralTree:
         missing = [n for n in (*cls.ARRAYS, "shape") if n not in arrays]
         if missing:
             raise ValueError(f"spectral tree arrays: missing {missing}")
@@ -270,7 +270,9 @@ class SpectralTree:
         return cls(**{n: np.asarray(arrays[n]) for n in cls.ARRAYS}, depth=depth, branching=branching)
 
 
-def build_spectral_tree(embeddings: np.ndarray, cfg: SpectralTreeConfig | None = None, progress: bool = True) -> tuple[SpectralTree, np.ndarray]:
+def build_spectral_tree(
+    embeddings: np.ndarray, cfg: SpectralTreeConfig | None = None, progress: bool = True
+) -> tuple[SpectralTree, np.ndarray]:
     """Fit the tree on `embeddings` (N, D): (tree, leaf node of each row (N,) int64)."""
     cfg = cfg or SpectralTreeConfig()
     x = unit_rows(embeddings)
@@ -312,7 +314,9 @@ def build_spectral_tree(embeddings: np.ndarray, cfg: SpectralTreeConfig | None =
         node += 1
     bar.close()
     size = np.array([len(m) for m in members], dtype=np.int64)
-    member_of = sp.csr_matrix((np.ones(int(size.sum())), (np.repeat(np.arange(len(members)), size), np.concatenate(members))), shape=(len(members), n))
+    member_of = sp.csr_matrix(
+        (np.ones(int(size.sum())), (np.repeat(np.arange(len(members)), size), np.concatenate(members))), shape=(len(members), n)
+    )
     centroid = np.asarray(member_of @ x, dtype=np.float64)
     tree = SpectralTree(
         parent=np.array(parent, dtype=np.int64),
@@ -325,7 +329,14 @@ def build_spectral_tree(embeddings: np.ndarray, cfg: SpectralTreeConfig | None =
         depth=cfg.depth,
         branching=cfg.branching,
     )
-    log.info("spectral tree: %d rows, %d nodes, %d leaves, codebooks %s, %.1fs", n, tree.num_nodes, int((tree.num_children == 0).sum()), tree.codebook_sizes(), time.perf_counter() - t0)
+    log.info(
+        "spectral tree: %d rows, %d nodes, %d leaves, codebooks %s, %.1fs",
+        n,
+        tree.num_nodes,
+        int((tree.num_children == 0).sum()),
+        tree.codebook_sizes(),
+        time.perf_counter() - t0,
+    )
     return tree, leaf
 
 
@@ -337,7 +348,9 @@ def clustered_embeddings(n: int, dim: int = 384, clusters: int = 64, spread: flo
     return unit_rows(centers[rng.integers(clusters, size=n)] + noise)
 
 
-def bench_spectral_tree(sizes: tuple[int, ...] = (10_000,), dim: int = 384, clusters: int = 256, cfg: SpectralTreeConfig | None = None) -> list[dict]:
+def bench_spectral_tree(
+    sizes: tuple[int, ...] = (10_000,), dim: int = 384, clusters: int = 256, cfg: SpectralTreeConfig | None = None
+) -> list[dict]:
     """Tree build time on clustered synthetic embeddings (text encoding excluded). Figures, not assertions."""
     cfg = cfg or SpectralTreeConfig()
     out = []

@@ -30,9 +30,9 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -228,7 +228,14 @@ class TextEncoder:
                 self._cache.add(unique_keys[missing].tolist(), new)
         self.stats.hits += hits
         self.stats.encoded += len(missing)
-        log.info("text encoder %s: %d texts, %d distinct, %d cache hits, %d encoded", self.identity, len(texts), len(unique_keys), hits, len(missing))
+        log.info(
+            "text encoder %s: %d texts, %d distinct, %d cache hits, %d encoded",
+            self.identity,
+            len(texts),
+            len(unique_keys),
+            hits,
+            len(missing),
+        )
         return vectors[inverse]
 
 

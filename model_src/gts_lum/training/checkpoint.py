@@ -157,5 +157,7 @@ def load_training_state(folder: str | Path) -> tuple[dict[str, dict[str, torch.T
     if not folder.exists() or not any(folder.iterdir()):
         return None
     if not (folder / MANIFEST).exists() and (folder / POSITION).exists():
-        raise CheckpointError(f"{folder}: a checkpoint without {MANIFEST} (an older format or a cut-off save); start afresh (remove {folder})")
+        raise CheckpointError(
+            f"{folder}: a checkpoint without {MANIFEST} (an older format or a cut-off save); start afresh (remove {folder})"
+        )
     return _read_checked(folder)

@@ -65,7 +65,9 @@ def local_device_index(count: int) -> int:
     except ValueError:
         raise ValueError(f"LOCAL_RANK={raw!r}: expected a non-negative integer") from None
     if not 0 <= rank < max(count, 1):
-        raise ValueError(f"LOCAL_RANK={rank} but this node has {count} device(s): start at most {count} processes per node (torchrun --nproc-per-node)")
+        raise ValueError(
+            f"LOCAL_RANK={rank} but this node has {count} device(s): start at most {count} processes per node (torchrun --nproc-per-node)"
+        )
     return rank
 
 

@@ -138,7 +138,7 @@ class WindowSet:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, idx: np.ndarray) -> "WindowSet":
+    def subset(self, idx: np.ndarray) -> WindowSet:
         return WindowSet(self.behaviors[idx], self.mask[idx], [self.texts[i] for i in idx], self.users[idx], self.source)
 
 
@@ -184,8 +184,13 @@ def scenario_windows(log_: EventLog, scenarios: pd.DataFrame, size: int, min_beh
     keep = length >= min_behaviors
     behaviors, mask = _gather(log_, lo[keep], length[keep], size)
     texts = scenarios["text"].astype(str).to_numpy()[known][keep].tolist()
-    log.info("scenario windows: %d of %d scenarios hold >= %d training events (%d of unknown users)",
-             int(keep.sum()), len(scenarios), min_behaviors, int((~known).sum()))
+    log.info(
+        "scenario windows: %d of %d scenarios hold >= %d training events (%d of unknown users)",
+        int(keep.sum()),
+        len(scenarios),
+        min_behaviors,
+        int((~known).sum()),
+    )
     return WindowSet(behaviors, mask, texts, u[keep], "scenarios")
 
 
@@ -459,7 +464,15 @@ class Phase1Trainer:
         out: dict[str, torch.Tensor] = {}
         if (w.btc or w.btm or w.btg) and len(behaviors) > 1:
             ids, pad = self.model.descriptions(behaviors)
-            out |= alignment_losses(self.model, self.model.behavior_side(behaviors), ids, pad, (w.btc, w.btm, w.btg), ("btc", "btm", "btg"), self.cfg.mining_temperature)
+            out |= alignment_losses(
+                self.model,
+                self.model.behavior_side(behaviors),
+                ids,
+                pad,
+                (w.btc, w.btm, w.btg),
+                ("btc", "btm", "btg"),
+                self.cfg.mining_temperature,
+            )
         if w.spread and len(behaviors) > 1:
             out["spread"] = uniformity(self.model.unprojected(behaviors))
         if windows is not None and (w.stc or w.stm or w.stg) and len(windows) > 1:
@@ -498,16 +511,24 @@ class Phase1Trainer:
         if resume and (last := self.last_checkpoint()) is not None:
             self.load_checkpoint(last)
         stop = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
-        log.info("phase I: %d behaviours (%d held out), %d windows, %d steps/epoch, %d epochs, from step %d to %d on %s",
-                 len(self.train_behaviors), len(self.eval_behaviors), len(self.windows) if self.windows else 0,
-                 self.steps_per_epoch, cfg.epochs, self.global_step, stop, self.device)
+        log.info(
+            "phase I: %d behaviours (%d held out), %d windows, %d steps/epoch, %d epochs, from step %d to %d on %s",
+            len(self.train_behaviors),
+            len(self.eval_behaviors),
+            len(self.windows) if self.windows else 0,
+            self.steps_per_epoch,
+            cfg.epochs,
+            self.global_step,
+            stop,
+            self.device,
+        )
         started, steps_run = time.perf_counter(), 0
         bar = tqdm(total=stop, initial=self.global_step, desc="phase I", unit="step", dynamic_ncols=True)
         self.model.train()
         while self.global_step < stop:
-            epoch, step = divmod(self.global_step, self.steps_per_epoch)
+            epoch, first = divmod(self.global_step, self.steps_per_epoch)
             order = self._epoch_order(epoch)
-            for step in range(step, self.steps_per_epoch):
+            for step in range(first, self.steps_per_epoch):
                 if self.global_step >= stop:
                     break
                 logs = self._train_step(*self._batch(order, step))
@@ -586,8 +607,11 @@ class Phase1Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         epoch, step = divmod(self.global_step, self.steps_per_epoch)
         position = {
-            "global_step": self.global_step, "epoch": epoch, "step_in_epoch": step,
-            "phase1": dataclasses.asdict(self.cfg), "adapter": adapter_card(self.model),
+            "global_step": self.global_step,
+            "epoch": epoch,
+            "step_in_epoch": step,
+            "phase1": dataclasses.asdict(self.cfg),
+            "adapter": adapter_card(self.model),
         }
         final = self.checkpoint_dir() / f"step-{self.global_step:08d}"
         model = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
@@ -641,8 +665,14 @@ def run_phase1(
     data = SequenceDataset.load(sequences_dir)
     features = features_from_artifacts(sequences_dir, semantic_ids_dir, graph_dir, table_embeddings)
     windows = build_windows(data.split().train, data.behaviors(), data.scenarios(), cfg.windows)
-    log.info("phase I: %d behaviours, modalities %s, %d semantic-ID levels, %d windows (%s)",
-             features.num_behaviors, features.modalities, len(features.codebook_sizes), len(windows), windows.source)
+    log.info(
+        "phase I: %d behaviours, modalities %s, %d semantic-ID levels, %d windows (%s)",
+        features.num_behaviors,
+        features.modalities,
+        len(features.codebook_sizes),
+        len(windows),
+        windows.source,
+    )
     return Phase1Trainer(cfg, features, windows, out_dir).train(resume=True)
 
 
@@ -697,8 +727,14 @@ def bench_phase1(
     paper_steps = max(-(-paper_windows // cfg.window_batch_size), -(-paper_catalog // cfg.batch_size))
     return {
         "device": summary["device"],
-        "config": {"hidden_size": cfg.qformer.hidden_size, "num_layers": cfg.qformer.num_layers, "num_queries": cfg.qformer.num_queries,
-                   "batch_size": cfg.batch_size, "window_batch_size": cfg.window_batch_size, "window_size": cfg.windows.size},
+        "config": {
+            "hidden_size": cfg.qformer.hidden_size,
+            "num_layers": cfg.qformer.num_layers,
+            "num_queries": cfg.qformer.num_queries,
+            "batch_size": cfg.batch_size,
+            "window_batch_size": cfg.window_batch_size,
+            "window_size": cfg.windows.size,
+        },
         "catalog": features.num_behaviors,
         "windows": summary["windows"],
         "steps_timed": summary["steps"],

@@ -244,7 +244,15 @@ class SequentialRecommender:
     def _weights_changed(self) -> None:
         """Called after every change of the weights: models that cache derived tensors drop them here."""
 
-    def _step_loss(self, encoder: nn.Module, tokens: torch.Tensor, times: torch.Tensor, num_tokens: int, log_q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    def _step_loss(
+        self,
+        encoder: nn.Module,
+        tokens: torch.Tensor,
+        times: torch.Tensor,
+        num_tokens: int,
+        log_q: torch.Tensor | None,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
         """Loss of one batch of (B, L + 1) left-padded windows (tokens and unix seconds): next event at every
         position. `encoder`: `self.encoder`, or its DistributedDataParallel wrapper under torchrun."""
         tc = self.train_cfg
@@ -261,7 +269,13 @@ class SequentialRecommender:
             return F.cross_entropy(h @ table[1:].T / tc.temperature, pos - 1)  # (P, V - 1) logits
         return sampled_softmax_loss(h, pos, self._negatives(pos, num_tokens, gen), table, log_q, tc.temperature)
 
-    def fit(self, split: Split, eval_cfg: EvalConfig | None = None, candidates: np.ndarray | None = None, checkpoint_dir: str | Path | None = None) -> dict:
+    def fit(
+        self,
+        split: Split,
+        eval_cfg: EvalConfig | None = None,
+        candidates: np.ndarray | None = None,
+        checkpoint_dir: str | Path | None = None,
+    ) -> dict:
         """Train on `split.train`, select the epoch on `split.valid`; returns training statistics."""
         tc = self.train_cfg
         if not tc.full_softmax and tc.num_negatives + tc.in_batch_negatives <= 0:
@@ -305,7 +319,9 @@ class SequentialTask:
         gen = torch.Generator().manual_seed(seed)  # negatives
         model, device = self.model, self.model.device
         tokens, times = left_padded(self.split.train, self.starts[idx], self.ends[idx], self.cfg.max_len + 1)
-        loss = model._step_loss(module, torch.from_numpy(tokens).to(device), torch.from_numpy(times).to(device), self.num_tokens, self.log_q, gen)
+        loss = model._step_loss(
+            module, torch.from_numpy(tokens).to(device), torch.from_numpy(times).to(device), self.num_tokens, self.log_q, gen
+        )
         return {"loss": loss, "cases": torch.tensor(float(len(idx))), "positions": torch.tensor(float((tokens[:, :-1] != PAD).sum()))}
 
     def validate(self) -> float:

@@ -35,8 +35,14 @@ log = logging.getLogger(__name__)
 
 
 def tune_task_token(
-    model, log_: EventLog, cases: EvalSet, y: np.ndarray, treatment: np.ndarray | None, task_index: int,
-    head: LabelHead | UpliftHead, cfg: TaskTokenConfig,
+    model,
+    log_: EventLog,
+    cases: EvalSet,
+    y: np.ndarray,
+    treatment: np.ndarray | None,
+    task_index: int,
+    head: LabelHead | UpliftHead,
+    cfg: TaskTokenConfig,
 ) -> dict:
     """Train row `task_index` of `model.net.task_tokens` (and `head`) on cases (one per user) and labels.
 
@@ -109,11 +115,23 @@ def tune_task_token(
             p.requires_grad_(frozen[name])
         net.train(was_training)
     head.eval()
-    log.info("task token %d: %d train / %d held-out users, held-out loss %.4f -> %.4f in %.1f s",
-             task_index, len(train), len(valid), initial_loss, best_loss, time.perf_counter() - started)
+    log.info(
+        "task token %d: %d train / %d held-out users, held-out loss %.4f -> %.4f in %.1f s",
+        task_index,
+        len(train),
+        len(valid),
+        initial_loss,
+        best_loss,
+        time.perf_counter() - started,
+    )
     return {
-        "epochs": len(history), "initial_train_loss": initial_train_loss, "initial_valid_loss": initial_loss, "best_valid_loss": best_loss, "token_change": token_change,
-        "history": history, "seconds": time.perf_counter() - started,
+        "epochs": len(history),
+        "initial_train_loss": initial_train_loss,
+        "initial_valid_loss": initial_loss,
+        "best_valid_loss": best_loss,
+        "token_change": token_change,
+        "history": history,
+        "seconds": time.perf_counter() - started,
     }
 
 
@@ -139,7 +157,12 @@ def user_cases(log_: EventLog, user_ids: np.ndarray, before: np.ndarray | None =
         offset = np.clip(np.nan_to_num(cut - t0, nan=span - 1), 0, span - 1).astype(np.int64)
         ends = np.searchsorted(keys, rows.astype(np.int64) * span + offset, side="left").astype(np.int64)
     last = np.maximum(ends - 1, starts)
-    return EvalSet(rows.astype(np.int64), ends, np.zeros(len(rows), np.int32), log_.timestamp[np.minimum(last, len(log_.timestamp) - 1)].astype(np.int64))
+    return EvalSet(
+        rows.astype(np.int64),
+        ends,
+        np.zeros(len(rows), np.int32),
+        log_.timestamp[np.minimum(last, len(log_.timestamp) - 1)].astype(np.int64),
+    )
 
 
 def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir: str | Path, out_dir: str | Path, cfg: HeadsConfig) -> dict:

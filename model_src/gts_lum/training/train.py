@@ -1,6 +1,6 @@
 """The training stage: one registered model, trained on a sequence data set's split, saved.
 
-    gts-lum train runs/demo/sequences --model sasrec --out runs/demo/model
+gts-lum train runs/demo/sequences --model sasrec --out runs/demo/model
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ def train_model(
     model = build_model(model_name, model_config, overrides)
     attach_dataset(model, data)
     # Validation ranks the same candidates the evaluation will: the split's target subset.
-    candidates = select_candidates(data.behaviors(), data.event_log.behavior_ids, data.split_cfg.target_filter) if data.split_cfg.target_filter else None
+    candidates = (
+        select_candidates(data.behaviors(), data.event_log.behavior_ids, data.split_cfg.target_filter)
+        if data.split_cfg.target_filter
+        else None
+    )
     started = time.perf_counter()
     extra = {"checkpoint_dir": checkpoint_dir} if checkpoint_dir and "checkpoint_dir" in inspect.signature(model.fit).parameters else {}
     stats = model.fit(split, eval_cfg or EvalConfig(), candidates, **extra)
