@@ -11,28 +11,25 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def encode_graph(sequences: Input[Dataset], graph_config: str, graph_overrides: str, graph: Output[Dataset], summary: Output[Markdown]):
+def encode_graph(sequences: Input[Dataset], graph_config: str, graph_overrides: dict, graph: Output[Dataset], summary: Output[Markdown]):
     """Co-occurrence graph of the training events (15-minute intervals) -> node2vec embedding per behaviour."""
-    import json
-
     from gts_lum.encoders.node2vec import graph_summary_markdown, run_graph_encoder
 
-    meta = run_graph_encoder(sequences.path, graph.path, graph_config or "pkg:encoders/graph.yaml", json.loads(graph_overrides or "{}"))
+    meta = run_graph_encoder(sequences.path, graph.path, graph_config or "pkg:encoders/graph.yaml", graph_overrides or {})
     graph.metadata.update({k: v for k, v in meta.items() if isinstance(v, (int, float, str))})
     with open(summary.path, "w") as f:
         f.write(graph_summary_markdown(graph.path))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def semantic_ids(clean: Input[Dataset], tokenizer_config: str, tokenizer_overrides: str, ids: Output[Dataset], summary: Output[Markdown]):
+def semantic_ids(clean: Input[Dataset], tokenizer_config: str, tokenizer_overrides: dict, ids: Output[Dataset], summary: Output[Markdown]):
     """Text embeddings of behaviour descriptions -> spectral-clustering tree -> semantic ID per behaviour."""
-    import json
     import shutil
 
     from gts_lum.tokenizer.semantic_ids import tokenize_dataset
 
     card = tokenize_dataset(
-        clean.path, ids.path, tokenizer_config or "pkg:tokenizer/default.yaml", json.loads(tokenizer_overrides or "{}"), progress=False
+        clean.path, ids.path, tokenizer_config or "pkg:tokenizer/default.yaml", tokenizer_overrides or {}, progress=False
     )
     ids.metadata.update({k: v for k, v in card.items() if isinstance(v, (int, float, str))})
     ids.metadata["codebook_sizes"] = card["codebook_sizes"]
@@ -46,12 +43,11 @@ def qformer_pretrain(
     graph: Input[Dataset],
     tables: Input[Dataset],
     qformer_config: str,
-    qformer_overrides: str,
+    qformer_overrides: dict,
     qformer: Output[Model],
     metrics: Output[Metrics],
 ):
     """Phase I: the Q-former aligns business embeddings with semantic IDs (six alignment tasks) -> fused b^F."""
-    import json
     from pathlib import Path
 
     from gts_lum.training.phase1 import run_phase1
@@ -64,7 +60,7 @@ def qformer_pretrain(
         graph.path,
         table if table.exists() else None,
         qformer_config or "pkg:qformer/default.yaml",
-        json.loads(qformer_overrides or "{}"),
+        qformer_overrides or {},
     )
     qformer.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     for key, value in summary["final"].items():
@@ -73,19 +69,17 @@ def qformer_pretrain(
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def encode_tables(clean: Input[Dataset], table_config: str, behavior_overrides: str, user_overrides: str, tables: Output[Dataset]):
+def encode_tables(clean: Input[Dataset], table_config: str, behavior_overrides: dict, user_overrides: dict, tables: Output[Dataset]):
     """Attribute tables -> business embedding per behaviour (Q-former "table" modality) and per user (profile)."""
-    import json
-
     from gts_lum.encoders.table import encode_tables as encode
 
     summary = encode(
         clean.path,
         tables.path,
         table_config or "pkg:encoders/table.yaml",
-        json.loads(behavior_overrides or "{}"),
+        behavior_overrides or {},
         table_config or "pkg:encoders/table.yaml",
-        json.loads(user_overrides or "{}"),
+        user_overrides or {},
     )
     for name, info in summary.items():
         tables.metadata[f"{name}_rows"] = info["rows"]

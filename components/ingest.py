@@ -7,29 +7,26 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def ingest(source: str, mapping: str, synth_overrides: str, raw: Output[Dataset]):
+def ingest(source: str, mapping: str, synth_overrides: dict, raw: Output[Dataset]):
     """Bring a data set into the contract layout: `synth:NAME` simulates, a folder (+ mapping) is adapted."""
-    import json
     import shutil
     from pathlib import Path
 
     from gts_lum.data.ingest import bring_in
 
-    where = bring_in(source, raw.path, mapping or None, json.loads(synth_overrides or "{}"), progress=False)
+    where = bring_in(source, raw.path, mapping or None, synth_overrides or {}, progress=False)
     if Path(where) != Path(raw.path):  # already in the contract layout: copy so the artifact is self-contained
         shutil.copytree(where, raw.path, dirs_exist_ok=True)
     raw.metadata["source"] = source
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def validate(raw: Input[Dataset], validation_overrides: str, clean: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown]):
+def validate(raw: Input[Dataset], validation_overrides: dict, clean: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown]):
     """Typed validation: clean tables, quarantined rows (file, row, field, reason) and a summary."""
-    import json
-
     from gts_lum.config import from_dict
     from gts_lum.data.validate import ValidationConfig, summary_markdown, validate_dataset
 
-    summary = validate_dataset(raw.path, clean.path, from_dict(ValidationConfig, json.loads(validation_overrides or "{}")), progress=False)
+    summary = validate_dataset(raw.path, clean.path, from_dict(ValidationConfig, validation_overrides or {}), progress=False)
     for table, rep in summary["tables"].items():
         metrics.log_metric(f"{table}_rows_in", rep["rows_in"])
         metrics.log_metric(f"{table}_rows_rejected", rep["rows_in"] - rep["rows_kept"])

@@ -10,13 +10,12 @@ from components import IMAGE
 def build_sequences(
     clean: Input[Dataset],
     sequence_config: str,
-    sequence_overrides: str,
-    split_config: str,
+    sequence_overrides: dict,
+    split_config: dict,
     sequences: Output[Dataset],
     preview: Output[Markdown],
 ):
     """Timestamp process (15-minute intervals, descriptors, [SEP], token budget) over the split's histories."""
-    import json
     import shutil
 
     from gts_lum.config import from_dict
@@ -26,8 +25,8 @@ def build_sequences(
         clean.path,
         sequences.path,
         sequence_config or None,
-        json.loads(sequence_overrides or "{}"),
-        from_dict(SplitConfig, json.loads(split_config or "{}")),
+        sequence_overrides or {},
+        from_dict(SplitConfig, split_config or {}),
     )
     sequences.metadata.update(summary)
     shutil.copyfile(f"{sequences.path}/preview.md", preview.path)

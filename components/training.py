@@ -11,17 +11,15 @@ def train_model(
     sequences: Input[Dataset],
     model_name: str,
     model_config: str,
-    model_overrides: str,
+    model_overrides: dict,
     device: str,
     model: Output[Model],
     metrics: Output[Metrics],
 ):
     """Train one registered model on the training split; select on validation; save safetensors + config."""
-    import json
-
     from gts_lum.training.train import train_model as train
 
-    stats = train(sequences.path, model_name, model_config or None, json.loads(model_overrides or "{}"), model.path, device=device)
+    stats = train(sequences.path, model_name, model_config or None, model_overrides or {}, model.path, device=device)
     model.metadata.update({"model": model_name, **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
     for key, value in stats.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -36,20 +34,18 @@ def train_gts_lum(
     tables: Input[Dataset],
     qformer: Input[Model],
     model_config: str,
-    model_overrides: str,
+    model_overrides: dict,
     device: str,
     model: Output[Model],
     metrics: Output[Metrics],
     curve: Output[HTML],
 ):
     """Phase II: the target-aware decoder over the phase-I Q-former, the semantic IDs and the business encoders."""
-    import json
-
     from gts_lum.config import deep_merge
     from gts_lum.training.train import train_model as train
 
     artifacts = {"artifacts": {"semantic_ids": ids.path, "graph": graph.path, "tables": tables.path, "qformer": qformer.path}}
-    overrides = deep_merge(json.loads(model_overrides or "{}"), artifacts)
+    overrides = deep_merge(model_overrides or {}, artifacts)
     from gts_lum.evaluation.plots import training_curve_html
 
     stats = train(sequences.path, "gts_lum", model_config or None, overrides, model.path, device=device)
@@ -67,16 +63,14 @@ def evaluate_models(
     model: Input[Model],
     baseline: Input[Model],
     sequence_baseline: Input[Model],
-    eval_config: str,
+    eval_config: dict,
     metrics: Output[Metrics],
     table: Output[Markdown],
 ):
     """Leave-one-out full ranking on the test cases: R@K, NDCG@K, MRR for the model and the baselines."""
-    import json
-
     from gts_lum.evaluation.evaluate import evaluate_saved_models
 
-    result = evaluate_saved_models(sequences.path, [model.path, sequence_baseline.path, baseline.path], json.loads(eval_config or "{}"))
+    result = evaluate_saved_models(sequences.path, [model.path, sequence_baseline.path, baseline.path], eval_config or {})
     for row in result["rows"]:
         for key, value in row.items():
             if isinstance(value, float):
@@ -91,7 +85,7 @@ def label_tasks(
     sequences: Input[Dataset],
     clean: Input[Dataset],
     heads_config: str,
-    heads_overrides: str,
+    heads_overrides: dict,
     labelled: Output[Model],
     heads: Output[Model],
     metrics: Output[Metrics],
@@ -105,7 +99,6 @@ def label_tasks(
     tokens and the heads go on to the export. A data set without labels passes the model through.
     `classification`: the ROC curve and confusion matrix of binary task `curve_task` on held-out users
     (the first binary task when the data set has no such task), for the Kubeflow UI."""
-    import json
     import shutil
     import tempfile
     from pathlib import Path
@@ -115,7 +108,7 @@ def label_tasks(
     from gts_lum.modeling.heads import HeadsConfig
     from gts_lum.training.task_tokens import run_label_stage
 
-    cfg = load_config(HeadsConfig, heads_config, json.loads(heads_overrides or "{}"))
+    cfg = load_config(HeadsConfig, heads_config, heads_overrides or {})
     work = Path(tempfile.mkdtemp())
     results = run_label_stage(model.path, sequences.path, clean.path, work, cfg)
     shutil.copytree(work / "model", labelled.path)

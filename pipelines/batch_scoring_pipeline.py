@@ -19,8 +19,8 @@ def batch_scoring_pipeline(
     export_uri: str = "minio://mlpipeline/gts-lum/export",  # the exported model (an export-model artifact, or a copy)
     data_source: str = "synth:demo",  # synth:NAME, a folder or an object-store URI, as in training
     mapping: str = "",
-    synth_overrides: str = "{}",
-    validation_overrides: str = "{}",
+    synth_overrides: dict = {},
+    validation_overrides: dict = {},
     users: str = "",  # comma-separated user ids; empty: every user
     chunk_size: int = 256,
     top_k: int = 10,

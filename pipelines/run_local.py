@@ -59,14 +59,21 @@ def report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def load_params(path: Path | None) -> dict[str, str]:
-    """Pipeline parameters from YAML; mappings become the JSON strings the override parameters take."""
+def load_params(path: Path | None) -> dict:
+    """Pipeline parameters from YAML: mappings and lists as they are (the override parameters are typed
+    `dict`, the tolerations a `list`), every other value as a string."""
     if path is None:
         return {}
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of pipeline parameters, got {type(raw).__name__}")
-    return {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in raw.items()}
+    return {k: v if isinstance(v, (dict, list)) else str(v) for k, v in raw.items()}
+
+
+def _param(text: str) -> tuple[str, object]:
+    """NAME=VALUE: a VALUE written as a JSON object or list (an override) is parsed; any other stays a string."""
+    name, value = text.split("=", 1)
+    return name, json.loads(value) if value.lstrip().startswith(("{", "[")) else value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    params = {**load_params(args.params), **dict(p.split("=", 1) for p in args.param)}
+    params = {**load_params(args.params), **dict(_param(p) for p in args.param)}
     # The pipelines' defaults name KFP's bucket (minio://mlpipeline/...), which a local run has not:
     # here the registry lives beside the run's outputs and the export is `make load-bench`'s.
     local_defaults = {"training": {"registry": str(args.output / "registry")}, "batch_scoring": {"export_uri": "runs/export"}}

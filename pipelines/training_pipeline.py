@@ -1,8 +1,8 @@
 """The training pipeline: ingest -> validate -> sequences -> encoders (semantic IDs, graph, tables) -> Q-former
 phase I -> GTS-LUM phase II; sequences -> baselines (a sequence model and the Markov floor); evaluate all three.
 
-Every setting is a pipeline parameter (strings hold JSON objects of config overrides), so a run from the
-Kubeflow UI changes data, interval length, model sizes or device without a rebuild.
+Every setting is a pipeline parameter (config overrides are typed dict parameters, JSON objects in the UI), so a
+run from the Kubeflow UI changes data, interval length, model sizes or device without a rebuild.
 
 Cluster settings (kfp-kubernetes; `kfp.local` ignores them, so the local run is unchanged): the GTS-LUM
 training task asks for an Ascend NPU, lands on Ascend nodes (node selector + toleration: a dict and a
@@ -44,33 +44,34 @@ DATA_MOUNT = "/mnt/gts-lum"  # the data PVC in the training pod: pretrained deco
 def training_pipeline(
     data_source: str = "synth:demo",  # synth:NAME, a folder (e.g. on the PVC) or s3:// / minio:// / gs:// URI
     mapping: str = "",
-    synth_overrides: str = "{}",
-    validation_overrides: str = "{}",
+    synth_overrides: dict = {},
+    validation_overrides: dict = {},
     sequence_config: str = "pkg:sequence/default.yaml",
-    sequence_overrides: str = "{}",
-    split_config: str = '{"kind": "leave_one_out", "target_filter": "type=ott"}',
+    sequence_overrides: dict = {},
+    split_config: dict = {"kind": "leave_one_out", "target_filter": "type=ott"},
     gts_lum_config: str = "pkg:models/gts_lum.yaml",
     # CPU-sized phase II for the demo: 2 epochs of 384 cases (each trains every prefix of its sequence),
     # the last 120 tokens; on an accelerator raise them from the UI
-    gts_lum_overrides: str = (
-        '{"sequence": {"token_budget": 120}, '
-        '"train": {"epochs": 2, "max_cases_per_epoch": 384, "hard_negatives": 1, "valid_cases": 100}, "rerank_depth": 10}'
-    ),
+    gts_lum_overrides: dict = {
+        "sequence": {"token_budget": 120},
+        "train": {"epochs": 2, "max_cases_per_epoch": 384, "hard_negatives": 1, "valid_cases": 100},
+        "rerank_depth": 10,
+    },
     model_name: str = "sasrec",
     model_config: str = "",
-    model_overrides: str = '{"train": {"windows_per_epoch": 8192, "epochs": 10}}',
+    model_overrides: dict = {"train": {"windows_per_epoch": 8192, "epochs": 10}},
     baseline_name: str = "markov",
     device: str = "auto",
-    eval_config: str = '{"history_filter": false, "max_users": 500}',  # a fixed seeded sample of test users
+    eval_config: dict = {"history_filter": False, "max_users": 500},  # a fixed seeded sample of test users
     tokenizer_config: str = "pkg:tokenizer/default.yaml",
-    tokenizer_overrides: str = "{}",
+    tokenizer_overrides: dict = {},
     graph_config: str = "pkg:encoders/graph.yaml",
-    graph_overrides: str = "{}",
+    graph_overrides: dict = {},
     table_config: str = "pkg:encoders/table.yaml",
-    behavior_table_overrides: str = "{}",
-    user_table_overrides: str = '{"kind": "learned"}',
+    behavior_table_overrides: dict = {},
+    user_table_overrides: dict = {"kind": "learned"},
     qformer_config: str = "pkg:qformer/default.yaml",
-    qformer_overrides: str = '{"epochs": 5, "qformer": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 256}}',
+    qformer_overrides: dict = {"epochs": 5, "qformer": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 256}},
     train_accelerator: str = ASCEND_RESOURCE,
     train_accelerator_count: str = "1",
     train_node_selector: dict = ASCEND_NODE_SELECTOR,
@@ -79,7 +80,7 @@ def training_pipeline(
     data_pvc: str = "gts-lum-data",  # manifests/base/pvc.yaml
     # label tasks (task tokens + heads on the GTS-LUM user embedding), from the data set's labels table
     heads_config: str = "pkg:heads/default.yaml",
-    heads_overrides: str = '{"task_token": {"epochs": 3}}',  # CPU-sized for the demo (pkg default: 8)
+    heads_overrides: dict = {"task_token": {"epochs": 3}},  # CPU-sized for the demo (pkg default: 8)
     # the life cycle: promote the new GTS-LUM when it beats production on validation by `promotion_margin`
     # where promoted models are registered: an object-store prefix (a JSON file there; by default in KFP's
     # own bucket, so it outlives every run), a folder, or the Kubeflow Model Registry's http(s) address
@@ -172,7 +173,7 @@ def training_pipeline(
     ).set_display_name("train-sequence-baseline")
     model.set_caching_options(False)
     floor = train_model(
-        sequences=seqs.outputs["sequences"], model_name=baseline_name, model_config="", model_overrides="{}", device="cpu"
+        sequences=seqs.outputs["sequences"], model_name=baseline_name, model_config="", model_overrides={}, device="cpu"
     ).set_display_name("train-baseline")
     evaluation = evaluate_models(
         sequences=seqs.outputs["sequences"],

@@ -31,40 +31,34 @@ def test_training_pipeline_runs_end_to_end_locally(tmp_path, request, monkeypatc
     params = {
         "data_source": "synth:tiny",
         "model_name": "sasrec",
-        "model_overrides": json.dumps({"train": {"windows_per_epoch": 256, "epochs": 1, "max_len": 20}}),
-        "gts_lum_overrides": json.dumps(
-            {
-                "net": {
-                    "decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
-                    "compressor": {"windows": 1, "window_size": 8},
-                },
-                "train": {
-                    "epochs": 1,
-                    "max_cases_per_epoch": 64,
-                    "hard_negatives": 1,
-                    "sampled_negatives": 32,
-                    "valid_cases": 20,
-                    "device": "cpu",
-                },
-                "rerank_depth": 3,
-            }
-        ),
+        "model_overrides": {"train": {"windows_per_epoch": 256, "epochs": 1, "max_len": 20}},
+        "gts_lum_overrides": {
+            "net": {
+                "decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+                "compressor": {"windows": 1, "window_size": 8},
+            },
+            "train": {
+                "epochs": 1,
+                "max_cases_per_epoch": 64,
+                "hard_negatives": 1,
+                "sampled_negatives": 32,
+                "valid_cases": 20,
+                "device": "cpu",
+            },
+            "rerank_depth": 3,
+        },
         # the tokenizer tests' embedding cache: the catalog's texts are encoded once per test session
-        "tokenizer_overrides": json.dumps({"encoder": {"cache_dir": str(request.config.cache.mkdir("gts-lum-text-embeddings"))}}),
-        "graph_overrides": json.dumps(
-            {"node2vec": {"walk": {"walks_per_node": 2, "walk_length": 10}, "skipgram": {"epochs": 1, "dim": 16}}}
-        ),
-        "behavior_table_overrides": json.dumps({"kind": "learned", "learned": {"epochs": 2, "progress": False}}),
-        "user_table_overrides": json.dumps({"kind": "learned", "learned": {"epochs": 2, "progress": False}}),
-        "heads_overrides": json.dumps({"task_token": {"epochs": 2}, "train": {"epochs": 40}}),
-        "qformer_overrides": json.dumps(
-            {
-                "max_steps": 2,
-                "batch_size": 16,
-                "window_batch_size": 8,
-                "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2},
-            }
-        ),
+        "tokenizer_overrides": {"encoder": {"cache_dir": str(request.config.cache.mkdir("gts-lum-text-embeddings"))}},
+        "graph_overrides": {"node2vec": {"walk": {"walks_per_node": 2, "walk_length": 10}, "skipgram": {"epochs": 1, "dim": 16}}},
+        "behavior_table_overrides": {"kind": "learned", "learned": {"epochs": 2, "progress": False}},
+        "user_table_overrides": {"kind": "learned", "learned": {"epochs": 2, "progress": False}},
+        "heads_overrides": {"task_token": {"epochs": 2}, "train": {"epochs": 40}},
+        "qformer_overrides": {
+            "max_steps": 2,
+            "batch_size": 16,
+            "window_batch_size": 8,
+            "qformer": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2},
+        },
     }
     # the registry in a bucket of the local S3 server, as the cluster's default keeps it in KFP's bucket
     params["registry"] = f"minio://{s3_bucket}/gts-lum/registry"
