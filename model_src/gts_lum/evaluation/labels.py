@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,29 +39,14 @@ from gts_lum.evaluation.uplift import (
     t_learner_uplift,
     table_features,
 )
-from gts_lum.modeling.heads import HeadsConfig, UpliftHead, build_head, fit_head
+from gts_lum.modeling.heads import KINDS, HeadsConfig, LabelTask, UpliftHead, build_head, fit_head  # noqa: F401 (KINDS, LabelTask: re-exported)
 
 log = logging.getLogger(__name__)
 
-KINDS = ("binary", "multiclass", "uplift")
 LABEL_COLUMNS = ("user_id", "task", "label")
 RANDOM_DRAWS = 100  # random-score draws behind the floor's mean and spread
 EmbedFn = Callable[[np.ndarray, "LabelTask"], np.ndarray]
 TuneFn = Callable[["LabelTask", np.ndarray, np.ndarray, "np.ndarray | None"], dict]
-
-
-@dataclass(frozen=True)
-class LabelTask:
-    name: str
-    kind: str  # binary | multiclass | uplift
-    num_classes: int = 2  # uplift tasks: of the outcome
-    classes: tuple[float, ...] = (0.0, 1.0)  # label value of each class index
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"LabelTask {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
-        if len(self.classes) != self.num_classes:
-            raise ValueError(f"LabelTask {self.name!r}: {self.num_classes} classes but {len(self.classes)} class values")
 
 
 def _check_columns(labels_df: pd.DataFrame) -> None:

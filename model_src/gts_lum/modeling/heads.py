@@ -23,7 +23,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,10 +32,24 @@ from tqdm.auto import tqdm
 
 from gts_lum.encoders.table_learned import holdout
 
-if TYPE_CHECKING:
-    from gts_lum.evaluation.labels import LabelTask
-
 log = logging.getLogger(__name__)
+
+KINDS = ("binary", "multiclass", "uplift")
+
+
+# What a head predicts; `gts_lum.evaluation.labels.discover_tasks` reads the tasks from a data set's labels.
+@dataclass(frozen=True)
+class LabelTask:
+    name: str
+    kind: str  # binary | multiclass | uplift
+    num_classes: int = 2  # uplift tasks: of the outcome
+    classes: tuple[float, ...] = (0.0, 1.0)  # label value of each class index
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"LabelTask {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"LabelTask {self.name!r}: {self.num_classes} classes but {len(self.classes)} class values")
 
 
 @dataclass
