@@ -50,7 +50,7 @@ def qformer_pretrain(
     """Phase I: the Q-former aligns business embeddings with semantic IDs (six alignment tasks) -> fused b^F."""
     from pathlib import Path
 
-    from gts_lum.training.phase1 import run_phase1
+    from gts_lum.stages.phase1 import run_phase1
 
     table = Path(tables.path) / "behavior_table.npz"
     summary = run_phase1(

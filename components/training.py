@@ -17,7 +17,7 @@ def train_model(
     metrics: Output[Metrics],
 ):
     """Train one registered model on the training split; select on validation; save safetensors + config."""
-    from gts_lum.training.train import train_model as train
+    from gts_lum.stages.train import train_model as train
 
     stats = train(sequences.path, model_name, model_config or None, model_overrides or {}, model.path, device=device)
     model.metadata.update({"model": model_name, **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
@@ -42,7 +42,7 @@ def train_gts_lum(
 ):
     """Phase II: the target-aware decoder over the phase-I Q-former, the semantic IDs and the business encoders."""
     from gts_lum.config import deep_merge
-    from gts_lum.training.train import train_model as train
+    from gts_lum.stages.train import train_model as train
 
     artifacts = {"artifacts": {"semantic_ids": ids.path, "graph": graph.path, "tables": tables.path, "qformer": qformer.path}}
     overrides = deep_merge(model_overrides or {}, artifacts)
@@ -106,7 +106,7 @@ def label_tasks(
     from gts_lum.config import load_config
     from gts_lum.evaluation.plots import as_html
     from gts_lum.modeling.heads import HeadsConfig
-    from gts_lum.training.task_tokens import run_label_stage
+    from gts_lum.stages.labels import run_label_stage
 
     cfg = load_config(HeadsConfig, heads_config, heads_overrides or {})
     work = Path(tempfile.mkdtemp())
@@ -142,7 +142,7 @@ def promote_model(
     """The gate: the new export against production on the same validation users; registered (its artifact
     URI, which KServe and the next run's gate read) when better by `margin`. Returns whether it promoted
     (the deploy step's condition)."""
-    from gts_lum.evaluation.promotion import PromotionConfig, promotion_gate
+    from gts_lum.stages.promotion import PromotionConfig, promotion_gate
 
     result = promotion_gate(sequences.path, export.path, registry, PromotionConfig(margin=margin), uri=export.uri)
     metrics.log_metric("promoted", float(result["promoted"]))

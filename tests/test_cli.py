@@ -132,7 +132,7 @@ def test_a_bench_config_reads_its_data_from_its_own_folder(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # not the config's folder
     assert main(["bench", "--config", "project/configs/bench.yaml", "--out", str(tmp_path / "out")]) == 0
     assert "| popularity |" in (tmp_path / "out" / "table.md").read_text()
-    from gts_lum.evaluation.bench_runner import load_bench_config
+    from gts_lum.stages.bench_runner import load_bench_config
 
     # the shipped configs keep their paths from the repository root; so do paths not found beside the file, and overrides
     assert load_bench_config("pkg:bench/movielens.yaml").data == "../shared/data/movielens-latest-small"

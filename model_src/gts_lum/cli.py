@@ -75,14 +75,14 @@ def cmd_tables(args) -> None:
 
 
 def cmd_phase1(args) -> None:
-    from gts_lum.training.phase1 import run_phase1
+    from gts_lum.stages.phase1 import run_phase1
 
     summary = run_phase1(args.sequences, args.out, args.semantic_ids, args.graph, args.table, args.config, args.set)
     _print({k: v for k, v in summary.items() if k != "history"})
 
 
 def cmd_phase1_bench(args) -> None:
-    from gts_lum.training.phase1 import bench_phase1
+    from gts_lum.stages.phase1 import bench_phase1
 
     result = bench_phase1(args.data, args.set, max_steps=args.steps, paper_catalog=args.paper_catalog)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def cmd_phase1_bench(args) -> None:
 
 def cmd_train(args) -> None:
     from gts_lum.config import parse_overrides
-    from gts_lum.training.train import train_model
+    from gts_lum.stages.train import train_model
 
     stats = train_model(args.sequences, args.model, args.config, parse_overrides(args.set), args.out, device=args.device, checkpoint_dir=args.checkpoints)
     _print({k: v for k, v in stats.items() if k != "history"})
@@ -107,7 +107,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from gts_lum.evaluation.bench_runner import load_bench_config, run_bench_config
+    from gts_lum.stages.bench_runner import load_bench_config, run_bench_config
 
     path = args.config if args.config.endswith((".yaml", ".yml")) else f"pkg:bench/{args.config}.yaml"
     cfg = load_bench_config(path, args.set)
@@ -141,7 +141,7 @@ def cmd_labels(args) -> None:
     from gts_lum.config import load_config
     from gts_lum.evaluation.labels import format_label_table
     from gts_lum.modeling.heads import HeadsConfig
-    from gts_lum.training.task_tokens import run_label_stage
+    from gts_lum.stages.labels import run_label_stage
 
     cfg = load_config(HeadsConfig, args.config, args.set)
     results = run_label_stage(args.model, args.sequences, args.clean, args.out, cfg)

@@ -169,8 +169,8 @@ def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tm
 
     from gts_lum.data.ingest import prepare_dataset
     from gts_lum.evaluation.bench import attach_dataset
-    from gts_lum.evaluation.bench_runner import BenchConfig, model_specs, run_encoders, run_phase1_stages
     from gts_lum.sequence.dataset import SequenceDataset, SplitConfig, build_sequence_dataset
+    from gts_lum.stages.bench_runner import BenchConfig, model_specs, run_encoders, run_phase1_stages
 
     clean = prepare_dataset("synth:tiny", tmp_path / "data")
     build_sequence_dataset(clean, tmp_path / "sequences", None, {}, SplitConfig())

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from gts_lum.data import storage
-from gts_lum.evaluation.promotion import FileRegistry, PromotionConfig, data_version, promotion_gate
-from gts_lum.training.train import train_model
+from gts_lum.stages.promotion import FileRegistry, PromotionConfig, data_version, promotion_gate
+from gts_lum.stages.train import train_model
 
 
 def test_gate_promotes_only_a_better_model(cycle_data, tmp_path):

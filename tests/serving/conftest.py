@@ -57,8 +57,8 @@ def tiny_serving(tmp_path_factory) -> TinyServing:
     from gts_lum.sequence.dataset import SequenceDataset, SplitConfig, build_sequence_dataset
     from gts_lum.sequence.splits import EvalSet
     from gts_lum.serving.export import export_model, save_head
+    from gts_lum.stages.train import train_model
     from gts_lum.training.checkpoint import load_model
-    from gts_lum.training.train import train_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores; also makes offline scores bitwise comparable with the server's

@@ -31,7 +31,7 @@ def profiled(tiny_serving, tmp_path_factory) -> Profiled:
     from gts_lum.encoders.table import encode_tables
     from gts_lum.sequence.dataset import SequenceDataset
     from gts_lum.serving.export import export_model
-    from gts_lum.training.train import train_model
+    from gts_lum.stages.train import train_model
 
     root = tmp_path_factory.mktemp("profiled")
     threads = torch.get_num_threads()

@@ -17,7 +17,7 @@ FAST = ["task_token.epochs=3", "train.epochs=60"]
 
 @pytest.fixture(scope="module")
 def label_stage(tiny_serving, tmp_path_factory, one_thread_module):
-    from gts_lum.training.task_tokens import run_label_stage
+    from gts_lum.stages.labels import run_label_stage
 
     out = tmp_path_factory.mktemp("labels")
     cfg = load_config(HeadsConfig, "pkg:heads/default.yaml", FAST)

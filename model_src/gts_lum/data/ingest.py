@@ -15,8 +15,11 @@ import logging
 import tempfile
 from pathlib import Path
 
+from gts_lum.config import load_config
 from gts_lum.data import storage
+from gts_lum.data.adapters import Mapping, adapt
 from gts_lum.data.contract import table_files
+from gts_lum.data.simulator import SimulatorConfig, simulate
 from gts_lum.data.validate import ValidationConfig, is_validated, require_validated, validate_dataset
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,6 @@ def bring_in(
     """The data set named by `spec` in the contract layout, not yet validated (see the module docstring)."""
     spec, raw = str(spec), Path(raw)
     if spec.startswith("synth:"):
-        from gts_lum.config import load_config
-        from gts_lum.data.simulator import SimulatorConfig, simulate
-
         name = spec[len("synth:") :]
         cfg_path = name if name.endswith((".yaml", ".yml")) else f"pkg:synth/{name}.yaml"
         simulate(load_config(SimulatorConfig, cfg_path, synth_overrides), raw, progress=progress)
@@ -49,8 +49,6 @@ def bring_in(
     if not source.is_dir():
         raise FileNotFoundError(f"data set {source} is not a folder (give a folder, an object-store URI, or synth:NAME)")
     if mapping:
-        from gts_lum.data.adapters import Mapping, adapt
-
         adapt(source, Mapping.load(mapping), raw, progress=progress)
         return raw
     if table_files(source, "events") or table_files(source, "users"):

@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from gts_lum.config import load_config
 from gts_lum.data import catalog as cat
 from gts_lum.data.catalog import Catalog, build_catalog
 from gts_lum.data.contract import DatasetManifest
@@ -1416,7 +1417,6 @@ def simulate(cfg: SimulatorConfig, out_dir: str | Path, progress: bool = True) -
 
 def bench_simulator(users: int = 10_000, days: int = 90, out_dir: str | Path | None = None) -> dict:
     """Time `simulate` with the bench config at `users` x `days` (into a temporary folder unless `out_dir`)."""
-    from gts_lum.config import load_config
 
     cfg = load_config(SimulatorConfig, "pkg:synth/bench.yaml", {"users": users, "days": days})
     tmp = None if out_dir is not None else tempfile.mkdtemp(prefix="gts-lum-sim-bench-")

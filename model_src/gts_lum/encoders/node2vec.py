@@ -62,7 +62,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from gts_lum.config import from_dict, load_config
+from gts_lum.data.contract import DatasetManifest
+from gts_lum.data.ingest import prepare_dataset
+from gts_lum.data.validate import load_event_log
 from gts_lum.encoders.cooccurrence import CooccurrenceConfig, CooccurrenceGraph, build_cooccurrence_graph
+from gts_lum.sequence.dataset import SequenceDataset
+from gts_lum.sequence.splits import leave_one_out
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +364,6 @@ def run_graph_encoder(
 
     The graph's timezone is the data set's (from the sequence stage) unless the config sets one.
     """
-    from gts_lum.sequence.dataset import SequenceDataset
 
     data = SequenceDataset.load(sequence_dir)
     cfg = load_config(GraphEncoderConfig, config, overrides)
@@ -394,11 +398,6 @@ def bench_graph_encoder(synth: str = "synth:demo", workdir: str | Path | None = 
     Figures for BENCHMARKS.md; they are lower bounds on a shared machine.
     """
     import tempfile
-
-    from gts_lum.data.contract import DatasetManifest
-    from gts_lum.data.ingest import prepare_dataset
-    from gts_lum.data.validate import load_event_log
-    from gts_lum.sequence.splits import leave_one_out
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         clean = prepare_dataset(synth, tmp, progress=False)

@@ -24,69 +24,28 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gts_lum.config import deep_merge, load_config, to_dict
+from gts_lum.config import deep_merge, to_dict
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
-from gts_lum.modeling.baselines import MarkovChain, MarkovConfig, Popularity, PopularityConfig
-from gts_lum.modeling.gts_lum_model import GTSLUM, GTSLUMConfig
-from gts_lum.modeling.hllm import HLLM, HLLMConfig
-from gts_lum.modeling.hstu import HSTU, HSTUConfig
-from gts_lum.modeling.sasrec import SASRec, SASRecConfig
+
+# The model registry moved to gts_lum.recommenders.registry; its names stay importable from here.
+from gts_lum.recommenders.registry import (  # noqa: F401 (re-exported)
+    MODELS,
+    attach_dataset,
+    build_model,
+    default_config_path,
+    model_entry,
+    register_model,
+)
 from gts_lum.sequence.splits import Split
 
 log = logging.getLogger(__name__)
 
 TABLE2_COLUMNS = ("R@5", "R@10", "R@50", "R@200", "NDCG@5", "NDCG@10", "NDCG@50", "NDCG@200")
-
-# name -> (config dataclass, model class). A model class takes its config and has
-# fit(split, eval_cfg, candidates) -> dict and score(log, cases, candidates) -> (B, C).
-MODELS: dict[str, tuple[type, type]] = {
-    "popularity": (PopularityConfig, Popularity),
-    "markov": (MarkovConfig, MarkovChain),
-    "sasrec": (SASRecConfig, SASRec),
-    "hstu": (HSTUConfig, HSTU),
-    "hllm": (HLLMConfig, HLLM),
-    "gts_lum": (GTSLUMConfig, GTSLUM),
-}
-
-
-def register_model(name: str, config_cls: type, model_cls: type) -> None:
-    """Make a model buildable by name (bench, CLI). Re-registering a name is an error, not an override."""
-    if name in MODELS:
-        raise ValueError(f"model {name!r} is already registered as {MODELS[name][1].__name__}")
-    MODELS[name] = (config_cls, model_cls)
-
-
-def default_config_path(name: str) -> str | None:
-    """`pkg:models/<name>.yaml` when the package ships one."""
-    rel = f"models/{name}.yaml"
-    return f"pkg:{rel}" if resources.files("gts_lum.configs").joinpath(rel).is_file() else None
-
-
-def build_model(name: str, cfg_path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Any:
-    """The model `name` configured from `cfg_path` (default: its packaged YAML) plus `overrides`."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
-    config_cls, model_cls = MODELS[name]
-    return model_cls(load_config(config_cls, cfg_path or default_config_path(name), overrides))
-
-
-def attach_dataset(model: Any, dataset: Any) -> None:
-    """Give the sequence data set (`SequenceDataset`) to a model that reads more than the event log.
-
-    Models with an `attach(dataset)` method (behaviour texts, encoder artifacts, timestamp process)
-    get it before `fit`; ID-only models have none and need nothing.
-    """
-    if not hasattr(model, "attach"):
-        return
-    if dataset is None:
-        raise ValueError(f"model {getattr(model, 'name', type(model).__name__)!r} reads the sequence data set: pass dataset=")
-    model.attach(dataset)
 
 
 def improvements(rows: Sequence[dict], reference: int, columns: Sequence[str]) -> list[float]:
@@ -176,20 +135,6 @@ def write_tables(rows: list[dict], out_dir: str | Path, reference: str | int | N
     (out / "table.json").write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
 
 
-def _has_train_seed(name: str, cfg_path: str | Path | None, overrides: list | dict) -> bool:
-    """Whether the model trains from a seed (`train.seed`); deterministic models run once."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
-    cfg = load_config(MODELS[name][0], cfg_path or default_config_path(name), overrides)
-    return hasattr(getattr(cfg, "train", None), "seed")
-
-
-def _takes_time_budget(name: str, cfg_path: str | Path | None, overrides: list | dict) -> bool:
-    """Whether the model's training honours a wall-time budget (`train.time_budget_s`, training.loop)."""
-    cfg = load_config(MODELS[name][0], cfg_path or default_config_path(name), overrides)
-    return hasattr(getattr(cfg, "train", None), "time_budget_s")
-
-
 def _with_time_budget(overrides: list | dict, seconds: float) -> list | dict:
     if isinstance(overrides, dict):
         return deep_merge(overrides, {"train": {"time_budget_s": seconds}})
@@ -251,7 +196,10 @@ def run_bench(
     rows = []
     budget = None
     for name, cfg_path, overrides, label in specs:
-        if budget is not None and _takes_time_budget(name, cfg_path, overrides):
+        # models that train (train.seed, train.time_budget_s) run per seed and under the time budget;
+        # deterministic ones (Markov, popularity) run once
+        trains = model_entry(name).trains
+        if budget is not None and trains:
             overrides = _with_time_budget(overrides, budget)
         runs = [
             _fit_and_test(
@@ -264,7 +212,7 @@ def run_bench(
                 eval_cfg,
                 dataset,
             )
-            for seed in (seeds if seeds and _has_train_seed(name, cfg_path, overrides) else [None])
+            for seed in (seeds if seeds and trains else [None])
         ]
         row = {"method": label, "model": name, "config": str(cfg_path or default_config_path(name)), "overrides": overrides, **runs[0]}
         if len(runs) > 1:

@@ -9,6 +9,8 @@ import io
 
 import numpy as np
 
+from gts_lum.evaluation.uplift import qini_coefficient, qini_curve
+
 
 def training_curve_html(history: list[dict], title: str) -> str:
     """Loss terms and the validation metric per epoch, from a model's fit `history` (one dict per epoch)."""
@@ -53,8 +55,6 @@ def qini_png(curves: dict[str, np.ndarray], y: np.ndarray, treatment: np.ndarray
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gts_lum.evaluation.uplift import qini_coefficient, qini_curve
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, score in curves.items():

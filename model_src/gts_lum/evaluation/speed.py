@@ -16,15 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
+from gts_lum.config import load_config
+from gts_lum.data.ingest import prepare_dataset
+from gts_lum.data.simulator import SimulatorConfig, simulate
+from gts_lum.data.validate import load_event_log, validate_dataset
+from gts_lum.evaluation.bench import attach_dataset, build_model
+from gts_lum.evaluation.protocol import EvalConfig
+from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference
+from gts_lum.sequence.dataset import SequenceDataset, build_sequence_dataset
+from gts_lum.sequence.timestamp_process import SequenceConfig, build_sequences
+from gts_lum.training.device import device_info, select_device
+
 log = logging.getLogger(__name__)
 
 
 def bench_validation_and_sequences(out_dir: Path, users: int, days: int) -> dict:
     """Simulate, then time validation, EventLog loading and sequence building on that data."""
-    from gts_lum.config import load_config
-    from gts_lum.data.simulator import SimulatorConfig, simulate
-    from gts_lum.data.validate import load_event_log, validate_dataset
-    from gts_lum.sequence.timestamp_process import SequenceConfig, build_sequences
 
     raw, clean = out_dir / "raw", out_dir / "clean"
     for path in (raw, clean):
@@ -119,12 +126,6 @@ def bench_training_throughput(
     """
     import torch
 
-    from gts_lum.data.ingest import prepare_dataset
-    from gts_lum.evaluation.bench import attach_dataset, build_model
-    from gts_lum.evaluation.protocol import EvalConfig
-    from gts_lum.sequence.dataset import SequenceDataset, build_sequence_dataset
-    from gts_lum.training.device import select_device
-
     smoke = {"users": 40, "days": 7} if quick and data.startswith("synth:") else {}
     clean = prepare_dataset(data, out_dir / "data", mapping=mapping, synth_overrides=smoke)
     build_sequence_dataset(clean, out_dir / "sequences")
@@ -200,9 +201,6 @@ def bench_target_aware_scoring(
     how much of the hardware the decoder uses; small widths are dominated by element-wise work.
     """
     import torch
-
-    from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference
-    from gts_lum.training.device import device_info
 
     torch.manual_seed(0)
     dev = torch.device(device)

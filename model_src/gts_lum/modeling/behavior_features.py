@@ -27,6 +27,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gts_lum.encoders.node2vec import GraphEmbeddings
+from gts_lum.sequence.dataset import SequenceDataset
+from gts_lum.tokenizer.semantic_ids import SemanticIds
+from gts_lum.tokenizer.text_encoder import encode
+
 
 @dataclass
 class BehaviorFeatures:
@@ -240,10 +245,6 @@ def features_from_artifacts(
     """The bundle for the catalog of a sequence data set (row i = behaviour index i of its EventLog),
     from the pipeline's artifacts: semantic IDs (tokenizer), node2vec (graph encoder), and behaviour
     table embeddings (an .npz with `behavior_ids`, `vectors`). Any of them may be absent."""
-    from gts_lum.encoders.node2vec import GraphEmbeddings
-    from gts_lum.sequence.dataset import SequenceDataset
-    from gts_lum.tokenizer.semantic_ids import SemanticIds
-    from gts_lum.tokenizer.text_encoder import encode
 
     data = SequenceDataset.load(sequences_dir)
     ids = data.event_log.behavior_ids.astype(str)

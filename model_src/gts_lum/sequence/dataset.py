@@ -26,7 +26,7 @@ from gts_lum.config import from_dict, load_config
 from gts_lum.data.contract import DatasetManifest
 from gts_lum.data.events import EventLog
 from gts_lum.data.validate import load_event_log
-from gts_lum.evaluation.candidates import select_candidates
+from gts_lum.sequence.candidates import select_candidates
 from gts_lum.sequence.splits import Split, held_out_users, leave_one_out
 from gts_lum.sequence.timestamp_process import BehaviorStats, SequenceConfig, build_sequences
 

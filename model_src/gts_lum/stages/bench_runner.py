@@ -26,10 +26,15 @@ from pathlib import Path
 from gts_lum.config import deep_merge, load_config, parse_overrides, read_yaml, to_dict
 from gts_lum.data import storage
 from gts_lum.data.ingest import prepare_dataset
-from gts_lum.evaluation.bench import run_bench
-from gts_lum.evaluation.candidates import select_candidates
+from gts_lum.encoders.node2vec import run_graph_encoder
+from gts_lum.encoders.table import encode_tables
+from gts_lum.evaluation.bench import default_config_path, run_bench
 from gts_lum.evaluation.protocol import EvalConfig
+from gts_lum.modeling.gts_lum_model import GTSLUMConfig
+from gts_lum.sequence.candidates import select_candidates
 from gts_lum.sequence.dataset import SequenceDataset, SplitConfig, build_sequence_dataset
+from gts_lum.stages.phase1 import run_phase1
+from gts_lum.tokenizer.semantic_ids import tokenize_dataset
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +109,6 @@ def model_specs(cfg: BenchConfig, artifacts: dict | None = None) -> list[tuple]:
 
 def run_encoders(clean: Path, sequences: Path, out: Path, overrides: dict) -> dict:
     """The pipeline's encoder stages, as the bench's GTS-LUM entries read them: {kind: folder}."""
-    from gts_lum.encoders.node2vec import run_graph_encoder
-    from gts_lum.encoders.table import encode_tables
-    from gts_lum.tokenizer.semantic_ids import tokenize_dataset
 
     tokenize_dataset(clean, out / "semantic_ids", "pkg:tokenizer/default.yaml", overrides.get("tokenizer", {}), progress=False)
     run_graph_encoder(sequences, out / "graph", "pkg:encoders/graph.yaml", overrides.get("graph", {}))
@@ -124,10 +126,6 @@ def run_phase1_stages(specs: list[tuple], sequences: Path, artifacts: dict, out:
     (the Table 3 and 5 variants share one; each Table 4 variant has its own), under `out/<variant>-<n>`;
     those entries then start from it (`artifacts.qformer`), as phase II does in the pipeline."""
     import json
-
-    from gts_lum.evaluation.bench import default_config_path
-    from gts_lum.modeling.gts_lum_model import GTSLUMConfig
-    from gts_lum.training.phase1 import run_phase1
 
     table = Path(artifacts["tables"]) / "behavior_table.npz" if artifacts.get("tables") else None
     runs: dict[str, str] = {}

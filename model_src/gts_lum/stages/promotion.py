@@ -29,6 +29,10 @@ from pathlib import Path
 
 from gts_lum.data import storage
 from gts_lum.data.pseudonym import profiles_by_pseudonym, pseudonymous_log
+from gts_lum.evaluation.protocol import EvalConfig, evaluate
+from gts_lum.recommenders.registry import load_model
+from gts_lum.sequence.candidates import select_candidates
+from gts_lum.sequence.dataset import SequenceDataset
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +154,6 @@ def promotion_gate(
     of the local `candidate_dir`. Returns the decision: promoted, both metrics, the relative gain, the
     reason, and the registry entry.
     """
-    from gts_lum.evaluation.candidates import select_candidates
-    from gts_lum.evaluation.protocol import EvalConfig, evaluate
-    from gts_lum.sequence.dataset import SequenceDataset
-    from gts_lum.training.checkpoint import load_model
 
     cfg = cfg or PromotionConfig()
     data = SequenceDataset.load(sequences_dir)

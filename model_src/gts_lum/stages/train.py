@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
-from gts_lum.evaluation.bench import attach_dataset, build_model
-from gts_lum.evaluation.candidates import select_candidates
 from gts_lum.evaluation.protocol import EvalConfig
+from gts_lum.recommenders.registry import attach_dataset, build_model, model_entry
+from gts_lum.sequence.candidates import select_candidates
 from gts_lum.sequence.dataset import SequenceDataset
 from gts_lum.training.checkpoint import save_model
 
@@ -34,13 +35,11 @@ def train_model(
     `checkpoint_dir`: where models that checkpoint (GTS-LUM and the sequential baselines) keep and resume their training state.
     Under torchrun only rank 0 writes the model.
     """
-    import inspect
-    import os
-
     data = SequenceDataset.load(sequences_dir)
     split = data.split()
     overrides = dict(overrides or {}) if isinstance(overrides, dict) or not overrides else overrides
-    if device != "auto" and isinstance(overrides, dict) and model_name not in ("popularity", "markov"):
+    trains = model_entry(model_name).trains  # count-based models have no device, seed or checkpoints
+    if device != "auto" and isinstance(overrides, dict) and trains:
         overrides.setdefault("train", {}).setdefault("device", device)
     model = build_model(model_name, model_config, overrides)
     attach_dataset(model, data)
@@ -51,7 +50,7 @@ def train_model(
         else None
     )
     started = time.perf_counter()
-    extra = {"checkpoint_dir": checkpoint_dir} if checkpoint_dir and "checkpoint_dir" in inspect.signature(model.fit).parameters else {}
+    extra = {"checkpoint_dir": checkpoint_dir} if checkpoint_dir and trains else {}
     stats = model.fit(split, eval_cfg or EvalConfig(), candidates, **extra)
     stats = {**stats, "train_seconds": round(time.perf_counter() - started, 2)}
     if int(os.environ.get("RANK", "0")) != 0:

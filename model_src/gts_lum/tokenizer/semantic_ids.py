@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 
 from gts_lum.config import load_config, to_dict
+from gts_lum.data.contract import read_table
 from gts_lum.tokenizer.spectral_tree import SpectralTree, SpectralTreeConfig, build_spectral_tree, unit_rows
 from gts_lum.tokenizer.text_encoder import TextEncoder, TextEncoderConfig, get_encoder
 
@@ -314,7 +315,6 @@ def tokenize_dataset(
     progress: bool = True,
 ) -> dict:
     """Pipeline stage: the clean data set's behaviours table -> the semantic-ids artifact in `out_dir`."""
-    from gts_lum.data.contract import read_table
 
     cfg = load_config(TokenizerConfig, config, overrides)
     behaviors = read_table(dataset_dir, "behaviors", columns=["behavior_id", "description"])

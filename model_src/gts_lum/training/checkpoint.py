@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import yaml
@@ -38,6 +38,15 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 POSITION = "position.json"
+
+
+@runtime_checkable
+class HasAssets(Protocol):
+    """A model that keeps arrays and texts beside its weights (e.g. the catalog's features), in `assets/`."""
+
+    def save_assets(self, folder: str | Path) -> None: ...
+
+    def load_assets(self, folder: str | Path) -> None: ...
 
 
 class CheckpointError(RuntimeError):
@@ -53,7 +62,7 @@ def save_model(model: Any, name: str, out_dir: str | Path, metadata: dict | None
     fresh.mkdir(parents=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_tensors().items()}
     save_file(tensors, fresh / "weights.safetensors")
-    if hasattr(model, "save_assets"):  # arrays and texts beside the weights (e.g. the catalog's features)
+    if isinstance(model, HasAssets):
         model.save_assets(fresh / "assets")
     card = {"name": name, "config": dataclasses.asdict(model.cfg), "metadata": metadata or {}}
     (fresh / "model.yaml").write_text(yaml.safe_dump(card, sort_keys=False))  # last: a folder with a card is whole
@@ -76,15 +85,12 @@ def read_card(model_dir: str | Path) -> dict:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> Any:
-    """Rebuild the model saved in `model_dir` and load its weights."""
-    from gts_lum.evaluation.bench import build_model
+    """Rebuild the model saved in `model_dir`: `gts_lum.recommenders.registry.load_model`, which needs the
+    registry (a layer above this one). Kept here for serving/export.py, edited in parallel: it moves to the
+    registry's in a follow-up, and this delegate goes."""
+    from gts_lum.recommenders.registry import load_model as load  # upward: goes with the follow-up above
 
-    card = read_card(model_dir)
-    model = build_model(card["name"], None, card["config"])
-    if hasattr(model, "load_assets"):
-        model.load_assets(Path(model_dir) / "assets")
-    model.load_state_tensors(load_file(Path(model_dir) / "weights.safetensors"), device=device)
-    return model
+    return load(model_dir, device)
 
 
 def sha256_file(path: Path) -> str:

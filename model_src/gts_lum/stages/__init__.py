@@ -1,0 +1,2 @@
+"""Stages: what one pipeline step or one `gts-lum` command does (train, phase I, labels, promote), over
+the library below. components/ and cli.py call these; nothing in the library imports them."""
