@@ -18,15 +18,15 @@ def build_sequences(
     """Timestamp process (15-minute intervals, descriptors, [SEP], token budget) over the split's histories."""
     import shutil
 
-    from gts_lum.config import from_dict
+    from gts_lum.config import from_dict, struct_parameter
     from gts_lum.sequence.dataset import SplitConfig, build_sequence_dataset
 
     summary = build_sequence_dataset(
         clean.path,
         sequences.path,
         sequence_config or None,
-        sequence_overrides or {},
-        from_dict(SplitConfig, split_config or {}),
+        struct_parameter(sequence_overrides),
+        from_dict(SplitConfig, struct_parameter(split_config)),
     )
     sequences.metadata.update(summary)
     shutil.copyfile(f"{sequences.path}/preview.md", preview.path)

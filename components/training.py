@@ -17,9 +17,10 @@ def train_model(
     metrics: Output[Metrics],
 ):
     """Train one registered model on the training split; select on validation; save safetensors + config."""
+    from gts_lum.config import struct_parameter
     from gts_lum.stages.train import train_model as train
 
-    stats = train(sequences.path, model_name, model_config or None, model_overrides or {}, model.path, device=device)
+    stats = train(sequences.path, model_name, model_config or None, struct_parameter(model_overrides), model.path, device=device)
     model.metadata.update({"model": model_name, **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
     for key, value in stats.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -41,11 +42,11 @@ def train_gts_lum(
     curve: Output[HTML],
 ):
     """Phase II: the target-aware decoder over the phase-I Q-former, the semantic IDs and the business encoders."""
-    from gts_lum.config import deep_merge
+    from gts_lum.config import deep_merge, struct_parameter
     from gts_lum.stages.train import train_model as train
 
     artifacts = {"artifacts": {"semantic_ids": ids.path, "graph": graph.path, "tables": tables.path, "qformer": qformer.path}}
-    overrides = deep_merge(model_overrides or {}, artifacts)
+    overrides = deep_merge(struct_parameter(model_overrides), artifacts)
     from gts_lum.evaluation.plots import training_curve_html
 
     stats = train(sequences.path, "gts_lum", model_config or None, overrides, model.path, device=device)
@@ -68,9 +69,10 @@ def evaluate_models(
     table: Output[Markdown],
 ):
     """Leave-one-out full ranking on the test cases: R@K, NDCG@K, MRR for the model and the baselines."""
+    from gts_lum.config import struct_parameter
     from gts_lum.evaluation.evaluate import evaluate_saved_models
 
-    result = evaluate_saved_models(sequences.path, [model.path, sequence_baseline.path, baseline.path], eval_config or {})
+    result = evaluate_saved_models(sequences.path, [model.path, sequence_baseline.path, baseline.path], struct_parameter(eval_config))
     for row in result["rows"]:
         for key, value in row.items():
             if isinstance(value, float):
@@ -103,12 +105,12 @@ def label_tasks(
     import tempfile
     from pathlib import Path
 
-    from gts_lum.config import load_config
+    from gts_lum.config import load_config, struct_parameter
     from gts_lum.evaluation.plots import as_html
     from gts_lum.modeling.heads import HeadsConfig
     from gts_lum.stages.labels import run_label_stage
 
-    cfg = load_config(HeadsConfig, heads_config, heads_overrides or {})
+    cfg = load_config(HeadsConfig, heads_config, struct_parameter(heads_overrides))
     work = Path(tempfile.mkdtemp())
     results = run_label_stage(model.path, sequences.path, clean.path, work, cfg)
     shutil.copytree(work / "model", labelled.path)

@@ -95,3 +95,17 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def struct_parameter(value: dict | None) -> dict:
+    """A KFP `dict` (STRUCT) pipeline parameter as it was written: protobuf's Struct holds every number as a
+    double, so integral numbers (2.0) come back as ints; a float field still takes them (`from_dict`)."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    return fix(value or {})
