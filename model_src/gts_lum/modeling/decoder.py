@@ -46,11 +46,14 @@ class DecoderConfig:
     freeze: bool | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     attn_implementation: str = "sdpa"
-    # dropout while training on each block's attention and MLP outputs (before the residual add) and on
-    # the attention weights, as SASRec / HSTU regularise: a from-scratch decoder over a few hundred users'
-    # histories overfits them within a few epochs without it. Any decoder whose blocks name their parts
-    # `self_attn` and `mlp` (the Llama family); 0: none
+    # dropout while training on each block's attention and MLP outputs (before the residual add), as
+    # SASRec / HSTU regularise: a from-scratch decoder over a few hundred users' histories overfits them
+    # within a few epochs without it. Any decoder whose blocks name their parts `self_attn` and `mlp`
+    # (the Llama family); 0: none
     dropout: float = 0.0
+    # dropout on the attention weights (from-config decoder): a (batch, heads, L, L) random mask a layer,
+    # which on CPU cost as much as the rest of a phase-II step (BENCHMARKS.md "Phase II at HSTU's pace")
+    attention_dropout: float = 0.0
     # torch.compile the decoder for passes without gradients (scoring, validation): inductor fuses the
     # element-wise work (RMSNorm, RoPE, SiLU, masks) that outweighs the matrix products at small widths
     # on CPU (BENCHMARKS.md "target-aware scoring throughput"). Compiles once, on first use (28 s at the default
@@ -58,8 +61,9 @@ class DecoderConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"DecoderConfig.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"DecoderConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.pretrained and self.hidden_size % self.num_heads:
             raise ValueError(f"DecoderConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
@@ -136,7 +140,7 @@ def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
             cfg.max_positions,
             rope_theta=cfg.rope_theta,
             attn_implementation=cfg.attn_implementation,
-            attention_dropout=cfg.dropout,
+            attention_dropout=cfg.attention_dropout,
         )
     if cfg.dropout > 0:
         add_block_dropout(model, cfg.dropout)

@@ -256,6 +256,14 @@ class GTSLUMNetwork(nn.Module):
             for p in self._projection_parameters():
                 p.requires_grad_(True)
 
+    def train(self, mode: bool = True) -> "GTSLUMNetwork":
+        """A frozen adapter stays in eval mode: its dropout would only add noise to fixed features (and on
+        CPU the random masks of its compressor windows cost as much as its matrix products)."""
+        super().train(mode)
+        if not self.cfg.adapter_trainable:
+            self.adapter.eval()
+        return self
+
     def _projection_parameters(self):
         return [p for n, p in self.adapter.named_parameters() if n.startswith(("decoder_projection.", "projection."))]
 
