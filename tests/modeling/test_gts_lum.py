@@ -460,3 +460,19 @@ def test_target_gate_at_zero_lets_no_candidate_in(cycle_data, one_thread_module)
         net.target_gate.fill_(1.0)
         full = net.user_states(ctx, rows, target=cand)
     assert 0 < (small[0] - small[1]).norm() < 0.05 * (full[0] - full[1]).norm()
+
+
+def test_a_frozen_adapter_is_centred_and_stays_in_eval_mode(cycle_data, one_thread_module):
+    frozen = build(cycle_data, net={**TINY["net"], "adapter_trainable": False}).net
+    frozen.train()
+    assert frozen.training and frozen.decoder.training and not frozen.adapter.training  # no dropout on fixed features
+    everything = torch.arange(frozen.adapter.num_behaviors)
+    with torch.no_grad():
+        centred = frozen._adapter_fuse(everything)
+        raw = frozen.adapter.unprojected_all()
+        # centring happens before the (linear) projection: the projected mean is the projection's bias
+        torch.testing.assert_close(centred.mean(0), frozen.adapter.project(torch.zeros(1, raw.shape[1]))[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(centred, frozen.adapter.project(raw - raw.mean(0)))
+    trained = build(cycle_data, net={**TINY["net"], "adapter_trainable": True}).net
+    trained.train()
+    assert trained.adapter.training

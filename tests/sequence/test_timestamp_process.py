@@ -270,6 +270,20 @@ def test_matches_reference_and_respects_budget(variant, tz):
         assert np.all(np.diff(tok["timestamp"]) >= 0)
 
 
+def test_without_separator_the_descriptor_alone_marks_an_interval():
+    t0 = utc(2024, 1, 3, 6, 0)  # Wed 14:00 Asia/Shanghai
+    events = [(t0, 0), (t0 + 61, 1), (t0 + 1800, 2), (t0 + 86400 * 3 + 7, 1)]
+    cfg = SequenceConfig(timezone="Asia/Shanghai", separator=False)
+    out = build_sequences(make_log([events], 3), None, cfg).sequence(0)
+    wd, we = desc_id(cfg, "weekday normal afternoon hour"), desc_id(cfg, "weekend normal afternoon hour")
+    assert out["value"].tolist() == [wd, 0, 1, wd, 2, we, 1]
+    # the budget counts one token an interval less: ten one-behaviour intervals, 2 tokens each
+    ten = [(utc(2024, 1, 3, 0, 0) + 900 * k, k) for k in range(10)]
+    tok = build_sequences(make_log([ten], 10), None, SequenceConfig(timezone="UTC", token_budget=11, importance="uniform", separator=False)).sequence(0)
+    assert tok["value"][tok["kind"] == B].tolist() == [5, 6, 7, 8, 9]
+    assert len(tok["kind"]) == 10 and not (tok["kind"] == S).any()
+
+
 def test_budget_keeps_the_most_recent_intervals():
     cfg = SequenceConfig(timezone="UTC", token_budget=11, importance="uniform")
     t0 = utc(2024, 1, 3, 0, 0)

@@ -37,7 +37,8 @@ class Regression:
         self.x = torch.randn(256, 4)
         self.w = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
         self.y = self.x @ self.w.T
-        self.epoch_seconds = epoch_seconds
+        self.epoch_seconds = epoch_seconds  # seconds, or a function of the epoch
+        self.calls: list[int] = []
 
     def epoch_batches(self, epoch):
         order = np.random.default_rng([0, epoch]).permutation(256)
@@ -48,7 +49,8 @@ class Regression:
         return {"loss": loss, "cases": torch.tensor(float(len(idx))), "positions": torch.tensor(float(len(idx)))}
 
     def validate(self):
-        time.sleep(self.epoch_seconds)
+        time.sleep(self.epoch_seconds(len(self.calls)) if callable(self.epoch_seconds) else self.epoch_seconds)
+        self.calls.append(1)
         return -float((self.module.weight.detach() - self.w).norm())
 
     def weights_changed(self):
@@ -72,3 +74,11 @@ def test_a_time_budget_plans_the_epochs_after_the_first():
     stats = train_loop(Regression(epoch_seconds=0.2), Settings(epochs=50, time_budget_s=1.0), device=torch.device("cpu"))
     assert 2 <= stats["epochs"] <= 5
     assert stats["history"][-1]["lr"] < 0.2 * Settings.lr
+
+
+def test_epochs_slower_than_the_first_stop_at_the_budget():
+    """Epoch 0 takes ~0.1 s, so ~10 epochs are planned for 1 s; the later ones take ~0.4 s (a busier
+    machine): the run stops when the next epoch would not fit, after ~3 epochs, not 10."""
+    task = Regression(epoch_seconds=lambda epoch: 0.1 if epoch == 0 else 0.4)
+    stats = train_loop(task, Settings(epochs=50, time_budget_s=1.0), device=torch.device("cpu"))
+    assert 2 <= stats["epochs"] <= 3

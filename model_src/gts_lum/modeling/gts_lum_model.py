@@ -95,6 +95,8 @@ class GTSLUMNetConfig:
     # `target_gate_trainable: false`: the candidate at full strength from the start.
     target_gate_init: float = 0.0
     target_gate_trainable: bool = True
+    # a frozen adapter's catalog b^F (before its projection) minus the catalog mean (see `_adapter_fuse`)
+    center_frozen_features: bool = True
     # dropout on the decoder's input embeddings while training (SASRec's embedding dropout): a from-scratch
     # decoder over a few hundred users' histories overfits them within a few epochs without it
     input_dropout: float = 0.0
@@ -279,7 +281,10 @@ class GTSLUMNetwork(nn.Module):
         if self.cfg.adapter_trainable:
             return self.adapter.fuse(behaviors)
         if self._unprojected is None or self._unprojected.device != self.device:
-            self._unprojected = self.adapter.unprojected_all()
+            # centred on the catalog mean: the direction every behaviour shares (mean cosine ~0.85 from an
+            # untrained Q-former) tells none apart and would start every item vector near one point
+            unprojected = self.adapter.unprojected_all()
+            self._unprojected = unprojected - unprojected.mean(0) if self.cfg.center_frozen_features else unprojected
         return self.adapter.project(self._unprojected[behaviors])
 
     def _decoder_for_pass(self) -> nn.Module:

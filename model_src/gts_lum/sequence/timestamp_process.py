@@ -75,6 +75,7 @@ Building one sequence (all sequences at once, vectorized over events; no Python 
 
 Variants (Table 3), one function, `variant=`:
     interval   (GTS-LUM, Eq. 1)  tds_1 b_1 .. b_j [SEP] tds_2 b_j+1 .. [SEP] .. tds_k .. b_n
+                                 (`separator: false`: the same without [SEP], the descriptor marks the boundary)
     none       ("w/o timestamp") behaviours only
     text       ("w txt emb")     t_1 b_1 t_2 b_2 ..: t_i is a TIME_TEXT token whose text is the
                                  descriptor of b_i's interval (the same vocabulary as tds_k)
@@ -141,6 +142,9 @@ class SequenceConfig:
     interval_minutes: int = 15  # interval length; must divide a day
     timezone: str = "UTC"  # operator IANA timezone: pipelines set it from the data set's dataset.yaml
     variant: str = "interval"  # one of VARIANTS (Table 3)
+    # [SEP] between intervals (Eq. 1). False: the next interval's descriptor alone marks the boundary, one
+    # token less an interval; on sparse logs (1-2 behaviours an interval) that is a quarter of the tokens
+    separator: bool = True
     token_budget: int = 240  # max tokens per sequence, descriptors and [SEP] included
     max_behaviors_per_interval: int | None = 16  # cap per interval (None: no cap)
     dedup_within_interval: bool = True  # keep one occurrence of a behaviour per interval
@@ -457,13 +461,18 @@ def _latest_occurrences(group: np.ndarray, behavior: np.ndarray, num_behaviors: 
     return keep
 
 
-def _group_cost(n: np.ndarray, is_last: np.ndarray, variant: str) -> np.ndarray:
+def _group_cost(n: np.ndarray, is_last: np.ndarray, cfg: SequenceConfig) -> np.ndarray:
     """Tokens an interval with `n` behaviours takes: descriptor + [SEP] unless last (Eq. 1), text doubles."""
-    if variant == "interval":
-        return n + 1 + (~is_last).astype(np.int64)
-    if variant == "text":
+    if cfg.variant == "interval":
+        return n + 1 + _has_separator(is_last, cfg)
+    if cfg.variant == "text":
         return 2 * n
     return n
+
+
+def _has_separator(is_last: np.ndarray, cfg: SequenceConfig) -> np.ndarray:
+    """(G,) int64: 1 where an interval is followed by a [SEP] token."""
+    return (~is_last).astype(np.int64) if cfg.separator else np.zeros(len(is_last), np.int64)
 
 
 def _plan_budget(capped: np.ndarray, is_last: np.ndarray, cfg: SequenceConfig) -> np.ndarray:
@@ -471,14 +480,14 @@ def _plan_budget(capped: np.ndarray, is_last: np.ndarray, cfg: SequenceConfig) -
 
     Groups are contiguous per sequence and `is_last` marks each sequence's last group.
     """
-    cost = _group_cost(capped, is_last, cfg.variant)
+    cost = _group_cost(capped, is_last, cfg)
     csum = np.cumsum(cost)
     seq_rank = np.cumsum(np.concatenate([[True], is_last[:-1]])) - 1  # which sequence, among non-empty ones
     suffix = csum[np.flatnonzero(is_last)][seq_rank] - csum + cost  # tokens of this group and all later ones
     after = suffix - cost
     room = cfg.token_budget - after
     if cfg.variant == "interval":
-        room_behaviors = room - 1 - (~is_last).astype(np.int64)
+        room_behaviors = room - 1 - _has_separator(is_last, cfg)
     elif cfg.variant == "text":
         room_behaviors = room // 2
     else:
@@ -585,7 +594,7 @@ def _emit(ev: _Events, cnt: np.ndarray, users: np.ndarray, cfg: SequenceConfig, 
     g_seq = ev.seq[first]
     is_last = np.append(g_seq[1:] != g_seq[:-1], True) if len(cnt) else np.zeros(0, bool)
     if cfg.variant == "interval":
-        has_sep = ~is_last
+        has_sep = _has_separator(is_last, cfg).astype(bool)
         g_start = _exclusive_cumsum(cnt + 1 + has_sep)
         T = int((cnt + 1 + has_sep).sum())
         tok_ev = np.empty(T, dtype=np.int64)

@@ -236,6 +236,15 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
             position["planned_epochs"] = int(_broadcast(planned) if ddp else planned)  # one plan for every rank
             log.info("%s: %.0f s an epoch: %d epochs fit the budget of %.0f s", task.name, pace, position["planned_epochs"], cfg.time_budget_s)
         position.update(epoch=epoch + 1, step=0)
+        if cfg.time_budget_s:
+            # the plan came from epoch 0's pace; epochs that run slower (a busier machine) must not
+            # overrun the budget: stop once the next epoch would not fit either
+            pace = time.perf_counter() - t_epoch
+            position["elapsed_s"] = position.get("elapsed_s", 0.0) + pace
+            over = position["elapsed_s"] + pace > cfg.time_budget_s and position["epoch"] < position["planned_epochs"]
+            if _broadcast(float(over)) > 0.5 if ddp else over:
+                log.info("%s: the budget of %.0f s is spent after epoch %d (%.0f s)", task.name, cfg.time_budget_s, epoch, position["elapsed_s"])
+                position["planned_epochs"] = position["epoch"]
         save()
         if position["bad_epochs"] >= cfg.patience and rank == 0:
             log.info("%s: early stop after epoch %d (best epoch %d)", task.name, epoch, position["best_epoch"])
