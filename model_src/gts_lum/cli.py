@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synth:tiny", help="training: synth:NAME or a data set folder")
     p.add_argument("--mapping", default=None, help="training: column mapping of a folder in another layout")
     p.add_argument("--device", default="auto", help="training: auto | cpu | cuda | npu")
-    p.add_argument("--width", type=int, default=128, help="training: GTS-LUM decoder width")
+    p.add_argument("--width", type=int, default=64, help="training: GTS-LUM decoder width")
     p.add_argument("--layers", type=int, default=2, help="training: GTS-LUM decoder layers")
     p.set_defaults(func=cmd_speed)
 

@@ -66,7 +66,7 @@ def run_speed_benchmarks(
     data: str = "synth:tiny",
     mapping: str | None = None,
     device: str = "auto",
-    width: int = 128,
+    width: int = 64,
     layers: int = 2,
 ) -> dict:
     out = Path(out_dir)
@@ -109,7 +109,7 @@ def bench_training_throughput(
     out_dir: Path,
     mapping: str | None = None,
     device: str = "auto",
-    width: int = 128,
+    width: int = 64,
     layers: int = 2,
     quick: bool = False,
 ) -> dict:
@@ -119,8 +119,8 @@ def bench_training_throughput(
 
     A position is one next-event target trained (the unit that compares models whose steps differ in
     size). Each model runs 3 epochs (bounded in cases); the figure is the mean of epochs 2-3 (the first
-    pays warm-up and, on an accelerator, kernel selection). `width`/`layers` size GTS-LUM's decoder (its
-    Q-former follows the width); HSTU keeps its packaged sizes. bf16 autocast on NPU/CUDA, fp32 on CPU.
+    pays warm-up and, on an accelerator, kernel selection). `width`/`layers` size GTS-LUM's decoder (the
+    rest as `pkg:models/gts_lum.yaml`: the Q-former frozen); HSTU keeps its packaged sizes. bf16 autocast on NPU/CUDA, fp32 on CPU.
     Raises when a model's training loss does not fall from the first epoch to the last: the check a
     device run must pass (`make gpu-check`).
     """
@@ -135,7 +135,6 @@ def bench_training_throughput(
     heads = max(width // 64, 2)
     gts_overrides = {
         "net": {"decoder": {"hidden_size": width, "num_layers": layers, "num_heads": heads, "intermediate_size": 3 * width}},
-        "qformer": {"hidden_size": width, "num_heads": heads, "intermediate_size": 2 * width},
         "train": {"epochs": 3, "patience": 3, "max_cases_per_epoch": cases // 8, "valid_cases": 50, "device": device},
         "select_rerank": False,
         "rerank_depth": 0,
