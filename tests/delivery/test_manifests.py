@@ -605,7 +605,7 @@ def test_feast_readers_get_the_config_and_every_variable_it_names(rendered):
 def test_the_inferenceservice_serves_the_export_with_a_documented_canary(rendered):
     import argparse
 
-    from gts_lum.cli import add_server_arguments
+    from gts_lum.serving.options import add_server_arguments
 
     isvc = find(rendered["npu"], "InferenceService")
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless", "a canary needs Knative revisions"

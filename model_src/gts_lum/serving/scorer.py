@@ -75,6 +75,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
 
 from gts_lum.serving.export import ServingModel, history_log, read_serving_card
+from gts_lum.serving.options import ScorerConfig, add_server_arguments, scorer_config
 
 log = logging.getLogger(__name__)
 
@@ -88,42 +89,6 @@ REQUESTS = Counter("gts_lum_requests_total", "HTTP requests by endpoint and stat
 ERRORS = Counter("gts_lum_request_errors_total", "HTTP responses with status >= 400 by endpoint and status code", ["endpoint", "code"])
 LATENCY = Histogram("gts_lum_request_seconds", "HTTP request latency by endpoint", ["endpoint"])
 SLOW_CLIENTS = Counter("gts_lum_slow_clients_total", "connections closed for sending a request too slowly, by what was late", ["late"])
-
-
-@dataclass
-class ScorerConfig:
-    """Limits and settings of the scorer (every limit is a 4xx when exceeded, never a crash)."""
-
-    max_candidates: int = 500  # candidates per instance (each costs a target-aware decoder pass)
-    max_events: int = 10_000  # inline history events per instance
-    max_instances: int = 32  # instances per request
-    max_top_k: int = 1000
-    max_body_bytes: int = 2_000_000  # request body (413 above it)
-    # target-aware candidate scores per request, summed over instances: request candidates count each,
-    # a request without candidates its re-ranking depth. Bounds the time one request holds the single
-    # scoring thread (32 x 500 candidates held a small request for 24 s on 2 cores): 413 above it.
-    max_request_candidates: int = 2000
-    # slow clients (uvicorn has no request timeouts of its own): a connection whose request headers are not
-    # all in within header_timeout s of its start (or of the request's first byte on a kept-alive connection),
-    # or whose body is not within body_timeout s after them, is closed; past max_connections open
-    # connections a request gets a 503. 250 connections trickling partial bodies were held for 70 s without them.
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_connections: int = 512
-    rerank_depth: int | None = None  # None: the model's own
-    device: str = "cpu"
-    # torch intra-op threads of the one scoring thread. Default 1: a top-10 request (~1.5 GFLOP at decoder
-    # width 128) gains little from a second thread, and one core per process is what an operator sizes
-    # replicas by; the InferenceService requests that one core (manifests/serving/inferenceservice.yaml).
-    torch_threads: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "max_connections", "torch_threads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"ScorerConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("header_timeout", "body_timeout"):
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
-                raise ValueError(f"ScorerConfig.{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
 
 
 class UnknownUser(InvalidInput):
@@ -769,8 +734,6 @@ def launch_server(export_dir: str | Path, log_path: str | Path, feature_repo: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gts_lum.cli import add_server_arguments
-
     p = argparse.ArgumentParser(prog="python -m gts_lum.serving.scorer", description="Serve a GTS-LUM export with KServe (v1 and v2 REST).")
     add_server_arguments(p)
     return p
@@ -782,11 +745,7 @@ def run_from_args(args: argparse.Namespace) -> None:
     # per-request INFO lines of the sequence builder and profile alignment would drown the access log
     logging.getLogger("gts_lum.sequence.timestamp_process").setLevel(logging.WARNING)
     logging.getLogger("gts_lum.modeling.gts_lum_model").setLevel(logging.WARNING)
-    limits = (
-        "max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates",
-        "header_timeout", "body_timeout", "max_connections", "rerank_depth", "torch_threads",
-    )
-    cfg = ScorerConfig(device=args.device, **{k: getattr(args, k) for k in limits if getattr(args, k) is not None})
+    cfg = scorer_config(args)
     torch.set_num_threads(cfg.torch_threads)
     serve(args.export, args.host, args.http_port, args.feature_repo, cfg, args.name)
 
