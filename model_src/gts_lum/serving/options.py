@@ -33,9 +33,13 @@ class ScorerConfig:
     # width 128) gains little from a second thread, and one core per process is what an operator sizes
     # replicas by; the InferenceService requests that one core (manifests/serving/inferenceservice.yaml).
     torch_threads: int = 1
+    # server processes (uvicorn workers), each loading the export and scoring on its own thread. Default 1:
+    # one process per replica on the one core the InferenceService requests; scale by replicas first. N
+    # workers on one pod need N cores (N x torch_threads) and N times the model's memory.
+    workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "max_connections", "torch_threads"):
+        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "max_connections", "torch_threads", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ScorerConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("header_timeout", "body_timeout"):
@@ -64,11 +68,12 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-depth", type=int, help="target-aware re-ranking depth (default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads of the scoring thread (default 1: ScorerConfig.torch_threads)")
+    p.add_argument("--workers", type=int, help="server processes, each with the model and one scoring thread (default 1: ScorerConfig.workers)")
 
 
 CONFIG_FLAGS = (
     "max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates",
-    "header_timeout", "body_timeout", "max_connections", "rerank_depth", "torch_threads",
+    "header_timeout", "body_timeout", "max_connections", "rerank_depth", "torch_threads", "workers",
 )
 
 
