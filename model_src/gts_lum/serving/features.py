@@ -512,6 +512,11 @@ class FeatureClient:
         history = {f: list(values[f][0] or []) for f in SEQUENCE_FEATURES}
         return history, stamp.seconds * 1_000_000_000 + stamp.nanos
 
+    def warm_up(self) -> None:
+        """Open this thread's FeatureStore and read one (absent) user through it: Feast's registry and request
+        caches and the online store's connection are set up before the first real read on this thread."""
+        self._read_sequence("gts-lum-warm-up")
+
     def get_history(self, user_id: str) -> dict:
         """{"behavior_ids": [str], "timestamps": [unix s], "time_ids": [int]} of the user's last N events,
         oldest first. KeyError naming the user when the store has no history for them."""
