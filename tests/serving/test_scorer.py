@@ -549,3 +549,25 @@ def test_workers_each_load_the_model_and_serve_the_bound_host(tiny_serving, offl
         server.stop()
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), f"worker {pid} outlived the server"
+
+
+def test_load_bench_reports_percentiles_by_shape_and_concurrency(tiny_serving, offline, feature_repo, tmp_path):
+    """`gts-lum load-bench` on the tiny export: each shape (the Feast one included) at concurrency 1 and 2, every
+    request a 200, p50 <= p90 <= p99; the profile holds the stages and preprocess (the Feast read) p50 / p99."""
+    from gts_lum.evaluation.load_bench import load_bench
+
+    users = [str(u) for u in offline.log.user_ids[:5]]
+    shapes = ("top10", "top10_feast", "candidates")
+    out = load_bench(
+        tiny_serving.export, requests=4, concurrency=(1, 2), shapes=shapes, seconds_limit=60, candidates=20, history_events=20,
+        warmup=1, feature_repo=feature_repo, users=users, out_dir=tmp_path,
+    )
+    for shape in shapes:
+        row = out["shapes"][shape]
+        assert row["profile"]["stages_ms"]["aware_passes"] > 0 and row["profile"]["preprocess_ms"]["p50"] <= row["profile"]["preprocess_ms"]["p99"]
+        for c in ("1", "2"):
+            cell = row["by_concurrency"][c]
+            assert cell["status_codes"] == {"200": 4} and cell["latency_ms"]["p50"] <= cell["latency_ms"]["p90"] <= cell["latency_ms"]["p99"]
+    assert isinstance(out["shapes"]["top10_feast"]["by_concurrency"]["1"]["meets_goal"], bool)
+    assert out["shapes"]["candidates"]["by_concurrency"]["1"]["share_of_machine_fp32"] > 0
+    assert json.loads((tmp_path / "load_bench.json").read_text())["shapes"].keys() == set(shapes)
