@@ -654,6 +654,7 @@ def create_app(export_dir: str | Path, feature_repo: str | Path | None = None, c
     server = kserve.ModelServer(enable_grpc=False, workers=1)  # one per process: workers are uvicorn's (`serve`)
     server.register_model(model)
     model.enable_latency_logging = server.enable_latency_logging  # kserve's per-request latency line, as ModelServer.start sets it
+    # kserve's routes, middlewares and handlers on kserve.model_server.app; its port is unused (`ServerConfig` binds)
     RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, 0).create_application()
     app.add_middleware(ServingMiddleware, max_body_bytes=cfg.max_body_bytes)
     app.add_exception_handler(InvalidInput, _client_error)
@@ -680,6 +681,8 @@ def serve(export_dir: str | Path, host: str = "127.0.0.1", http_port: int = 8080
         pseudonym_key()
     settings = {"export": str(export_dir), "feature_repo": None if feature_repo is None else str(feature_repo), "cfg": dataclasses.asdict(cfg), "name": name}
     os.environ[SERVER_ENV] = json.dumps(settings)
+    # this module by the name it has here: under `python -m gts_lum.serving.scorer` that is __main__, which a spawned
+    # worker re-creates (importing it a second time by its package name would register its metrics twice)
     config = ServerConfig(f"{__name__}:app_from_environment", host, http_port, cfg, factory=True)
     Multiprocess(config, sockets=[config.bind_socket()]).run()
 
