@@ -619,7 +619,8 @@ def test_the_inferenceservice_serves_the_export_with_a_documented_canary(rendere
     args = parser.parse_args(c["args"])
     assert args.export == "/mnt/models" and args.host == "0.0.0.0"
     cfg = scorer_config(args)
-    assert float(c["resources"]["requests"]["cpu"]) == cfg.workers * cfg.torch_threads, "request the cores of the scorer's processes x threads"
+    cpu = float(c["resources"]["requests"]["cpu"])
+    assert cpu == cfg.workers * cfg.torch_threads, "request the cores of the scorer's processes x threads"
     assert {"containerPort": args.http_port, "protocol": "TCP"} in c["ports"]
     configmap_mounts = {m["mountPath"] for m in c["volumeMounts"] if "configMap" in {v["name"]: v for v in predictor["volumes"]}[m["name"]]}
     assert args.feature_repo in configmap_mounts

@@ -564,10 +564,12 @@ def test_load_bench_reports_percentiles_by_shape_and_concurrency(tiny_serving, o
     )
     for shape in shapes:
         row = out["shapes"][shape]
-        assert row["profile"]["stages_ms"]["aware_passes"] > 0 and row["profile"]["preprocess_ms"]["p50"] <= row["profile"]["preprocess_ms"]["p99"]
+        profile = row["profile"]
+        assert profile["stages_ms"]["aware_passes"] > 0 and profile["preprocess_ms"]["p50"] <= profile["preprocess_ms"]["p99"]
         for c in ("1", "2"):
             cell = row["by_concurrency"][c]
-            assert cell["status_codes"] == {"200": 4} and cell["latency_ms"]["p50"] <= cell["latency_ms"]["p90"] <= cell["latency_ms"]["p99"]
+            latency = cell["latency_ms"]
+            assert cell["status_codes"] == {"200": 4} and latency["p50"] <= latency["p90"] <= latency["p99"]
     assert isinstance(out["shapes"]["top10_feast"]["by_concurrency"]["1"]["meets_goal"], bool)
     assert out["shapes"]["candidates"]["by_concurrency"]["1"]["share_of_machine_fp32"] > 0
     assert json.loads((tmp_path / "load_bench.json").read_text())["shapes"].keys() == set(shapes)

@@ -68,7 +68,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-depth", type=int, help="target-aware re-ranking depth (default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads of the scoring thread (default 1: ScorerConfig.torch_threads)")
-    p.add_argument("--workers", type=int, help="server processes, each with the model and one scoring thread (default 1: ScorerConfig.workers)")
+    p.add_argument(
+        "--workers", type=int, help="server processes, each with the model and one scoring thread (default 1: ScorerConfig.workers)"
+    )
 
 
 CONFIG_FLAGS = (

@@ -640,7 +640,9 @@ class ServerConfig(uvicorn.Config):
         self.header_timeout, self.body_timeout = cfg.header_timeout, cfg.body_timeout
 
 
-def create_app(export_dir: str | Path, feature_repo: str | Path | None = None, cfg: ScorerConfig | None = None, name: str | None = None) -> FastAPI:
+def create_app(
+    export_dir: str | Path, feature_repo: str | Path | None = None, cfg: ScorerConfig | None = None, name: str | None = None
+) -> FastAPI:
     """Load the export and return kserve's FastAPI app serving it, through kserve's public API: the model
     registered on a `kserve.ModelServer` (its data plane, v1 / v2 routes, health, /metrics and kserve's
     middlewares, via `RESTServer.create_application`), then `ServingMiddleware` (outermost: it sees every
@@ -679,7 +681,8 @@ def serve(export_dir: str | Path, host: str = "127.0.0.1", http_port: int = 8080
     read_serving_card(export_dir)  # a bad export or key fails here, once, not in every worker that uvicorn restarts
     if feature_repo:
         pseudonym_key()
-    settings = {"export": str(export_dir), "feature_repo": None if feature_repo is None else str(feature_repo), "cfg": dataclasses.asdict(cfg), "name": name}
+    repo = None if feature_repo is None else str(feature_repo)
+    settings = {"export": str(export_dir), "feature_repo": repo, "cfg": dataclasses.asdict(cfg), "name": name}
     os.environ[SERVER_ENV] = json.dumps(settings)
     # this module by the name it has here: under `python -m gts_lum.serving.scorer` that is __main__, which a spawned
     # worker re-creates (importing it a second time by its package name would register its metrics twice)
