@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from gts_lum.serving.options import add_server_arguments
+
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
@@ -180,28 +182,6 @@ def cmd_load_bench(args) -> None:
         candidates=args.candidates, history_events=args.history_events, torch_threads=args.torch_threads, feature_repo=args.feature_repo,
         users=users, out_dir=args.out,
     ))
-
-
-def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    """The scorer's flags (`gts-lum serve` and `python -m gts_lum.serving.scorer`); limits left unset take
-    gts_lum.serving.scorer.ScorerConfig's defaults. Defined here: importing kserve parses sys.argv."""
-    p.add_argument("--export", required=True, help="a folder written by `gts-lum export`")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (a container passes 0.0.0.0)")
-    p.add_argument("--http-port", type=int, default=8080)
-    p.add_argument("--feature-repo", help="Feast repository: histories of requests that carry only a user_id")
-    p.add_argument("--name", help="model name on the routes (default: the export's)")
-    p.add_argument("--max-candidates", type=int, help="candidates per instance")
-    p.add_argument("--max-events", type=int, help="inline history events per instance")
-    p.add_argument("--max-instances", type=int, help="instances per request")
-    p.add_argument("--max-top-k", type=int)
-    p.add_argument("--max-body-bytes", type=int, help="request body size (413 above it)")
-    p.add_argument("--max-request-candidates", type=int, help="target-aware candidate scores a request, over all its instances (413 above it)")
-    p.add_argument("--header-timeout", type=float, help="seconds a client has to send a request's headers (then the connection is closed)")
-    p.add_argument("--body-timeout", type=float, help="seconds a client has to send a request's body after its headers")
-    p.add_argument("--max-connections", type=int, help="open connections; past them a request gets a 503")
-    p.add_argument("--rerank-depth", type=int, help="target-aware re-ranking depth (default: the model's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--torch-threads", type=int, help="torch intra-op threads of the scoring thread (default 1: ScorerConfig.torch_threads)")
 
 
 def cmd_features(args) -> None:

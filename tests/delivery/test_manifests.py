@@ -637,7 +637,7 @@ def test_feast_readers_get_the_config_and_every_variable_it_names(rendered):
 def test_the_inferenceservice_serves_the_export_with_a_documented_canary(rendered):
     import argparse
 
-    from gts_lum.cli import add_server_arguments
+    from gts_lum.serving.options import add_server_arguments, scorer_config
 
     isvc = find(rendered["npu"], "InferenceService")
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless", "a canary needs Knative revisions"
@@ -652,6 +652,9 @@ def test_the_inferenceservice_serves_the_export_with_a_documented_canary(rendere
     add_server_arguments(parser)
     args = parser.parse_args(c["args"])
     assert args.export == "/mnt/models" and args.host == "0.0.0.0"
+    cfg = scorer_config(args)
+    cpu = float(c["resources"]["requests"]["cpu"])
+    assert cpu == cfg.workers * cfg.torch_threads, "request the cores of the scorer's processes x threads"
     assert {"containerPort": args.http_port, "protocol": "TCP"} in c["ports"]
     configmap_mounts = {m["mountPath"] for m in c["volumeMounts"] if "configMap" in {v["name"]: v for v in predictor["volumes"]}[m["name"]]}
     assert args.feature_repo in configmap_mounts

@@ -583,3 +583,57 @@ def test_slow_clients_are_cut_off_past_their_deadline_and_the_connection_cap_hol
         server.stop()
     assert 'gts_lum_slow_clients_total{late="headers"} 3.0' in metrics and 'gts_lum_slow_clients_total{late="body"} 2.0' in metrics
     assert "no complete request headers within 3 s (--header-timeout)" in server.log_path.read_text()
+
+
+def test_workers_each_load_the_model_and_serve_the_bound_host(tiny_serving, offline, tmp_path):
+    """--workers 2: uvicorn binds the port once and spawns two processes, each loading the export; requests are
+    answered with offline's scores on the bound host; stopping the parent (by its PID) ends the workers."""
+    import re
+    import time
+
+    from gts_lum.serving.scorer import launch_server
+
+    server = launch_server(tiny_serving.export, tmp_path / "workers.log", extra_args=["--workers", "2"])
+    try:
+        deadline = time.monotonic() + 120
+        while server.log_tail(400).count("Started server process") < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log_text = server.log_tail(400)
+        workers = {int(p) for p in re.findall(r"Started server process \[(\d+)\]", log_text)}
+        assert len(workers) == 2 and server.pid not in workers and log_text.count("loaded gts_lum") == 2, log_text
+        with httpx.Client() as client:
+            for _ in range(4):
+                response = predict_v1(server, [{"events": offline.events(57)}], client=client)
+                assert response.status_code == 200, response.text
+                assert_same_ranking(response.json()["predictions"][0], offline.ranking(57, None, 10))
+        listening = _listening_addresses(server.port)
+        if listening:
+            assert listening == {"0100007F"}
+    finally:
+        server.stop()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), f"worker {pid} outlived the server"
+
+
+def test_load_bench_reports_percentiles_by_shape_and_concurrency(tiny_serving, offline, feature_repo, tmp_path):
+    """`gts-lum load-bench` on the tiny export: each shape (the Feast one included) at concurrency 1 and 2, every
+    request a 200, p50 <= p90 <= p99; the profile holds the stages and preprocess (the Feast read) p50 / p99."""
+    from gts_lum.evaluation.load_bench import load_bench
+
+    users = [str(u) for u in offline.log.user_ids[:5]]
+    shapes = ("top10", "top10_feast", "candidates")
+    out = load_bench(
+        tiny_serving.export, requests=4, concurrency=(1, 2), shapes=shapes, seconds_limit=60, candidates=20, history_events=20,
+        warmup=1, feature_repo=feature_repo, users=users, out_dir=tmp_path,
+    )
+    for shape in shapes:
+        row = out["shapes"][shape]
+        profile = row["profile"]
+        assert profile["stages_ms"]["aware_passes"] > 0 and profile["preprocess_ms"]["p50"] <= profile["preprocess_ms"]["p99"]
+        for c in ("1", "2"):
+            cell = row["by_concurrency"][c]
+            latency = cell["latency_ms"]
+            assert cell["status_codes"] == {"200": 4} and latency["p50"] <= latency["p90"] <= latency["p99"]
+    assert isinstance(out["shapes"]["top10_feast"]["by_concurrency"]["1"]["meets_goal"], bool)
+    assert out["shapes"]["candidates"]["by_concurrency"]["1"]["share_of_machine_fp32"] > 0
+    assert json.loads((tmp_path / "load_bench.json").read_text())["shapes"].keys() == set(shapes)

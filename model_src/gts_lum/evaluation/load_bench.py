@@ -83,8 +83,9 @@ def fp32_gflops(seconds: float = 1.0, size: int = 512) -> float:
 
 def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
     """Mean milliseconds per request of each stage (`STAGES`) over `bodies`, run through `scorer` (a
-    loaded GTSLUMScorer) in this process, plus the decoder FLOPs a request executed and the wall time per
-    request without the profiler (its own cost left out)."""
+    loaded GTSLUMScorer) in this process, plus the decoder FLOPs a request executed, the wall time per
+    request without the profiler (its own cost left out) and p50 / p99 of `preprocess` (validation and,
+    for user_id-only requests, the Feast read on the scorer's Feast thread, which the profiler does not see)."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -97,11 +98,14 @@ def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
         flops[0] += n * decoder_flops(dec.hidden_size, dec.intermediate_size, dec.num_hidden_layers, t)
 
     loop = asyncio.new_event_loop()
+    preprocess_s: list[float] = []  # validation + the Feast read on the scorer's own thread, outside the profiler's view
 
     def one(body: bytes) -> str:
         with record_function("gts_lum.json_parse"):
             payload = json.loads(body)
+        t0 = time.perf_counter()
         prepared = loop.run_until_complete(scorer.preprocess(payload))
+        preprocess_s.append(time.perf_counter() - t0)
         predictions = scorer._score_all(prepared.cases)
         with record_function("gts_lum.serialise"):
             return json.dumps({"predictions": predictions})
@@ -110,10 +114,12 @@ def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
         for body in bodies[:warmup]:
             one(body)
         counted = bodies[warmup:]
+        preprocess_s.clear()
         t0 = time.perf_counter()
         for body in counted:
             one(body)
         wall_ms = (time.perf_counter() - t0) * 1000 / len(counted)
+        pre_ms = np.array(preprocess_s) * 1000
         hook = net.decoder.register_forward_pre_hook(count, with_kwargs=True)
         try:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -131,6 +137,7 @@ def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
         "stages_ms": stages,
         "stages_sum_ms": round(sum(stages.values()), 2),
         "wall_ms": round(wall_ms, 2),
+        "preprocess_ms": {f"p{q}": round(float(np.percentile(pre_ms, q)), 2) for q in (50, 99)},
         "decoder_gflop": round(flops[0] / len(counted) / 1e9, 4),
         "torch_threads": torch.get_num_threads(),
     }

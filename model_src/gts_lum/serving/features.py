@@ -21,13 +21,13 @@ store and rewrites the offline parquet files without them.
 
 Concurrent pushes. `push_events` is a read-modify-write of the user's arrays (read, append, keep the last
 N, write back). Two writers interleaving would lose events, so the whole cycle holds a per-user lock:
-    - SQLite setup: an exclusive `fcntl.flock` on the file locks/<pseudonym>.lock beside the online
+    - SQLite setup: a `filelock.FileLock` (flock) on the file locks/<pseudonym>.lock beside the online
       store. Every acquisition opens the file anew, so the lock excludes threads of one process as well
       as other processes (flock locks belong to the open file, not to the process).
-    - Redis setup: `SET gts_lum:<project>:lock:<name> <token> NX PX <lease>` in the online store's own
-      Redis, released by a Lua compare-and-delete so that a holder never frees a lock that expired and
-      was taken by someone else. The lease (30 s) bounds how long a crashed holder blocks the user; a
-      cycle takes milliseconds.
+    - Redis setup: redis-py's `Lock` on gts_lum:<project>:lock:<name> in the online store's own Redis: a
+      token set with a lease, released only by its holder, so that a holder never frees a lock that
+      expired and was taken by someone else. The lease (30 s) bounds how long a crashed holder blocks the
+      user; a cycle takes milliseconds.
 Each thread (and each process) uses its own FeatureStore, so SQLite connections are never shared.
 Pushes carry strictly increasing event timestamps per user (max of now, the newest event, and the stored
 snapshot's time + 1 us): Redis drops writes that are not newer than what it holds.
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import importlib
 import json
 import logging
@@ -66,6 +65,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
+from filelock import FileLock
+from redis.exceptions import LockNotOwnedError
 from tqdm.auto import tqdm
 
 from gts_lum.config import from_dict, load_config
@@ -391,37 +392,32 @@ def publish_features(repo_path: str | Path, sources_dir: str | Path, config: str
 
 @contextlib.contextmanager
 def file_lock(path: Path, remove: bool = False) -> Iterator[None]:
-    """Exclusive flock on `path`, opened anew: excludes other threads and other processes alike.
-    `remove`: unlink the file before letting go (a deleted user's lock, named by their pseudonym, must not stay)."""
+    """Exclusive lock on `path` (filelock: flock on Unix). A new FileLock each time, hence a descriptor of its own:
+    excludes other threads and other processes alike. `remove`: unlink the file before letting go (a deleted
+    user's lock, named by their pseudonym, must not stay)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    with FileLock(path):
         try:
             yield
         finally:
             if remove:
                 path.unlink(missing_ok=True)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-_REDIS_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
 @contextlib.contextmanager
-def redis_lock(client, key: str, lease_ms: int = 30_000, wait_s: float = 60.0) -> Iterator[None]:
-    """A Redis lock: SET key token NX PX lease, released only by its holder (compare-and-delete in Lua)."""
-    token = secrets.token_hex(16)
-    deadline, delay = time.monotonic() + wait_s, 0.001
-    while not client.set(key, token, nx=True, px=lease_ms):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Redis lock {key} still held by another writer after {wait_s:.0f} s")
-        time.sleep(delay)
-        delay = min(2 * delay, 0.05)
+def redis_lock(client, key: str, lease_s: float = 30.0, wait_s: float = 60.0) -> Iterator[None]:
+    """redis-py's Lock on `key`: held for at most `lease_s` (a crashed holder's lease expires), released only by
+    its holder (a token checked on release); TimeoutError when another writer holds it past `wait_s`."""
+    lock = client.lock(key, timeout=lease_s, sleep=0.01, blocking_timeout=wait_s)
+    if not lock.acquire():
+        raise TimeoutError(f"Redis lock {key} still held by another writer after {wait_s:.0f} s")
     try:
         yield
     finally:
-        if not client.eval(_REDIS_RELEASE, 1, key, token):
-            log.warning("Redis lock %s outlived its %d ms lease: a concurrent writer may have entered", key, lease_ms)
+        try:
+            lock.release()
+        except LockNotOwnedError:
+            log.warning("Redis lock %s outlived its %g s lease: a concurrent writer may have entered", key, lease_s)
 
 
 def _check_events(behavior_ids: Sequence, timestamps: Sequence) -> tuple[list[str], np.ndarray]:
@@ -515,6 +511,11 @@ class FeatureClient:
         stamp = response.proto.results[names.index("behavior_ids")].event_timestamps[0]
         history = {f: list(values[f][0] or []) for f in SEQUENCE_FEATURES}
         return history, stamp.seconds * 1_000_000_000 + stamp.nanos
+
+    def warm_up(self) -> None:
+        """Open this thread's FeatureStore and read one (absent) user through it: Feast's registry and request
+        caches and the online store's connection are set up before the first real read on this thread."""
+        self._read_sequence("gts-lum-warm-up")
 
     def get_history(self, user_id: str) -> dict:
         """{"behavior_ids": [str], "timestamps": [unix s], "time_ids": [int]} of the user's last N events,

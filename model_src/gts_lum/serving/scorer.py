@@ -39,14 +39,19 @@ Slow clients: the request headers must arrive within --header-timeout s (a 408 a
 otherwise), the body within --body-timeout s after them; past --max-connections a request gets a 503.
 A server started with --feature-repo checks the pseudonym key at start-up, and warns (once, without ids)
 when nearly every feature-store user of a window is unknown: the sign of a key other than the store's.
-kserve binds 0.0.0.0 and cannot be told otherwise; this server binds `--host` (127.0.0.1 by default;
-a container passes 0.0.0.0). gRPC is off.
+kserve's own server binds 0.0.0.0 and cannot be told otherwise, so this one runs kserve's app (its routes,
+data plane and middlewares, built through its public API: `create_app`) under uvicorn, bound to `--host`
+(127.0.0.1 by default; a container passes 0.0.0.0). gRPC is off.
+Processes: --workers (default 1) server processes, each loading the export and scoring on one thread with
+--torch-threads torch threads (default 1): a pod needs workers x torch-threads cores, and
+manifests/serving/inferenceservice.yaml requests the 1 core of the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -65,16 +70,23 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
+import torch
 from torch.profiler import record_function
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 import kserve
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InvalidInput
+from kserve.model_server import app
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
 
+from gts_lum.data.pseudonym import pseudonym_key
+
 from gts_lum.serving.export import ServingModel, history_log, read_serving_card
+from gts_lum.serving.options import ScorerConfig, add_server_arguments, scorer_config
 
 log = logging.getLogger(__name__)
 
@@ -82,48 +94,17 @@ INSTANCE_KEYS = ("user_id", "events", "candidates", "top_k", "heads")
 EVENT_KEYS = ("behavior_ids", "timestamps")
 MAX_TIMESTAMP = 4_102_444_800  # 2100-01-01: beyond it a timestamp is a unit mistake (ms, ns)
 MAX_USER_ID_CHARS = 256
+SERVER_ENV = "GTS_LUM_SCORER_SERVER"  # the settings a spawned worker process loads the export with (JSON)
+KEEP_ALIVE_S, GRACE_PERIOD_S = 65, 30  # kserve's defaults: keep-alive longer than a proxy's idle timeout; shutdown grace
+# seconds a worker process may not answer uvicorn's health ping before it is restarted; a spawned worker first
+# imports torch, kserve and Feast (>5 s, uvicorn's default, on a busy core) before it can answer
+WORKER_HEALTHCHECK_S = 60
 UNKNOWN_USER_WINDOW, UNKNOWN_USER_SHARE = 200, 0.9  # feature-store lookups watched; share of unknown users that warns
 
 REQUESTS = Counter("gts_lum_requests_total", "HTTP requests by endpoint and status code", ["endpoint", "code"])
 ERRORS = Counter("gts_lum_request_errors_total", "HTTP responses with status >= 400 by endpoint and status code", ["endpoint", "code"])
 LATENCY = Histogram("gts_lum_request_seconds", "HTTP request latency by endpoint", ["endpoint"])
 SLOW_CLIENTS = Counter("gts_lum_slow_clients_total", "connections closed for sending a request too slowly, by what was late", ["late"])
-
-
-@dataclass
-class ScorerConfig:
-    """Limits and settings of the scorer (every limit is a 4xx when exceeded, never a crash)."""
-
-    max_candidates: int = 500  # candidates per instance (each costs a target-aware decoder pass)
-    max_events: int = 10_000  # inline history events per instance
-    max_instances: int = 32  # instances per request
-    max_top_k: int = 1000
-    max_body_bytes: int = 2_000_000  # request body (413 above it)
-    # target-aware candidate scores per request, summed over instances: request candidates count each,
-    # a request without candidates its re-ranking depth. Bounds the time one request holds the single
-    # scoring thread (32 x 500 candidates held a small request for 24 s on 2 cores): 413 above it.
-    max_request_candidates: int = 2000
-    # slow clients (uvicorn has no request timeouts of its own): a connection whose request headers are not
-    # all in within header_timeout s of its start (or of the request's first byte on a kept-alive connection),
-    # or whose body is not within body_timeout s after them, is closed; past max_connections open
-    # connections a request gets a 503. 250 connections trickling partial bodies were held for 70 s without them.
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_connections: int = 512
-    rerank_depth: int | None = None  # None: the model's own
-    device: str = "cpu"
-    # torch intra-op threads of the one scoring thread. Default 1: a top-10 request (~1.5 GFLOP at decoder
-    # width 128) gains little from a second thread, and one core per process is what an operator sizes
-    # replicas by; the InferenceService requests that one core (manifests/serving/inferenceservice.yaml).
-    torch_threads: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "max_connections", "torch_threads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"ScorerConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("header_timeout", "body_timeout"):
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
-                raise ValueError(f"ScorerConfig.{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
 
 
 class UnknownUser(InvalidInput):
@@ -259,7 +240,7 @@ def _v2_instances(request: InferRequest) -> list:
     tensor = request.inputs[0]
     where = f"inputs[0] ({str(tensor.name)[:40]!r})"
     if tensor.datatype == "JSON":
-        if tensor._raw_data is not None or not isinstance(tensor.data, list):
+        if "binary_data_size" in (tensor.parameters or {}) or not isinstance(tensor.data, list):
             raise InvalidInput(f"{where}: a JSON tensor carries its objects in 'data'")
         items = tensor.data
     elif tensor.datatype == "BYTES":
@@ -296,6 +277,7 @@ class GTSLUMScorer(kserve.Model):
         self.serving: ServingModel | None = None
         self.features = None
         self._executor: ThreadPoolExecutor | None = None
+        self._feast: ThreadPoolExecutor | None = None
         self._lookups: deque[bool] = deque(maxlen=UNKNOWN_USER_WINDOW)  # True: the feature store knew the user
         self._warned_unknown = False
 
@@ -306,6 +288,10 @@ class GTSLUMScorer(kserve.Model):
             from gts_lum.serving.features import FeatureClient  # lazy: the Feast side is optional
 
             self.features = FeatureClient(self.feature_repo)
+            # one Feast thread, its FeatureStore opened and read once here: a request pays neither a store's
+            # set-up on a new thread of the loop's pool (~12 ms) nor Feast's first read (~100 ms)
+            self._feast = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gts-lum-feast")
+            self._feast.submit(self.features.warm_up).result()
         # one scoring thread: the event loop stays free for health checks, and the model is not re-entrant
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gts-lum-score")
         self.ready = True
@@ -354,7 +340,7 @@ class GTSLUMScorer(kserve.Model):
         loop = asyncio.get_running_loop()
         for i, case in enumerate(cases):
             if case.behaviors is None:
-                await loop.run_in_executor(None, self._fetch_history, case, f"{where}[{i}]")
+                await loop.run_in_executor(self._feast, self._fetch_history, case, f"{where}[{i}]")
         return Prepared(protocol, cases, request_id)
 
     @record_function("gts_lum.feast_read")
@@ -586,13 +572,11 @@ class RequestDeadlines(HttpToolsProtocol):
     Armed through asyncio's and httptools' callbacks: at the connection's start and at a request's first byte
     for the headers (`header_timeout`), at the end of the headers for the body (`body_timeout`); disarmed when
     the request is complete. A late client's connection is closed (a late header gets a 408 first: nothing
-    has answered yet). `deadline_protocol` makes the subclass that carries one server's timeouts."""
-
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
+    has answered yet). The timeouts are the server's (`ServerConfig`)."""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.header_timeout, self.body_timeout = self.config.header_timeout, self.config.body_timeout
         self._deadline = None
         self._deadline_transport = transport
         self._arm("headers", self.header_timeout)
@@ -634,10 +618,6 @@ class RequestDeadlines(HttpToolsProtocol):
         transport.close()
 
 
-def deadline_protocol(header_timeout: float, body_timeout: float) -> type[RequestDeadlines]:
-    return type("ServerRequestDeadlines", (RequestDeadlines,), {"header_timeout": header_timeout, "body_timeout": body_timeout})
-
-
 async def _client_error(request, exc: InvalidInput) -> JSONResponse:
     """A 4xx with the reason, logged as one line (kserve logs a traceback for each)."""
     code = getattr(exc, "status", 400)
@@ -645,60 +625,69 @@ async def _client_error(request, exc: InvalidInput) -> JSONResponse:
     return JSONResponse(status_code=code, content={"error": str(exc)})
 
 
-class LocalRESTServer(RESTServer):
-    """kserve's REST server bound to `host` (kserve hard-codes 0.0.0.0), with `ServingMiddleware`, the request
-    deadlines (`RequestDeadlines`) and uvicorn's connection cap (`limit_concurrency`: a 503 past it)."""
+class ServerConfig(uvicorn.Config):
+    """uvicorn's settings for the scorer: `host` (kserve's own server binds 0.0.0.0), the request deadlines
+    (`RequestDeadlines`, which reads header_timeout / body_timeout from here) and uvicorn's connection cap
+    (`limit_concurrency`: a 503 past it). A module-level class: `workers` > 1 sends it to spawned processes."""
 
-    def __init__(self, host: str, cfg: ScorerConfig, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.config.host = host
-        self.config.http = deadline_protocol(cfg.header_timeout, cfg.body_timeout)
-        self.config.limit_concurrency = cfg.max_connections
-        self.max_body_bytes = cfg.max_body_bytes
-
-    def _add_middlewares(self, app: FastAPI) -> None:
-        super()._add_middlewares(app)
-        app.add_middleware(ServingMiddleware, max_body_bytes=self.max_body_bytes)  # outermost: sees every response
-
-    def _add_exception_handlers(self, app: FastAPI) -> None:
-        super()._add_exception_handlers(app)
-        app.add_exception_handler(InvalidInput, _client_error)  # UnknownUser and TooMuchWork, subclasses, resolve here too
-
-
-class LocalModelServer(kserve.ModelServer):
-    """kserve.ModelServer whose REST server is `LocalRESTServer` (single process, no gRPC)."""
-
-    def __init__(self, host: str, http_port: int, cfg: ScorerConfig):
-        super().__init__(http_port=http_port, enable_grpc=False, workers=1)
-        self.host = host
-        self.cfg = cfg
-
-    def start(self, models: list) -> None:
-        self._register_and_check_atleast_one_model_is_ready(models)
-        self._rest_server = LocalRESTServer(
-            self.host,
-            self.cfg,
-            FASTAPI_APP_IMPORT_STRING,
-            self.dataplane,
-            self.model_repository_extension,
-            self.http_port,
-            access_log_format=self.access_log_format,
-            grace_period=self.grace_period,
-            event_loop=self.event_loop,
-            timeout_keep_alive=self.timeout_keep_alive,
+    def __init__(self, app, host: str, http_port: int, cfg: ScorerConfig, **kwargs):
+        super().__init__(
+            app, host=host, port=http_port, http=RequestDeadlines, limit_concurrency=cfg.max_connections, workers=cfg.workers,
+            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=GRACE_PERIOD_S, timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+            log_config=None,  # kserve.ModelServer configures logging (as kserve's own server does)
+            **kwargs,
         )
-        self.servers.append(self._rest_server.start())
-        self.setup_event_loop()
-        self.register_signal_handler()
-        asyncio.run(self._serve())
+        self.header_timeout, self.body_timeout = cfg.header_timeout, cfg.body_timeout
+
+
+def create_app(
+    export_dir: str | Path, feature_repo: str | Path | None = None, cfg: ScorerConfig | None = None, name: str | None = None
+) -> FastAPI:
+    """Load the export and return kserve's FastAPI app serving it, through kserve's public API: the model
+    registered on a `kserve.ModelServer` (its data plane, v1 / v2 routes, health, /metrics and kserve's
+    middlewares, via `RESTServer.create_application`), then `ServingMiddleware` (outermost: it sees every
+    response) and the one-line 4xx handler for InvalidInput (UnknownUser and TooMuchWork resolve there too)
+    added with FastAPI's own `add_middleware` / `add_exception_handler`, as kserve's examples add theirs."""
+    cfg = cfg or ScorerConfig()
+    torch.set_num_threads(cfg.torch_threads)
+    model = GTSLUMScorer(export_dir, feature_repo, cfg, name)
+    if not model.load():
+        raise ValueError(f"{export_dir}: the model did not load")
+    server = kserve.ModelServer(enable_grpc=False, workers=1)  # one per process: workers are uvicorn's (`serve`)
+    server.register_model(model)
+    model.enable_latency_logging = server.enable_latency_logging  # kserve's per-request latency line, as ModelServer.start sets it
+    # kserve's routes, middlewares and handlers on kserve.model_server.app; its port is unused (`ServerConfig` binds)
+    RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, 0).create_application()
+    app.add_middleware(ServingMiddleware, max_body_bytes=cfg.max_body_bytes)
+    app.add_exception_handler(InvalidInput, _client_error)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """`create_app` in a worker process spawned by uvicorn (`workers` > 1): the settings come in SERVER_ENV."""
+    settings = json.loads(os.environ[SERVER_ENV])
+    configure_logging()
+    return create_app(settings["export"], settings["feature_repo"], ScorerConfig(**settings["cfg"]), settings["name"])
 
 
 def serve(export_dir: str | Path, host: str = "127.0.0.1", http_port: int = 8080, feature_repo: str | Path | None = None, cfg: ScorerConfig | None = None, name: str | None = None) -> None:
-    """Load the export and serve it until SIGTERM / SIGINT (blocks)."""
+    """Serve the export on `host`:`http_port` until SIGTERM / SIGINT (blocks). One process (`cfg.workers` = 1)
+    loads the model and serves; with N workers uvicorn binds the port once and spawns N processes, each
+    loading the model (`app_from_environment`) and scoring on its own thread, restarted if one dies."""
     cfg = cfg or ScorerConfig()
-    model = GTSLUMScorer(export_dir, feature_repo, cfg, name)
-    model.load()
-    LocalModelServer(host, http_port, cfg).start([model])
+    if cfg.workers == 1:
+        uvicorn.Server(ServerConfig(create_app(export_dir, feature_repo, cfg, name), host, http_port, cfg)).run()
+        return
+    read_serving_card(export_dir)  # a bad export or key fails here, once, not in every worker that uvicorn restarts
+    if feature_repo:
+        pseudonym_key()
+    repo = None if feature_repo is None else str(feature_repo)
+    settings = {"export": str(export_dir), "feature_repo": repo, "cfg": dataclasses.asdict(cfg), "name": name}
+    os.environ[SERVER_ENV] = json.dumps(settings)
+    # this module by the name it has here: under `python -m gts_lum.serving.scorer` that is __main__, which a spawned
+    # worker re-creates (importing it a second time by its package name would register its metrics twice)
+    config = ServerConfig(f"{__name__}:app_from_environment", host, http_port, cfg, factory=True)
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 # -- a server in a subprocess (tests, load bench) --------------------------------------------------
@@ -769,30 +758,25 @@ def launch_server(export_dir: str | Path, log_path: str | Path, feature_repo: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gts_lum.cli import add_server_arguments
-
     p = argparse.ArgumentParser(prog="python -m gts_lum.serving.scorer", description="Serve a GTS-LUM export with KServe (v1 and v2 REST).")
     add_server_arguments(p)
     return p
 
 
-def run_from_args(args: argparse.Namespace) -> None:
-    import torch
-
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # per-request INFO lines of the sequence builder and profile alignment would drown the access log
     logging.getLogger("gts_lum.sequence.timestamp_process").setLevel(logging.WARNING)
     logging.getLogger("gts_lum.modeling.gts_lum_model").setLevel(logging.WARNING)
-    limits = (
-        "max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates",
-        "header_timeout", "body_timeout", "max_connections", "rerank_depth", "torch_threads",
-    )
-    cfg = ScorerConfig(device=args.device, **{k: getattr(args, k) for k in limits if getattr(args, k) is not None})
-    torch.set_num_threads(cfg.torch_threads)
-    serve(args.export, args.host, args.http_port, args.feature_repo, cfg, args.name)
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    configure_logging()
+    serve(args.export, args.host, args.http_port, args.feature_repo, scorer_config(args), args.name)
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     try:
         run_from_args(build_parser().parse_args(argv))
     except (ValueError, FileNotFoundError) as err:  # a bad export, flag or key: say so and exit, never serve half-ready
