@@ -279,7 +279,8 @@ def test_without_separator_the_descriptor_alone_marks_an_interval():
     assert out["value"].tolist() == [wd, 0, 1, wd, 2, we, 1]
     # the budget counts one token an interval less: ten one-behaviour intervals, 2 tokens each
     ten = [(utc(2024, 1, 3, 0, 0) + 900 * k, k) for k in range(10)]
-    tok = build_sequences(make_log([ten], 10), None, SequenceConfig(timezone="UTC", token_budget=11, importance="uniform", separator=False)).sequence(0)
+    budget = SequenceConfig(timezone="UTC", token_budget=11, importance="uniform", separator=False)
+    tok = build_sequences(make_log([ten], 10), None, budget).sequence(0)
     assert tok["value"][tok["kind"] == B].tolist() == [5, 6, 7, 8, 9]
     assert len(tok["kind"]) == 10 and not (tok["kind"] == S).any()
 
