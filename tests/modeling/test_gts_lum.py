@@ -18,6 +18,7 @@ TINY = {
     "net": {
         "decoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
         "compressor": {"windows": 2, "window_size": 4},
+        "adapter_trainable": True,  # the paper's phase II (the package default freezes it on CPU)
     },
     "qformer": {"num_queries": 2, "num_layers": 1, "num_heads": 2, "hidden_size": 32, "intermediate_size": 64, "max_window": 4},
     "train": {
