@@ -22,6 +22,7 @@ test: $(BIN)/gts-lum
 LINTED := model_src components pipelines feature_repo tests
 lint: $(BIN)/gts-lum
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 # The figures of BENCHMARKS.md (reads ../shared/data; hours on 2 cores: the GTS-LUM tables dominate).
 bench: $(BIN)/gts-lum

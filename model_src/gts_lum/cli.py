@@ -96,7 +96,9 @@ def cmd_train(args) -> None:
     from gts_lum.config import parse_overrides
     from gts_lum.stages.train import train_model
 
-    stats = train_model(args.sequences, args.model, args.config, parse_overrides(args.set), args.out, device=args.device, checkpoint_dir=args.checkpoints)
+    stats = train_model(
+        args.sequences, args.model, args.config, parse_overrides(args.set), args.out, device=args.device, checkpoint_dir=args.checkpoints
+    )
     _print({k: v for k, v in stats.items() if k != "history"})
 
 
@@ -134,9 +136,18 @@ def cmd_table_auc(args) -> None:
 def cmd_speed(args) -> None:
     from gts_lum.evaluation.speed import run_speed_benchmarks
 
-    _print(run_speed_benchmarks(
-        args.what.split(","), args.out, quick=args.quick, data=args.data, mapping=args.mapping, device=args.device, width=args.width, layers=args.layers,
-    ))
+    _print(
+        run_speed_benchmarks(
+            args.what.split(","),
+            args.out,
+            quick=args.quick,
+            data=args.data,
+            mapping=args.mapping,
+            device=args.device,
+            width=args.width,
+            layers=args.layers,
+        )
+    )
 
 
 def cmd_labels(args) -> None:
@@ -168,7 +179,9 @@ def cmd_batch_score(args) -> None:
     from gts_lum.serving.batch import batch_score
 
     users = Path(args.users).read_text().split() if args.users else None
-    _print(batch_score(args.export, args.data, args.out, users=users, chunk_size=args.chunk_size, top_k=args.top_k, max_chunks=args.max_chunks))
+    _print(
+        batch_score(args.export, args.data, args.out, users=users, chunk_size=args.chunk_size, top_k=args.top_k, max_chunks=args.max_chunks)
+    )
 
 
 def cmd_load_bench(args) -> None:
@@ -177,23 +190,37 @@ def cmd_load_bench(args) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     users = args.users.split(",") if args.users else None
     shapes = tuple(args.shape or (("top10", "top10_feast", "candidates") if args.feature_repo else ("top10", "candidates")))
-    _print(load_bench(
-        args.export, requests=args.requests, concurrency=tuple(args.concurrency or (1, 4)), shapes=shapes, seconds_limit=args.seconds_limit,
-        candidates=args.candidates, history_events=args.history_events, torch_threads=args.torch_threads, feature_repo=args.feature_repo,
-        users=users, out_dir=args.out,
-    ))
+    _print(
+        load_bench(
+            args.export,
+            requests=args.requests,
+            concurrency=tuple(args.concurrency or (1, 4)),
+            shapes=shapes,
+            seconds_limit=args.seconds_limit,
+            candidates=args.candidates,
+            history_events=args.history_events,
+            torch_threads=args.torch_threads,
+            feature_repo=args.feature_repo,
+            users=users,
+            out_dir=args.out,
+        )
+    )
 
 
 def cmd_features(args) -> None:
     from gts_lum.serving.features import FeatureClient, export_feature_sources, publish_features
 
     if args.features_command == "export":
-        _print(export_feature_sources(args.clean, args.out, args.semantic_ids, last_n=args.last_n, snapshot_days=args.snapshot_days or None))
+        _print(
+            export_feature_sources(args.clean, args.out, args.semantic_ids, last_n=args.last_n, snapshot_days=args.snapshot_days or None)
+        )
     elif args.features_command == "publish":
         _print(publish_features(args.repo, args.sources, args.config))
     else:
         removed = FeatureClient(args.repo, args.config).delete_user(args.user_id)
-        print(f"user deleted from the stores of {args.repo}: {removed['online_entries']} online entries, {removed['offline_rows']} offline rows")
+        print(
+            f"user deleted from the stores of {args.repo}: {removed['online_entries']} online entries, {removed['offline_rows']} offline rows"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def overrides(p):
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable), e.g. --set users=500")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable), e.g. --set users=500"
+        )
 
     p = sub.add_parser("synth", help="write a synthetic telecom operator data set in the data contract")
     p.add_argument("--config", default="demo", help="a config in gts_lum/configs/synth (tiny, demo, bench) or a YAML path")
@@ -229,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="pkg:sequence/default.yaml", help="SequenceConfig YAML (the timezone comes from the data set)")
     p.add_argument("--split-config", help="SplitConfig YAML")
-    p.add_argument("--split", action="append", default=[], metavar="KEY=VALUE", help="override a split setting, e.g. --split target_filter=type=ott")
+    p.add_argument(
+        "--split", action="append", default=[], metavar="KEY=VALUE", help="override a split setting, e.g. --split target_filter=type=ott"
+    )
     overrides(p)
     p.set_defaults(func=cmd_sequences)
 
@@ -251,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("clean", help="a validated data set folder")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="pkg:encoders/table.yaml")
-    p.add_argument("--behaviors", action="append", default=[], metavar="KEY=VALUE", help="override for the behaviours table, e.g. kind=learned")
+    p.add_argument(
+        "--behaviors", action="append", default=[], metavar="KEY=VALUE", help="override for the behaviours table, e.g. kind=learned"
+    )
     p.add_argument("--users", action="append", default=[], metavar="KEY=VALUE", help="override for the users table")
     p.set_defaults(func=cmd_tables)
 
@@ -296,9 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("table-auc", help="churn ROC-AUC on telco-churn (another table: --mapping, --task): learned/text table encoders vs gradient-boosted trees")
+    p = sub.add_parser(
+        "table-auc",
+        help="churn ROC-AUC on telco-churn (another table: --mapping, --task): learned/text table encoders vs gradient-boosted trees",
+    )
     p.add_argument("--data", default="../shared/data/telco-churn")
-    p.add_argument("--mapping", default="pkg:adapters/telco_churn.yaml", help="column mapping of the data (users + labels), a YAML path or pkg:adapters/NAME.yaml")
+    p.add_argument(
+        "--mapping",
+        default="pkg:adapters/telco_churn.yaml",
+        help="column mapping of the data (users + labels), a YAML path or pkg:adapters/NAME.yaml",
+    )
     p.add_argument("--task", default="churn", help="the labels' task to predict (0/1)")
     p.add_argument("--out", default="runs/bench/table_auc")
     p.add_argument("--no-text", action="store_true", help="skip the text encoder (slow on CPU)")
@@ -306,7 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_table_auc)
 
     p = sub.add_parser("speed", help="speed benchmarks (simulator, validation, sequence building, spectral tree, graph, scoring, training)")
-    p.add_argument("--what", default="simulator,validation,sequences,tree,graph,scoring", help="comma-separated; 'training': positions/s of GTS-LUM vs HSTU")
+    p.add_argument(
+        "--what",
+        default="simulator,validation,sequences,tree,graph,scoring",
+        help="comma-separated; 'training': positions/s of GTS-LUM vs HSTU",
+    )
     p.add_argument("--out", default="runs/speed")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--data", default="synth:tiny", help="training: synth:NAME or a data set folder")
@@ -348,11 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chunks", type=int, help="stop after this many new chunks (run again to resume)")
     p.set_defaults(func=cmd_batch_score)
 
-    p = sub.add_parser("load-bench", help="a request's stage profile, then p50/p90/p99 and requests/s of the scorer on 127.0.0.1 by request shape")
+    p = sub.add_parser(
+        "load-bench", help="a request's stage profile, then p50/p90/p99 and requests/s of the scorer on 127.0.0.1 by request shape"
+    )
     p.add_argument("export", help="a folder written by `gts-lum export`")
     p.add_argument("--requests", type=int, default=100, help="per shape and concurrency")
     p.add_argument("--concurrency", type=int, action="append", help="client threads (repeatable; default 1 and 4)")
-    p.add_argument("--shape", action="append", choices=["top10", "top10_feast", "candidates"], help="request shape (repeatable; default all, top10_feast with --feature-repo)")
+    p.add_argument(
+        "--shape",
+        action="append",
+        choices=["top10", "top10_feast", "candidates"],
+        help="request shape (repeatable; default all, top10_feast with --feature-repo)",
+    )
     p.add_argument("--seconds-limit", type=float, default=60.0, help="per shape and concurrency")
     p.add_argument("--candidates", type=int, default=100, help="explicit candidates of the candidates shape")
     p.add_argument("--history-events", type=int, default=100, help="inline history events a request")

@@ -623,8 +623,17 @@ def test_load_bench_reports_percentiles_by_shape_and_concurrency(tiny_serving, o
     users = [str(u) for u in offline.log.user_ids[:5]]
     shapes = ("top10", "top10_feast", "candidates")
     out = load_bench(
-        tiny_serving.export, requests=4, concurrency=(1, 2), shapes=shapes, seconds_limit=60, candidates=20, history_events=20,
-        warmup=1, feature_repo=feature_repo, users=users, out_dir=tmp_path,
+        tiny_serving.export,
+        requests=4,
+        concurrency=(1, 2),
+        shapes=shapes,
+        seconds_limit=60,
+        candidates=20,
+        history_events=20,
+        warmup=1,
+        feature_repo=feature_repo,
+        users=users,
+        out_dir=tmp_path,
     )
     for shape in shapes:
         row = out["shapes"][shape]

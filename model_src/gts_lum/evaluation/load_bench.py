@@ -41,11 +41,23 @@ GOAL_P99_MS = 50.0  # the top-10 request on one core (issue 30)
 # stages of one request in scoring order (labels of the scorer and of GTSLUM.score); retrieval holds the
 # agnostic pass, which is reported on its own
 STAGES = (
-    "json_parse", "parse", "feast_read", "history", "timestamp_process", "fuse", "agnostic_pass", "retrieval", "aware_passes", "heads", "serialise",
+    "json_parse",
+    "parse",
+    "feast_read",
+    "history",
+    "timestamp_process",
+    "fuse",
+    "agnostic_pass",
+    "retrieval",
+    "aware_passes",
+    "heads",
+    "serialise",
 )
 
 
-def _request_bodies(catalog: list[str], n: int, shape: str, candidates: int, history_events: int, seed: int, users: list[str] | None = None) -> list[bytes]:
+def _request_bodies(
+    catalog: list[str], n: int, shape: str, candidates: int, history_events: int, seed: int, users: list[str] | None = None
+) -> list[bytes]:
     rng = np.random.default_rng(seed)
     if candidates > len(catalog):
         raise ValueError(f"candidates={candidates} but the catalog has {len(catalog)} behaviours")
@@ -129,7 +141,9 @@ def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
             hook.remove()
     finally:
         loop.close()
-    totals = {e.key.removeprefix("gts_lum."): e.cpu_time_total / 1000 / len(counted) for e in prof.key_averages() if e.key.startswith("gts_lum.")}
+    totals = {
+        e.key.removeprefix("gts_lum."): e.cpu_time_total / 1000 / len(counted) for e in prof.key_averages() if e.key.startswith("gts_lum.")
+    }
     if "retrieval" in totals:
         totals["retrieval"] -= totals.get("agnostic_pass", 0.0)
     stages = {k: round(totals[k], 2) for k in STAGES if k in totals}
@@ -218,7 +232,9 @@ def load_bench(
     from gts_lum.serving.scorer import GTSLUMScorer, ScorerConfig, launch_server
 
     if requests < 1 or not concurrency or min(concurrency) < 1 or seconds_limit <= 0:
-        raise ValueError(f"requests and each concurrency must be >= 1 and seconds_limit > 0, got {requests}, {concurrency}, {seconds_limit}")
+        raise ValueError(
+            f"requests and each concurrency must be >= 1 and seconds_limit > 0, got {requests}, {concurrency}, {seconds_limit}"
+        )
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise ValueError(f"shapes {unknown}: use {SHAPES}")
@@ -235,8 +251,15 @@ def load_bench(
         machine = fp32_gflops()
     finally:
         torch.set_num_threads(threads)
-    out: dict = {"model": card["name"], "version": card["version"], "torch_threads": torch_threads, "history_events": history_events,
-                 "machine_fp32_gflops": round(machine, 1), "goal_p99_ms_top10": GOAL_P99_MS, "shapes": {}}
+    out: dict = {
+        "model": card["name"],
+        "version": card["version"],
+        "torch_threads": torch_threads,
+        "history_events": history_events,
+        "machine_fp32_gflops": round(machine, 1),
+        "goal_p99_ms_top10": GOAL_P99_MS,
+        "shapes": {},
+    }
     extra = ["--max-candidates", str(max(candidates, 500))]
     with tempfile.TemporaryDirectory(prefix="gts-lum-load-bench-") as tmp:
         workdir = Path(out_dir or tmp)
@@ -257,8 +280,14 @@ def load_bench(
                     if shape.startswith("top10") and summary["latency_ms"]:
                         summary["meets_goal"] = summary["latency_ms"]["p99"] <= GOAL_P99_MS
                     row["by_concurrency"][str(c)] = summary
-                    log.info("load bench %s at concurrency %d: p50 %s ms, p99 %s ms, %.1f req/s", shape, c,
-                             summary["latency_ms"].get("p50"), summary["latency_ms"].get("p99"), summary["requests_per_second"])
+                    log.info(
+                        "load bench %s at concurrency %d: p50 %s ms, p99 %s ms, %.1f req/s",
+                        shape,
+                        c,
+                        summary["latency_ms"].get("p50"),
+                        summary["latency_ms"].get("p99"),
+                        summary["requests_per_second"],
+                    )
                 out["shapes"][shape] = row
         finally:
             server.stop()

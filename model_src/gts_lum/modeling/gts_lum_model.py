@@ -204,7 +204,9 @@ class GTSLUMNetwork(nn.Module):
         h = self.decoder_info.hidden_size
         self.hidden_size = h
         if adapter.cfg.decoder_hidden_size != h:
-            raise ValueError(f"adapter projects to {adapter.cfg.decoder_hidden_size}, the decoder is {h} wide: set qformer.decoder_hidden_size")
+            raise ValueError(
+                f"adapter projects to {adapter.cfg.decoder_hidden_size}, the decoder is {h} wide: set qformer.decoder_hidden_size"
+            )
         self.adapter = adapter
         if descriptor_embeddings is None:
             embed = word_embedder(cfg.decoder, self.decoder)
@@ -253,12 +255,12 @@ class GTSLUMNetwork(nn.Module):
         self._unprojected: torch.Tensor | None = None  # catalog cache of a frozen adapter
         self._compiled_decoder: nn.Module | None = None
         if not cfg.adapter_trainable:
-            for name, p in adapter.named_parameters():
+            for p in adapter.parameters():
                 p.requires_grad_(False)
             for p in self._projection_parameters():
                 p.requires_grad_(True)
 
-    def train(self, mode: bool = True) -> "GTSLUMNetwork":
+    def train(self, mode: bool = True) -> GTSLUMNetwork:
         """A frozen adapter stays in eval mode: its dropout would only add noise to fixed features (and on
         CPU the random masks of its compressor windows cost as much as its matrix products)."""
         super().train(mode)
@@ -356,7 +358,9 @@ class GTSLUMNetwork(nn.Module):
         mask = torch.zeros(len(batch), w * q, dtype=torch.bool, device=self.device)
         if w and len(batch.windows):
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.adapter_trainable):
-                tokens = self.adapter.compress(torch.as_tensor(batch.windows, device=self.device), torch.as_tensor(batch.window_mask, device=self.device))
+                tokens = self.adapter.compress(
+                    torch.as_tensor(batch.windows, device=self.device), torch.as_tensor(batch.window_mask, device=self.device)
+                )
             case = torch.as_tensor(batch.window_case, device=self.device)
             cols = torch.as_tensor(batch.window_slot, device=self.device)[:, None] * q + torch.arange(q, device=self.device)[None]
             out[case[:, None], cols] = tokens.to(out.dtype)
@@ -380,7 +384,12 @@ class GTSLUMNetwork(nn.Module):
         self.eval()
         everything = torch.arange(self.adapter.num_behaviors, device=self.device)
         fused = torch.cat([self._fuse(part) for part in everything.split(batch_size)])
-        cache = {"unique": everything, "fused": fused, "items": self.item_embeddings(fused), "descriptors": self.descriptor_projection(self.descriptor_table)}
+        cache = {
+            "unique": everything,
+            "fused": fused,
+            "items": self.item_embeddings(fused),
+            "descriptors": self.descriptor_projection(self.descriptor_table),
+        }
         self.train(was_training)
         return cache
 
@@ -420,7 +429,11 @@ class GTSLUMNetwork(nn.Module):
         return ctx[what][pos]
 
     def user_states(
-        self, ctx: dict, rows: torch.Tensor | None = None, target: torch.Tensor | None = None, task: torch.Tensor | None = None,
+        self,
+        ctx: dict,
+        rows: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        task: torch.Tensor | None = None,
         history_states: bool = False,
     ) -> torch.Tensor:
         """Last hidden states (N, H) for cases `rows` of the context, each with its `target` behaviour (or
@@ -558,7 +571,9 @@ class GTSLUMNetwork(nn.Module):
                 cases = torch.nonzero(rank < pool).squeeze(1)
             out["aware_cases"] = torch.tensor(len(cases) / max(len(label), 1))
             if len(cases):
-                logits = self.aware_scores(ctx, torch.cat([positives[cases, None], hard[cases]], 1), chunk=len(cases) * (k + 1), cases=own[cases])
+                logits = self.aware_scores(
+                    ctx, torch.cat([positives[cases, None], hard[cases]], 1), chunk=len(cases) * (k + 1), cases=own[cases]
+                )
                 loss_aware = F.cross_entropy(logits, torch.zeros(len(cases), dtype=torch.long, device=self.device), reduction="sum")
                 out["aware"] = loss_aware.detach() / len(cases)
                 # a mean over the batch (cases outside the top list add 0): a mean over the few eligible
@@ -602,10 +617,10 @@ class GTSLUMConfig:
 class GTSLUM:
     """GTS-LUM for `gts-lum bench`, the training stage and the scorer: attach / fit / score / save.
 
-        model = build_model("gts_lum", "pkg:models/gts_lum.yaml", overrides)
-        model.attach(SequenceDataset.load("runs/demo/sequences"))   # catalog, timestamp process, artifacts
-        model.fit(split, eval_cfg, candidates)                        # phase II, epoch picked on validation
-        scores = model.score(split.log, split.test, candidates)       # two-stage: agnostic, then target-aware
+    model = build_model("gts_lum", "pkg:models/gts_lum.yaml", overrides)
+    model.attach(SequenceDataset.load("runs/demo/sequences"))   # catalog, timestamp process, artifacts
+    model.fit(split, eval_cfg, candidates)                        # phase II, epoch picked on validation
+    scores = model.score(split.log, split.test, candidates)       # two-stage: agnostic, then target-aware
     """
 
     name = "gts_lum"
@@ -684,7 +699,13 @@ class GTSLUM:
         self._assets["adapter_card"] = adapter_card(adapter)
         descriptors = None if self.cfg.net.decoder.pretrained else encode(descriptor_texts)
         self.net = GTSLUMNetwork(
-            self.cfg.net, adapter, descriptor_texts, descriptors, self._assets["user_vectors"], features.semantic_ids, features.codebook_sizes
+            self.cfg.net,
+            adapter,
+            descriptor_texts,
+            descriptors,
+            self._assets["user_vectors"],
+            features.semantic_ids,
+            features.codebook_sizes,
         ).to(self.device)
         if adapter_state is not None:
             self.net.load_state_dict(adapter_state)
@@ -735,7 +756,9 @@ class GTSLUM:
         tc = self.cfg.train
         targets = candidates  # the split's target subset (None: every behaviour)
         split = hold_out_for_validation(split, tc.valid_holdout_events, targets)
-        valid_cfg = EvalConfig(ks=eval_cfg.ks, batch_size=eval_cfg.batch_size, history_filter=eval_cfg.history_filter, max_users=tc.valid_cases, seed=tc.seed)
+        valid_cfg = EvalConfig(
+            ks=eval_cfg.ks, batch_size=eval_cfg.batch_size, history_filter=eval_cfg.history_filter, max_users=tc.valid_cases, seed=tc.seed
+        )
         configured = self.cfg.rerank_depth
         depths = [0, configured] if self.cfg.select_rerank and configured and self.cfg.net.target_placement != "none" else [configured]
 

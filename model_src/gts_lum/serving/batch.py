@@ -52,7 +52,9 @@ def load_scoring_log(data_dir: str | Path, catalog: np.ndarray) -> tuple[EventLo
 
         log_ = load_event_log(data_dir)
     else:
-        raise FileNotFoundError(f"{data_dir}: neither a sequence data set (event_log.npz) nor a clean data set (behaviors.parquet + events/)")
+        raise FileNotFoundError(
+            f"{data_dir}: neither a sequence data set (event_log.npz) nor a clean data set (behaviors.parquet + events/)"
+        )
     if np.array_equal(log_.behavior_ids.astype(str), catalog.astype(str)):
         return log_, 0
     to_catalog = pd.Index(catalog.astype(str)).get_indexer(log_.behavior_ids.astype(str))  # log index -> catalog index (-1: unknown)
@@ -60,7 +62,13 @@ def load_scoring_log(data_dir: str | Path, catalog: np.ndarray) -> tuple[EventLo
     dropped = int((~known).sum())
     if dropped:
         unknown = np.unique(log_.behavior_ids[log_.behavior[~known]])
-        log.warning("%s: %d events of %d behaviours outside the model's catalog dropped, e.g. %s", data_dir, dropped, len(unknown), list(unknown[:3]))
+        log.warning(
+            "%s: %d events of %d behaviours outside the model's catalog dropped, e.g. %s",
+            data_dir,
+            dropped,
+            len(unknown),
+            list(unknown[:3]),
+        )
     kept = log_.select_events(known)
     remapped = EventLog(kept.user_ids, catalog, kept.offsets, to_catalog[kept.behavior].astype(np.int32), kept.timestamp, kept.value)
     return remapped, dropped
@@ -176,8 +184,13 @@ def batch_score(
             schema=SCHEMA,
         )
         name = f"part-{i:05d}.parquet"
-        _write_atomic(out / name, lambda p: pq.write_table(table, p))
-        manifest["done"][f"{i:05d}"] = {"file": name, "users": int(len(users_i)), "rows": int(table.num_rows), "users_sha256": _users_sha256(log_.user_ids[users_i])}
+        _write_atomic(out / name, lambda p, table=table: pq.write_table(table, p))
+        manifest["done"][f"{i:05d}"] = {
+            "file": name,
+            "users": int(len(users_i)),
+            "rows": int(table.num_rows),
+            "users_sha256": _users_sha256(log_.user_ids[users_i]),
+        }
         _write_manifest(manifest_path, manifest)
     done = manifest["done"]
     manifest["users_in"], manifest["users_out"] = int(len(picked)), int(sum(d["users"] for d in done.values()))
@@ -195,7 +208,9 @@ def batch_score(
         "dropped_events": dropped,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    log.info("batch scoring: %d / %d chunks done (%d this call), %d users -> %s", len(done), len(chunks), len(todo), summary["users_out"], out)
+    log.info(
+        "batch scoring: %d / %d chunks done (%d this call), %d users -> %s", len(done), len(chunks), len(todo), summary["users_out"], out
+    )
     return summary
 
 

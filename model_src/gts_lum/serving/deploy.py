@@ -79,8 +79,10 @@ def feast_config_map(core, namespace: str) -> str:
     """The newest ConfigMap the manifests generated for Feast in `namespace` (its name ends in a hash)."""
     found = core.list_namespaced_config_map(namespace, label_selector=f"{FEAST_CONFIG_LABEL}=true").items
     if not found:
-        raise RuntimeError(f"no ConfigMap labelled {FEAST_CONFIG_LABEL}=true in namespace {namespace}: apply the serving "
-                           f"manifests there first (kubectl apply -k manifests/overlays/npu)")
+        raise RuntimeError(
+            f"no ConfigMap labelled {FEAST_CONFIG_LABEL}=true in namespace {namespace}: apply the serving "
+            f"manifests there first (kubectl apply -k manifests/overlays/npu)"
+        )
     return max(found, key=lambda c: c.metadata.creation_timestamp).metadata.name
 
 
@@ -100,7 +102,9 @@ def _api(token_dir: Path | None):
     return client.ApiClient(cfg)
 
 
-def deploy(name: str, namespace: str, storage_uri: str, canary_percent: int, token_dir: str | Path | None = None, template: str | Path = TEMPLATE) -> dict:
+def deploy(
+    name: str, namespace: str, storage_uri: str, canary_percent: int, token_dir: str | Path | None = None, template: str | Path = TEMPLATE
+) -> dict:
     """Point InferenceService `namespace/name` at `storage_uri` with `canary_percent`, creating it from
     `template` where there is none; returns the rollout, whether it `created` the object, and the object
     written (`applied` False, no object, when no token reaches the API)."""
@@ -120,10 +124,26 @@ def deploy(name: str, namespace: str, storage_uri: str, canary_percent: int, tok
             raise
         live = None
     if live is None:
-        body = created(yaml.safe_load(Path(template).read_text()), name, namespace, uri, canary_percent, feast_config_map(client.CoreV1Api(api), namespace))
+        body = created(
+            yaml.safe_load(Path(template).read_text()),
+            name,
+            namespace,
+            uri,
+            canary_percent,
+            feast_config_map(client.CoreV1Api(api), namespace),
+        )
         custom.create_namespaced_custom_object(**ISVC, namespace=namespace, body=body)
     else:
         body = pointed_at(live, uri, canary_percent)
-        custom.patch_namespaced_custom_object(**ISVC, namespace=namespace, name=name, body={"spec": {"predictor": body["spec"]["predictor"]}})
-    log.info("InferenceService %s/%s %s, serving %s (canary %d%%)", namespace, name, "created" if live is None else "patched", uri, canary_percent)
+        custom.patch_namespaced_custom_object(
+            **ISVC, namespace=namespace, name=name, body={"spec": {"predictor": body["spec"]["predictor"]}}
+        )
+    log.info(
+        "InferenceService %s/%s %s, serving %s (canary %d%%)",
+        namespace,
+        name,
+        "created" if live is None else "patched",
+        uri,
+        canary_percent,
+    )
     return {**result, "applied": True, "created": live is None, "object": body}

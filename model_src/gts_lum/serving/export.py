@@ -99,7 +99,9 @@ def load_heads(folder: str | Path) -> dict[str, ServingHead]:
     heads = {}
     for name, entry in (yaml.safe_load(card_path.read_text()) or {}).items():
         task = LabelTask(name, entry["kind"], int(entry["num_classes"]), tuple(entry["classes"]))
-        head = build_head(task, int(entry["hidden_size"]), HeadsConfig(mlp_hidden=int(entry["mlp_hidden"]), dropout=float(entry["dropout"])))
+        head = build_head(
+            task, int(entry["hidden_size"]), HeadsConfig(mlp_hidden=int(entry["mlp_hidden"]), dropout=float(entry["dropout"]))
+        )
         weights = folder / f"{name}.safetensors"
         if not weights.exists():
             raise FileNotFoundError(f"{card_path}: head {name!r} has no weights file {weights.name}")
@@ -118,7 +120,9 @@ def _catalog(model_dir: Path, card: dict, sequences_dir: str | Path | None) -> t
 
     source = sequences_dir or card.get("metadata", {}).get("sequences")
     if not source:
-        raise ValueError(f"{model_dir}: model.yaml names no training sequences; pass sequences_dir (the catalog's behaviour ids are read there)")
+        raise ValueError(
+            f"{model_dir}: model.yaml names no training sequences; pass sequences_dir (the catalog's behaviour ids are read there)"
+        )
     path = Path(source) / "event_log.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path}: the training sequence data set is needed for the catalog's behaviour ids; pass sequences_dir")
@@ -201,7 +205,9 @@ def export_model(
         model = load_model(tmp)  # the export must load as it will be served
         catalog = model._assets["features"].descriptions
         if len(catalog) != len(behavior_ids):
-            raise ValueError(f"the model's catalog has {len(catalog)} behaviours, the training log {len(behavior_ids)}: wrong sequences_dir?")
+            raise ValueError(
+                f"the model's catalog has {len(catalog)} behaviours, the training log {len(behavior_ids)}: wrong sequences_dir?"
+            )
         hidden = model.net.hidden_size
         for head_name, head in heads.items():
             if head.head.input_mean.shape[0] != hidden:
@@ -279,7 +285,10 @@ class ServingModel:
         self.model = load_model(self.root, device=device)
         self.catalog = np.asarray(self.card["catalog"]["behavior_ids"], dtype=object)
         if len(self.catalog) != len(self.model._assets["features"].descriptions):
-            raise ValueError(f"{self.root}: serving.yaml lists {len(self.catalog)} behaviours, the model {len(self.model._assets['features'].descriptions)}")
+            raise ValueError(
+                f"{self.root}: serving.yaml lists {len(self.catalog)} behaviours, "
+                f"the model {len(self.model._assets['features'].descriptions)}"
+            )
         self.index = {b: i for i, b in enumerate(self.catalog.tolist())}
         targets = self.card["catalog"].get("targets")
         # a request without candidates ranks these: the behaviours the model was trained to predict
@@ -354,7 +363,9 @@ class ServingModel:
         for name in names:
             spec = self.heads[name]
             with self._lock:
-                emb = torch.as_tensor(self.model.user_embeddings(self._profile_log(log_), cases, task=spec.task_token, catalog=self.catalog_cache)).float()
+                emb = torch.as_tensor(
+                    self.model.user_embeddings(self._profile_log(log_), cases, task=spec.task_token, catalog=self.catalog_cache)
+                ).float()
             if isinstance(spec.head, UpliftHead):
                 p = spec.head.predict_proba(emb).numpy()
                 values = [{"uplift": float(r[1] - r[0]), "p_control": float(r[0]), "p_treated": float(r[1])} for r in p]

@@ -55,8 +55,8 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -179,7 +179,12 @@ def _write_profile(clean_dir: Path, path: Path, valid_from: int, created: int) -
     # one JSON object per user, nulls left out (pandas writes numpy scalars and timestamps as JSON)
     rows = users.drop(columns=["user_id"]).to_json(orient="records", lines=True, date_format="iso").splitlines() if len(users) else []
     objects = [json.dumps({k: v for k, v in json.loads(row).items() if v is not None}) for row in rows]
-    table = pa.table({USER_KEY: pa.array(pseudonymize_all(users["user_id"].astype(str)).astype(str), pa.string()), "attributes": pa.array(objects, pa.string())})
+    table = pa.table(
+        {
+            USER_KEY: pa.array(pseudonymize_all(users["user_id"].astype(str)).astype(str), pa.string()),
+            "attributes": pa.array(objects, pa.string()),
+        }
+    )
     table = table.append_column("event_timestamp", _utc(np.full(len(users), valid_from)))
     table = table.append_column("created", _utc(np.full(len(users), created)))
     pq.write_table(table, path)
@@ -187,7 +192,9 @@ def _write_profile(clean_dir: Path, path: Path, valid_from: int, created: int) -
 
 
 def _write_settings(path: Path, cfg: SequenceConfig, last_n: int, valid_from: int, created: int) -> dict:
-    table = pa.table({SETTINGS_KEY: [SETTINGS_ROW], "sequence_config": [json.dumps(dataclasses.asdict(cfg))], "last_n": pa.array([last_n], pa.int64())})
+    table = pa.table(
+        {SETTINGS_KEY: [SETTINGS_ROW], "sequence_config": [json.dumps(dataclasses.asdict(cfg))], "last_n": pa.array([last_n], pa.int64())}
+    )
     table = table.append_column("event_timestamp", _utc(np.array([valid_from]))).append_column("created", _utc(np.array([created])))
     pq.write_table(table, path)
     return {"rows": 1, "event_time": [valid_from, valid_from]}
@@ -260,7 +267,9 @@ def export_feature_sources(
     event_log = load_event_log(clean_dir)  # seed 0, as the sequence stage's default split
     pseudonyms = pseudonymize_all(event_log.user_ids)
     files = {
-        SEQUENCE_VIEW: _write_sequences(event_log, TimeGrid(cfg), pseudonyms, out / SOURCE_FILES[SEQUENCE_VIEW], last_n, snapshot_days, created)
+        SEQUENCE_VIEW: _write_sequences(
+            event_log, TimeGrid(cfg), pseudonyms, out / SOURCE_FILES[SEQUENCE_VIEW], last_n, snapshot_days, created
+        )
     }
     window_start = files[SEQUENCE_VIEW]["event_time"][0]
     files[PROFILE_VIEW] = _write_profile(clean_dir, out / SOURCE_FILES[PROFILE_VIEW], window_start, created)
@@ -468,9 +477,13 @@ class FeatureClient:
 
     def _settings_of_store(self) -> tuple[SequenceConfig, TimeGrid, int]:
         if self._settings is None:
-            row = self._store().get_online_features(
-                features=[f"{SETTINGS_VIEW}:sequence_config", f"{SETTINGS_VIEW}:last_n"], entity_rows=[{SETTINGS_KEY: SETTINGS_ROW}]
-            ).to_dict()
+            row = (
+                self._store()
+                .get_online_features(
+                    features=[f"{SETTINGS_VIEW}:sequence_config", f"{SETTINGS_VIEW}:last_n"], entity_rows=[{SETTINGS_KEY: SETTINGS_ROW}]
+                )
+                .to_dict()
+            )
             if row["sequence_config"][0] is None:
                 raise ValueError(f"the feature store holds no {SETTINGS_VIEW!r}: publish with `gts-lum features publish`")
             cfg = from_dict(SequenceConfig, json.loads(row["sequence_config"][0]))
@@ -624,6 +637,8 @@ class FeatureClient:
         with self._lock(f"user-{pseudonym}", remove=True), self._lock("offline"):
             removed = {"online_entries": self._delete_online(pseudonym), "offline_rows": self._delete_offline(pseudonym)}
         if not any(removed.values()):
-            raise KeyError(f"no user with pseudonym {pseudonym[:12]}... in the online or offline store of {self.repo_path}: nothing deleted")
+            raise KeyError(
+                f"no user with pseudonym {pseudonym[:12]}... in the online or offline store of {self.repo_path}: nothing deleted"
+            )
         log.info("deleted user %s...: %s", pseudonym[:12], removed)
         return removed

@@ -39,13 +39,22 @@ class ScorerConfig:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates", "max_connections", "torch_threads", "workers"):
+        for name in (
+            "max_candidates",
+            "max_events",
+            "max_instances",
+            "max_top_k",
+            "max_body_bytes",
+            "max_request_candidates",
+            "max_connections",
+            "torch_threads",
+            "workers",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ScorerConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("header_timeout", "body_timeout"):
             if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
                 raise ValueError(f"ScorerConfig.{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
-
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +70,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-instances", type=int, help="instances per request")
     p.add_argument("--max-top-k", type=int)
     p.add_argument("--max-body-bytes", type=int, help="request body size (413 above it)")
-    p.add_argument("--max-request-candidates", type=int, help="target-aware candidate scores a request, over all its instances (413 above it)")
+    p.add_argument(
+        "--max-request-candidates", type=int, help="target-aware candidate scores a request, over all its instances (413 above it)"
+    )
     p.add_argument("--header-timeout", type=float, help="seconds a client has to send a request's headers (then the connection is closed)")
     p.add_argument("--body-timeout", type=float, help="seconds a client has to send a request's body after its headers")
     p.add_argument("--max-connections", type=int, help="open connections; past them a request gets a 503")
@@ -74,8 +85,18 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FLAGS = (
-    "max_candidates", "max_events", "max_instances", "max_top_k", "max_body_bytes", "max_request_candidates",
-    "header_timeout", "body_timeout", "max_connections", "rerank_depth", "torch_threads", "workers",
+    "max_candidates",
+    "max_events",
+    "max_instances",
+    "max_top_k",
+    "max_body_bytes",
+    "max_request_candidates",
+    "header_timeout",
+    "body_timeout",
+    "max_connections",
+    "rerank_depth",
+    "torch_threads",
+    "workers",
 )
 
 

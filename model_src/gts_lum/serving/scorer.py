@@ -66,25 +66,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import kserve
 import numpy as np
+import torch
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from prometheus_client import Counter, Histogram
-import torch
-from torch.profiler import record_function
-import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.supervisors import Multiprocess
-
-import kserve
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InvalidInput
 from kserve.model_server import app
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
+from prometheus_client import Counter, Histogram
+from torch.profiler import record_function
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 from gts_lum.data.pseudonym import pseudonym_key
-
 from gts_lum.serving.export import ServingModel, history_log, read_serving_card
 from gts_lum.serving.options import ScorerConfig, add_server_arguments, scorer_config
 
@@ -170,7 +168,9 @@ def _catalog_indices(ids: list[str], serving: ServingModel, where: str) -> np.nd
     unknown = [i for i, b in enumerate(ids) if b not in index]
     if unknown:
         first = unknown[0]
-        raise InvalidInput(f"{where}: {len(unknown)} unknown behaviour id(s) not in the model's catalog, e.g. {where}[{first}]={ids[first]!r:.80}")
+        raise InvalidInput(
+            f"{where}: {len(unknown)} unknown behaviour id(s) not in the model's catalog, e.g. {where}[{first}]={ids[first]!r:.80}"
+        )
     return np.fromiter((index[b] for b in ids), np.int64, len(ids))
 
 
@@ -183,7 +183,9 @@ def parse_instance(obj, where: str, serving: ServingModel, cfg: ScorerConfig, ha
         raise InvalidInput(f"{where}: unknown field(s) {unknown}; known: {list(INSTANCE_KEYS)}")
     user_id = obj.get("user_id")
     if user_id is not None and (not isinstance(user_id, str) or not user_id or len(user_id) > MAX_USER_ID_CHARS):
-        raise InvalidInput(f"{where}.user_id: expected a non-empty string of at most {MAX_USER_ID_CHARS} characters, got {type(user_id).__name__}")
+        raise InvalidInput(
+            f"{where}.user_id: expected a non-empty string of at most {MAX_USER_ID_CHARS} characters, got {type(user_id).__name__}"
+        )
     behaviors = timestamps = None
     events = obj.get("events")
     if events is not None:
@@ -202,13 +204,17 @@ def parse_instance(obj, where: str, serving: ServingModel, cfg: ScorerConfig, ha
             raise InvalidInput(f"{where}.events.timestamps: expected a list of {len(ids)} integers (one per behaviour id), got {got}")
         bad = next((i for i, t in enumerate(ts) if not _is_int(t) or not 0 <= t < MAX_TIMESTAMP), None)
         if bad is not None:
-            raise InvalidInput(f"{where}.events.timestamps[{bad}]: expected unix seconds as an integer in [0, {MAX_TIMESTAMP}), got {ts[bad]!r:.40}")
+            raise InvalidInput(
+                f"{where}.events.timestamps[{bad}]: expected unix seconds as an integer in [0, {MAX_TIMESTAMP}), got {ts[bad]!r:.40}"
+            )
         behaviors = _catalog_indices(ids, serving, f"{where}.events.behavior_ids")
         timestamps = np.asarray(ts, np.int64)
     elif user_id is None:
         raise InvalidInput(f"{where}: give a user_id (history from the feature store) or inline events")
     elif not has_feature_store:
-        raise InvalidInput(f"{where}: no inline events and this server has no feature store (--feature-repo) to read the user's history from")
+        raise InvalidInput(
+            f"{where}: no inline events and this server has no feature store (--feature-repo) to read the user's history from"
+        )
     candidates = None
     if "candidates" in obj:
         cand_ids = _string_list(obj["candidates"], f"{where}.candidates", cfg.max_candidates, "--max-candidates")
@@ -226,7 +232,9 @@ def parse_instance(obj, where: str, serving: ServingModel, cfg: ScorerConfig, ha
         heads = _string_list(heads, f"{where}.heads", 64, "at most 64 heads")
         missing = [h for h in heads if h not in serving.heads]
         if missing:
-            raise InvalidInput(f"{where}.heads: head {missing[0]!r:.80} is not in this export (it has {sorted(serving.heads) or 'no heads'})")
+            raise InvalidInput(
+                f"{where}.heads: head {missing[0]!r:.80} is not in this export (it has {sorted(serving.heads) or 'no heads'})"
+            )
         heads = list(dict.fromkeys(heads))
     elif heads != []:
         raise InvalidInput(f"{where}.heads: expected a list of head names, got {heads!r:.40}")
@@ -269,7 +277,9 @@ def _v2_instances(request: InferRequest) -> list:
 class GTSLUMScorer(kserve.Model):
     """kserve.Model over a serving export: preprocess validates and fetches histories, predict ranks."""
 
-    def __init__(self, export_dir: str | Path, feature_repo: str | Path | None = None, cfg: ScorerConfig | None = None, name: str | None = None):
+    def __init__(
+        self, export_dir: str | Path, feature_repo: str | Path | None = None, cfg: ScorerConfig | None = None, name: str | None = None
+    ):
         self.export_dir = Path(export_dir)
         self.cfg = cfg or ScorerConfig()
         super().__init__(name or read_serving_card(self.export_dir)["name"])
@@ -297,8 +307,12 @@ class GTSLUMScorer(kserve.Model):
         self.ready = True
         log.info(
             "loaded %s version %s: %d behaviours, heads %s, feature store %s (%.1f s)",
-            self.serving.name, self.serving.version, len(self.serving.catalog), sorted(self.serving.heads) or "none",
-            self.feature_repo or "none", time.perf_counter() - started,
+            self.serving.name,
+            self.serving.version,
+            len(self.serving.catalog),
+            sorted(self.serving.heads) or "none",
+            self.feature_repo or "none",
+            time.perf_counter() - started,
         )
         return self.ready
 
@@ -317,7 +331,9 @@ class GTSLUMScorer(kserve.Model):
         elif isinstance(payload, dict):
             unknown = sorted(str(k)[:40] for k in set(payload) - {"instances"})
             if unknown or "instances" not in payload:
-                raise InvalidInput(f"request: expected {{\"instances\": [...]}} (v1), got the field(s) {sorted(str(k)[:40] for k in payload)}")
+                raise InvalidInput(
+                    f'request: expected {{"instances": [...]}} (v1), got the field(s) {sorted(str(k)[:40] for k in payload)}'
+                )
             protocol, request_id, instances, where = "v1", None, payload["instances"], "instances"
             if not isinstance(instances, list):
                 raise InvalidInput(f"instances: expected a list, got {type(instances).__name__}")
@@ -372,7 +388,8 @@ class GTSLUMScorer(kserve.Model):
         if unknown >= UNKNOWN_USER_SHARE * UNKNOWN_USER_WINDOW and not self._warned_unknown:
             log.warning(
                 "%d of the last %d feature-store users were unknown: is GTS_LUM_PSEUDONYM_KEY the key the store was published with?",
-                unknown, UNKNOWN_USER_WINDOW,
+                unknown,
+                UNKNOWN_USER_WINDOW,
             )
         self._warned_unknown = unknown >= UNKNOWN_USER_SHARE * UNKNOWN_USER_WINDOW
 
@@ -400,7 +417,8 @@ class GTSLUMScorer(kserve.Model):
             "version": s.version,
             "history": {"source": case.source, "events": int(len(case.behaviors)), "dropped_unknown": case.dropped_unknown},
             "ranking": [
-                {"behavior_id": str(s.catalog[i]), "score": float(v), "target_aware": bool(v > threshold)} for i, v in zip(idx[0], scores[0])
+                {"behavior_id": str(s.catalog[i]), "score": float(v), "target_aware": bool(v > threshold)}
+                for i, v in zip(idx[0], scores[0])
             ],
         }
         if case.heads:
@@ -554,14 +572,24 @@ class ServingMiddleware:
         body = b"".join(chunks)
         json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
         if json_length is not None and (not json_length.isdigit() or int(json_length) > len(body)):
-            return body, (400, f"header {INFERENCE_CONTENT_LENGTH_HEADER}={json_length[:20]!r}: expected the byte length of the JSON part (<= {len(body)})")
+            return body, (
+                400,
+                f"header {INFERENCE_CONTENT_LENGTH_HEADER}={json_length[:20]!r}: "
+                f"expected the byte length of the JSON part (<= {len(body)})",
+            )
         problem = _binary_problem(body, int(json_length)) if json_length is not None else None
         return body, None if problem is None else (400, problem)
 
     @staticmethod
     async def _reply(send, code: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": code, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": code,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -612,7 +640,12 @@ class RequestDeadlines(HttpToolsProtocol):
         if transport.is_closing():
             return
         SLOW_CLIENTS.labels(late).inc()
-        log.warning("a client sent no complete request %s within %g s (--%s-timeout): connection closed", late, seconds, "header" if late == "headers" else "body")
+        log.warning(
+            "a client sent no complete request %s within %g s (--%s-timeout): connection closed",
+            late,
+            seconds,
+            "header" if late == "headers" else "body",
+        )
         if late == "headers":
             transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
         transport.close()
@@ -632,8 +665,15 @@ class ServerConfig(uvicorn.Config):
 
     def __init__(self, app, host: str, http_port: int, cfg: ScorerConfig, **kwargs):
         super().__init__(
-            app, host=host, port=http_port, http=RequestDeadlines, limit_concurrency=cfg.max_connections, workers=cfg.workers,
-            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=GRACE_PERIOD_S, timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+            app,
+            host=host,
+            port=http_port,
+            http=RequestDeadlines,
+            limit_concurrency=cfg.max_connections,
+            workers=cfg.workers,
+            timeout_keep_alive=KEEP_ALIVE_S,
+            timeout_graceful_shutdown=GRACE_PERIOD_S,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
             log_config=None,  # kserve.ModelServer configures logging (as kserve's own server does)
             **kwargs,
         )
@@ -670,7 +710,14 @@ def app_from_environment() -> FastAPI:
     return create_app(settings["export"], settings["feature_repo"], ScorerConfig(**settings["cfg"]), settings["name"])
 
 
-def serve(export_dir: str | Path, host: str = "127.0.0.1", http_port: int = 8080, feature_repo: str | Path | None = None, cfg: ScorerConfig | None = None, name: str | None = None) -> None:
+def serve(
+    export_dir: str | Path,
+    host: str = "127.0.0.1",
+    http_port: int = 8080,
+    feature_repo: str | Path | None = None,
+    cfg: ScorerConfig | None = None,
+    name: str | None = None,
+) -> None:
     """Serve the export on `host`:`http_port` until SIGTERM / SIGINT (blocks). One process (`cfg.workers` = 1)
     loads the model and serves; with N workers uvicorn binds the port once and spawns N processes, each
     loading the model (`app_from_environment`) and scoring on its own thread, restarted if one dies."""
@@ -702,11 +749,31 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """`python -m gts_lum.serving.scorer` started on 127.0.0.1; `stop()` ends it by its PID."""
 
-    def __init__(self, export_dir: str | Path, log_path: str | Path, feature_repo: str | Path | None = None, port: int | None = None, extra_args: list[str] | None = None, torch_threads: int = 1):
+    def __init__(
+        self,
+        export_dir: str | Path,
+        log_path: str | Path,
+        feature_repo: str | Path | None = None,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        torch_threads: int = 1,
+    ):
         self.host, self.port = "127.0.0.1", port or free_port()
         self.name = read_serving_card(export_dir)["name"]
         self.log_path = Path(log_path)
-        cmd = [sys.executable, "-m", "gts_lum.serving.scorer", "--export", str(export_dir), "--host", self.host, "--http-port", str(self.port), "--torch-threads", str(torch_threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gts_lum.serving.scorer",
+            "--export",
+            str(export_dir),
+            "--host",
+            self.host,
+            "--http-port",
+            str(self.port),
+            "--torch-threads",
+            str(torch_threads),
+        ]
         if feature_repo:
             cmd += ["--feature-repo", str(feature_repo)]
         self._log_file = open(self.log_path, "ab")
@@ -750,7 +817,14 @@ class ServerProcess:
         self._log_file.close()
 
 
-def launch_server(export_dir: str | Path, log_path: str | Path, feature_repo: str | Path | None = None, extra_args: list[str] | None = None, ready_timeout: float = 120.0, torch_threads: int = 1) -> ServerProcess:
+def launch_server(
+    export_dir: str | Path,
+    log_path: str | Path,
+    feature_repo: str | Path | None = None,
+    extra_args: list[str] | None = None,
+    ready_timeout: float = 120.0,
+    torch_threads: int = 1,
+) -> ServerProcess:
     """Start the scorer in a subprocess on a free 127.0.0.1 port and wait until it is ready."""
     server = ServerProcess(export_dir, log_path, feature_repo, extra_args=extra_args, torch_threads=torch_threads)
     server.wait_ready(ready_timeout)

@@ -176,7 +176,14 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
         save_training_state(folder, groups, {**position, "optimizer": opt_rest})
 
     num_params = sum(p.numel() for p in module.parameters())
-    log.info("%s: %s trainable of %s parameters, device %s, world %d", task.name, f"{sum(p.numel() for p in params):,}", f"{num_params:,}", device, world)
+    log.info(
+        "%s: %s trainable of %s parameters, device %s, world %d",
+        task.name,
+        f"{sum(p.numel() for p in params):,}",
+        f"{num_params:,}",
+        device,
+        world,
+    )
     t_start = time.perf_counter()
     if not cfg.time_budget_s or "planned_epochs" not in position:  # without a budget the config decides (a resume may extend it)
         position["planned_epochs"] = cfg.epochs
@@ -234,7 +241,9 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
             pace = time.perf_counter() - t_epoch  # training and validation of one epoch
             planned = max(1, min(cfg.epochs, cfg.time_budget_s // max(pace, 1e-9)))
             position["planned_epochs"] = int(_broadcast(planned) if ddp else planned)  # one plan for every rank
-            log.info("%s: %.0f s an epoch: %d epochs fit the budget of %.0f s", task.name, pace, position["planned_epochs"], cfg.time_budget_s)
+            log.info(
+                "%s: %.0f s an epoch: %d epochs fit the budget of %.0f s", task.name, pace, position["planned_epochs"], cfg.time_budget_s
+            )
         position.update(epoch=epoch + 1, step=0)
         if cfg.time_budget_s:
             # the plan came from epoch 0's pace; epochs that run slower (a busier machine) must not
@@ -243,7 +252,9 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
             position["elapsed_s"] = position.get("elapsed_s", 0.0) + pace
             over = position["elapsed_s"] + pace > cfg.time_budget_s and position["epoch"] < position["planned_epochs"]
             if _broadcast(float(over)) > 0.5 if ddp else over:
-                log.info("%s: the budget of %.0f s is spent after epoch %d (%.0f s)", task.name, cfg.time_budget_s, epoch, position["elapsed_s"])
+                log.info(
+                    "%s: the budget of %.0f s is spent after epoch %d (%.0f s)", task.name, cfg.time_budget_s, epoch, position["elapsed_s"]
+                )
                 position["planned_epochs"] = position["epoch"]
         save()
         if position["bad_epochs"] >= cfg.patience and rank == 0:

@@ -171,7 +171,9 @@ class Phase2Task:
         self.lengths = self.tokens.lengths()
         log.info(
             "phase II: %d windows cover %d transitions (%.1f tokens a window on average)",
-            len(self.windows), int(np.maximum(np.diff(self.train.offsets) - 1, 0).sum()), float(self.lengths.mean()),
+            len(self.windows),
+            int(np.maximum(np.diff(self.train.offsets) - 1, 0).sum()),
+            float(self.lengths.mean()),
         )
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -190,7 +192,18 @@ class Phase2Task:
         else:
             sampled = torch.as_tensor(self.pool[gen.integers(0, len(self.pool), cfg.sampled_negatives)], device=device)
         with model.autocast():
-            out = module(batch, positives, sampled, cfg.hard_negatives, cfg.agnostic_weight, cfg.aware_weight, self.allowed, self.list_size, self.frequency, len(self.pool))
+            out = module(
+                batch,
+                positives,
+                sampled,
+                cfg.hard_negatives,
+                cfg.agnostic_weight,
+                cfg.aware_weight,
+                self.allowed,
+                self.list_size,
+                self.frequency,
+                len(self.pool),
+            )
         out["positions"] = out.pop("prefixes")
         out["cases"] = torch.tensor(float(len(idx)))
         return out
