@@ -250,8 +250,8 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
             # overrun the budget: stop once the next epoch would not fit either
             pace = time.perf_counter() - t_epoch
             position["elapsed_s"] = position.get("elapsed_s", 0.0) + pace
-            over = position["elapsed_s"] + pace > cfg.time_budget_s and position["epoch"] < position["planned_epochs"]
-            if _broadcast(float(over)) > 0.5 if ddp else over:
+            over = float(position["elapsed_s"] + pace > cfg.time_budget_s and position["epoch"] < position["planned_epochs"])
+            if (_broadcast(over) if ddp else over) > 0.5:  # rank 0's verdict for every rank
                 log.info(
                     "%s: the budget of %.0f s is spent after epoch %d (%.0f s)", task.name, cfg.time_budget_s, epoch, position["elapsed_s"]
                 )
