@@ -242,20 +242,38 @@ def test_evaluate_label_tasks_on_tiny(tiny_clean):
     assert set(results["tasks"]) == set(labels["task"].astype(str)) == set(seen)
     for name, entry in results["tasks"].items():
         assert entry["n_train"] + entry["n_test"] == (labels["task"] == name).sum()
-        assert set(entry["metrics"]) == {"head", "table_gbt", "random"}
+        assert set(entry["metrics"]) == {"head", "table_gbt", "table_gbt_embedding", "random"}
         if entry["kind"] == "binary":
-            for source in ("head", "table_gbt", "random"):
+            for source in ("head", "table_gbt", "table_gbt_embedding", "random"):
                 assert 0.0 <= entry["metrics"][source]["auc"] <= 1.0
             assert abs(entry["metrics"]["random"]["auc"] - 0.5) < 0.1
     offer = results["tasks"]["campaign_response"]
     assert offer["kind"] == "uplift" and 0.0 < offer["treated_rate"] < 1.0
-    for source in ("head", "table_gbt", "random"):
+    for source in ("head", "table_gbt", "table_gbt_embedding", "random"):
         metrics = offer["metrics"][source]
         assert set(metrics) >= {"qini", "auuc"} and np.isfinite(metrics["qini"]) and np.isfinite(metrics["auuc"])
         assert -1.5 < metrics["qini"] <= 1.0
     table = format_label_table(results)
     assert table.count("\n") == 1 + 3 + 2  # header, rule, three binary tasks, Qini and AUUC rows
     assert "| campaign_response | uplift |" in table and "Qini coefficient" in table
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_stacked_baseline_reads_the_embedding(tiny_clean):
+    # An embedding that carries a noisy copy of the churn label (what behaviour might know and the table not):
+    # the trees given table + embedding rank churn better than the trees on the table alone.
+    labels = read_table(tiny_clean, "labels")
+    churn = labels[labels["task"] == "churn"].set_index(labels.loc[labels["task"] == "churn", "user_id"].astype(str))["label"]
+    noise = np.random.default_rng(0)
+
+    def embed(user_ids: np.ndarray, task: LabelTask) -> np.ndarray:
+        signal = churn.reindex(user_ids).fillna(0).to_numpy(np.float32)
+        return np.stack([signal + noise.normal(0, 0.5, len(user_ids)), noise.normal(size=len(user_ids))], 1).astype(np.float32)
+
+    cfg = load_config(HeadsConfig, "pkg:heads/default.yaml", {"train": {"epochs": 50}})
+    metrics = evaluate_label_tasks(embed, tiny_clean, cfg, seed=0)["tasks"]["churn"]["metrics"]
+    assert metrics["table_gbt_embedding"]["auc"] > metrics["table_gbt"]["auc"] + 0.1
+    assert metrics["table_gbt_embedding"]["auc"] > 0.8
 
 
 @pytest.mark.usefixtures("one_torch_thread")

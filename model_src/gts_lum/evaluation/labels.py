@@ -8,7 +8,8 @@ Tasks are read from the data, never named in code. A task (the rows of one `task
 Anything else (fractions, or integers with more values: a regression) is an error naming the task.
 
 `evaluate_label_tasks` fits a head on frozen user embeddings for every task and reports it on held-out
-users beside a gradient-boosted baseline on the raw users table and a random-score floor:
+users beside a gradient-boosted baseline on the raw users table, the same trees on the table and the user
+embedding together (whether behaviour adds what the table lacks), and a random-score floor:
 
     from gts_lum.config import load_config
     from gts_lum.modeling.heads import HeadsConfig
@@ -285,7 +286,8 @@ def evaluate_label_tasks(
     `known_users`, labelled users outside it (no events to embed) are counted and left out.
     `on_head(task, head, scores)` receives each fitted head and its held-out scores (to save or plot them).
     Returns {"tasks": {name: {...}}, "config", "seed", "users"}; each task holds its kind, counts, the
-    head's fit stats and "metrics": {"head", "table_gbt", "random"} -> {"auc"} (binary),
+    head's fit stats and "metrics": {"head", "table_gbt", "table_gbt_embedding" (the same trees on the
+    table and the user embedding), "random"} -> {"auc"} (binary),
     {"accuracy", "macro_auc"} (multiclass) or {"qini", "auuc"} (uplift).
     """
     clean_dir = Path(clean_dir)
@@ -331,6 +333,11 @@ def evaluate_label_tasks(
         if features is not None:
             baseline = _baseline_scores(task, features[index], categorical, y, t, train, test, seed)
             metrics["table_gbt"] = _metrics(task, y_test, baseline, t_test)
+            # the same trees given the user embedding too: does behaviour add what the table lacks?
+            stacked = np.hstack([features[index], emb.numpy().astype(np.float64)])
+            with_embedding = np.concatenate([categorical, np.zeros(emb.shape[1], bool)])
+            stacked_scores = _baseline_scores(task, stacked, with_embedding, y, t, train, test, seed)
+            metrics["table_gbt_embedding"] = _metrics(task, y_test, stacked_scores, t_test)
         metrics["random"] = _random_metrics(task, y_test, t_test, seed)
         entry = {
             "kind": task.kind,
@@ -344,9 +351,8 @@ def evaluate_label_tasks(
         if tuned is not None:
             entry["task_token"] = tuned
         if on_head is not None:
-            on_head(
-                task, head, {"head": scores, **({"table_gbt": baseline} if features is not None else {}), "y": y_test, "treatment": t_test}
-            )
+            tables = {"table_gbt": baseline, "table_gbt_embedding": stacked_scores} if features is not None else {}
+            on_head(task, head, {"head": scores, **tables, "y": y_test, "treatment": t_test})
         if task.kind == "multiclass":
             entry["class_counts"] = np.bincount(y, minlength=task.num_classes).tolist()
         else:
@@ -390,13 +396,13 @@ def format_label_table(results: dict) -> str:
     """Markdown table: one row per task and metric, the head beside the table baseline and the random
     floor (mean ± standard deviation over random scorings)."""
     lines = [
-        "| task | kind | test users | metric | head | table GBT | random (mean ± sd) |",
-        "|---|---|---:|---|---:|---:|---:|",
+        "| task | kind | test users | metric | head | table GBT | table GBT + embedding | random (mean ± sd) |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for name, entry in results["tasks"].items():
         metrics = entry["metrics"]
         for metric in metrics["head"]:
-            cells = [f"{metrics[s][metric]:.4f}" if s in metrics else "-" for s in ("head", "table_gbt")]
+            cells = [f"{metrics[s][metric]:.4f}" if s in metrics else "-" for s in ("head", "table_gbt", "table_gbt_embedding")]
             cells.append(f"{metrics['random'][metric]:.4f} ± {metrics['random'][metric + '_std']:.4f}")
             lines.append(
                 f"| {name} | {entry['kind']} | {entry['n_test']} | {METRIC_NAMES.get(metric, metric)} | " + " | ".join(cells) + " |"

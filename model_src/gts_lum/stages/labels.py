@@ -74,6 +74,7 @@ def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir:
             curves = {"GTS-LUM (task token + head)": scores["head"]}
             if "table_gbt" in scores:
                 curves["T-learner (GBT on the users table)"] = scores["table_gbt"]
+                curves["T-learner (GBT on the table + user embedding)"] = scores["table_gbt_embedding"]
             png = qini_png(curves, scores["y"], scores["treatment"], f"{task.name}: Qini curves, held-out users")
             (out / f"qini_{task.name}.png").write_bytes(png)
 
