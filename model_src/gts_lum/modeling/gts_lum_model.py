@@ -676,9 +676,9 @@ class GTSLUM:
         self._build(descriptor_texts=list(TimeGrid(sequence_cfg).descriptor_texts))
 
     def _build(self, descriptor_texts: list[str], adapter_state: dict | None = None) -> None:
+        from gts_lum.device import device_info, select_device
         from gts_lum.modeling.qformer import adapter_card, adapter_from_card, build_adapter, load_adapter
         from gts_lum.tokenizer.text_encoder import encode
-        from gts_lum.training.device import device_info, select_device
 
         self.device = select_device(self.cfg.train.device)
         self.amp_dtype = device_info(self.device).amp_dtype

@@ -42,12 +42,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gts_lum.data.events import EventLog
+from gts_lum.device import device_info, select_device
 from gts_lum.evaluation.protocol import EvalConfig
 from gts_lum.modeling.baselines import check_catalog
 from gts_lum.modeling.decoder import small_llama
 from gts_lum.modeling.qformer import DEFAULT_TOKENIZER, TextTokenizer
 from gts_lum.sequence.splits import EvalSet, Split
-from gts_lum.training.device import device_info, select_device
 from gts_lum.training.sequential import (
     PAD,
     SequentialRecommender,

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gts_lum.data.events import EventLog, ragged_arange
+from gts_lum.device import device_info, select_device
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
 from gts_lum.modeling.baselines import check_catalog, validation_metric
 from gts_lum.sequence.splits import EvalSet, Split
-from gts_lum.training.device import device_info, select_device
 from gts_lum.training.loop import check_schedule, epoch_rng, train_loop
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class SequentialTrainConfig:
     l2_norm: bool = False  # cosine similarity between hidden states and item embeddings
     grad_clip: float | None = 1.0
     seed: int = 0
-    device: str = "auto"  # see training.device.select_device
+    device: str = "auto"  # see gts_lum.device.select_device
     amp: bool = True  # autocast in the device's amp dtype (bf16 on NPU/CUDA; never on CPU)
     select_metric: str = "NDCG@10"
     lr_schedule: str = "constant"  # constant | cosine, after `warmup_steps` of linear warm-up (training.loop)
