@@ -104,7 +104,7 @@ def cmd_train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from gts_lum.config import parse_overrides
-    from gts_lum.evaluation.evaluate import evaluate_saved_models
+    from gts_lum.stages.evaluate import evaluate_saved_models
 
     result = evaluate_saved_models(args.sequences, args.models, parse_overrides(args.set))
     print(result["markdown"])
@@ -134,7 +134,7 @@ def cmd_table_auc(args) -> None:
 
 
 def cmd_speed(args) -> None:
-    from gts_lum.evaluation.speed import run_speed_benchmarks
+    from gts_lum.stages.speed import run_speed_benchmarks
 
     _print(
         run_speed_benchmarks(
@@ -185,7 +185,7 @@ def cmd_batch_score(args) -> None:
 
 
 def cmd_load_bench(args) -> None:
-    from gts_lum.evaluation.load_bench import load_bench
+    from gts_lum.stages.load_bench import load_bench
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     users = args.users.split(",") if args.users else None

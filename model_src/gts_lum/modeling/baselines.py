@@ -6,7 +6,7 @@ sequence model that does not beat it is not working.
 
 Run one from its config:
 
-    from gts_lum.evaluation.bench import build_model
+    from gts_lum.recommenders.registry import build_model
     model = build_model("markov", "pkg:models/markov.yaml", ["smoothing=10"])
     stats = model.fit(split, eval_cfg)
     scores = model.score(split.log, split.test, candidates)  # (B, C)

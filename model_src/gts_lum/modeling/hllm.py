@@ -19,7 +19,7 @@ Cost on CPU: a training step runs the item LLM once per DISTINCT item of the bat
 negatives together) and gathers; scoring encodes the whole catalog once and reuses it until the weights
 change. Items are length-sorted into chunks of `item_batch` so little compute goes to padding.
 
-    from gts_lum.evaluation.bench import attach_dataset, build_model
+    from gts_lum.recommenders.registry import attach_dataset, build_model
     model = build_model("hllm", "pkg:models/hllm.yaml", ["train.epochs=5"])
     attach_dataset(model, sequence_dataset)   # reads the behaviour descriptions
     stats = model.fit(split, eval_cfg)

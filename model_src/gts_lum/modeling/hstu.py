@@ -20,7 +20,7 @@ model never reads the time of the event it predicts. Trained with sampled softma
 
 Run it from its config:
 
-    from gts_lum.evaluation.bench import build_model
+    from gts_lum.recommenders.registry import build_model
     model = build_model("hstu", "pkg:models/hstu.yaml", ["num_layers=4"])
     stats = model.fit(split, eval_cfg)
     scores = model.score(split.log, split.test, candidates)  # (B, C)

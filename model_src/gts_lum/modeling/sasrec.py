@@ -8,7 +8,7 @@ now standard objective for full-ranking evaluation.
 
 Run it from its config:
 
-    from gts_lum.evaluation.bench import build_model
+    from gts_lum.recommenders.registry import build_model
     model = build_model("sasrec", "pkg:models/sasrec.yaml", ["train.lr=5e-4"])
     stats = model.fit(split, eval_cfg)          # trains on split.train, picks the epoch on split.valid
     scores = model.score(split.log, split.test, candidates)  # (B, C)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gts_lum.evaluation.speed import decoder_flops
+from gts_lum.stages.speed import decoder_flops
 
 log = logging.getLogger(__name__)
 

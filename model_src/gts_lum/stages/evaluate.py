@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 from gts_lum.config import from_dict
-from gts_lum.evaluation.bench import format_table
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
 from gts_lum.sequence.candidates import select_candidates
 from gts_lum.sequence.dataset import SequenceDataset
+from gts_lum.stages.bench import format_table
 from gts_lum.training.checkpoint import load_model, read_card
 
 

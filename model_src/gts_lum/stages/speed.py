@@ -21,9 +21,9 @@ from gts_lum.data.ingest import prepare_dataset
 from gts_lum.data.simulator import SimulatorConfig, simulate
 from gts_lum.data.validate import load_event_log, validate_dataset
 from gts_lum.device import device_info, select_device
-from gts_lum.evaluation.bench import attach_dataset, build_model
 from gts_lum.evaluation.protocol import EvalConfig
 from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference
+from gts_lum.recommenders.registry import attach_dataset, build_model
 from gts_lum.sequence.dataset import SequenceDataset, build_sequence_dataset
 from gts_lum.sequence.timestamp_process import SequenceConfig, build_sequences
 
