@@ -39,10 +39,11 @@ from safetensors.torch import load_file, save_file
 from gts_lum.data.events import EventLog
 from gts_lum.data.pseudonym import KEY_CHECK, key_check, profiles_by_pseudonym, pseudonymize_all, pseudonymous_log
 from gts_lum.modeling.heads import HeadsConfig, LabelHead, LabelTask, UpliftHead, build_head
+from gts_lum.recommenders.registry import load_model
 from gts_lum.sequence.candidates import select_candidates
 from gts_lum.sequence.dataset import SequenceDataset
 from gts_lum.sequence.splits import EvalSet
-from gts_lum.training.checkpoint import load_model, read_card, sha256_file
+from gts_lum.training.checkpoint import read_card, sha256_file
 
 log = logging.getLogger(__name__)
 
