@@ -6,7 +6,7 @@ import torch
 
 from gts_lum.config import load_config
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
-from gts_lum.modeling.hllm import HLLM, HLLMConfig
+from gts_lum.recommenders.hllm import HLLM, HLLMConfig
 from gts_lum.recommenders.registry import MODELS, attach_dataset, build_model, load_model
 from gts_lum.sequence.dataset import SequenceDataset
 from gts_lum.training.checkpoint import save_model

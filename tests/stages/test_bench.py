@@ -6,8 +6,8 @@ import pytest
 
 from gts_lum.data.events import EventLog
 from gts_lum.evaluation.protocol import EvalConfig
-from gts_lum.modeling.baselines import MarkovChain, MarkovConfig, PopularityConfig
-from gts_lum.modeling.hstu import HSTU
+from gts_lum.recommenders.baselines import MarkovChain, MarkovConfig, PopularityConfig
+from gts_lum.recommenders.hstu import HSTU
 from gts_lum.recommenders.registry import MODELS, build_model, register_model
 from gts_lum.sequence.splits import leave_one_out
 from gts_lum.stages.bench import TABLE2_COLUMNS, format_table, improvements, run_bench

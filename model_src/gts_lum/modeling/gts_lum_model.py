@@ -745,8 +745,7 @@ class GTSLUM:
 
     # -- training --------------------------------------------------------------------------------------
     def fit(self, split, eval_cfg=None, candidates: np.ndarray | None = None, checkpoint_dir: str | Path | None = None) -> dict:
-        from gts_lum.evaluation.protocol import EvalConfig, evaluate
-        from gts_lum.modeling.baselines import validation_metric
+        from gts_lum.evaluation.protocol import EvalConfig, evaluate, validation_metric
         from gts_lum.training.loop import train_loop
         from gts_lum.training.phase2 import Phase2Task
 
