@@ -84,7 +84,7 @@ _ENTRIES: dict[str, ModelEntry] = {
         ModelEntry("sasrec", "gts_lum.recommenders.sasrec:SASRecConfig", "gts_lum.recommenders.sasrec:SASRec"),
         ModelEntry("hstu", "gts_lum.recommenders.hstu:HSTUConfig", "gts_lum.recommenders.hstu:HSTU"),
         ModelEntry("hllm", "gts_lum.recommenders.hllm:HLLMConfig", "gts_lum.recommenders.hllm:HLLM"),
-        ModelEntry("gts_lum", "gts_lum.modeling.gts_lum_model:GTSLUMConfig", "gts_lum.modeling.gts_lum_model:GTSLUM"),
+        ModelEntry("gts_lum", "gts_lum.recommenders.gts_lum_model:GTSLUMConfig", "gts_lum.recommenders.gts_lum_model:GTSLUM"),
     )
 }
 

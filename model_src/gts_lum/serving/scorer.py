@@ -841,7 +841,7 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # per-request INFO lines of the sequence builder and profile alignment would drown the access log
     logging.getLogger("gts_lum.sequence.timestamp_process").setLevel(logging.WARNING)
-    logging.getLogger("gts_lum.modeling.gts_lum_model").setLevel(logging.WARNING)
+    logging.getLogger("gts_lum.recommenders.gts_lum_model").setLevel(logging.WARNING)
 
 
 def run_from_args(args: argparse.Namespace) -> None:
