@@ -70,7 +70,7 @@ def evaluate_models(
 ):
     """Leave-one-out full ranking on the test cases: R@K, NDCG@K, MRR for the model and the baselines."""
     from gts_lum.config import struct_parameter
-    from gts_lum.evaluation.evaluate import evaluate_saved_models
+    from gts_lum.stages.evaluate import evaluate_saved_models
 
     result = evaluate_saved_models(sequences.path, [model.path, sequence_baseline.path, baseline.path], struct_parameter(eval_config))
     for row in result["rows"]:

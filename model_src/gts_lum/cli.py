@@ -8,7 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
+from gts_lum.config import load_config, parse_overrides
 from gts_lum.serving.options import add_server_arguments
+
+# Each command imports its stage inside its function: a stage brings torch, transformers, scikit-learn or
+# kserve (seconds), and `gts-lum --help` or a data command should not wait for the rest.
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -24,7 +28,6 @@ def _print(obj) -> None:
 
 
 def cmd_synth(args) -> None:
-    from gts_lum.config import load_config
     from gts_lum.data.simulator import SimulatorConfig, simulate
 
     path = args.config if args.config.endswith((".yaml", ".yml")) else f"pkg:synth/{args.config}.yaml"
@@ -40,14 +43,12 @@ def cmd_ingest(args) -> None:
 
 
 def cmd_validate(args) -> None:
-    from gts_lum.config import load_config
     from gts_lum.data.validate import ValidationConfig, validate_dataset
 
     _print(validate_dataset(args.raw, args.out, load_config(ValidationConfig, args.config, args.set)))
 
 
 def cmd_sequences(args) -> None:
-    from gts_lum.config import load_config
     from gts_lum.sequence.dataset import SplitConfig, build_sequence_dataset
 
     split = load_config(SplitConfig, args.split_config, args.split)
@@ -70,7 +71,6 @@ def cmd_graph(args) -> None:
 
 
 def cmd_tables(args) -> None:
-    from gts_lum.config import parse_overrides
     from gts_lum.encoders.table import encode_tables
 
     _print(encode_tables(args.clean, args.out, args.config, parse_overrides(args.behaviors), args.config, parse_overrides(args.users)))
@@ -93,7 +93,6 @@ def cmd_phase1_bench(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from gts_lum.config import parse_overrides
     from gts_lum.stages.train import train_model
 
     stats = train_model(
@@ -103,8 +102,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from gts_lum.config import parse_overrides
-    from gts_lum.evaluation.evaluate import evaluate_saved_models
+    from gts_lum.stages.evaluate import evaluate_saved_models
 
     result = evaluate_saved_models(args.sequences, args.models, parse_overrides(args.set))
     print(result["markdown"])
@@ -134,7 +132,7 @@ def cmd_table_auc(args) -> None:
 
 
 def cmd_speed(args) -> None:
-    from gts_lum.evaluation.speed import run_speed_benchmarks
+    from gts_lum.stages.speed import run_speed_benchmarks
 
     _print(
         run_speed_benchmarks(
@@ -151,7 +149,6 @@ def cmd_speed(args) -> None:
 
 
 def cmd_labels(args) -> None:
-    from gts_lum.config import load_config
     from gts_lum.evaluation.labels import format_label_table
     from gts_lum.modeling.heads import HeadsConfig
     from gts_lum.stages.labels import run_label_stage
@@ -185,7 +182,7 @@ def cmd_batch_score(args) -> None:
 
 
 def cmd_load_bench(args) -> None:
-    from gts_lum.evaluation.load_bench import load_bench
+    from gts_lum.stages.load_bench import load_bench
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     users = args.users.split(",") if args.users else None

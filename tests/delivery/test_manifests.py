@@ -497,7 +497,7 @@ def test_images_are_pinned_and_ours_are_built_in_docker(rendered):
 
 def _gts_lum_config(overrides: list[str]):
     from gts_lum.config import load_config
-    from gts_lum.modeling.gts_lum_model import GTSLUMConfig
+    from gts_lum.recommenders.gts_lum_model import GTSLUMConfig
 
     return load_config(GTSLUMConfig, "pkg:models/gts_lum.yaml", overrides)
 

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from gts_lum.data.events import EventLog
-from gts_lum.evaluation.bench import attach_dataset, build_model
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
 from gts_lum.modeling.gts_lum_model import PAD_KIND, CompressorConfig, make_batch
+from gts_lum.recommenders.registry import attach_dataset, build_model, load_model
 from gts_lum.sequence.splits import EvalSet
 from gts_lum.sequence.timestamp_process import SequenceConfig, build_sequences
 from gts_lum.sequence.tokens import TokenKind
-from gts_lum.training.checkpoint import load_model, save_model
+from gts_lum.training.checkpoint import save_model
 
 TINY = {
     "net": {

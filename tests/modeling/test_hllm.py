@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from gts_lum.config import load_config
-from gts_lum.evaluation.bench import MODELS, attach_dataset, build_model
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
-from gts_lum.modeling.hllm import HLLM, HLLMConfig
+from gts_lum.recommenders.hllm import HLLM, HLLMConfig
+from gts_lum.recommenders.registry import MODELS, attach_dataset, build_model, load_model
 from gts_lum.sequence.dataset import SequenceDataset
-from gts_lum.training.checkpoint import load_model, save_model
+from gts_lum.training.checkpoint import save_model
 
 TINY = {
     "item_llm": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},

@@ -6,8 +6,10 @@ import torch
 from gts_lum.config import load_config
 from gts_lum.data.events import EventLog
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
-from gts_lum.modeling.hstu import HSTU, HSTUConfig, HSTUEncoder, time_buckets
-from gts_lum.modeling.sasrec import SASRec, SASRecConfig, SASRecEncoder
+from gts_lum.modeling.hstu import HSTUEncoder, time_buckets
+from gts_lum.modeling.sasrec import SASRecEncoder
+from gts_lum.recommenders.hstu import HSTU, HSTUConfig
+from gts_lum.recommenders.sasrec import SASRec, SASRecConfig
 from gts_lum.sequence.splits import leave_one_out
 from gts_lum.training.sequential import left_padded, sampled_softmax_loss, training_windows
 

@@ -54,11 +54,11 @@ def tiny_serving(tmp_path_factory) -> TinyServing:
     from gts_lum.data.ingest import prepare_dataset
     from gts_lum.evaluation.labels import discover_tasks, label_arrays
     from gts_lum.modeling.heads import HeadsConfig, build_head, fit_head
+    from gts_lum.recommenders.registry import load_model
     from gts_lum.sequence.dataset import SequenceDataset, SplitConfig, build_sequence_dataset
     from gts_lum.sequence.splits import EvalSet
     from gts_lum.serving.export import export_model, save_head
     from gts_lum.stages.train import train_model
-    from gts_lum.training.checkpoint import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores; also makes offline scores bitwise comparable with the server's

@@ -94,10 +94,10 @@ def test_the_scorer_finds_a_users_profile_row_by_pseudonym(profiled, tiny_servin
     folder's (raw ids) on the same history, and differ from those of the same history without a user."""
     import torch
 
+    from gts_lum.recommenders.registry import load_model
     from gts_lum.sequence.dataset import SequenceDataset
     from gts_lum.sequence.splits import EvalSet
     from gts_lum.serving.scorer import ServerProcess, launch_server
-    from gts_lum.training.checkpoint import load_model
 
     log_ = SequenceDataset.load(tiny_serving.sequences).event_log
     monkeypatch.delenv(PSEUDONYM_KEY_ENV, raising=False)

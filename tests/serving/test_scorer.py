@@ -618,7 +618,7 @@ def test_workers_each_load_the_model_and_serve_the_bound_host(tiny_serving, offl
 def test_load_bench_reports_percentiles_by_shape_and_concurrency(tiny_serving, offline, feature_repo, tmp_path):
     """`gts-lum load-bench` on the tiny export: each shape (the Feast one included) at concurrency 1 and 2, every
     request a 200, p50 <= p90 <= p99; the profile holds the stages and preprocess (the Feast read) p50 / p99."""
-    from gts_lum.evaluation.load_bench import load_bench
+    from gts_lum.stages.load_bench import load_bench
 
     users = [str(u) for u in offline.log.user_ids[:5]]
     shapes = ("top10", "top10_feast", "candidates")

@@ -89,8 +89,8 @@ def test_a_real_kill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
 def test_a_saved_model_folder_is_replaced_whole(tmp_path, cycle_data):
     """save_model writes a fresh folder and swaps it in: saving again over a model leaves one whole model,
     no stray files of the old one and no half-written sibling."""
-    from gts_lum.evaluation.bench import build_model
-    from gts_lum.training.checkpoint import load_model, save_model
+    from gts_lum.recommenders.registry import build_model, load_model
+    from gts_lum.training.checkpoint import save_model
 
     model = build_model("markov", None, {})
     model.fit(cycle_data.split())

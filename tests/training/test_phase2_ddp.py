@@ -8,7 +8,8 @@ import sys
 import numpy as np
 
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
-from gts_lum.training.checkpoint import load_model, read_card
+from gts_lum.recommenders.registry import load_model
+from gts_lum.training.checkpoint import read_card
 
 TINY = [
     "net.decoder.hidden_size=32",

@@ -59,7 +59,7 @@ class LearnedTableConfig:
     valid_fraction: float = 0.1  # training rows held out for early stopping (stratified for classes)
     grad_clip: float | None = 1.0
     seed: int = 0
-    device: str = "cpu"  # a small model: CPU is fast enough; "auto" picks NPU/CUDA (gts_lum.training.device)
+    device: str = "cpu"  # a small model: CPU is fast enough; "auto" picks NPU/CUDA (gts_lum.device)
     cpu_threads: int = 1  # intra-op threads on CPU (0: torch's default); more only add sync cost at this size
     progress: bool = True
 

@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from gts_lum.device import device_info, select_device
 from gts_lum.encoders.table_base import TableEncoder, TableEncoderConfig
-from gts_lum.training.device import device_info, select_device
 
 log = logging.getLogger(__name__)
 

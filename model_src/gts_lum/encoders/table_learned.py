@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gts_lum.device import select_device
 from gts_lum.encoders.table_base import LearnedTableConfig, TableEncoder, TableEncoderConfig, TableSchema
-from gts_lum.training.device import select_device
 
 log = logging.getLogger(__name__)
 

@@ -11,17 +11,11 @@ import numpy as np
 import pandas as pd
 
 from gts_lum.encoders.table_base import TableEncoder, TableEncoderConfig, TextFn
+from gts_lum.tokenizer.text_encoder import encode
 
 
 def default_text_encoder() -> TextFn:
-    """The project's sentence encoder, imported only when a `text` table encoder is used without one."""
-    try:
-        from gts_lum.tokenizer.text_encoder import encode
-    except ImportError as exc:
-        raise ImportError(
-            "the `text` table encoder needs a sentence encoder: gts_lum.tokenizer.text_encoder.encode could not be "
-            f"imported ({exc}); pass text_encoder=<callable texts -> (N, D) array>"
-        ) from exc
+    """The project's sentence encoder, for a `text` table encoder given none."""
     return encode
 
 

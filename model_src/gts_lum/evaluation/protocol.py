@@ -81,3 +81,12 @@ def evaluate(
     out["skipped_target_not_candidate"] = skipped
     out["num_candidates"] = int(len(candidates))
     return out
+
+
+def validation_metric(metrics: dict[str, float], name: str) -> float:
+    """The model-selection figure from `evaluate` on split.valid, with clear errors when there is none."""
+    if name not in metrics:
+        raise ValueError(f"select_metric {name!r} is not among the evaluated metrics {sorted(metrics)}; check EvalConfig.ks")
+    if metrics.get("n", 0) == 0:
+        raise ValueError("split.valid has no case whose target is a candidate: nothing to select on")
+    return float(metrics[name])

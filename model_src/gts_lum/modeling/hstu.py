@@ -17,29 +17,24 @@ enter through rab only.
 The time gap is measured between events of the history (t_i - t_j >= 0 under the causal mask), so the
 model never reads the time of the event it predicts. Trained with sampled softmax / InfoNCE
 (`training.sequential`).
-
-Run it from its config:
-
-    from gts_lum.evaluation.bench import build_model
-    model = build_model("hstu", "pkg:models/hstu.yaml", ["num_layers=4"])
-    stats = model.fit(split, eval_cfg)
-    scores = model.score(split.log, split.test, candidates)  # (B, C)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gts_lum.training.sequential import PAD, SequenceEncoder, SequentialRecommender, SequentialTrainConfig
+from gts_lum.modeling.sequence_encoder import PAD, SequenceEncoder
 
 
 @dataclass
-class HSTUConfig:
+class HSTUNetConfig:
+    """The network's settings; `recommenders.hstu.HSTUConfig` adds the training's (`train`)."""
+
     dim: int = 64
     num_layers: int = 2
     num_heads: int = 2
@@ -48,7 +43,6 @@ class HSTUConfig:
     dropout: float = 0.2
     num_time_buckets: int = 64
     time_bucket_base: float = 1.5  # bucket = floor(log_base(1 + gap seconds)), capped at num_time_buckets - 1
-    train: SequentialTrainConfig = field(default_factory=SequentialTrainConfig)
 
 
 def time_buckets(times: torch.Tensor, base: float, num_buckets: int) -> torch.Tensor:
@@ -71,7 +65,7 @@ class RelativeAttentionBias(nn.Module):
 
 
 class HSTULayer(nn.Module):
-    def __init__(self, cfg: HSTUConfig, max_len: int):
+    def __init__(self, cfg: HSTUNetConfig, max_len: int):
         super().__init__()
         self.h, self.dqk, self.dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         self.norm_in = nn.LayerNorm(cfg.dim)
@@ -94,7 +88,7 @@ class HSTULayer(nn.Module):
 
 
 class HSTUEncoder(SequenceEncoder):
-    def __init__(self, num_behaviors: int, max_len: int, cfg: HSTUConfig):
+    def __init__(self, num_behaviors: int, max_len: int, cfg: HSTUNetConfig):
         super().__init__()
         if cfg.time_bucket_base <= 1.0 or cfg.num_time_buckets < 1:
             raise ValueError(
@@ -128,13 +122,3 @@ class HSTUEncoder(SequenceEncoder):
         for layer in self.layers:
             x = layer(x, mask, rel_pos, buckets) * valid.unsqueeze(-1)
         return self.norm(x)
-
-
-class HSTU(SequentialRecommender):
-    name = "hstu"
-
-    def __init__(self, cfg: HSTUConfig | None = None):
-        super().__init__(cfg or HSTUConfig())
-
-    def build_encoder(self, num_behaviors: int) -> HSTUEncoder:
-        return HSTUEncoder(num_behaviors, self.cfg.train.max_len, self.cfg)

@@ -5,35 +5,29 @@ blocks (attention + position-wise feed-forward, residuals, dropout), output embe
 input table. Trained on every position of the training sequences with sampled softmax
 (`training.sequential`) rather than the paper's one-negative binary cross-entropy: it is the stronger,
 now standard objective for full-ranking evaluation.
-
-Run it from its config:
-
-    from gts_lum.evaluation.bench import build_model
-    model = build_model("sasrec", "pkg:models/sasrec.yaml", ["train.lr=5e-4"])
-    stats = model.fit(split, eval_cfg)          # trains on split.train, picks the epoch on split.valid
-    scores = model.score(split.log, split.test, candidates)  # (B, C)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gts_lum.training.sequential import PAD, SequenceEncoder, SequentialRecommender, SequentialTrainConfig
+from gts_lum.modeling.sequence_encoder import PAD, SequenceEncoder
 
 
 @dataclass
-class SASRecConfig:
+class SASRecNetConfig:
+    """The network's settings; `recommenders.sasrec.SASRecConfig` adds the training's (`train`)."""
+
     dim: int = 64
     num_layers: int = 2
     num_heads: int = 1
     ffn_mult: int = 1  # feed-forward width = ffn_mult * dim (the paper uses dim)
     dropout: float = 0.2
-    train: SequentialTrainConfig = field(default_factory=SequentialTrainConfig)
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -61,7 +55,7 @@ class CausalSelfAttentionBlock(nn.Module):
 
 
 class SASRecEncoder(SequenceEncoder):
-    def __init__(self, num_behaviors: int, max_len: int, cfg: SASRecConfig):
+    def __init__(self, num_behaviors: int, max_len: int, cfg: SASRecNetConfig):
         super().__init__()
         self.item_emb = nn.Embedding(num_behaviors + 1, cfg.dim, padding_idx=PAD)
         self.pos_emb = nn.Embedding(max_len, cfg.dim)
@@ -90,13 +84,3 @@ class SASRecEncoder(SequenceEncoder):
         for block in self.blocks:
             x = block(x, allowed) * valid.unsqueeze(-1)
         return self.norm(x)  # (B, L, D)
-
-
-class SASRec(SequentialRecommender):
-    name = "sasrec"
-
-    def __init__(self, cfg: SASRecConfig | None = None):
-        super().__init__(cfg or SASRecConfig())
-
-    def build_encoder(self, num_behaviors: int) -> SASRecEncoder:
-        return SASRecEncoder(num_behaviors, self.cfg.train.max_len, self.cfg)

@@ -77,12 +77,14 @@ def _resolve(ref: str | type) -> type:
 _ENTRIES: dict[str, ModelEntry] = {
     e.name: e
     for e in (
-        ModelEntry("popularity", "gts_lum.modeling.baselines:PopularityConfig", "gts_lum.modeling.baselines:Popularity", trains=False),
-        ModelEntry("markov", "gts_lum.modeling.baselines:MarkovConfig", "gts_lum.modeling.baselines:MarkovChain", trains=False),
-        ModelEntry("sasrec", "gts_lum.modeling.sasrec:SASRecConfig", "gts_lum.modeling.sasrec:SASRec"),
-        ModelEntry("hstu", "gts_lum.modeling.hstu:HSTUConfig", "gts_lum.modeling.hstu:HSTU"),
-        ModelEntry("hllm", "gts_lum.modeling.hllm:HLLMConfig", "gts_lum.modeling.hllm:HLLM"),
-        ModelEntry("gts_lum", "gts_lum.modeling.gts_lum_model:GTSLUMConfig", "gts_lum.modeling.gts_lum_model:GTSLUM"),
+        ModelEntry(
+            "popularity", "gts_lum.recommenders.baselines:PopularityConfig", "gts_lum.recommenders.baselines:Popularity", trains=False
+        ),
+        ModelEntry("markov", "gts_lum.recommenders.baselines:MarkovConfig", "gts_lum.recommenders.baselines:MarkovChain", trains=False),
+        ModelEntry("sasrec", "gts_lum.recommenders.sasrec:SASRecConfig", "gts_lum.recommenders.sasrec:SASRec"),
+        ModelEntry("hstu", "gts_lum.recommenders.hstu:HSTUConfig", "gts_lum.recommenders.hstu:HSTU"),
+        ModelEntry("hllm", "gts_lum.recommenders.hllm:HLLMConfig", "gts_lum.recommenders.hllm:HLLM"),
+        ModelEntry("gts_lum", "gts_lum.recommenders.gts_lum_model:GTSLUMConfig", "gts_lum.recommenders.gts_lum_model:GTSLUM"),
     )
 }
 

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gts_lum.data.events import EventLog
+from gts_lum.data.validate import load_event_log
 from gts_lum.sequence.splits import EvalSet
 from gts_lum.serving.export import ServingModel
 
@@ -48,8 +49,6 @@ def load_scoring_log(data_dir: str | Path, catalog: np.ndarray) -> tuple[EventLo
     if (data_dir / "event_log.npz").exists():
         log_ = EventLog.load(data_dir / "event_log.npz")
     elif (data_dir / "behaviors.parquet").exists() and (data_dir / "events").exists():
-        from gts_lum.data.validate import load_event_log
-
         log_ = load_event_log(data_dir)
     else:
         raise FileNotFoundError(

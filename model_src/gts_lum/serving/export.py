@@ -38,10 +38,12 @@ from safetensors.torch import load_file, save_file
 
 from gts_lum.data.events import EventLog
 from gts_lum.data.pseudonym import KEY_CHECK, key_check, profiles_by_pseudonym, pseudonymize_all, pseudonymous_log
-from gts_lum.evaluation.labels import LabelTask
-from gts_lum.modeling.heads import HeadsConfig, LabelHead, UpliftHead, build_head
+from gts_lum.modeling.heads import HeadsConfig, LabelHead, LabelTask, UpliftHead, build_head
+from gts_lum.recommenders.registry import load_model
+from gts_lum.sequence.candidates import select_candidates
+from gts_lum.sequence.dataset import SequenceDataset
 from gts_lum.sequence.splits import EvalSet
-from gts_lum.training.checkpoint import load_model, read_card, sha256_file
+from gts_lum.training.checkpoint import read_card, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,6 @@ def load_heads(folder: str | Path) -> dict[str, ServingHead]:
 def _catalog(model_dir: Path, card: dict, sequences_dir: str | Path | None) -> tuple[np.ndarray, str, np.ndarray | None]:
     """The training log's behaviour ids (the catalog order the model's indices refer to), the split's
     target filter and the target behaviours it selects (catalog indices; None: every behaviour)."""
-    from gts_lum.sequence.dataset import SequenceDataset
-
     source = sequences_dir or card.get("metadata", {}).get("sequences")
     if not source:
         raise ValueError(
@@ -131,8 +131,6 @@ def _catalog(model_dir: Path, card: dict, sequences_dir: str | Path | None) -> t
     expr = data.split_cfg.target_filter
     if not expr:
         return ids, "", None
-    from gts_lum.evaluation.candidates import select_candidates
-
     return ids, expr, np.asarray(select_candidates(data.behaviors(), data.event_log.behavior_ids, expr), np.int64)
 
 

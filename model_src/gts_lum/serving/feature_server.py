@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from gts_lum.serving.features import open_store
+
 READ_ROUTES = ("/get-online-features", "/health")
 
 
@@ -27,8 +29,6 @@ def read_only_app(store):
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
-
-    from gts_lum.serving.features import open_store
 
     p = argparse.ArgumentParser(prog="python -m gts_lum.serving.feature_server", description=__doc__.splitlines()[0])
     p.add_argument("--repo", required=True, help="the Feast repository (feature_store.yaml and definitions)")

@@ -209,6 +209,7 @@ def _write_catalog(clean_dir: Path, path: Path, semantic_ids_dir: str | Path | N
     semantic_id: pa.Array = pa.nulls(len(ids), pa.string())
     version = None
     if semantic_ids_dir is not None:
+        # the tokenizer pulls in torch and scikit-learn (~3 s), which the feature server never needs otherwise
         from gts_lum.tokenizer.semantic_ids import SemanticIds
 
         artifact = SemanticIds.load(semantic_ids_dir)

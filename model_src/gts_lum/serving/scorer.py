@@ -84,6 +84,7 @@ from uvicorn.supervisors import Multiprocess
 
 from gts_lum.data.pseudonym import pseudonym_key
 from gts_lum.serving.export import ServingModel, history_log, read_serving_card
+from gts_lum.serving.features import FeatureClient
 from gts_lum.serving.options import ScorerConfig, add_server_arguments, scorer_config
 
 log = logging.getLogger(__name__)
@@ -295,8 +296,6 @@ class GTSLUMScorer(kserve.Model):
         started = time.perf_counter()
         self.serving = ServingModel(self.export_dir, self.cfg.device, self.cfg.rerank_depth)
         if self.feature_repo:
-            from gts_lum.serving.features import FeatureClient  # lazy: the Feast side is optional
-
             self.features = FeatureClient(self.feature_repo)
             # one Feast thread, its FeatureStore opened and read once here: a request pays neither a store's
             # set-up on a new thread of the loop's pool (~12 ms) nor Feast's first read (~100 ms)
@@ -841,7 +840,7 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # per-request INFO lines of the sequence builder and profile alignment would drown the access log
     logging.getLogger("gts_lum.sequence.timestamp_process").setLevel(logging.WARNING)
-    logging.getLogger("gts_lum.modeling.gts_lum_model").setLevel(logging.WARNING)
+    logging.getLogger("gts_lum.recommenders.gts_lum_model").setLevel(logging.WARNING)
 
 
 def run_from_args(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gts_lum.training.device import select_device
+from gts_lum.device import select_device
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class TextEncoderConfig:
     model: str = DEFAULT_MODEL  # "default" (bundled MiniLM) or a local sentence-transformers folder
     batch_size: int = 64
     normalize: bool = True  # unit-length vectors: cosine similarity is then a dot product
-    device: str = "auto"  # auto | npu | cuda | cpu (gts_lum.training.device.select_device)
+    device: str = "auto"  # auto | npu | cuda | cpu (gts_lum.device.select_device)
     cache_dir: str | None = "~/.cache/gts-lum/text-embeddings"  # null: no disk cache
     show_progress: bool = False  # sentence-transformers' own progress bar over batches
 

@@ -6,7 +6,7 @@ A saved model is a folder:
     weights.safetensors  every tensor the model needs to score (`model.state_tensors()`)
     assets/              models that need more (catalog features, texts) write it here, as .npz / YAML
 
-Any registered model can be rebuilt from it (`load_model`), on any device, without the code that
+Any registered model can be rebuilt from it (`recommenders.registry.load_model`), on any device, without the code that
 trained it having to run again.
 
 A training checkpoint (`save_training_state`, the training loop's) is a folder written all-or-nothing:
@@ -82,15 +82,6 @@ def read_card(model_dir: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{model_dir}: no model.yaml (not a saved gts-lum model)")
     return yaml.safe_load(path.read_text())
-
-
-def load_model(model_dir: str | Path, device: str = "cpu") -> Any:
-    """Rebuild the model saved in `model_dir`: `gts_lum.recommenders.registry.load_model`, which needs the
-    registry (a layer above this one). Kept here for serving/export.py, edited in parallel: it moves to the
-    registry's in a follow-up, and this delegate goes."""
-    from gts_lum.recommenders.registry import load_model as load  # upward: goes with the follow-up above
-
-    return load(model_dir, device)
 
 
 def sha256_file(path: Path) -> str:

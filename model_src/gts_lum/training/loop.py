@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gts_lum.device import device_info
 from gts_lum.training.checkpoint import load_training_state, save_training_state
-from gts_lum.training.device import device_info
 
 log = logging.getLogger(__name__)
 

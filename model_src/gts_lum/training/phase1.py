@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gts_lum.data.events import EventLog, ragged_arange
+from gts_lum.device import device_info, select_device
 from gts_lum.modeling.behavior_features import BehaviorFeatures
 from gts_lum.modeling.qformer import BehaviorSide, QFormer, QFormerConfig, adapter_card, build_adapter, save_adapter, trim_text
 from gts_lum.training.checkpoint import CheckpointError, load_training_state, save_training_state
-from gts_lum.training.device import device_info, select_device
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Phase1Config:
     keep_checkpoints: int = 2
     max_steps: int | None = None  # stop after this many steps in all (a time-boxed run; the schedule still spans `epochs`)
     seed: int = 0
-    device: str = "auto"  # see training.device.select_device
+    device: str = "auto"  # see gts_lum.device.select_device
     amp: bool = True  # bf16 autocast on NPU/CUDA; never on CPU
 
     def __post_init__(self) -> None:

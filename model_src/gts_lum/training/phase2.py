@@ -67,7 +67,7 @@ class Phase2Config:
     grad_clip: float | None = 1.0
     seed: int = 0
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on NPU/CUDA only (training.device)
+    amp: bool = True  # bf16 autocast on NPU/CUDA only (gts_lum.device)
     select_metric: str = "NDCG@10"
     valid_cases: int | None = 500  # fixed seeded sample of validation cases scored each epoch
     # The last N training events of each validated user leave phase II (`splits.hold_out_for_validation`):

@@ -1,6 +1,6 @@
 """The speed benchmarks run end to end at smoke sizes and report the figures BENCHMARKS.md quotes."""
 
-from gts_lum.evaluation.speed import run_speed_benchmarks
+from gts_lum.stages.speed import run_speed_benchmarks
 
 
 def test_speed_benchmarks_smoke(tmp_path):
@@ -14,7 +14,7 @@ def test_speed_benchmarks_smoke(tmp_path):
 
 
 def test_scoring_benchmark_counts_flops():
-    from gts_lum.evaluation.speed import bench_target_aware_scoring, decoder_flops
+    from gts_lum.stages.speed import bench_target_aware_scoring, decoder_flops
 
     # one layer, one token: 2 x (4 H^2 + 3 H I) + 4 T H multiply-add FLOPs
     assert decoder_flops(8, 16, 1, 1) == 2 * (4 * 64 + 3 * 128) + 4 * 8

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from gts_lum.training.device import device_info, local_device_index, select_device
+from gts_lum.device import device_info, local_device_index, select_device
 
 
 def test_cpu_preference_gives_cpu_with_fp32_and_gloo():
@@ -26,7 +26,7 @@ def test_broken_torch_npu_is_caught_and_falls_back(tmp_path, monkeypatch, caplog
     (tmp_path / "torch_npu.py").write_text("raise ImportError('libascendcl.so: cannot open shared object file')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
-    with caplog.at_level(logging.WARNING, logger="gts_lum.training.device"):
+    with caplog.at_level(logging.WARNING, logger="gts_lum.device"):
         device = select_device("npu")
     assert device == torch.device("cpu")
     assert "torch_npu is installed but failed to import" in caplog.text

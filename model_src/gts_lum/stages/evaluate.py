@@ -10,11 +10,12 @@ import json
 from pathlib import Path
 
 from gts_lum.config import from_dict
-from gts_lum.evaluation.bench import format_table
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
+from gts_lum.recommenders.registry import load_model
 from gts_lum.sequence.candidates import select_candidates
 from gts_lum.sequence.dataset import SequenceDataset
-from gts_lum.training.checkpoint import load_model, read_card
+from gts_lum.stages.bench import format_table
+from gts_lum.training.checkpoint import read_card
 
 
 def evaluate_saved_models(sequences_dir: str | Path, model_dirs: list[str | Path], settings: dict | None = None) -> dict:

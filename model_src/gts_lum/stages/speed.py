@@ -18,14 +18,16 @@ import numpy as np
 
 from gts_lum.config import load_config
 from gts_lum.data.ingest import prepare_dataset
-from gts_lum.data.simulator import SimulatorConfig, simulate
+from gts_lum.data.simulator import SimulatorConfig, bench_simulator, simulate
 from gts_lum.data.validate import load_event_log, validate_dataset
-from gts_lum.evaluation.bench import attach_dataset, build_model
+from gts_lum.device import device_info, select_device
+from gts_lum.encoders.node2vec import bench_graph_encoder
 from gts_lum.evaluation.protocol import EvalConfig
 from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference
+from gts_lum.recommenders.registry import attach_dataset, build_model
 from gts_lum.sequence.dataset import SequenceDataset, build_sequence_dataset
 from gts_lum.sequence.timestamp_process import SequenceConfig, build_sequences
-from gts_lum.training.device import device_info, select_device
+from gts_lum.tokenizer.spectral_tree import bench_spectral_tree
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,6 @@ def run_speed_benchmarks(
     users, days = (500, 14) if quick else (10_000, 90)
     results: dict = {}
     if "simulator" in what:
-        from gts_lum.data.simulator import bench_simulator
-
         results["simulator"] = bench_simulator(users=users, days=days, out_dir=out / "simulator")
         shutil.rmtree(out / "simulator", ignore_errors=True)
     if "validation" in what or "sequences" in what:
@@ -84,12 +84,8 @@ def run_speed_benchmarks(
         )
         shutil.rmtree(out / "pipeline", ignore_errors=True)
     if "tree" in what:
-        from gts_lum.tokenizer.spectral_tree import bench_spectral_tree
-
         results["spectral_tree"] = bench_spectral_tree(sizes=(1_000,) if quick else (10_000,))
     if "graph" in what:
-        from gts_lum.encoders.node2vec import bench_graph_encoder
-
         results["graph_node2vec"] = bench_graph_encoder("synth:tiny" if quick else "synth:demo", workdir=out)
     if "scoring" in what:
         results["target_aware_scoring"] = [

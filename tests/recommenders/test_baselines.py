@@ -4,7 +4,7 @@ import pytest
 
 from gts_lum.data.events import EventLog
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
-from gts_lum.modeling.baselines import MarkovChain, MarkovConfig, Popularity, PopularityConfig
+from gts_lum.recommenders.baselines import MarkovChain, MarkovConfig, Popularity, PopularityConfig
 from gts_lum.sequence.splits import leave_one_out
 
 DAY = 86400

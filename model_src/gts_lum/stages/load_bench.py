@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gts_lum.evaluation.speed import decoder_flops
+from gts_lum.serving.export import read_serving_card
+from gts_lum.stages.speed import decoder_flops
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def load_bench(
     write load_bench.json and the server log there."""
     import torch
 
-    from gts_lum.serving.export import read_serving_card
+    # kserve (the scorer's): imported only when a load bench runs
     from gts_lum.serving.scorer import GTSLUMScorer, ScorerConfig, launch_server
 
     if requests < 1 or not concurrency or min(concurrency) < 1 or seconds_limit <= 0:

@@ -5,19 +5,12 @@ import pandas as pd
 import pytest
 
 from gts_lum.data.events import EventLog
-from gts_lum.evaluation.bench import (
-    MODELS,
-    TABLE2_COLUMNS,
-    build_model,
-    format_table,
-    improvements,
-    register_model,
-    run_bench,
-)
 from gts_lum.evaluation.protocol import EvalConfig
-from gts_lum.modeling.baselines import MarkovChain, MarkovConfig, PopularityConfig
-from gts_lum.modeling.hstu import HSTU
+from gts_lum.recommenders.baselines import MarkovChain, MarkovConfig, PopularityConfig
+from gts_lum.recommenders.hstu import HSTU
+from gts_lum.recommenders.registry import MODELS, build_model, register_model
 from gts_lum.sequence.splits import leave_one_out
+from gts_lum.stages.bench import TABLE2_COLUMNS, format_table, improvements, run_bench
 
 
 def row(method, values, **extra):
@@ -168,7 +161,7 @@ def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tm
     from safetensors.torch import load_file
 
     from gts_lum.data.ingest import prepare_dataset
-    from gts_lum.evaluation.bench import attach_dataset
+    from gts_lum.recommenders.registry import attach_dataset
     from gts_lum.sequence.dataset import SequenceDataset, SplitConfig, build_sequence_dataset
     from gts_lum.stages.bench_runner import BenchConfig, model_specs, run_encoders, run_phase1_stages
 

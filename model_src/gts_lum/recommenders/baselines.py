@@ -6,7 +6,7 @@ sequence model that does not beat it is not working.
 
 Run one from its config:
 
-    from gts_lum.evaluation.bench import build_model
+    from gts_lum.recommenders.registry import build_model
     model = build_model("markov", "pkg:models/markov.yaml", ["smoothing=10"])
     stats = model.fit(split, eval_cfg)
     scores = model.score(split.log, split.test, candidates)  # (B, C)
@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from gts_lum.data.events import EventLog
-from gts_lum.evaluation.protocol import EvalConfig, evaluate
+from gts_lum.evaluation.protocol import EvalConfig, evaluate, validation_metric
 from gts_lum.sequence.splits import EvalSet, Split
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,6 @@ def check_catalog(log_: EventLog, num_behaviors: int | None, model: str) -> None
             f"{model}: log has {log_.num_behaviors} behaviours but the model was fit on {num_behaviors}; "
             "score with the log the split was made from"
         )
-
-
-def validation_metric(metrics: dict[str, float], name: str) -> float:
-    """The model-selection figure from `evaluate` on split.valid, with clear errors when there is none."""
-    if name not in metrics:
-        raise ValueError(f"select_metric {name!r} is not among the evaluated metrics {sorted(metrics)}; check EvalConfig.ks")
-    if metrics.get("n", 0) == 0:
-        raise ValueError("split.valid has no case whose target is a candidate: nothing to select on")
-    return float(metrics[name])
 
 
 @dataclass

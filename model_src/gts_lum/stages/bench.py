@@ -4,7 +4,7 @@ The table follows the paper's Table 2: one row per method, Recall and NDCG at 5/
 with two decimals, and "Impv.(avg)", the mean over those columns of the relative improvement over a
 reference row (the paper's reference is HSTU, its first row; here the first model unless named).
 
-    from gts_lum.evaluation.bench import run_bench
+    from gts_lum.stages.bench import run_bench
     rows = run_bench(
         split,
         [("hstu", None, []), ("sasrec", None, []), ("markov", None, []), ("popularity", None, [])],
@@ -31,16 +31,7 @@ import numpy as np
 
 from gts_lum.config import deep_merge, to_dict
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
-
-# The model registry moved to gts_lum.recommenders.registry; its names stay importable from here.
-from gts_lum.recommenders.registry import (  # noqa: F401 (re-exported)
-    MODELS,
-    attach_dataset,
-    build_model,
-    default_config_path,
-    model_entry,
-    register_model,
-)
+from gts_lum.recommenders.registry import attach_dataset, build_model, default_config_path, model_entry
 from gts_lum.sequence.splits import Split
 
 log = logging.getLogger(__name__)
