@@ -117,6 +117,17 @@ class Offline:
         end = int(self.log.offsets[u + 1])
         return EvalSet(np.array([u]), np.array([end]), np.zeros(1, np.int32), np.array([self.log.timestamp[end - 1]]))
 
+    def rerank_margin(self, u: int) -> float:
+        """The gap between the agnostic scores just inside and just outside the re-ranked list of user u: a
+        near-tie there lets float noise (a padded batch against one case) swap which of the two is re-ranked."""
+        model = self.serving.model
+        depth, model.cfg.rerank_depth = model.cfg.rerank_depth, 0
+        try:
+            scores = np.sort(model.score(self.log, self.case(u), self.serving.default_candidates)[0])[::-1]
+        finally:
+            model.cfg.rerank_depth = depth
+        return float(scores[depth - 1] - scores[depth]) if 0 < depth < len(scores) else float("inf")
+
     def ranking(self, u: int, candidates: list[str] | None, top_k: int) -> pd.DataFrame:
         """GTSLUM.score on user u's whole history in the training log (one case), ranked like the scorer:
         the export's targets two-stage, request candidates all target-aware (re-ranking depth = their number)."""

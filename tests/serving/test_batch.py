@@ -36,8 +36,11 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny_serving, offline, tmp_pa
     assert got["user_id"].nunique() == 200
 
     # the ranking serving gives: a user's top 10 is the top 10 of offline scoring of their whole history
-    # (scored in a padded batch of 64 rather than alone: equal up to float noise, so near-ties may swap)
-    for u in (5, 130):
+    # (scored in a padded batch of 64 rather than alone: equal up to float noise, so near-ties may swap; users
+    # with a near-tie at the re-ranking boundary are passed over, as there noise decides which item is re-ranked)
+    users = [u for u in range(len(offline.log.user_ids)) if offline.rerank_margin(u) > 1e-3][:2]
+    assert len(users) == 2
+    for u in users:
         mine = got[got["user_id"] == str(offline.log.user_ids[u])].sort_values("rank")
         reference = offline.ranking(u, None, len(offline.serving.catalog)).set_index("behavior_id")["score"]
         np.testing.assert_allclose(mine["score"].to_numpy(), reference[mine["behavior_id"]].to_numpy(), atol=1e-4, rtol=0)
