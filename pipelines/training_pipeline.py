@@ -50,9 +50,10 @@ def training_pipeline(
     sequence_overrides: dict = {},
     split_config: dict = {"kind": "leave_one_out", "target_filter": "type=ott"},
     gts_lum_config: str = "pkg:models/gts_lum.yaml",
-    # CPU-sized phase II for the demo (~5 min on 2 cores): the settings validation chose on the simulator at
+    # CPU-sized phase II for the demo (~6 min on 2 cores): the settings validation chose on the simulator at
     # HSTU's training time (BENCHMARKS.md "Phase II at HSTU's pace"): width 64, the Q-former frozen, 512
-    # negatives, every next event a target, 16 epochs of 2,048 windows; no interval tokens, compressor,
+    # negatives, every next event a target, 48 epochs of 2,048 windows (16 stopped while validation still
+    # rose: BENCHMARKS.md "GTS-LUM in the main job"), 500 validation cases; no interval tokens, compressor,
     # profile token or target-aware term (each cost more than it returned at this budget). The paper's
     # layout: {"sequence": {"variant": "interval"}, "net": {"target_placement": "front", ...}} from the UI
     gts_lum_overrides: dict = {
@@ -66,10 +67,10 @@ def training_pipeline(
             "target_placement": "none",
         },
         "train": {
-            "epochs": 16,
-            "patience": 16,
+            "epochs": 48,
+            "patience": 48,
             "max_cases_per_epoch": 2048,
-            "valid_cases": 200,
+            "valid_cases": 500,
             "lr_schedule": "cosine",
             "warmup_steps": 40,
             "sampled_negatives": 512,
