@@ -277,6 +277,23 @@ def test_the_stacked_baseline_reads_the_embedding(tiny_clean):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_of_several_inputs_the_head_keeps_the_one_with_the_lowest_held_out_loss(tiny_clean):
+    labels = read_table(tiny_clean, "labels")
+    rows = labels[labels["task"] == "churn"]
+    churn = rows.set_index(rows["user_id"].astype(str))["label"]
+    rng = np.random.default_rng(1)
+
+    def embed(user_ids: np.ndarray, task: LabelTask) -> dict[str, np.ndarray]:
+        signal = churn.reindex(user_ids).fillna(0).to_numpy(np.float32)
+        noise = rng.normal(size=(len(user_ids), 2)).astype(np.float32)
+        return {"noise": noise, "signal": np.stack([signal + rng.normal(0, 0.5, len(user_ids)), noise[:, 0]], 1).astype(np.float32)}
+
+    cfg = load_config(HeadsConfig, "pkg:heads/default.yaml", {"train": {"epochs": 50}})
+    entry = evaluate_label_tasks(embed, tiny_clean, cfg, seed=0)["tasks"]["churn"]
+    assert entry["input"] == "signal" and entry["metrics"]["head"]["auc"] > 0.8
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_evaluate_label_tasks_multiclass(tiny_clean, tmp_path):
     # A 4-valued integer label (the plan tier as 1..4) beside the simulator's tasks, in a copy of the data set.
     users = read_table(tiny_clean, "users")

@@ -68,18 +68,19 @@ def tiny_serving(tmp_path_factory) -> TinyServing:
         build_sequence_dataset(clean, root / "seq", None, {}, SplitConfig(target_filter="type=ott"))
         train_model(root / "seq", "gts_lum", None, TINY_GTS_LUM, root / "model")
 
-        # a churn head fitted on the (target-agnostic) user embeddings of every user
+        # a churn head fitted on the (target-agnostic) user embeddings of every user and their history summaries
         model = load_model(root / "model")
         log_ = SequenceDataset.load(root / "seq").event_log
         users = np.arange(log_.num_users)
         ends = log_.offsets[1:].astype(np.int64)
-        emb = torch.as_tensor(model.user_embeddings(log_, EvalSet(users, ends, np.zeros(len(users), np.int32), log_.timestamp[ends - 1])))
+        cases = EvalSet(users, ends, np.zeros(len(users), np.int32), log_.timestamp[ends - 1])
+        emb = torch.as_tensor(model.user_embeddings(log_, cases, history_summary=True))
         labels = read_table(clean, "labels")
         (churn,) = [t for t in discover_tasks(labels) if t.name == "churn"]
         index, y, _ = label_arrays(labels, log_.user_ids, churn)
         head = build_head(churn, emb.shape[1], HeadsConfig())
         fit_head(head, emb[index], y, epochs=20, progress=False)
-        save_head(root / "heads", churn, head)
+        save_head(root / "heads", churn, head, inputs="state+summary")
 
         export_model(root / "model", root / "export", heads_dir=root / "heads")
         return TinyServing(clean, root / "seq", root / "model", root / "heads", root / "export")

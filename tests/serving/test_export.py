@@ -162,3 +162,17 @@ def test_the_catalog_cache_scores_as_plain_scoring(tiny_serving, offline):
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_the_history_summary_is_the_mean_fused_embedding_of_the_whole_history(offline):
+    """Label heads read [state ; mean b^F over every event of the history], not only the decoder's window."""
+    model = offline.serving.model
+    fused = model.net.catalog_cache()["fused"].numpy()
+    case = offline.case(3)
+    events = offline.log.behavior[offline.log.offsets[3] : case.history_end[0]]
+    assert len(events) > 0
+    np.testing.assert_allclose(model.history_summary(offline.log, case)[0], fused[events].mean(0), rtol=1e-5, atol=1e-6)
+    both = model.user_embeddings(offline.log, case, history_summary=True)
+    np.testing.assert_allclose(both[:, : model.net.hidden_size], model.user_embeddings(offline.log, case), rtol=1e-5, atol=1e-6)
+    assert both.shape == (1, 2 * model.net.hidden_size)
+    assert offline.serving.heads["churn"].inputs == "state+summary"  # the fixture's head reads both, through the export

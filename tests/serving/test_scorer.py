@@ -171,7 +171,7 @@ def test_label_heads_on_request(scorer_server, offline):
     response = predict_v1(scorer_server, [{"events": offline.events(u), "heads": ["churn"], "top_k": 1}])
     assert response.status_code == 200, response.text
     churn = response.json()["predictions"][0]["heads"]["churn"]
-    emb = torch.as_tensor(offline.serving.model.user_embeddings(offline.log, offline.case(u)))
+    emb = torch.as_tensor(offline.serving.model.user_embeddings(offline.log, offline.case(u), history_summary=True))
     expected = float(offline.serving.heads["churn"].head.predict_proba(emb)[0])
     assert churn["kind"] == "binary" and churn["probability"] == pytest.approx(expected, abs=1e-5)
     missing = predict_v1(scorer_server, [{"events": offline.events(u), "heads": ["churn", "upgrade"]}])

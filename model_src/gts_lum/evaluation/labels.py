@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("user_id", "task", "label")
 RANDOM_DRAWS = 100  # random-score draws behind the floor's mean and spread
-EmbedFn = Callable[[np.ndarray, "LabelTask"], np.ndarray]
+EmbedFn = Callable[[np.ndarray, "LabelTask"], "np.ndarray | dict[str, np.ndarray]"]
 TuneFn = Callable[["LabelTask", np.ndarray, np.ndarray, "np.ndarray | None"], dict]
 
 
@@ -260,12 +260,30 @@ def _head_scores(head, emb: torch.Tensor) -> np.ndarray:
 # -- evaluation ---------------------------------------------------------------------------------------
 
 
-def _embed(embed_users: EmbedFn, ids: np.ndarray, task: LabelTask) -> torch.Tensor:
-    emb = embed_users(ids, task)
-    emb = emb.detach() if isinstance(emb, torch.Tensor) else torch.as_tensor(np.asarray(emb))
-    if emb.dim() != 2 or emb.shape[0] != len(ids):
-        raise ValueError(f"embed_users for task {task.name!r}: expected an array ({len(ids)}, D), got shape {tuple(emb.shape)}")
-    return emb.float()
+def _embed(embed_users: EmbedFn, ids: np.ndarray, task: LabelTask) -> dict[str, torch.Tensor]:
+    """{input name: (M, D) embeddings}: what `embed_users` returned, one array named "embedding" or several."""
+    given = embed_users(ids, task)
+    out = {}
+    for name, emb in (given if isinstance(given, dict) else {"embedding": given}).items():
+        emb = emb.detach() if isinstance(emb, torch.Tensor) else torch.as_tensor(np.asarray(emb))
+        if emb.dim() != 2 or emb.shape[0] != len(ids):
+            shape = tuple(emb.shape)
+            raise ValueError(f"embed_users for task {task.name!r} ({name}): expected an array ({len(ids)}, D), got shape {shape}")
+        out[name] = emb.float()
+    return out
+
+
+def _fit_best_head(task: LabelTask, inputs: dict[str, torch.Tensor], y: np.ndarray, t: np.ndarray | None, cfg: HeadsConfig, seed: int):
+    """A head on each input; the one with the lowest held-out loss (on training users) wins: (name, head, fit)."""
+    fits = {}
+    for name, emb in inputs.items():
+        head = build_head(task, emb.shape[1], cfg)
+        fits[name] = (head, fit_head(head, emb, y, t, seed=seed, **dataclasses.asdict(cfg.train)))
+    loss = {name: fit["valid_loss"] if np.isfinite(fit["valid_loss"]) else np.inf for name, (_, fit) in fits.items()}
+    name = min(fits, key=loss.get)  # ties (and no held-out rows) keep the first input
+    if len(fits) > 1:
+        log.info("task %r: head inputs by held-out loss %s: %s", task.name, {k: round(v, 4) for k, v in loss.items()}, name)
+    return name, *fits[name]
 
 
 def evaluate_label_tasks(
@@ -280,11 +298,14 @@ def evaluate_label_tasks(
     """Fit a head per task on embeddings of training users; report on held-out users.
 
     `embed_users(user_ids (M,) str array, task) -> (M, D)` embeds users for one task (the decoder puts
-    that task's TASK token in front). `tune(task, user_ids, y, treatment)`, when given, is called with the
-    task's training users first (GTS-LUM tunes the task token there: training.task_tokens). Users are
-    split once over every labelled user, so a user is on the same side for every task; with
-    `known_users`, labelled users outside it (no events to embed) are counted and left out.
-    `on_head(task, head, scores)` receives each fitted head and its held-out scores (to save or plot them).
+    that task's TASK token in front); it may return {name: (M, D_name)} instead, several inputs: a head is
+    fitted on each and the one with the lowest held-out loss on the training users is kept (entry "input").
+    `tune(task, user_ids, y, treatment)`, when given, is called with the task's training users first
+    (GTS-LUM tunes the task token there: training.task_tokens). Users are split once over every labelled
+    user, so a user is on the same side for every task; with `known_users`, labelled users outside it (no
+    events to embed) are counted and left out.
+    `on_head(task, head, scores)` receives each kept head and its held-out scores (to save or plot them;
+    scores["input"] names the input it reads).
     Returns {"tasks": {name: {...}}, "config", "seed", "users"}; each task holds its kind, counts, the
     head's fit stats and "metrics": {"head", "table_gbt", "table_gbt_embedding" (the same trees on the
     table and the user embedding), "random"} -> {"auc"} (binary),
@@ -324,9 +345,10 @@ def evaluate_label_tasks(
             log.warning("task %r: %d train / %d test users; skipped", task.name, len(train), len(test))
             continue
         tuned = None if tune is None else tune(task, user_ids[index][train], y[train], None if t is None else t[train])
-        emb = _embed(embed_users, user_ids[index], task)
-        head = build_head(task, emb.shape[1], cfg)
-        fit = fit_head(head, emb[train], y[train], None if t is None else t[train], seed=seed, **dataclasses.asdict(cfg.train))
+        inputs = _embed(embed_users, user_ids[index], task)
+        t_train = None if t is None else t[train]
+        chosen, head, fit = _fit_best_head(task, {k: v[train] for k, v in inputs.items()}, y[train], t_train, cfg, seed)
+        emb = inputs[chosen]
         y_test, t_test = y[test], None if t is None else t[test]
         scores = _head_scores(head, emb[test])
         metrics = {"head": _metrics(task, y_test, scores, t_test)}
@@ -345,6 +367,7 @@ def evaluate_label_tasks(
             "n_train": int(len(train)),
             "n_test": int(len(test)),
             "embedding_dim": int(emb.shape[1]),
+            "input": chosen,
             "fit": fit,
             "metrics": metrics,
         }
@@ -352,7 +375,7 @@ def evaluate_label_tasks(
             entry["task_token"] = tuned
         if on_head is not None:
             tables = {"table_gbt": baseline, "table_gbt_embedding": stacked_scores} if features is not None else {}
-            on_head(task, head, {"head": scores, **tables, "y": y_test, "treatment": t_test})
+            on_head(task, head, {"head": scores, **tables, "y": y_test, "treatment": t_test, "input": chosen})
         if task.kind == "multiclass":
             entry["class_counts"] = np.bincount(y, minlength=task.num_classes).tolist()
         else:

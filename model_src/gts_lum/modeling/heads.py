@@ -83,6 +83,10 @@ class HeadsConfig:
     transformed_outcome_weight: float = 0.0  # UpliftHead: weight of the transformed-outcome term; 0 = off
     max_classes: int = 20  # integer labels with up to this many distinct values are multi-class
     test_fraction: float = 0.3  # users held out to report on (evaluate_label_tasks)
+    # GTS-LUM: heads are fitted on the decoder state, on the history summary (mean b^F over the whole history:
+    # the decoder reads the last token_budget tokens only) and on both; each task keeps the input with the
+    # lowest held-out loss (BENCHMARKS.md "Label tasks"). false: the state only
+    history_summary: bool = True
     train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
     task_token: TaskTokenConfig = field(default_factory=TaskTokenConfig)  # GTS-LUM only
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from gts_lum.config import from_dict
-from gts_lum.data.events import EventLog
+from gts_lum.data.events import EventLog, ragged_arange
 from gts_lum.device import device_info, select_device
 from gts_lum.evaluation.protocol import EvalConfig, evaluate, history_mask, validation_metric
 from gts_lum.modeling.behavior_features import BehaviorFeatures, features_from_artifacts, stand_in_features
@@ -261,9 +261,29 @@ class GTSLUM:
         return scores.float().cpu().numpy()
 
     @torch.no_grad()
-    def user_embeddings(self, log_: EventLog, cases, task: int | None = None, catalog: dict | None = None) -> np.ndarray:
+    def history_summary(self, log_: EventLog, cases, catalog: dict | None = None) -> np.ndarray:
+        """(B, H) mean of the fused behaviour embeddings b^F over each case's whole history (zeros for an
+        empty one). The decoder reads a history's last `token_budget` tokens, a few percent of a month of
+        telecom events; labels such as churn depend on the whole month (BENCHMARKS.md "Label tasks")."""
+        net = self._require()
+        fused = (catalog or net.catalog_cache())["fused"]
+        starts = log_.offsets[np.asarray(cases.users)].astype(np.int64)
+        lengths = np.asarray(cases.history_end, np.int64) - starts
+        events = torch.as_tensor(log_.behavior[ragged_arange(starts, lengths)], dtype=torch.long, device=fused.device)
+        case = torch.as_tensor(np.repeat(np.arange(len(lengths)), lengths), device=fused.device)
+        total = torch.zeros(len(lengths), fused.shape[1], dtype=fused.dtype, device=fused.device).index_add_(0, case, fused[events])
+        return (total / torch.as_tensor(np.maximum(lengths, 1), dtype=fused.dtype, device=fused.device)[:, None]).float().cpu().numpy()
+
+    @torch.no_grad()
+    def user_embeddings(
+        self, log_: EventLog, cases, task: int | None = None, catalog: dict | None = None, history_summary: bool = False
+    ) -> np.ndarray:
         """(B, H) last hidden states: target-agnostic, or with label task `task`'s token in front
-        (`catalog`: as in `score`)."""
+        (`catalog`: as in `score`); with `history_summary`, (B, 2H): [state ; `history_summary(...)`]."""
+        if history_summary:
+            catalog = catalog or self._require().catalog_cache()
+            states = self.user_embeddings(log_, cases, task, catalog)
+            return np.concatenate([states, self.history_summary(log_, cases, catalog)], 1)
         net = self._require()
         was_training = net.training
         net.eval()

@@ -57,12 +57,26 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a KServe rout
 # -- label heads ----------------------------------------------------------------------------------
 
 
-def save_head(folder: str | Path, task: LabelTask, head: LabelHead | UpliftHead, task_token: int | None = None) -> Path:
+# What a GTS-LUM head reads: the decoder's state, the history summary (`GTSLUM.history_summary`), or both.
+HEAD_INPUTS = ("state", "summary", "state+summary")
+
+
+def head_inputs(both: np.ndarray, hidden: int) -> dict[str, np.ndarray]:
+    """{input name: embeddings} from `user_embeddings(..., history_summary=True)` (B, 2 * hidden)."""
+    return {"state": both[:, :hidden], "summary": both[:, hidden:], "state+summary": both}
+
+
+def save_head(
+    folder: str | Path, task: LabelTask, head: LabelHead | UpliftHead, task_token: int | None = None, inputs: str = "state"
+) -> Path:
     """Add one fitted head to a heads folder (NAME.safetensors + an entry in heads.yaml).
 
     `task_token`: index of the task's learned front token in the model's `net.tasks` when the head was
     fitted on embeddings with that token (`model.user_embeddings(..., task=i)`); None: target-agnostic.
+    `inputs`: one of HEAD_INPUTS, what the head reads.
     """
+    if inputs not in HEAD_INPUTS:
+        raise ValueError(f"head {task.name!r}: inputs {inputs!r} is not one of {HEAD_INPUTS}")
     if not NAME_PATTERN.match(task.name):
         raise ValueError(f"head name {task.name!r}: use letters, digits, '_', '.', '-' (it names a file)")
     folder = Path(folder)
@@ -76,6 +90,7 @@ def save_head(folder: str | Path, task: LabelTask, head: LabelHead | UpliftHead,
         "mlp_hidden": int(head.net[0].out_features) if mlp else 0,
         "dropout": float(head.net[2].p) if mlp else 0.0,
         "task_token": task_token,
+        "inputs": inputs,
     }
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, folder / f"{task.name}.safetensors")
     card_path = folder / HEADS_CARD
@@ -90,6 +105,7 @@ class ServingHead:
     task: LabelTask
     head: LabelHead | UpliftHead
     task_token: int | None  # front token of the user embedding it reads (None: target-agnostic)
+    inputs: str = "state"  # one of HEAD_INPUTS (heads saved before the history summary: the state)
 
 
 def load_heads(folder: str | Path) -> dict[str, ServingHead]:
@@ -108,7 +124,7 @@ def load_heads(folder: str | Path) -> dict[str, ServingHead]:
         if not weights.exists():
             raise FileNotFoundError(f"{card_path}: head {name!r} has no weights file {weights.name}")
         head.load_state_dict(load_file(weights))
-        heads[name] = ServingHead(task, head.eval(), entry.get("task_token"))
+        heads[name] = ServingHead(task, head.eval(), entry.get("task_token"), entry.get("inputs", "state"))
     return heads
 
 
@@ -208,8 +224,9 @@ def export_model(
             )
         hidden = model.net.hidden_size
         for head_name, head in heads.items():
-            if head.head.input_mean.shape[0] != hidden:
-                raise ValueError(f"head {head_name!r} reads {head.head.input_mean.shape[0]}-dim embeddings, the model gives {hidden}")
+            width = 2 * hidden if head.inputs == "state+summary" else hidden  # the summary is a mean of b^F, as wide as the state
+            if head.head.input_mean.shape[0] != width:
+                raise ValueError(f"head {head_name!r} reads {head.head.input_mean.shape[0]}-dim embeddings, the model gives {width}")
             if head.task_token is not None and not 0 <= head.task_token < len(model.cfg.net.tasks):
                 raise ValueError(f"head {head_name!r}: task_token {head.task_token} but the model has tasks {model.cfg.net.tasks}")
         serving = {
@@ -361,9 +378,8 @@ class ServingModel:
         for name in names:
             spec = self.heads[name]
             with self._lock:
-                emb = torch.as_tensor(
-                    self.model.user_embeddings(self._profile_log(log_), cases, task=spec.task_token, catalog=self.catalog_cache)
-                ).float()
+                both = self.model.user_embeddings(self._profile_log(log_), cases, spec.task_token, self.catalog_cache, history_summary=True)
+                emb = torch.as_tensor(head_inputs(both, self.model.net.hidden_size)[spec.inputs]).float()
             if isinstance(spec.head, UpliftHead):
                 p = spec.head.predict_proba(emb).numpy()
                 values = [{"uplift": float(r[1] - r[0]), "p_control": float(r[0]), "p_treated": float(r[1])} for r in p]

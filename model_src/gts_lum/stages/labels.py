@@ -20,7 +20,7 @@ from gts_lum.sequence.dataset import SequenceDataset
 from gts_lum.sequence.splits import EvalSet
 
 # upward (layer 8): the heads' export format lives in serving/export.py, edited in parallel; moves down in a follow-up
-from gts_lum.serving.export import HEADS_CARD, save_head
+from gts_lum.serving.export import HEADS_CARD, head_inputs, save_head
 from gts_lum.training.checkpoint import read_card, save_model
 from gts_lum.training.task_tokens import tune_task_token, user_cases
 
@@ -61,15 +61,23 @@ def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir:
         seconds = np.where(np.isnat(at), np.nan, at.astype("datetime64[s]").astype(np.int64).astype(np.float64))
         return user_cases(log_, ids, seconds)
 
-    def tune(task, ids, y, t) -> dict:
-        head = build_head(task, model.net.hidden_size, cfg)
-        return tune_task_token(model, log_, cases(ids, task), y, t, model.task_index(task.name), head, cfg.task_token)
+    catalog = model.net.catalog_cache()  # the frozen network's b^F, read by every history summary
 
-    def embed(ids, task) -> np.ndarray:
-        return model.user_embeddings(log_, cases(ids, task), task=model.task_index(task.name))
+    def tune(task, ids, y, t) -> dict:
+        summary = model.history_summary(log_, cases(ids, task), catalog) if cfg.history_summary else None
+        width = model.net.hidden_size + (0 if summary is None else summary.shape[1])
+        head = build_head(task, width, cfg)
+        return tune_task_token(model, log_, cases(ids, task), y, t, model.task_index(task.name), head, cfg.task_token, summary)
+
+    def embed(ids, task) -> np.ndarray | dict[str, np.ndarray]:
+        if not cfg.history_summary:
+            return model.user_embeddings(log_, cases(ids, task), model.task_index(task.name), catalog)
+        both = model.user_embeddings(log_, cases(ids, task), model.task_index(task.name), catalog, history_summary=True)
+        return head_inputs(both, model.net.hidden_size)  # each task keeps the input with the lowest held-out loss
 
     def keep(task, head, scores) -> None:
-        save_head(out / "heads", task, head, task_token=model.task_index(task.name))
+        inputs = scores["input"] if cfg.history_summary else "state"
+        save_head(out / "heads", task, head, task_token=model.task_index(task.name), inputs=inputs)
         if task.kind == "uplift":
             curves = {"GTS-LUM (task token + head)": scores["head"]}
             if "table_gbt" in scores:

@@ -42,10 +42,13 @@ def tune_task_token(
     task_index: int,
     head: LabelHead | UpliftHead,
     cfg: TaskTokenConfig,
+    summary: np.ndarray | None = None,
 ) -> dict:
     """Train row `task_index` of `model.net.task_tokens` (and `head`) on cases (one per user) and labels.
 
-    Every other weight of the network stays as it is. Returns stats (epochs, held-out loss per epoch)."""
+    `summary` (N, D): fixed features of each case the head reads after the decoder's state (the history
+    summary, `model.history_summary`). Every other weight of the network stays as it is. Returns stats
+    (epochs, held-out loss per epoch)."""
     net = model.net
     started = time.perf_counter()
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.float32, device=model.device)
@@ -57,12 +60,15 @@ def tune_task_token(
     tokens = model.sequences(log_, cases)
     history_end = np.asarray(cases.history_end)
     task = torch.tensor([task_index], device=model.device)
+    extra = None if summary is None else torch.as_tensor(np.asarray(summary), dtype=torch.float32, device=model.device)
 
     def states(rows: np.ndarray) -> torch.Tensor:
-        """(N, H) user embeddings of cases `rows` with the task token in front; grad to the token only."""
+        """(N, H [+ D]) user embeddings of cases `rows` with the task token in front (then the summary); grad
+        to the token only."""
         with torch.no_grad():
             ctx = net.context(model.batch(tokens.subset(rows), log_, history_end[rows]))
-        return net.user_states(ctx, task=task.expand(len(rows)))
+        state = net.user_states(ctx, task=task.expand(len(rows)))
+        return state if extra is None else torch.cat([state, extra[torch.as_tensor(rows, device=model.device)]], 1)
 
     def loss_of(rows: np.ndarray) -> torch.Tensor:
         idx = torch.as_tensor(rows, device=model.device)
