@@ -89,13 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     params = {**load_params(args.params), **dict(_param(p) for p in args.param)}
     # The pipelines' defaults name KFP's bucket (minio://mlpipeline/...), which a local run has not:
     # here the registry lives beside the run's outputs and the export is `make load-bench`'s.
-    local_defaults = {"training": {"registry": str(args.output / "registry")}, "batch_scoring": {"export_uri": "runs/export"}}
-    params = {**local_defaults[args.pipeline], **params}
+    registry = args.output / "registry"
     if not os.environ.get("GTS_LUM_PSEUDONYM_KEY"):
         # Feast keys users by a keyed hash; the key is never written to a file. Without one this run
-        # makes a throw-away key: its feature store is then readable only within the run.
+        # makes a throw-away key: its feature store, and the exports it registers, are then readable only
+        # within the run, so its champion-challenger gate starts from a registry of its own.
         os.environ["GTS_LUM_PSEUDONYM_KEY"] = secrets.token_hex(32)
-        log.warning("GTS_LUM_PSEUDONYM_KEY is unset: using a throw-away key for this run's feature store")
+        registry = args.output / "registry-throwaway" / time.strftime("%Y%m%d-%H%M%S")
+        log.warning(
+            "GTS_LUM_PSEUDONYM_KEY is unset: using a throw-away key for this run's feature store and a registry of its own "
+            "(%s; set the key to keep one registry across runs)",
+            registry,
+        )
+    local_defaults = {"training": {"registry": str(registry)}, "batch_scoring": {"export_uri": "runs/export"}}
+    params = {**local_defaults[args.pipeline], **params}
     run_dir = run(args.pipeline, args.output, params)
     text = report(run_dir)
     print(text)
