@@ -29,7 +29,8 @@ def test_training_throughput_compares_positions_per_second(tmp_path):
     out = run_speed_benchmarks(["training"], tmp_path, quick=True, data="synth:tiny", device="cpu", width=32, layers=1)[
         "training_throughput"
     ]
-    for name in ("GTS-LUM", "HSTU"):
+    for name in ("GTS-LUM", "GTS-LUM (validated)", "HSTU"):
         row = out["models"][name]
         assert row["positions_per_s"] > 0 and row["cases_per_s"] > 0 and row["loss_last_epoch"] < row["loss_first_epoch"]
     assert out["device"] == "cpu" and out["hstu_over_gts_lum"] > 0 and out["target_aware_candidates_per_s"] > 0
+    assert out["hstu_over_gts_lum_validated"] > 0
