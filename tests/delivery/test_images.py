@@ -13,6 +13,7 @@ import importlib.util
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,13 @@ def test_dockerfiles_are_there():
 # -- the checks -------------------------------------------------------------------------------------
 
 
+def tracked_files(folder: str) -> list[str]:
+    """Paths (relative to the repository) of the files git tracks or would track under `folder`."""
+    command = ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", folder]
+    listed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    return [line for line in listed.stdout.splitlines() if (REPO / line).is_file()]
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_copy_sources_exist_and_are_in_the_build_context(path):
     for stage in stages(path):
@@ -117,16 +125,9 @@ def test_copy_sources_exist_and_are_in_the_build_context(path):
             for source in sources:
                 where = REPO / source
                 assert where.exists(), f"{path.name}: COPY {source}: no such path in the repository"
-                # build leftovers (bytecode, egg-info) stay out on purpose
-                files = (
-                    [where]
-                    if where.is_file()
-                    else [
-                        f
-                        for f in where.rglob("*")
-                        if f.is_file() and not any(p == "__pycache__" or p.endswith(".egg-info") for p in f.parts)
-                    ]
-                )
+                # the repository's files: build leftovers and local run data (git-ignored, e.g. the feature store
+                # a local demo run writes) stay out of the image on purpose
+                files = [where] if where.is_file() else [REPO / f for f in tracked_files(source)]
                 assert files, f"{path.name}: COPY {source} is empty"
                 for f in files:
                     rel = f.relative_to(REPO).as_posix()
