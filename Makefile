@@ -34,6 +34,9 @@ bench: $(BIN)/gts-lum
 	$(BIN)/gts-lum bench --config synth --out runs/bench/synth
 	$(BIN)/gts-lum table-auc --out runs/bench/table_auc
 	$(BIN)/gts-lum bench --config gts_lum_movielens --out runs/bench/gts_lum_movielens
+	OMP_NUM_THREADS=1 $(BIN)/gts-lum bench --config gts_lum_movielens --models "HSTU,GTS-LUM,GTS-LUM (validated)" \
+	    --set "seeds=[0,1,2]" --out runs/bench/ml3
+	OMP_NUM_THREADS=1 $(BIN)/gts-lum bench --config gts_lum_movielens_validated --out runs/bench/gts_lum_movielens_validated
 	$(BIN)/gts-lum bench --config gts_lum_synth --out runs/bench/gts_lum_synth
 	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" --set phase1=null \
 	    --set model_overrides.gts_lum.train.patience=4 \
@@ -52,10 +55,12 @@ bench: $(BIN)/gts-lum
 	    --out runs/bench/gts_lum_movielens_seeds --models "Markov,GTS-LUM,target end,target none"
 
 # Serving load on loopback with the model `make demo` trained (run `make demo` first).
+# The export names users by pseudonym: without GTS_LUM_PSEUDONYM_KEY a throw-away key serves this bench.
 load-bench: $(BIN)/gts-lum
 	rm -rf runs/export
+	export GTS_LUM_PSEUDONYM_KEY=$${GTS_LUM_PSEUDONYM_KEY:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(32))')} && \
 	$(BIN)/gts-lum export $$(ls -d runs/demo/local_outputs/*/ | tail -1)train-gts-lum/model --out runs/export \
-	    --sequences $$(ls -d runs/demo/local_outputs/*/ | tail -1)build-sequences/sequences
+	    --sequences $$(ls -d runs/demo/local_outputs/*/ | tail -1)build-sequences/sequences && \
 	$(BIN)/gts-lum load-bench runs/export --requests 100 --concurrency 1 --concurrency 4 --out runs/bench/load
 
 # On a CUDA machine: phase II in bf16 at width 512 (4 layers) beside HSTU on the demo simulator, positions/s
