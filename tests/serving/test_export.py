@@ -176,3 +176,28 @@ def test_the_history_summary_is_the_mean_fused_embedding_of_the_whole_history(of
     np.testing.assert_allclose(both[:, : model.net.hidden_size], model.user_embeddings(offline.log, case), rtol=1e-5, atol=1e-6)
     assert both.shape == (1, 2 * model.net.hidden_size)
     assert offline.serving.heads["churn"].inputs == "state+summary"  # the fixture's head reads both, through the export
+
+
+def test_each_head_reads_the_input_it_was_fitted_on(offline):
+    """A head saved with inputs "summary" is served from the history summary alone, "state" from the state alone."""
+    import dataclasses
+
+    import torch
+
+    serving, model = offline.serving, offline.serving.model
+    churn = serving.heads["churn"]
+    case = offline.case(4)
+    hidden = model.net.hidden_size
+    for inputs, expected_input in (
+        ("summary", model.history_summary(offline.log, case)),
+        ("state", model.user_embeddings(offline.log, case)),
+    ):
+        head = type(churn.head)(hidden, churn.task)  # an unfitted head of the input's width
+        with torch.no_grad():
+            head.net.weight.normal_()
+        serving.heads["probe"] = dataclasses.replace(churn, head=head.eval(), inputs=inputs)
+        try:
+            got = serving.head_outputs(offline.log, case, ["probe"])[0]["probe"]["probability"]
+        finally:
+            del serving.heads["probe"]
+        assert got == pytest.approx(float(head.predict_proba(torch.as_tensor(expected_input))[0]), abs=1e-6)

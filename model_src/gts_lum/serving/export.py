@@ -378,8 +378,13 @@ class ServingModel:
         for name in names:
             spec = self.heads[name]
             with self._lock:
-                both = self.model.user_embeddings(self._profile_log(log_), cases, spec.task_token, self.catalog_cache, history_summary=True)
-                emb = torch.as_tensor(head_inputs(both, self.model.net.hidden_size)[spec.inputs]).float()
+                profiled = self._profile_log(log_)
+                if spec.inputs == "summary":  # no decoder pass: the head reads the history's mean b^F only
+                    emb = self.model.history_summary(profiled, cases, self.catalog_cache)
+                else:
+                    both = spec.inputs == "state+summary"
+                    emb = self.model.user_embeddings(profiled, cases, spec.task_token, self.catalog_cache, history_summary=both)
+                emb = torch.as_tensor(emb).float()
             if isinstance(spec.head, UpliftHead):
                 p = spec.head.predict_proba(emb).numpy()
                 values = [{"uplift": float(r[1] - r[0]), "p_control": float(r[0]), "p_treated": float(r[1])} for r in p]
