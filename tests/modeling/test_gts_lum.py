@@ -329,6 +329,46 @@ def test_logq_correction_shifts_each_candidate_by_its_inclusion_chance(cycle_dat
     assert abs(even - plain) < 1e-4 and abs(loss(skewed) - plain) > 1e-2
 
 
+def test_drawn_in_batch_negatives_score_each_positive_beside_n_drawn_targets(cycle_data, one_thread_module):
+    """`train.in_batch_negatives: N`: each prefix's positive against the uniform samples and N prefixes'
+    targets drawn at random (a column equal to the positive masked), not against every target of the step;
+    a cap above the step's prefixes is the uncapped objective."""
+    model = build(cycle_data)
+    net, split = model.net, cycle_data.split()
+    net.eval()
+    cases = split.test.subset(np.arange(8))
+    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
+    positives = torch.as_tensor(cases.target.astype(np.int64))
+    sampled = torch.arange(4)
+
+    def loss(cap):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return net(batch, positives, sampled, 0, 1.0, 0.0, in_batch_negatives=cap)
+
+    every, capped = loss(None), loss(3)
+    assert float(loss(10**6)["agnostic"]) == float(every["agnostic"])
+    assert float(capped["prefixes"]) == float(every["prefixes"]) > 3
+    # the objective by hand, from the network's public parts
+    nxt = torch.as_tensor(batch.next_event)
+    targets = torch.cat([positives, nxt[nxt >= 0]])
+    candidates = torch.unique(torch.cat([targets, sampled]))
+    with torch.no_grad():
+        ctx = net.context(batch, extra_behaviors=candidates)
+        items = net.item_embeddings(net.lookup(ctx, candidates))
+        last, hist = net.user_states(ctx, history_states=True)
+        users = F.normalize(torch.cat([last, hist[nxt >= 0]]), dim=-1)
+    label = torch.searchsorted(candidates, targets)
+    torch.manual_seed(0)
+    drawn = label[torch.randint(len(label), (3,))]
+    columns = torch.unique(torch.cat([torch.searchsorted(candidates, sampled), drawn]))
+    assert len(columns) < len(candidates)
+    pos = (users * items[label]).sum(-1, keepdim=True)
+    neg = (users @ items[columns].T).masked_fill(columns[None] == label[:, None], -torch.inf)
+    expected = F.cross_entropy(torch.cat([pos, neg], 1) * net.scale.detach(), torch.zeros(len(label), dtype=torch.long))
+    assert float(capped["agnostic"]) == pytest.approx(float(expected), abs=1e-5)
+
+
 def test_semantic_id_prefix_embeddings_give_each_behaviour_its_own_vector(cycle_data, one_thread_module):
     from gts_lum.tokenizer.semantic_ids import semantic_id_prefixes
 

@@ -501,6 +501,7 @@ class GTSLUMNetwork(nn.Module):
         hard_negative_pool: int | None = None,  # None: every target candidate of the batch (the trainer passes the re-ranking list size)
         target_frequency: torch.Tensor | None = None,  # (num_behaviors,) share of the training targets: logQ correction
         pool_size: int | None = None,  # how many behaviours `sampled` is drawn from (uniformly, with replacement)
+        in_batch_negatives: int | None = None,  # None: every prefix's target is a column; N: N of them drawn
     ) -> dict[str, torch.Tensor]:
         """Phase II: two InfoNCE terms, each over ONE scoring path (never mixed in one softmax).
 
@@ -510,10 +511,14 @@ class GTSLUMNetwork(nn.Module):
             behaviour token (target: the log event right after it, `SequenceBatch.next_event`, which the
             interval cap or the dedup may have left out of the tokens), so one pass trains as many
             prefixes as the sequence has behaviours. Behaviours are unique columns, so a negative equal
-            to the positive (a false negative) cannot occur. With `target_frequency`, each candidate's
-            logit is lowered by log q, q its chance to be among a step's candidates (as the target of one
-            of the step's prefixes, drawn by popularity, or among the uniform draws): the correction of
-            a sampled softmax towards the full one.
+            to the positive (a false negative) cannot occur. With `in_batch_negatives`, the in-batch
+            columns are that many prefixes' targets drawn at random (popularity-distributed, as the
+            sequential baselines draw theirs) and each prefix's own positive is scored beside them:
+            every column set is then (P, S + N), linear in the batch's prefixes (P, P) with every target
+            as a column grows with the square of a long batch. With `target_frequency`, each candidate's
+            logit is lowered by log q, q its chance to be among a step's candidates (drawn by popularity
+            as a prefix's target, or among the uniform draws): the correction of a sampled softmax
+            towards the full one.
         target-aware: the re-ranking stage's situation at scoring time. Cases whose positive the agnostic
             score ranks in its top `hard_negative_pool` (of the batch's target candidates) score the
             positive and `hard_negatives` negatives drawn uniformly from that top list, each a decoder
@@ -531,45 +536,98 @@ class GTSLUMNetwork(nn.Module):
             own_ok &= allowed_targets[positives.clamp_min(0)]
         own = torch.nonzero(own_ok).squeeze(1)  # (B',) cases with a positive
         positives = positives[own]
-        candidates = torch.unique(torch.cat([positives, sampled, nxt[prefix_ok]]))  # (U,)
+        targets = torch.cat([positives, nxt[prefix_ok]])  # (B' + P,) each prefix's next behaviour, the cases' own first
+        candidates = torch.unique(torch.cat([targets, sampled]))  # (U,) every behaviour the step touches
         ctx = self.context(batch, extra_behaviors=candidates)
         items = self.item_embeddings(self.lookup(ctx, candidates))  # (U, H)
         last, hist = self.user_states(ctx, history_states=True)  # (B, H), (B, L, H)
-        states = torch.cat([last[own], hist[prefix_ok]])  # (B' + P, H): the cases' own prefixes first
-        scores = F.normalize(states, dim=-1) @ items.T * self.scale  # (B' + P, U)
-        label = torch.searchsorted(candidates, torch.cat([positives, nxt[prefix_ok]]))
-        logits = scores
+        users = F.normalize(torch.cat([last[own], hist[prefix_ok]]), dim=-1)  # (B' + P, H)
+        label = torch.searchsorted(candidates, targets)
+        draws = len(label) if in_batch_negatives is None else min(in_batch_negatives, len(label))
+        log_q = None
         if target_frequency is not None:
             pool = pool_size or len(target_frequency)
-            miss = (1.0 - target_frequency[candidates]).pow(len(label)) * (1.0 - 1.0 / pool) ** len(sampled)
-            logits = scores - torch.log1p(-miss).clamp_min(-30.0)  # log q, q = 1 - P(never drawn)
-        # a batch without any target position (possible where targets are a small subset) trains nothing
-        loss_agnostic = F.cross_entropy(logits, label) if len(label) else logits.sum() * 0.0
+            miss = (1.0 - target_frequency[candidates]).pow(draws) * (1.0 - 1.0 / pool) ** len(sampled)
+            log_q = torch.log1p(-miss).clamp_min(-30.0)  # (U,) log q, q = 1 - P(never drawn)
+        own_scores = None
+        if draws == len(label):  # every candidate a column: one softmax over them
+            scores = users @ items.T * self.scale  # (B' + P, U)
+            own_scores = scores[: len(positives)]
+            logits = scores if log_q is None else scores - log_q
+            # a batch without any target position (possible where targets are a small subset) trains nothing
+            loss_agnostic = F.cross_entropy(logits, label) if len(label) else logits.sum() * 0.0
+        else:
+            loss_agnostic = self._drawn_columns_loss(users, items, label, candidates, sampled, draws, log_q)
         out = {"agnostic": loss_agnostic.detach(), "scale": self.scale.detach(), "prefixes": torch.tensor(float(len(label)))}
         loss = agnostic_weight * loss_agnostic
-        scores, label = scores[: len(positives)], label[: len(positives)]
+        if hard_negatives > 0 and aware_weight > 0 and self.cfg.target_placement != "none" and len(own):
+            if own_scores is None:
+                own_scores = users[: len(positives)] @ items.T * self.scale  # (B', U)
+            aware = self._aware_loss(
+                ctx, own, positives, own_scores, label[: len(positives)], candidates, hard_negatives, allowed_targets, hard_negative_pool
+            )
+            if aware is not None:
+                trained, loss_aware = aware
+                out["aware_cases"] = torch.tensor(trained / len(positives))
+                if trained:
+                    out["aware"] = loss_aware.detach() / trained
+                    # a mean over the batch (cases outside the top list add 0): a mean over the few eligible
+                    # cases gave a step with one of them a full-weight, noisy gradient that set back the agnostic term
+                    loss = loss + aware_weight * loss_aware / len(label)
+        out["loss"] = loss
+        return out
+
+    def _drawn_columns_loss(
+        self,
+        users: torch.Tensor,  # (P, H) unit states
+        items: torch.Tensor,  # (U, H) unit item vectors of `candidates`
+        label: torch.Tensor,  # (P,) each state's positive, an index into `candidates`
+        candidates: torch.Tensor,  # (U,)
+        sampled: torch.Tensor,  # (S,)
+        draws: int,
+        log_q: torch.Tensor | None,  # (U,)
+    ) -> torch.Tensor:
+        """InfoNCE of each state's positive against the uniform samples and `draws` in-batch targets drawn
+        at random (torch's generator, seeded by the step); a column equal to the row's positive is masked."""
+        drawn = label[torch.randint(len(label), (draws,), device=self.device)]
+        columns = torch.unique(torch.cat([torch.searchsorted(candidates, sampled), drawn]))  # (C,)
+        neg = users @ items[columns].T * self.scale  # (P, C)
+        pos = (users * items[label]).sum(-1, keepdim=True) * self.scale  # (P, 1)
+        if log_q is not None:
+            neg, pos = neg - log_q[columns], pos - log_q[label][:, None]
+        neg = neg.masked_fill(columns[None] == label[:, None], -torch.inf)
+        logits = torch.cat([pos, neg], 1)
+        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=self.device))
+
+    def _aware_loss(
+        self,
+        ctx: dict,
+        own: torch.Tensor,  # (B',) the batch rows of the cases with a positive
+        positives: torch.Tensor,  # (B',)
+        scores: torch.Tensor,  # (B', U) their agnostic scores against `candidates`
+        label: torch.Tensor,  # (B',) the positives' columns
+        candidates: torch.Tensor,  # (U,)
+        hard_negatives: int,
+        allowed_targets: torch.Tensor | None,
+        hard_negative_pool: int | None,
+    ) -> tuple[int, torch.Tensor | None] | None:
+        """(cases trained, their summed loss) of the target-aware term (see `forward`): None when the
+        candidates leave no negative to draw, a loss of None when no case's positive made the list."""
         target_ok = allowed_targets[candidates] if allowed_targets is not None else torch.ones_like(candidates, dtype=torch.bool)
         pool = int(target_ok.sum()) - 1 if hard_negative_pool is None else min(hard_negative_pool, int(target_ok.sum()) - 1)
         k = min(hard_negatives, pool)
-        if k > 0 and aware_weight > 0 and self.cfg.target_placement != "none" and len(own):
-            with torch.no_grad():
-                rows = torch.arange(len(label), device=self.device)
-                masked = scores.detach().masked_fill(~target_ok, -torch.inf)  # competitors at scoring time only
-                rank = (masked > masked[rows, label][:, None]).sum(1)  # (B',) the positive's agnostic rank
-                masked[rows, label] = -torch.inf
-                top = masked.topk(pool, dim=1).indices  # (B', pool) the re-ranking list without the positive
-                pick = torch.rand(top.shape, device=self.device).topk(k, dim=1).indices  # k uniform draws
-                hard = candidates[top.gather(1, pick)]  # (B', k)
-                cases = torch.nonzero(rank < pool).squeeze(1)
-            out["aware_cases"] = torch.tensor(len(cases) / max(len(label), 1))
-            if len(cases):
-                logits = self.aware_scores(
-                    ctx, torch.cat([positives[cases, None], hard[cases]], 1), chunk=len(cases) * (k + 1), cases=own[cases]
-                )
-                loss_aware = F.cross_entropy(logits, torch.zeros(len(cases), dtype=torch.long, device=self.device), reduction="sum")
-                out["aware"] = loss_aware.detach() / len(cases)
-                # a mean over the batch (cases outside the top list add 0): a mean over the few eligible
-                # cases gave a step with one of them a full-weight, noisy gradient that set back the agnostic term
-                loss = loss + aware_weight * loss_aware / len(label)
-        out["loss"] = loss
-        return out
+        if k <= 0:
+            return None
+        with torch.no_grad():
+            rows = torch.arange(len(label), device=self.device)
+            masked = scores.detach().masked_fill(~target_ok, -torch.inf)  # competitors at scoring time only
+            rank = (masked > masked[rows, label][:, None]).sum(1)  # (B',) the positive's agnostic rank
+            masked[rows, label] = -torch.inf
+            top = masked.topk(pool, dim=1).indices  # (B', pool) the re-ranking list without the positive
+            pick = torch.rand(top.shape, device=self.device).topk(k, dim=1).indices  # k uniform draws
+            hard = candidates[top.gather(1, pick)]  # (B', k)
+            cases = torch.nonzero(rank < pool).squeeze(1)
+        if not len(cases):
+            return 0, None
+        logits = self.aware_scores(ctx, torch.cat([positives[cases, None], hard[cases]], 1), chunk=len(cases) * (k + 1), cases=own[cases])
+        return len(cases), F.cross_entropy(logits, torch.zeros(len(cases), dtype=torch.long, device=self.device), reduction="sum")

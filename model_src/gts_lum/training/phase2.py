@@ -55,6 +55,11 @@ class Phase2Config:
     # uncorrected, a popular behaviour is a negative at nearly every step and a rare one almost never,
     # and the model learns to rank rare behaviours too high. No effect with the full softmax (None above).
     logq_correction: bool = True
+    # in-batch negatives: None, every prefix's target in the step is a column for every prefix (a (P, P)
+    # product: a batch of long windows costs the square of its prefixes); N, N of those targets drawn
+    # at random (by popularity, logQ-corrected like the uniform ones) with each prefix's own positive
+    # scored beside them: a step's loss is linear in its prefixes, as the sequential baselines' is
+    in_batch_negatives: int | None = None
     # What phase II learns to predict where the split ranks a subset of behaviours (e.g. the next OTT
     # service): "split", only next events in that subset (negatives from it too); "all", every next event
     # against every behaviour, as the sequential baselines train (far more positions per window; the
@@ -84,6 +89,8 @@ class Phase2Config:
             raise ValueError(f"Phase2Config.targets {self.targets!r}: use 'split' or 'all'")
         if self.valid_holdout_events < 0:
             raise ValueError(f"Phase2Config.valid_holdout_events must be >= 0, got {self.valid_holdout_events}")
+        if self.in_batch_negatives is not None and self.in_batch_negatives < 1:
+            raise ValueError(f"Phase2Config.in_batch_negatives must be >= 1 or null, got {self.in_batch_negatives}")
 
 
 def training_windows(train: EventLog, build, targets: np.ndarray | None = None) -> tuple[EvalSet, TokenSequences]:
@@ -203,6 +210,7 @@ class Phase2Task:
                 self.list_size,
                 self.frequency,
                 len(self.pool),
+                cfg.in_batch_negatives,
             )
         out["positions"] = out.pop("prefixes")
         out["cases"] = torch.tensor(float(len(idx)))
