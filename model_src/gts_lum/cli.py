@@ -220,34 +220,32 @@ def cmd_features(args) -> None:
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gts-lum", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable), e.g. --set users=500"
+    )
 
-    def overrides(p):
-        p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable), e.g. --set users=500"
-        )
 
+def _add_data_commands(sub) -> None:
+    """Sub-commands that bring data in and shape it: synth, ingest, validate, sequences."""
     p = sub.add_parser("synth", help="write a synthetic telecom operator data set in the data contract")
     p.add_argument("--config", default="demo", help="a config in gts_lum/configs/synth (tiny, demo, bench) or a YAML path")
     p.add_argument("--out", required=True, help="output folder")
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("ingest", help="bring a data set in (simulate / adapt) and validate it into a clean folder")
     p.add_argument("source", help="synth:NAME, a contract folder, or another layout with --mapping")
     p.add_argument("--mapping", help="column mapping YAML, e.g. pkg:adapters/movielens.yaml")
     p.add_argument("--out", required=True, help="work folder (raw/ and clean/ are written inside)")
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("validate", help="validate a contract folder: clean tables, quarantine, summary")
     p.add_argument("raw", help="data set folder in the contract layout")
     p.add_argument("--out", required=True)
     p.add_argument("--config", help="ValidationConfig YAML")
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("sequences", help="timestamp process: build the token sequences and the split of a clean data set")
@@ -258,21 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", action="append", default=[], metavar="KEY=VALUE", help="override a split setting, e.g. --split target_filter=type=ott"
     )
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_sequences)
 
+
+def _add_encoder_commands(sub) -> None:
+    """Sub-commands of the behaviour and user encoders: semantic IDs, graph, tables, Q-former phase I."""
     p = sub.add_parser("semantic-ids", help="semantic tokenizer: text embeddings -> spectral-clustering tree -> semantic IDs")
     p.add_argument("clean", help="a validated data set folder (its behaviours table)")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="pkg:tokenizer/default.yaml")
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_semantic_ids)
 
     p = sub.add_parser("graph", help="behaviour co-occurrence graph of the training events -> node2vec embeddings")
     p.add_argument("sequences", help="output folder of `gts-lum sequences` (its training split)")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="pkg:encoders/graph.yaml")
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("tables", help="table encoders: an embedding per behaviour (attributes) and per user (profile)")
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="behavior_table.npz of `gts-lum tables`")
     p.add_argument("--config", default="pkg:qformer/default.yaml")
     p.add_argument("--out", required=True)
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_phase1)
 
     p = sub.add_parser("phase1-bench", help="time phase I, report held-out alignment, and an epoch at the paper's scale")
@@ -300,9 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="optimizer steps to train and time")
     p.add_argument("--paper-catalog", type=int, default=10_000, help="assumed catalog size of the paper's data (not published)")
     p.add_argument("--out", default="runs/bench/phase1")
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_phase1_bench)
 
+
+def _add_model_commands(sub) -> None:
+    """Sub-commands that train, evaluate and benchmark models."""
     p = sub.add_parser("train", help="train a registered model on a sequence data set; saves safetensors + model.yaml")
     p.add_argument("sequences", help="output folder of `gts-lum sequences`")
     p.add_argument("--model", default="sasrec", help="popularity, markov, sasrec, hstu, ...")
@@ -310,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (NPU, else CUDA, else CPU), npu, cuda or cpu")
     p.add_argument("--checkpoints", help="checkpoint folder (GTS-LUM): resumes from it after an interruption")
     p.add_argument("--out", required=True)
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="rank the test cases with saved models (the last one is the Impv. reference)")
@@ -323,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="movielens", help="a bench config in gts_lum/configs/bench or a YAML path")
     p.add_argument("--models", help="comma-separated model names or entry labels (overrides the config's list)")
     p.add_argument("--out", required=True)
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -339,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="churn", help="the labels' task to predict (0/1)")
     p.add_argument("--out", default="runs/bench/table_auc")
     p.add_argument("--no-text", action="store_true", help="skip the text encoder (slow on CPU)")
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_table_auc)
 
     p = sub.add_parser("speed", help="speed benchmarks (simulator, validation, sequence building, spectral tree, graph, scoring, training)")
@@ -363,9 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", required=True, help="the validated data set with the labels (and users) tables")
     p.add_argument("--config", default="pkg:heads/default.yaml")
     p.add_argument("--out", required=True)
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_labels)
 
+
+def _add_serving_commands(sub) -> None:
+    """Sub-commands of the serving side: export, serve, batch scoring, load bench, the feature store."""
     p = sub.add_parser("export", help="serving export of a saved GTS-LUM model: weights, assets, catalog ids, heads, serving.yaml")
     p.add_argument("model", help="a saved GTS-LUM model folder (`gts-lum train --model gts_lum`)")
     p.add_argument("--out", required=True, help="a new (or empty) folder")
@@ -427,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--repo", default="feature_repo")
     f.add_argument("--config", help="feature_store.yaml relative to the repo")
     p.set_defaults(func=cmd_features)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gts-lum", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_commands in (_add_data_commands, _add_encoder_commands, _add_model_commands, _add_serving_commands):
+        add_commands(sub)  # in this order: `gts-lum --help` lists the sub-commands as the pipeline runs them
     return parser
 
 

@@ -332,17 +332,11 @@ class Catalog:
         return tuple(COUNTRIES[: self.roaming.shape[0]])
 
 
-def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int = 12) -> Catalog:
-    """The behaviour catalogue for `num_apps` OTT apps, `num_regions` home regions and `num_countries` roaming destinations."""
-    if num_apps < len(CATEGORIES):
-        raise ValueError(f"num_apps={num_apps}: need at least one app per category ({len(CATEGORIES)})")
-    if not 1 <= num_regions <= len(REGIONS):
-        raise ValueError(f"num_regions={num_regions}: must lie in [1, {len(REGIONS)}]")
-    if not 1 <= num_countries <= len(COUNTRIES):
-        raise ValueError(f"num_countries={num_countries}: must lie in [1, {len(COUNTRIES)}]")
-    names, category = app_names(num_apps)
-    rows = _Rows()
-    A = num_apps
+def _app_rows(rows: _Rows, names: np.ndarray, category: np.ndarray) -> dict:
+    """OTT sessions (app x action x network) and the per-app extras some categories have.
+
+    Each `_*_rows` adds one family of rows and returns its lookup tables (fields of `Catalog`)."""
+    A = len(names)
 
     def app_row(a: int, key: str, text: str, type: str, family: str, source: str, unit: str | None, network: str | None = None):
         cat = CATEGORIES[category[a]]
@@ -391,6 +385,11 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
             app_addon[a] = rows.add(
                 **app_row(a, "addon", f"Subscribes to the {names[a]} streaming add-on bundle", "plan", "plan_addon", "bss", "currency")
             )
+    return dict(ott=ott, video_incident=video_incident, gaming_lag=gaming_lag, app_addon=app_addon)
+
+
+def _voice_and_sms_rows(rows: _Rows) -> dict:
+    """Voice calls (kind x direction x length x voice network), call incidents and the redial, SMS."""
 
     def voice_row(k, d, length, n):
         kind = CALL_KINDS[k]
@@ -425,6 +424,11 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
         (len(SMS_KINDS),),
         lambda k: dict(behavior_id=f"sms.{SMS_KINDS[k][0]}", description=SMS_KINDS[k][1], type="sms", family="sms", source="cdr"),
     )
+    return dict(voice=voice, call_drop=call_drop, redial=redial, call_setup_failure=call_setup_failure, sms=sms)
+
+
+def _data_rows(rows: _Rows) -> dict:
+    """Mobile data sessions (network x size), tethering and data incidents."""
     data = rows.grid(
         (3, 3),
         lambda n, s: dict(
@@ -462,6 +466,11 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
     data_lost = rows.add(
         "incident.data_lost", "Mobile data connection is lost and re-established", "incident", "incident_data", "signalling"
     )
+    return dict(data=data, tethering=tethering, slow_data=slow_data, data_lost=data_lost)
+
+
+def _location_rows(rows: _Rows, num_regions: int, num_countries: int) -> dict:
+    """Location updates at home, transit and roaming abroad."""
     location = rows.grid(
         (num_regions, 3, 2),
         lambda r, c, n: dict(
@@ -496,6 +505,11 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
             country=COUNTRIES[c].removeprefix("the "),
         ),
     )
+    return dict(location=location, transit=transit, roaming=roaming)
+
+
+def _usage_rows(rows: _Rows) -> dict:
+    """Daily usage summaries (data and voice bands)."""
     daily_data = rows.grid(
         (4,),
         lambda b: dict(
@@ -520,6 +534,11 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
             value_unit="minutes",
         ),
     )
+    return dict(daily_data=daily_data, daily_voice=daily_voice)
+
+
+def _billing_rows(rows: _Rows) -> dict:
+    """Bills, prepaid renewals, payments and top-ups."""
     bill = rows.grid(
         (4,),
         lambda t: dict(
@@ -569,6 +588,11 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
             value_unit="currency",
         ),
     )
+    return dict(bill=bill, renewal=renewal, bill_paid=bill_paid, overdue=overdue, topup=topup)
+
+
+def _plan_and_care_rows(rows: _Rows) -> dict:
+    """Plan changes and add-ons, customer-care complaints and inquiries."""
     upgrade = np.full(4, -1, np.int32)
     downgrade = np.full(4, -1, np.int32)
     for t in range(3):
@@ -620,6 +644,27 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
             source="crm",
         ),
     )
+    return dict(upgrade=upgrade, downgrade=downgrade, data_addon=data_addon, intl_pack=intl_pack, complaint=complaint, inquiry=inquiry)
+
+
+def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int = 12) -> Catalog:
+    """The behaviour catalogue for `num_apps` OTT apps, `num_regions` home regions and `num_countries` roaming destinations."""
+    if num_apps < len(CATEGORIES):
+        raise ValueError(f"num_apps={num_apps}: need at least one app per category ({len(CATEGORIES)})")
+    if not 1 <= num_regions <= len(REGIONS):
+        raise ValueError(f"num_regions={num_regions}: must lie in [1, {len(REGIONS)}]")
+    if not 1 <= num_countries <= len(COUNTRIES):
+        raise ValueError(f"num_countries={num_countries}: must lie in [1, {len(COUNTRIES)}]")
+    names, category = app_names(num_apps)
+    rows = _Rows()
+    # row order is behaviour index order: the families are added in this order
+    lookups = _app_rows(rows, names, category)
+    lookups |= _voice_and_sms_rows(rows)
+    lookups |= _data_rows(rows)
+    lookups |= _location_rows(rows, num_regions, num_countries)
+    lookups |= _usage_rows(rows)
+    lookups |= _billing_rows(rows)
+    lookups |= _plan_and_care_rows(rows)
 
     table = rows.frame()
     incident_kind = np.zeros(len(table), np.int8)
@@ -632,35 +677,7 @@ def build_catalog(num_apps: int = 96, num_regions: int = 8, num_countries: int =
         table=table,
         app_name=names,
         app_category=category,
-        ott=ott,
-        video_incident=video_incident,
-        gaming_lag=gaming_lag,
-        app_addon=app_addon,
-        voice=voice,
-        call_drop=call_drop,
-        redial=redial,
-        call_setup_failure=call_setup_failure,
-        sms=sms,
-        data=data,
-        tethering=tethering,
-        slow_data=slow_data,
-        data_lost=data_lost,
-        location=location,
-        transit=transit,
-        roaming=roaming,
-        daily_data=daily_data,
-        daily_voice=daily_voice,
-        bill=bill,
-        renewal=renewal,
-        bill_paid=bill_paid,
-        overdue=overdue,
-        topup=topup,
-        upgrade=upgrade,
-        downgrade=downgrade,
-        data_addon=data_addon,
-        intl_pack=intl_pack,
-        complaint=complaint,
-        inquiry=inquiry,
+        **lookups,
         incident_kind=incident_kind,
         source=source_codes.astype(np.int32),
         sources=np.asarray(sources, dtype=object),

@@ -625,6 +625,22 @@ class Episodes:
         return Episodes(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
 
 
+@dataclass
+class AppSessions:
+    """The app sessions of a shard's OTT episodes, one row per chain step (`ep`: its episode)."""
+
+    ep: np.ndarray
+    user: np.ndarray
+    day: np.ndarray
+    hour: np.ndarray  # local hour of the episode's start
+    app: np.ndarray
+    category: np.ndarray
+    action: np.ndarray
+    t: np.ndarray  # start, unix seconds
+    dur: np.ndarray  # seconds
+    net: np.ndarray  # 0 5G, 1 4G, 2 Wi-Fi
+
+
 TOD_PHRASES = ("late night", "morning rush hour", "morning", "lunch break", "afternoon", "evening rush hour", "evening")
 TOD_OF_HOUR = np.array([0] * 6 + [2] + [1] * 3 + [2] * 2 + [3] * 2 + [4] * 3 + [5] * 3 + [6] * 3 + [0])
 DAY_PHRASES = ("one day",) + tuple(f"{d} days" for d in range(2, 15)) + ("more than two weeks",)
@@ -840,8 +856,17 @@ class ShardSimulator:
 
     def ott(self, e: Episodes, abroad: np.ndarray, quality: np.ndarray) -> None:
         """App sessions in chains: same app, a related app, or a fresh draw from the user's taste."""
+        length, apps = self._app_chains(e, self._fresh_app_sampler(e))
+        s = self._app_sessions(e, length, apps, abroad)
+        self._app_incidents(s, quality)
+        self._shopping_orders(s)
+        self._app_scenarios(e, length, apps, s)
+
+    def _fresh_app_sampler(self, e: Episodes):
+        """`fresh(idx)`: an app for each episode `idx` drawn from its user's taste; a closure, so that the
+        (users x weekend x hour) sampling tables are built once per shard."""
         rng, p, catalog, world = self.rng, self.p, self.catalog, self.world
-        C, A, n = len(cat.CATEGORIES), catalog.num_apps, len(e.user)
+        C, A = len(cat.CATEGORIES), catalog.num_apps
         # taste: category by user x weekend x hour; app by user x category
         taste = np.array([a.categories for a in ARCHETYPES])[p.archetype] * rng.gamma(4.0, 0.25, (self.n, C))
         taste[:, [cat.CATEGORIES.index(c) for c in cat.VIDEO_LIKE]] *= TIER_STREAMING[p.tier][:, None]
@@ -863,6 +888,11 @@ class ShardSimulator:
             c = category_rows.sample(row[idx], rng)
             return c + C * app_rows.sample(e.user[idx] * C + c, rng)
 
+        return fresh
+
+    def _app_chains(self, e: Episodes, fresh) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) chain length and (n, MAX_CHAIN) app of each step (-1 past the end) of the n episodes."""
+        rng, world, n = self.rng, self.world, len(e.user)
         length = np.minimum(rng.geometric(1.0 - CHAIN_CONTINUE, n), MAX_CHAIN)
         apps = np.full((n, MAX_CHAIN), -1, np.int64)
         apps[:, 0] = fresh(np.arange(n))
@@ -875,23 +905,32 @@ class ShardSimulator:
             new = r >= P_SAME_APP + P_RELATED_APP
             nxt[new] = fresh(act[new])
             apps[act, j] = nxt
-        ep = np.repeat(np.arange(n), length)
+        return length, apps
+
+    def _app_sessions(self, e: Episodes, length: np.ndarray, apps: np.ndarray, abroad: np.ndarray) -> AppSessions:
+        """Emits one event per chain step (its time, network, action and volume) and returns the sessions."""
+        rng, p, catalog = self.rng, self.p, self.catalog
+        ep = np.repeat(np.arange(len(e.user)), length)
         app = apps[np.arange(MAX_CHAIN)[None, :] < length[:, None]]
-        user, hour = e.user[ep], e.hour[ep]
+        user, day, hour = e.user[ep], e.day[ep], e.hour[ep]
         category = catalog.app_category[app]
         N = len(app)
         minutes = _lognormal(rng, SESSION_MINUTES[category], 0.7, N)
         dur = np.maximum(minutes * 60.0, 10.0)
         t = self.chain_times(e.start, length, dur + rng.exponential(20.0, N))
-        away = abroad[user, e.day[ep]] >= 0
+        away = abroad[user, day] >= 0
         wifi = rng.random(N) < np.where(away, 0.8, np.where(p.home_broadband[user], 0.6, 0.3) * WIFI_HOURS[hour])
         net = np.where(wifi, 2, np.where(away | ~self.cellular_5g(user), 1, 0))
         action = CategoricalRows(ACTION_PROBS).sample(category, rng)
         self.emit(user, t, catalog.ott[app, action, net], value=minutes * MB_PER_MINUTE[category] * NET_MB[net], duration=dur)
+        return AppSessions(ep, user, day, hour, app, category, action, t, dur, net)
 
-        # incidents during video and gaming sessions
-        peak = np.where((hour >= 19) & (hour <= 22) & (net != 2), PEAK_CONGESTION, 1.0)
-        risk = quality[user, e.day[ep]] * NET_INCIDENT[net] * peak
+    def _app_incidents(self, s: AppSessions, quality: np.ndarray) -> None:
+        """Incidents during video and gaming sessions, likelier on a poor user-day and at the cellular evening peak."""
+        rng, catalog = self.rng, self.catalog
+        user, hour, app, t, dur, N = s.user, s.hour, s.app, s.t, s.dur, len(s.app)
+        peak = np.where((hour >= 19) & (hour <= 22) & (s.net != 2), PEAK_CONGESTION, 1.0)
+        risk = quality[user, s.day] * NET_INCIDENT[s.net] * peak
         video = catalog.video_incident[app, 0] >= 0
         hit = np.flatnonzero(video & (rng.random(N) < VIDEO_INCIDENT_BASE * risk))
         stall = t[hit] + (rng.uniform(0.1, 0.6, len(hit)) * np.minimum(dur[hit], 600.0)).astype(np.int64)
@@ -913,23 +952,26 @@ class ShardSimulator:
             value=rng.integers(150, 900, len(lag)),
         )
 
-        # an online order is confirmed by an SMS code
-        order = np.flatnonzero((category == C_SHOPPING) & (action == 1) & (rng.random(N) < 0.8))  # action 1: places an order
-        otp_t = t[order] + _uniform(rng, 20, 90, len(order))
-        self.emit(user[order], otp_t, np.full(len(order), catalog.sms[3]))
-        self.scenario("shopping_checkout", user[order], t[order], otp_t, app=app[order])
+    def _shopping_orders(self, s: AppSessions) -> None:
+        """An online order is confirmed by an SMS code."""
+        rng = self.rng
+        order = np.flatnonzero((s.category == C_SHOPPING) & (s.action == 1) & (rng.random(len(s.app)) < 0.8))  # action 1: places an order
+        otp_t = s.t[order] + _uniform(rng, 20, 90, len(order))
+        self.emit(s.user[order], otp_t, np.full(len(order), self.catalog.sms[3]))
+        self.scenario("shopping_checkout", s.user[order], s.t[order], otp_t, app=s.app[order])
 
-        # scenario windows over whole episodes
+    def _app_scenarios(self, e: Episodes, length: np.ndarray, apps: np.ndarray, s: AppSessions) -> None:
+        """Scenario windows over whole episodes: commute streaming, late-night gaming, weekend binge-watching."""
         first = np.cumsum(length) - length
         last = first + length - 1
-        ep_end = t[last] + dur[last].astype(np.int64)
-        first_cat = category[first]
-        commuter = np.array([a.commutes for a in ARCHETYPES])[p.archetype[e.user]]
+        ep_end = s.t[last] + s.dur[last].astype(np.int64)
+        first_cat = s.category[first]
+        commuter = np.array([a.commutes for a in ARCHETYPES])[self.p.archetype[e.user]]
         sel = np.flatnonzero(commuter & ~e.weekend & np.isin(e.hour, RUSH_HOURS))
         self.scenario("commute_streaming", e.user[sel], e.start[sel], ep_end[sel], tod=TOD_OF_HOUR[e.hour[sel]], app=apps[sel, 0])
         sel = np.flatnonzero((first_cat == C_GAMING) & np.isin(e.hour, (23, 0, 1, 2, 3)))
         self.scenario("late_night_gaming", e.user[sel], e.start[sel], ep_end[sel], app=apps[sel, 0])
-        video_steps = np.bincount(ep, weights=category == C_VIDEO, minlength=n)
+        video_steps = np.bincount(s.ep, weights=s.category == C_VIDEO, minlength=len(e.user))
         sel = np.flatnonzero(e.weekend & (first_cat == C_VIDEO) & (video_steps >= 3))
         self.scenario("weekend_binge", e.user[sel], e.start[sel], ep_end[sel], app=apps[sel, 0])
 

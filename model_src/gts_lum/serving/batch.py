@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,74 @@ def _write_manifest(path: Path, manifest: dict) -> None:
     _write_atomic(path, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
 
+@dataclass
+class _Plan:
+    """What a run scores: the users with a history, in chunks, and the settings a resumed run must repeat."""
+
+    log: EventLog
+    dropped: int  # events of behaviours outside the model's catalog
+    picked: np.ndarray  # log rows of the users scored
+    without_history: int  # users asked for but not scored
+    chunks: list[np.ndarray]
+    settings: dict
+
+
+def _plan(serving: ServingModel, data_dir: str | Path, users: list[str] | None, chunk_size: int, top_k: int) -> _Plan:
+    """Users without an event the model knows are left out (logged): they have nothing to rank on."""
+    log_, dropped = load_scoring_log(data_dir, serving.catalog)
+    picked = _user_indices(log_, users)
+    has_history = log_.lengths()[picked] > 0
+    if (~has_history).any():
+        log.warning("%d of %d users have no events the model knows; not scored", int((~has_history).sum()), len(picked))
+    picked = picked[has_history]
+    chunks = [picked[i : i + chunk_size] for i in range(0, len(picked), chunk_size)]
+    settings = {
+        "export_version": serving.version,
+        "data": str(Path(data_dir).resolve()),
+        "users_sha256": _users_sha256(log_.user_ids[picked]),
+        "chunk_size": chunk_size,
+        "top_k": top_k,
+        "rerank_depth": serving.model.cfg.rerank_depth,
+        "num_chunks": len(chunks),
+    }
+    return _Plan(log_, dropped, picked, int((~has_history).sum()), chunks, settings)
+
+
+def _open_manifest(out: Path, settings: dict) -> dict:
+    """The manifest of `out` (a new one for a new run) with every chunk it records that fails its check
+    dropped, so that the run scores those again; a run with other settings is an error."""
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"settings": settings, "done": {}}
+    if manifest["settings"] != settings:
+        changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
+        raise ValueError(f"{out} holds a batch run with other settings ({changed}); use a new out_dir or the same settings")
+    for stale in out.glob(".*.tmp"):  # a chunk or manifest a kill cut short
+        stale.unlink()
+    for key, entry in sorted(manifest["done"].items()):
+        problem = _chunk_problem(out / entry["file"], entry) if "users_sha256" in entry else "written without a user hash"
+        if problem is not None:
+            log.warning("%s: chunk %s is %s; scoring it again", out / entry["file"], key, problem)
+            del manifest["done"][key]
+    return manifest
+
+
+def _score_chunk(serving: ServingModel, log_: EventLog, users_i: np.ndarray, top_k: int, catalog: np.ndarray) -> pa.Table:
+    """The top-K rows of the users `users_i` (log rows), each ranked on their whole history."""
+    ends = log_.offsets[users_i + 1].astype(np.int64)
+    cases = EvalSet(users_i, ends, np.zeros(len(users_i), np.int32), log_.timestamp[ends - 1].astype(np.int64))
+    idx, scores = serving.rank(log_, cases, None, top_k)  # (B, K)
+    k = idx.shape[1]
+    return pa.table(
+        {
+            "user_id": np.repeat(log_.user_ids[users_i].astype(str), k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users_i)),
+            "behavior_id": catalog[idx.ravel()],
+            "score": scores.ravel().astype(np.float32),
+        },
+        schema=SCHEMA,
+    )
+
+
 def batch_score(
     export: str | Path | ServingModel,
     data_dir: str | Path,
@@ -134,34 +203,10 @@ def batch_score(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     serving = export if isinstance(export, ServingModel) else ServingModel(export, rerank_depth=rerank_depth)
-    log_, dropped = load_scoring_log(data_dir, serving.catalog)
-    picked = _user_indices(log_, users)
-    has_history = log_.lengths()[picked] > 0
-    if (~has_history).any():
-        log.warning("%d of %d users have no events the model knows; not scored", int((~has_history).sum()), len(picked))
-    picked = picked[has_history]
-    chunks = [picked[i : i + chunk_size] for i in range(0, len(picked), chunk_size)]
-    settings = {
-        "export_version": serving.version,
-        "data": str(Path(data_dir).resolve()),
-        "users_sha256": _users_sha256(log_.user_ids[picked]),
-        "chunk_size": chunk_size,
-        "top_k": top_k,
-        "rerank_depth": serving.model.cfg.rerank_depth,
-        "num_chunks": len(chunks),
-    }
+    plan = _plan(serving, data_dir, users, chunk_size, top_k)
+    log_, chunks = plan.log, plan.chunks
     manifest_path = out / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"settings": settings, "done": {}}
-    if manifest["settings"] != settings:
-        changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
-        raise ValueError(f"{out} holds a batch run with other settings ({changed}); use a new out_dir or the same settings")
-    for stale in out.glob(".*.tmp"):  # a chunk or manifest a kill cut short
-        stale.unlink()
-    for key, entry in sorted(manifest["done"].items()):
-        problem = _chunk_problem(out / entry["file"], entry) if "users_sha256" in entry else "written without a user hash"
-        if problem is not None:
-            log.warning("%s: chunk %s is %s; scoring it again", out / entry["file"], key, problem)
-            del manifest["done"][key]
+    manifest = _open_manifest(out, plan.settings)
 
     catalog = serving.catalog.astype(str)
     todo = [i for i in range(len(chunks)) if f"{i:05d}" not in manifest["done"]]
@@ -169,19 +214,7 @@ def batch_score(
         todo = todo[:max_chunks]
     for i in tqdm(todo, desc="batch scoring", unit="chunk", disable=None if progress is None else not progress):
         users_i = chunks[i]
-        ends = log_.offsets[users_i + 1].astype(np.int64)
-        cases = EvalSet(users_i, ends, np.zeros(len(users_i), np.int32), log_.timestamp[ends - 1].astype(np.int64))
-        idx, scores = serving.rank(log_, cases, None, top_k)  # (B, K)
-        k = idx.shape[1]
-        table = pa.table(
-            {
-                "user_id": np.repeat(log_.user_ids[users_i].astype(str), k),
-                "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users_i)),
-                "behavior_id": catalog[idx.ravel()],
-                "score": scores.ravel().astype(np.float32),
-            },
-            schema=SCHEMA,
-        )
+        table = _score_chunk(serving, log_, users_i, top_k, catalog)
         name = f"part-{i:05d}.parquet"
         _write_atomic(out / name, lambda p, table=table: pq.write_table(table, p))
         manifest["done"][f"{i:05d}"] = {
@@ -192,7 +225,7 @@ def batch_score(
         }
         _write_manifest(manifest_path, manifest)
     done = manifest["done"]
-    manifest["users_in"], manifest["users_out"] = int(len(picked)), int(sum(d["users"] for d in done.values()))
+    manifest["users_in"], manifest["users_out"] = int(len(plan.picked)), int(sum(d["users"] for d in done.values()))
     _write_manifest(manifest_path, manifest)
     summary = {
         "out_dir": str(out),
@@ -203,8 +236,8 @@ def batch_score(
         "users_in": manifest["users_in"],
         "users_out": manifest["users_out"],
         "rows": int(sum(d["rows"] for d in done.values())),
-        "users_without_history": int((~has_history).sum()),
-        "dropped_events": dropped,
+        "users_without_history": plan.without_history,
+        "dropped_events": plan.dropped,
         "seconds": round(time.perf_counter() - started, 2),
     }
     log.info(

@@ -167,6 +167,52 @@ def _pseudonymize_profiles(users_file: Path) -> dict:
     return {"ids": "pseudonyms", "rows": int(len(ids))}
 
 
+def _safe_assets(model_dir: Path) -> list[Path]:
+    """The model's asset files; an error naming any of a kind that could hold a pickle."""
+    assets = sorted(p for p in (model_dir / "assets").rglob("*") if p.is_file())
+    bad = [str(p.relative_to(model_dir)) for p in assets if p.suffix not in ASSET_SUFFIXES]
+    if bad:
+        raise ValueError(f"{model_dir}: assets {bad} are not of a safe kind {ASSET_SUFFIXES} (no pickles in an export)")
+    return assets
+
+
+def _copy_model(model_dir: Path, assets: list[Path], tmp: Path) -> dict:
+    """Copy the weights, model.yaml and assets into `tmp`; returns how the profile table names its users."""
+    shutil.copy2(model_dir / "weights.safetensors", tmp / "weights.safetensors")
+    shutil.copy2(model_dir / "model.yaml", tmp / "model.yaml")
+    for path in assets:
+        target = tmp / path.relative_to(model_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return _pseudonymize_profiles(tmp / "assets" / "users.npz")
+
+
+def _copy_heads(heads_dir: str | Path | None, tmp: Path) -> dict[str, ServingHead]:
+    """Copy the heads of `heads_dir` (loaded first: a head that does not load is not exported) into `tmp`."""
+    heads = load_heads(heads_dir) if heads_dir else {}
+    if heads_dir and not (Path(heads_dir) / HEADS_CARD).exists():  # an empty card is fine: no label tasks
+        raise FileNotFoundError(f"{heads_dir}: no {HEADS_CARD} (write heads with gts_lum.serving.export.save_head)")
+    if heads:
+        (tmp / HEADS_DIR).mkdir()
+        for path in [Path(heads_dir) / HEADS_CARD, *(Path(heads_dir) / f"{n}.safetensors" for n in heads)]:
+            shutil.copy2(path, tmp / HEADS_DIR / path.name)
+    return heads
+
+
+def _check_loaded(model, behavior_ids: np.ndarray, heads: dict[str, ServingHead]) -> None:
+    """The exported model, loaded as it will be served, fits the catalog and every head reads what it gives."""
+    catalog = model._assets["features"].descriptions
+    if len(catalog) != len(behavior_ids):
+        raise ValueError(f"the model's catalog has {len(catalog)} behaviours, the training log {len(behavior_ids)}: wrong sequences_dir?")
+    hidden = model.net.hidden_size
+    for head_name, head in heads.items():
+        width = 2 * hidden if head.inputs == "state+summary" else hidden  # the summary is a mean of b^F, as wide as the state
+        if head.head.input_mean.shape[0] != width:
+            raise ValueError(f"head {head_name!r} reads {head.head.input_mean.shape[0]}-dim embeddings, the model gives {width}")
+        if head.task_token is not None and not 0 <= head.task_token < len(model.cfg.net.tasks):
+            raise ValueError(f"head {head_name!r}: task_token {head.task_token} but the model has tasks {model.cfg.net.tasks}")
+
+
 def export_model(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -189,46 +235,20 @@ def export_model(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; export into a new folder")
     behavior_ids, target_filter, targets = _catalog(model_dir, card, sequences_dir)
-    assets = sorted(p for p in (model_dir / "assets").rglob("*") if p.is_file())
-    bad = [str(p.relative_to(model_dir)) for p in assets if p.suffix not in ASSET_SUFFIXES]
-    if bad:
-        raise ValueError(f"{model_dir}: assets {bad} are not of a safe kind {ASSET_SUFFIXES} (no pickles in an export)")
+    assets = _safe_assets(model_dir)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is read by the serving user
     try:
-        shutil.copy2(model_dir / "weights.safetensors", tmp / "weights.safetensors")
-        shutil.copy2(model_dir / "model.yaml", tmp / "model.yaml")
-        for path in assets:
-            target = tmp / path.relative_to(model_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-        users = _pseudonymize_profiles(tmp / "assets" / "users.npz")
-        heads = load_heads(heads_dir) if heads_dir else {}
-        if heads_dir and not (Path(heads_dir) / HEADS_CARD).exists():  # an empty card is fine: no label tasks
-            raise FileNotFoundError(f"{heads_dir}: no {HEADS_CARD} (write heads with gts_lum.serving.export.save_head)")
-        if heads:
-            (tmp / HEADS_DIR).mkdir()
-            for path in [Path(heads_dir) / HEADS_CARD, *(Path(heads_dir) / f"{n}.safetensors" for n in heads)]:
-                shutil.copy2(path, tmp / HEADS_DIR / path.name)
+        users = _copy_model(model_dir, assets, tmp)
+        heads = _copy_heads(heads_dir, tmp)
         hashes = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         if version is None:  # model.yaml is left out: its metadata names training paths, not content
             content = "".join(f"{k}:{v}\n" for k, v in sorted(hashes.items()) if k != "model.yaml")
             version = hashlib.sha256(content.encode()).hexdigest()[:12]
         model = load_model(tmp)  # the export must load as it will be served
-        catalog = model._assets["features"].descriptions
-        if len(catalog) != len(behavior_ids):
-            raise ValueError(
-                f"the model's catalog has {len(catalog)} behaviours, the training log {len(behavior_ids)}: wrong sequences_dir?"
-            )
-        hidden = model.net.hidden_size
-        for head_name, head in heads.items():
-            width = 2 * hidden if head.inputs == "state+summary" else hidden  # the summary is a mean of b^F, as wide as the state
-            if head.head.input_mean.shape[0] != width:
-                raise ValueError(f"head {head_name!r} reads {head.head.input_mean.shape[0]}-dim embeddings, the model gives {width}")
-            if head.task_token is not None and not 0 <= head.task_token < len(model.cfg.net.tasks):
-                raise ValueError(f"head {head_name!r}: task_token {head.task_token} but the model has tasks {model.cfg.net.tasks}")
+        _check_loaded(model, behavior_ids, heads)
         serving = {
             "name": name,
             "version": str(version),
@@ -244,7 +264,7 @@ def export_model(
             },
             "sequence_config": dataclasses.asdict(model._assets["sequence_cfg"]),
             "rerank_depth": int(model.cfg.rerank_depth),
-            "hidden_size": int(hidden),
+            "hidden_size": int(model.net.hidden_size),
             "users": users,
             "heads": {k: {"kind": h.task.kind, "classes": list(h.task.classes)} for k, h in heads.items()},
             "files": hashes,
