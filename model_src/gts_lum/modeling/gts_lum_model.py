@@ -173,6 +173,13 @@ def make_batch(tokens: TokenSequences, log_: EventLog, history_end: np.ndarray, 
     return SequenceBatch(tokens.users.astype(np.int64), kind, value, position, components, windows, win_mask, case, slot_of, next_event)
 
 
+def inclusion_log_q(frequency: torch.Tensor, draws: int, uniform_draws: int, pool: int) -> torch.Tensor:
+    """log q per candidate, q its chance to be among a step's columns: `draws` picks by popularity
+    (`frequency`, each behaviour's share of the targets) and `uniform_draws` uniform picks from `pool`."""
+    miss = (1.0 - frequency).pow(draws) * (1.0 - 1.0 / pool) ** uniform_draws
+    return torch.log1p(-miss).clamp_min(-30.0)
+
+
 class GTSLUMNetwork(nn.Module):
     """Adapter (Q-former) + projections + the decoder. See the module docstring for the input layout."""
 
@@ -511,14 +518,11 @@ class GTSLUMNetwork(nn.Module):
             behaviour token (target: the log event right after it, `SequenceBatch.next_event`, which the
             interval cap or the dedup may have left out of the tokens), so one pass trains as many
             prefixes as the sequence has behaviours. Behaviours are unique columns, so a negative equal
-            to the positive (a false negative) cannot occur. With `in_batch_negatives`, the in-batch
-            columns are that many prefixes' targets drawn at random (popularity-distributed, as the
-            sequential baselines draw theirs) and each prefix's own positive is scored beside them:
-            every column set is then (P, S + N), linear in the batch's prefixes (P, P) with every target
-            as a column grows with the square of a long batch. With `target_frequency`, each candidate's
-            logit is lowered by log q, q its chance to be among a step's candidates (drawn by popularity
-            as a prefix's target, or among the uniform draws): the correction of a sampled softmax
-            towards the full one.
+            to the positive (a false negative) cannot occur. With `in_batch_negatives` N, the in-batch
+            columns are N prefixes' targets drawn at random and each prefix's positive is scored beside
+            them: (P, S + N) logits, linear in the prefixes, where every target as a column is (P, P).
+            With `target_frequency`, each candidate's logit is lowered by log q (`inclusion_log_q`): the
+            correction of a sampled softmax towards the full one.
         target-aware: the re-ranking stage's situation at scoring time. Cases whose positive the agnostic
             score ranks in its top `hard_negative_pool` (of the batch's target candidates) score the
             positive and `hard_negatives` negatives drawn uniformly from that top list, each a decoder
@@ -545,10 +549,8 @@ class GTSLUMNetwork(nn.Module):
         label = torch.searchsorted(candidates, targets)
         draws = len(label) if in_batch_negatives is None else min(in_batch_negatives, len(label))
         log_q = None
-        if target_frequency is not None:
-            pool = pool_size or len(target_frequency)
-            miss = (1.0 - target_frequency[candidates]).pow(draws) * (1.0 - 1.0 / pool) ** len(sampled)
-            log_q = torch.log1p(-miss).clamp_min(-30.0)  # (U,) log q, q = 1 - P(never drawn)
+        if target_frequency is not None:  # (U,) log q, q = 1 - P(never drawn)
+            log_q = inclusion_log_q(target_frequency[candidates], draws, len(sampled), pool_size or len(target_frequency))
         own_scores = None
         if draws == len(label):  # every candidate a column: one softmax over them
             scores = users @ items.T * self.scale  # (B' + P, U)
