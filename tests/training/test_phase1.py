@@ -268,6 +268,14 @@ def test_the_schedule_ends_at_a_tenth_of_lr_and_only_matrices_decay(tmp_path):
     assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim < 2 for p in groups[1]["params"])
 
 
+def test_the_kept_epoch_needs_a_figure_there_is():
+    with pytest.raises(ValueError, match="needs held-out cases"):
+        _cfg(holdout_fraction=0.0)
+    assert _cfg(holdout_fraction=0.0, select_metric="fused_effective_rank").holdout_fraction == 0.0
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        _cfg(min_lr_ratio=1.5)
+
+
 @pytest.mark.parametrize("variant", ["qformer", "text_biz_id", "biz_text", "no_qformer"])
 def test_variants_pretrain_and_write_outputs(tmp_path, variant):
     feats = small_features()

@@ -131,6 +131,10 @@ class Phase1Config:
             raise ValueError(f"Phase1Config.windows.size {self.windows.size} exceeds qformer.max_window {self.qformer.max_window}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"Phase1Config.holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
+        if not self.holdout_fraction and not self.select_metric.startswith("fused_"):
+            raise ValueError(
+                f"Phase1Config.select_metric {self.select_metric!r} needs held-out cases (holdout_fraction > 0) or a fused_ figure"
+            )
         if self.batch_size < 2 or self.window_batch_size < 2:
             raise ValueError("Phase1Config: batch_size and window_batch_size must be >= 2 (in-batch negatives)")
 
