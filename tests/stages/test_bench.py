@@ -179,7 +179,7 @@ def test_bench_phase1_runs_once_per_qformer_config_and_gts_lum_starts_from_it(tm
         ]
     )
     specs = run_phase1_stages(
-        model_specs(cfg, artifacts), tmp_path / "sequences", artifacts, tmp_path / "phase1", {"max_steps": 3, "save_every": 0}
+        model_specs(cfg, artifacts), tmp_path / "sequences", artifacts, tmp_path / "phase1", {"max_steps": 3, "checkpoint_every": 0}
     )
     qformer = {label: overrides.get("artifacts", {}).get("qformer") for _, _, overrides, label in specs}
     assert qformer["markov"] is None

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gts_lum.training.loop import train_loop
+from gts_lum.training.loop import train_loop, trainable
 
 
 @dataclass
@@ -23,6 +23,8 @@ class Settings:
     select_metric: str = "fit"
     checkpoint_every: int = 0
     time_budget_s: float | None = None
+    min_lr_ratio: float = 0.0
+    max_steps: int | None = None
 
 
 class Regression:
@@ -56,6 +58,9 @@ class Regression:
     def weights_changed(self):
         pass
 
+    def param_groups(self):
+        return trainable(self.module)
+
 
 def test_the_loop_learns_keeps_the_best_epoch_and_logs_positions_per_second():
     task = Regression()
@@ -82,3 +87,17 @@ def test_epochs_slower_than_the_first_stop_at_the_budget():
     task = Regression(epoch_seconds=lambda epoch: 0.1 if epoch == 0 else 0.4)
     stats = train_loop(task, Settings(epochs=50, time_budget_s=1.0), device=torch.device("cpu"))
     assert 2 <= stats["epochs"] <= 3
+
+
+def test_max_steps_stops_inside_an_epoch_and_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path):
+    """8 steps an epoch: max_steps=11 stops inside epoch 1 (one validated epoch), checkpointed there; the
+    run restarted on the folder without the cap ends with the weights of a run never stopped."""
+    full = Regression()
+    stats = train_loop(full, Settings(epochs=3), tmp_path / "full", device=torch.device("cpu"))
+    assert stats["steps"] == 24 and stats["epochs"] == 3
+    cut = train_loop(Regression(), Settings(epochs=3, max_steps=11), tmp_path / "cut", device=torch.device("cpu"))
+    assert cut["steps"] == 11 and cut["epochs"] == 1
+    resumed = Regression()
+    stats = train_loop(resumed, Settings(epochs=3), tmp_path / "cut", device=torch.device("cpu"))
+    assert stats["steps"] == 24 and stats["best_epoch"] == 2
+    torch.testing.assert_close(resumed.module.weight, full.module.weight, rtol=0, atol=0)

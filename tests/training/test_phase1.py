@@ -11,6 +11,8 @@ from gts_lum.config import load_config
 from gts_lum.data.events import EventLog
 from gts_lum.modeling.behavior_features import BehaviorFeatures, stand_in_features
 from gts_lum.modeling.qformer import QFormerConfig, build_adapter, load_adapter
+from gts_lum.training.checkpoint import CheckpointError, load_training_state
+from gts_lum.training.loop import learning_rate
 from gts_lum.training.phase1 import (
     Phase1Config,
     Phase1Trainer,
@@ -205,7 +207,7 @@ def _cfg(**kw) -> Phase1Config:
         "device": "cpu",
         "warmup_steps": 2,
         "lr": 3e-3,
-        "save_every": 2,
+        "checkpoint_every": 2,
         "holdout_fraction": 0.25,
     }
     return load_config(Phase1Config, "pkg:qformer/default.yaml", base | kw)
@@ -217,14 +219,25 @@ def _windows():
     return build_windows(log, table, None, WindowConfig(size=4))
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("cut", [1, 3])  # inside the first epoch (none validated yet); inside the second
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, cut):
+    """Phase I on the training loop: a run stopped at `cut` steps and restarted on its folder ends with the
+    weights, optimizer state, history of held-out figures and outputs of an uninterrupted run."""
     feats, windows = small_features(), _windows()
     full = Phase1Trainer(_cfg(), feats, windows, tmp_path / "full").train()
-    assert full["steps"] == 4  # 12 training behaviours / 6 per step x 2 epochs
-    part = Phase1Trainer(_cfg(max_steps=3), feats, windows, tmp_path / "cut").train()
-    assert part["steps"] == 3
+    assert full["steps"] == 4 and len(full["history"]) == 2  # 12 training behaviours / 6 per step x 2 epochs
+    part = Phase1Trainer(_cfg(max_steps=cut), feats, windows, tmp_path / "cut").train()
+    assert part["steps"] == cut and len(part["history"]) == cut // 2
     resumed = Phase1Trainer(_cfg(), feats, windows, tmp_path / "cut").train()
-    assert resumed["steps"] == 4
+    assert resumed["steps"] == 4 and resumed["best_epoch"] == full["best_epoch"]
+    valid = "valid_behavior_retrieval_top1"
+    assert [h[valid] for h in resumed["history"]] == [h[valid] for h in full["history"]]
+    assert resumed["final"]["behavior_retrieval_top1"] == full["final"]["behavior_retrieval_top1"]
+    (a, _), (b, _) = load_training_state(tmp_path / "full" / "checkpoint"), load_training_state(tmp_path / "cut" / "checkpoint")
+    for group in ("weights", "optimizer", "best"):
+        assert a[group].keys() == b[group].keys(), group
+        for k in a[group]:
+            torch.testing.assert_close(a[group][k], b[group][k], rtol=0, atol=1e-6, msg=f"{group} {k}")
     a, b = load_file(tmp_path / "full" / "qformer.safetensors"), load_file(tmp_path / "cut" / "qformer.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -235,15 +248,32 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     # a different config does not silently continue someone else's run
     with pytest.raises(ValueError, match="config differs"):
         Phase1Trainer(_cfg(lr=1e-2), feats, windows, tmp_path / "cut").train()
-    assert len(list((tmp_path / "full" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
-    # checkpoints are the checked all-or-nothing format: a damaged file stops the resume, named
-    from gts_lum.training.checkpoint import CheckpointError
-
-    last = Phase1Trainer(_cfg(), feats, windows, tmp_path / "cut").last_checkpoint()
-    assert (last / "manifest.json").exists()
-    (last / "model.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    # the checkpoint is the loop's checked all-or-nothing format: a damaged file stops the resume, named
+    folder = Phase1Trainer(_cfg(), feats, windows, tmp_path / "cut").checkpoint_dir()
+    assert (folder / "manifest.json").exists()
+    (folder / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="weights.safetensors"):
         Phase1Trainer(_cfg(), feats, windows, tmp_path / "cut").train()
+
+
+def test_the_schedule_ends_at_a_tenth_of_lr_and_only_matrices_decay(tmp_path):
+    """Phase I's optimizer on the loop: warm-up, cosine down to min_lr_ratio x lr; weight decay on
+    matrices, none on biases, norms and the temperature; BLIP-2's betas."""
+    cfg = _cfg()
+    rates = [learning_rate(cfg, s, 100) for s in range(100)]
+    assert rates[0] == pytest.approx(cfg.lr / 2) and rates[1] == pytest.approx(cfg.lr)  # 2 warm-up steps
+    assert min(rates) >= 0.1 * cfg.lr and learning_rate(cfg, 100, 100) == pytest.approx(0.1 * cfg.lr)  # the end of the budget
+    groups = Phase1Trainer(cfg, small_features(), None, tmp_path).task.param_groups()
+    assert [g["weight_decay"] for g in groups] == [cfg.weight_decay, 0.0] and all(g["betas"] == (0.9, 0.98) for g in groups)
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim < 2 for p in groups[1]["params"])
+
+
+def test_the_kept_epoch_needs_a_figure_there_is():
+    with pytest.raises(ValueError, match="needs held-out cases"):
+        _cfg(holdout_fraction=0.0)
+    assert _cfg(holdout_fraction=0.0, select_metric="fused_effective_rank").holdout_fraction == 0.0
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        _cfg(min_lr_ratio=1.5)
 
 
 @pytest.mark.parametrize("variant", ["qformer", "text_biz_id", "biz_text", "no_qformer"])
@@ -302,7 +332,7 @@ def test_alignment_generalises_to_held_out_behaviours(tmp_path):
         batch_size=64,
         lr=2e-3,
         warmup_steps=10,
-        save_every=0,
+        checkpoint_every=0,
         holdout_fraction=0.1,
         # from scratch, matching against mined negatives needs a larger share of the gradient to leave chance;
         # the paper's tasks alone: at weight 1 the spread term kept this width-48 Q-former's matching at
@@ -311,8 +341,8 @@ def test_alignment_generalises_to_held_out_behaviours(tmp_path):
     )
     trainer = Phase1Trainer(cfg, feats, None, tmp_path / "phase1")
     final = trainer.train()["final"]
-    held = set(trainer.eval_behaviors.tolist())
-    assert not held & set(trainer.train_behaviors.tolist()) and len(held) == 127
+    held = set(trainer.task.eval_behaviors.tolist())
+    assert not held & set(trainer.task.train_behaviors.tolist()) and len(held) == 127
     assert final["behavior_retrieval_top1"] >= 10 * final["behavior_retrieval_chance"], final
     assert final["behavior_matching_acc"] >= 0.65, final
 
@@ -322,20 +352,22 @@ def test_spread_term_is_the_uniformity_of_the_batch_and_training_on_it_spreads_t
     assert float(uniformity(u)) == pytest.approx(math.log((2 * math.exp(-4) + math.exp(-8)) / 3))
     feats = small_features()
     only_spread = {"btc": 0, "btm": 0, "btg": 0, "stc": 0, "stm": 0, "stg": 0, "spread": 1.0}
-    trainer = Phase1Trainer(_cfg(loss_weights=only_spread, epochs=8, save_every=0), feats, None, tmp_path)
-    idx = torch.arange(6)
-    losses = trainer.losses(idx, None)
+    # the epoch kept: the most spread catalog (retrieval means nothing without the alignment tasks)
+    cfg = _cfg(loss_weights=only_spread, epochs=8, checkpoint_every=0, select_metric="fused_effective_rank")
+    trainer = Phase1Trainer(cfg, feats, None, tmp_path)
+    task, idx = trainer.task, torch.arange(6)
+    losses = task.losses(idx, None)
     assert set(losses) == {"spread"} and float(losses["spread"].detach()) == pytest.approx(
-        float(uniformity(trainer.model.unprojected(idx)).detach())
+        float(uniformity(task.model.unprojected(idx)).detach())
     )
-    off = Phase1Trainer(_cfg(loss_weights={"spread": 0.0}), feats, None, tmp_path / "off")
-    assert "spread" not in off.losses(idx, None) and "spread" in Phase1Trainer(_cfg(), feats, None, tmp_path / "on").losses(idx, None)
+    off = Phase1Trainer(_cfg(loss_weights={"spread": 0.0}), feats, None, tmp_path / "off").task
+    assert "spread" not in off.losses(idx, None) and "spread" in Phase1Trainer(_cfg(), feats, None, tmp_path / "on").task.losses(idx, None)
     catalog = torch.arange(16)
-    trainer.model.eval()
+    task.model.eval()
     with torch.no_grad():
-        before = float(uniformity(trainer.model.unprojected(catalog)))
+        before = float(uniformity(task.model.unprojected(catalog)))
     trainer.train()
-    trainer.model.eval()
+    task.model.eval()
     with torch.no_grad():
-        after = float(uniformity(trainer.model.unprojected(catalog)))
+        after = float(uniformity(task.model.unprojected(catalog)))
     assert after < before - 0.1

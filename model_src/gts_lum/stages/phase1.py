@@ -84,7 +84,7 @@ def bench_phase1(
         features = stand_in_features(behaviors, text)
         cfg = load_config(Phase1Config, "pkg:qformer/default.yaml", overrides)
         windows = build_windows(split.train, behaviors, read_table(clean, "scenarios"), cfg.windows)
-        cfg = dataclasses.replace(cfg, max_steps=max_steps, save_every=0, eval_every=0)
+        cfg = dataclasses.replace(cfg, max_steps=max_steps)
         trainer = Phase1Trainer(cfg, features, windows, work / "phase1")
         summary = trainer.train(resume=False)
     sec = summary["seconds_per_step"]

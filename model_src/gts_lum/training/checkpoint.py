@@ -143,6 +143,12 @@ def _read_checked(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     return groups, json.loads((folder / POSITION).read_text())
 
 
+def has_training_state(folder: str | Path) -> bool:
+    """Whether `folder` holds a checkpoint to resume from (or the `.previous` a cut-off save left)."""
+    folder = Path(folder)
+    return any(f.exists() and any(f.iterdir()) for f in (folder, folder.with_name(folder.name + ".previous")))
+
+
 def load_training_state(folder: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
     """The checkpoint in `folder` as (tensor groups, position), checked against its manifest; None when
     there is none (a fresh run). A kill mid-swap leaves only `<folder>.previous`: that one is loaded."""

@@ -1,22 +1,26 @@
-"""One training loop for every model trained by gradient steps: GTS-LUM phase II and the sequential
-baselines (SASRec, HSTU, HLLM).
+"""One training loop for every model trained by gradient steps: GTS-LUM phase I (the Q-former's
+alignment) and phase II, and the sequential baselines (SASRec, HSTU, HLLM).
 
     stats = train_loop(task, task.cfg, checkpoint_dir)
 
 A `TrainingTask` says what an epoch's batches are, what one step's loss is and how good the current
 weights are on validation; the loop does the rest, the same way for every model:
 
-- AdamW over the trainable parameters, a learning rate that is a function of the global step alone
-  (`learning_rate`: constant or cosine, after a linear warm-up), gradient clipping;
+- AdamW over the task's parameter groups (`param_groups`: one group of every trainable parameter under
+  the config's settings, or the task's own split, e.g. no weight decay on biases and norms), a learning
+  rate that is a function of the global step alone (`learning_rate`: constant or cosine down to
+  `min_lr_ratio` x lr, after a linear warm-up), gradient clipping;
 - each epoch its batches in the task's seeded order, then validation; the best epoch's weights are kept
-  and restored at the end; early stop after `patience` epochs without a better one;
+  and restored at the end; early stop after `patience` epochs without a better one; `max_steps` stops
+  the run after that many steps in all, mid-epoch too (a time-boxed or cut run: the schedule still
+  spans the epochs, and a later run on the checkpoint folder carries on from there);
 - a wall-time budget (`time_budget_s`, for comparing models at equal training time): after the first
   epoch the run plans as many epochs as fit the budget at that epoch's pace (validation included; at most
   `epochs`), and the schedule runs its course over them (the plan is part of the checkpoint);
 - per epoch the mean of every figure the steps report, cases/s and positions/s (positions trained per
   second: the unit that compares models whose steps differ in size);
 - checkpoints (`checkpoint_dir`): weights, optimizer state, best weights and the position (epoch, step,
-  history) every `checkpoint_every` steps and at each epoch's end, all-or-nothing
+  history) every `checkpoint_every` steps, at each epoch's end and at `max_steps`, all-or-nothing
   (`training.checkpoint.save_training_state`). A run restarted on the folder resumes there; each step's
   randomness comes from (seed, epoch, step), so its final weights equal an uninterrupted run's;
 - data parallel under torchrun (WORLD_SIZE > 1): the process group on the device's backend, the module
@@ -59,6 +63,8 @@ class LoopSettings(Protocol):
     select_metric: str
     checkpoint_every: int
     time_budget_s: float | None
+    min_lr_ratio: float  # the cosine ends at min_lr_ratio x lr (0: at 0)
+    max_steps: int | None  # stop after this many optimizer steps in all (None: the epochs decide)
 
 
 class TrainingTask(Protocol):
@@ -79,23 +85,37 @@ class TrainingTask(Protocol):
     def weights_changed(self) -> None:
         """Called after every update: tasks that cache tensors derived from the weights drop them."""
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: {"params": [...]} with any AdamW setting (weight_decay,
+        betas) where it differs from the config's (`trainable`: every trainable parameter, one group)."""
+
+
+def trainable(module: nn.Module) -> list[dict]:
+    """One parameter group: every trainable parameter of `module`, under the config's settings."""
+    return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+
 
 def check_schedule(cfg: LoopSettings, owner: str) -> None:
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"{owner}.lr_schedule {cfg.lr_schedule!r}: use one of {LR_SCHEDULES}")
     if cfg.warmup_steps < 0:
         raise ValueError(f"{owner}.warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"{owner}.min_lr_ratio must lie in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"{owner}.max_steps must be >= 1 or null, got {cfg.max_steps}")
 
 
 def learning_rate(cfg: LoopSettings, step: int, total_steps: int) -> float:
     """The rate of global optimizer step `step` (0-based) of `total_steps`: `warmup_steps` of linear
-    warm-up, then constant or a cosine from lr down to 0 over the rest of the budget."""
+    warm-up, then constant or a cosine from lr down to `min_lr_ratio` x lr over the rest of the budget."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
     done = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
 def distributed_context(device: torch.device) -> tuple[int, int]:
@@ -151,9 +171,10 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
     rank, world = distributed_context(device)
     ddp = world > 1
     train_module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=task.find_unused_parameters) if ddp else module
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    position: dict = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    param_groups = task.param_groups()
+    params = [p for group in param_groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    position: dict = {"epoch": 0, "step": 0, "global_step": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_state: dict[str, torch.Tensor] | None = None
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     loaded = load_training_state(folder) if folder is not None else None
@@ -163,6 +184,7 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
         optimizer.load_state_dict(_optimizer_state(groups["optimizer"], position.pop("optimizer")))
         best_state = groups.get("best") if position["best_epoch"] >= 0 else None
         position["best"] = float(position["best"])
+        position.setdefault("global_step", 0)  # a checkpoint written before the loop counted its steps
         task.weights_changed()
         log.info("%s: resuming from %s at epoch %d step %d", task.name, folder, position["epoch"], position["step"])
 
@@ -201,6 +223,8 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
         steps = range(position["step"], steps_per_epoch)
         bar = tqdm(steps, desc=f"{task.name} epoch {epoch}", leave=False, disable=None if rank == 0 else True)
         for step in bar:
+            if cfg.max_steps is not None and position["global_step"] >= cfg.max_steps:
+                break
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + step, position["planned_epochs"] * steps_per_epoch)
             out = task.train_step(train_module, batches[step * world + rank], epoch, step, rank)
@@ -215,8 +239,14 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
                 counts[k] = counts.get(k, 0) + 1
             bar.set_postfix({k: f"{sums[k] / counts[k]:.3f}" for k in ("loss", "agnostic", "aware") if k in sums})
             position["step"] = step + 1
+            position["global_step"] += 1
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 save()
+        if position["step"] < steps_per_epoch:  # max_steps reached inside the epoch: no validation of a part
+            bar.close()
+            save()
+            log.info("%s: stopped at max_steps %d (epoch %d, step %d)", task.name, cfg.max_steps, epoch, position["step"])
+            break
         seconds = max(time.perf_counter() - t_epoch, 1e-9)
         value = task.validate() if rank == 0 else 0.0
         value = _broadcast(value) if ddp else value
@@ -265,6 +295,7 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
     task.weights_changed()
     return {
         "epochs": len(position["history"]),
+        "steps": position["global_step"],
         "best_epoch": position["best_epoch"],
         f"valid_{cfg.select_metric}": position["best"],
         "train_seconds": time.perf_counter() - t_start,

@@ -16,15 +16,21 @@ TRAINING events against a text describing it (`build_windows`): the data set's `
 it has them, else the most frequent values of a behaviours-table column over the window
 (`describe_windows`). The queries cross-attend to the window's K behaviour embeddings (paper Eq. 4).
 
-The trainer (`Phase1Trainer`): AdamW with warm-up + cosine decay, seeded, fp32 on CPU (bf16 autocast
-only on NPU/CUDA), tqdm + logs of every loss, BTC retrieval and BTM accuracy on behaviours and windows
-HELD OUT of training. Checkpoints every `save_every` steps (`checkpoints/step-NNNNNNNN/`, the
-all-or-nothing format of `training.checkpoint.save_training_state`): model, AdamW state and RNG states,
-and a position holding the global step (epoch orders are a pure function of seed and epoch, so the step
-is the whole position) and the config. Resuming from the last checkpoint reproduces an uninterrupted run.
+Training (`Phase1Trainer`) runs `Phase1Task` on the shared loop (`training.loop.train_loop`, as phase II
+and the baselines do): AdamW (betas 0.9/0.98, weight decay on matrices only), warm-up then cosine down
+to `min_lr_ratio` x lr, clipping, fp32 on CPU (bf16 autocast only on NPU/CUDA). An epoch trains every
+training behaviour once with windows drawn alongside, in an order that is a function of (seed, epoch);
+each step's randomness (dropout, mined negatives) comes from (seed, epoch, step). After each epoch:
+BTC retrieval and BTM accuracy on behaviours and windows HELD OUT of training and the spread of the
+catalog's b^F (`Phase1Task.evaluate`); the epoch best in `select_metric` of them gives the weights
+written. Checkpoints: the loop's all-or-nothing folder `checkpoint/` (every `checkpoint_every` steps, at
+epoch ends, at `max_steps`); a run restarted on the output folder resumes there and ends with the
+weights of an uninterrupted run, and only under the config that wrote it (`checkpoint-config.json`).
 
 Output folder: `qformer.safetensors` + `qformer.yaml` (the adapter, `modeling.qformer.load_adapter`),
-`fused_embeddings.npy` (N, decoder_hidden_size) b^F of every catalog behaviour, `metrics.json`.
+`fused_embeddings.npy` (N, decoder_hidden_size) b^F of every catalog behaviour, `metrics.json` (steps,
+the kept epoch, the per-epoch history; `final`: the kept epoch's training figures and the held-out
+alignment of the weights written).
 """
 
 from __future__ import annotations
@@ -32,9 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import shutil
-import time
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,20 +48,21 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from torch import nn
 
 from gts_lum.data.events import EventLog, ragged_arange
 from gts_lum.device import device_info, select_device
 from gts_lum.modeling.behavior_features import BehaviorFeatures
-from gts_lum.modeling.qformer import BehaviorSide, QFormer, QFormerConfig, adapter_card, build_adapter, save_adapter, trim_text
-from gts_lum.training.checkpoint import CheckpointError, load_training_state, save_training_state
+from gts_lum.modeling.qformer import BehaviorSide, QFormer, QFormerConfig, build_adapter, save_adapter, trim_text
+from gts_lum.training.checkpoint import has_training_state
+from gts_lum.training.loop import check_schedule, epoch_rng, train_loop
 
 log = logging.getLogger(__name__)
 
 AUTO_TEXT_COLUMNS = ("family", "category", "genres", "type")
 WINDOW_TEXTS = ("auto", "scenarios", "column")
 # Settings that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = ("max_steps", "device", "save_every", "keep_checkpoints", "eval_every")
+RESUMABLE_CHANGES = ("max_steps", "device", "checkpoint_every")
 
 
 @dataclass
@@ -96,7 +101,9 @@ class Phase1Config:
     batch_size: int = 64  # behaviours per step
     window_batch_size: int = 32  # windows per step
     lr: float = 3e-4
-    weight_decay: float = 0.05
+    lr_schedule: str = "cosine"  # constant | cosine, after `warmup_steps` of linear warm-up (training.loop)
+    min_lr_ratio: float = 0.1  # the cosine ends at 10% of lr
+    weight_decay: float = 0.05  # on weight matrices only
     warmup_steps: int = 100
     grad_clip: float | None = 1.0
     # Hard negatives for matching are drawn with softmax(cosine / t) weights; None: t = the learned BTC
@@ -104,21 +111,30 @@ class Phase1Config:
     # a sharp learned temperature leave the matching head at chance; a softer t mixes in easier ones.
     mining_temperature: float | None = 1.0
     holdout_fraction: float = 0.1  # behaviours and windows held out of training for the alignment metrics
-    eval_every: int = 0  # steps between held-out evaluations; 0: at the end of each epoch
-    save_every: int = 500  # steps between checkpoints (one is always written at the end)
-    keep_checkpoints: int = 2
+    # the held-out figure (Phase1Task.evaluate, higher is better) that picks the epoch whose weights are
+    # kept: behaviour -> text retrieval of held-out behaviours
+    select_metric: str = "behavior_retrieval_top1"
+    patience: int = 20  # epochs without a better select_metric before stopping (= epochs: never early)
+    checkpoint_every: int = 500  # steps between checkpoints (also at each epoch end and at max_steps)
     max_steps: int | None = None  # stop after this many steps in all (a time-boxed run; the schedule still spans `epochs`)
+    # training wall time (s) to plan the epochs by after the first one (training.loop); None: `epochs`
+    time_budget_s: float | None = None
     seed: int = 0
     device: str = "auto"  # see gts_lum.device.select_device
     amp: bool = True  # bf16 autocast on NPU/CUDA; never on CPU
 
     def __post_init__(self) -> None:
+        check_schedule(self, "Phase1Config")
         if self.windows.text not in WINDOW_TEXTS:
             raise ValueError(f"Phase1Config.windows.text {self.windows.text!r}: expected one of {WINDOW_TEXTS}")
         if self.windows.size > self.qformer.max_window:
             raise ValueError(f"Phase1Config.windows.size {self.windows.size} exceeds qformer.max_window {self.qformer.max_window}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"Phase1Config.holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
+        if not self.holdout_fraction and not self.select_metric.startswith("fused_"):
+            raise ValueError(
+                f"Phase1Config.select_metric {self.select_metric!r} needs held-out cases (holdout_fraction > 0) or a fused_ figure"
+            )
         if self.batch_size < 2 or self.window_batch_size < 2:
             raise ValueError("Phase1Config: batch_size and window_batch_size must be >= 2 (in-batch negatives)")
 
@@ -389,7 +405,7 @@ def spread(vectors: np.ndarray) -> dict[str, float]:
     return {"effective_rank": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())), "mean_cosine": mean_cos}
 
 
-# -- trainer ---------------------------------------------------------------------------------------
+# -- training --------------------------------------------------------------------------------------
 def _holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train, held-out) split of range(n), both sorted."""
     order = np.random.default_rng(seed).permutation(n)
@@ -397,65 +413,73 @@ def _holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray
     return np.sort(order[cut:]), np.sort(order[:cut])
 
 
-class Phase1Trainer:
-    """Pretrains a Q-former on the six tasks; see the module doc for outputs and checkpoints."""
+class Phase1Task:
+    """Phase I as a `training.loop.TrainingTask`: trains the adapter `build_adapter` makes (a Q-former)
+    on the alignment tasks; validation is `select_metric` of the held-out alignment (`evaluate`)."""
 
-    def __init__(self, cfg: Phase1Config, features: BehaviorFeatures, windows: WindowSet | None, out_dir: str | Path):
-        self.cfg = cfg
-        self.out = Path(out_dir)
-        self.device = select_device(cfg.device)
-        amp = device_info(self.device).amp_dtype if cfg.amp else None
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp is not None else nullcontext
+    name = "phase I"
+    find_unused_parameters = False  # never under DDP: phase I trains in one process (Phase1Trainer.train)
+
+    def __init__(self, cfg: Phase1Config, features: BehaviorFeatures, windows: WindowSet | None, device: torch.device):
+        self.cfg, self.device = cfg, device
+        amp = device_info(device).amp_dtype if cfg.amp else None
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else nullcontext
         torch.manual_seed(cfg.seed)
         windows = windows if windows is not None and len(windows) else None
-        self.model = build_adapter(cfg.qformer, features, windows.texts if windows else []).to(self.device)
+        self.model = self.module = build_adapter(cfg.qformer, features, windows.texts if windows else []).to(device)
         self.train_behaviors, self.eval_behaviors = _holdout(features.num_behaviors, cfg.holdout_fraction, cfg.seed)
         self.windows = windows
         if windows is not None and isinstance(self.model, QFormer):
             self.train_windows, self.eval_windows = _holdout(len(windows), cfg.holdout_fraction, cfg.seed + 1)
             ids, pad = self.model.tokenizer(windows.texts)
-            self.window_ids, self.window_pad = ids.to(self.device), pad.to(self.device)
-            self.window_behaviors = torch.from_numpy(windows.behaviors).to(self.device)
-            self.window_mask = torch.from_numpy(windows.mask).to(self.device)
+            self.window_ids, self.window_pad = ids.to(device), pad.to(device)
+            self.window_behaviors = torch.from_numpy(windows.behaviors).to(device)
+            self.window_mask = torch.from_numpy(windows.mask).to(device)
         self.steps_per_epoch = max(1, -(-len(self.train_behaviors) // cfg.batch_size))
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, betas=(0.9, 0.98)) if isinstance(self.model, QFormer) else None
-        self.global_step = 0
-        self.history: list[dict] = []
+        self.steps_run = 0  # train steps taken by this process (seconds per step)
 
-    def _param_groups(self) -> list[dict]:
-        """Weight decay on matrices only (not biases, norms, the temperature)."""
+    def param_groups(self) -> list[dict]:
+        """Weight decay on matrices only (not biases, norms, the temperature); BLIP-2's betas."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         return [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.weight_decay, "betas": (0.9, 0.98)},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "betas": (0.9, 0.98)},
         ]
 
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to 10% of `lr` over the whole schedule."""
-        cfg = self.cfg
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps))
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    # -- data order: a pure function of (seed, epoch) so that the step alone is the data position --
-    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
-        rng = np.random.default_rng([self.cfg.seed, epoch])
+    def epoch_batches(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(behaviours, windows) of each step: every training behaviour once, `batch_size` a step, and
+        `window_batch_size` windows alongside (the training windows in a seeded order, repeated or cut
+        to the epoch's steps); both orders a function of (seed, epoch)."""
+        b, wb, steps = self.cfg.batch_size, self.cfg.window_batch_size, range(self.steps_per_epoch)
+        rng = epoch_rng(self.cfg.seed, epoch)
         behaviors = self.train_behaviors[rng.permutation(len(self.train_behaviors))]
         if self.windows is None or not len(self.train_windows):
-            return behaviors, None
-        need = self.steps_per_epoch * self.cfg.window_batch_size
-        reps = -(-need // len(self.train_windows))
-        windows = np.concatenate([self.train_windows[rng.permutation(len(self.train_windows))] for _ in range(reps)])[:need]
-        return behaviors, windows
+            return [(behaviors[s * b : (s + 1) * b], None) for s in steps]
+        reps = -(-self.steps_per_epoch * wb // len(self.train_windows))
+        windows = np.concatenate([self.train_windows[rng.permutation(len(self.train_windows))] for _ in range(reps)])
+        return [(behaviors[s * b : (s + 1) * b], windows[s * wb : (s + 1) * wb]) for s in steps]
 
-    def _batch(self, order: tuple[np.ndarray, np.ndarray | None], step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        behaviors, windows = order
-        b, wb = self.cfg.batch_size, self.cfg.window_batch_size
-        beh = torch.from_numpy(behaviors[step * b : (step + 1) * b]).to(self.device)
-        win = None if windows is None else torch.from_numpy(windows[step * wb : (step + 1) * wb]).to(self.device)
-        return beh, win
+    def train_step(self, module: nn.Module, batch: tuple, epoch: int, step: int, rank: int) -> dict[str, torch.Tensor]:
+        """The weighted sum of the tasks' losses, each loss and batch accuracy. The tasks call the
+        adapter's methods (`self.model`, which `module` is: one process), not its forward."""
+        torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, epoch, step, rank]).generate_state(1)[0]))  # dropout, negatives
+        behaviors, windows = (None if x is None else torch.from_numpy(x).to(self.device) for x in batch)
+        with self.autocast():
+            out = self.losses(behaviors, windows)
+            out["loss"] = self.total_loss(out)
+        self.steps_run += 1
+        out["cases"] = torch.tensor(float(len(behaviors)))
+        out["positions"] = torch.tensor(float(len(behaviors) + (0 if windows is None else len(windows))))  # pairs aligned
+        return out
+
+    def validate(self) -> float:
+        metrics = self.evaluate()
+        if self.cfg.select_metric not in metrics:
+            raise ValueError(f"Phase1Config.select_metric {self.cfg.select_metric!r}: not a held-out figure here (have {sorted(metrics)})")
+        return metrics[self.cfg.select_metric]
+
+    def weights_changed(self) -> None:
+        """The adapter reads its weights live; nothing is cached across updates while training."""
 
     def losses(self, behaviors: torch.Tensor, windows: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Every task's loss (and batch accuracies) on one behaviour batch and one window batch."""
@@ -501,143 +525,82 @@ class Phase1Trainer:
         out |= {f"fused_{k}": v for k, v in spread(model.unprojected_all().float().cpu().numpy()).items()}
         return out
 
+
+class Phase1Trainer:
+    """Pretrains the adapter (`Phase1Task` on `training.loop.train_loop`) and writes the outputs; see the
+    module docstring for them and for the checkpoint."""
+
+    def __init__(self, cfg: Phase1Config, features: BehaviorFeatures, windows: WindowSet | None, out_dir: str | Path):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.device = select_device(cfg.device)
+        self.task = Phase1Task(cfg, features, windows, self.device)
+
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
     def train(self, resume: bool = True) -> dict:
-        """Train (resuming from the last checkpoint when there is one); write the outputs; return the metrics."""
-        if not isinstance(self.model, QFormer):
-            log.info("variant %s has no Q-former: nothing to pretrain; writing its (untrained) projection", self.cfg.qformer.variant)
-            return self._finish({}, 0.0)
-        cfg = self.cfg
-        if resume and (last := self.last_checkpoint()) is not None:
-            self.load_checkpoint(last)
-        stop = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        """Train (resuming from the checkpoint when there is one); write the outputs; return the summary.
+        resume=False: a throw-away run (the benchmark's), no checkpoint read or written."""
+        task, cfg = self.task, self.cfg
+        if not isinstance(task.model, QFormer):
+            log.info("variant %s has no Q-former: nothing to pretrain; writing its (untrained) projection", cfg.qformer.variant)
+            return self._finish({"steps": 0, "best_epoch": -1, "train_seconds": 0.0, "history": []}, {})
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                "phase I trains in one process (its tasks call the Q-former's methods, which DDP does not wrap): run it without torchrun"
+            )
+        folder = self.checkpoint_dir() if resume else None
+        if folder is not None:
+            self._check_config(folder)
         log.info(
-            "phase I: %d behaviours (%d held out), %d windows, %d steps/epoch, %d epochs, from step %d to %d on %s",
-            len(self.train_behaviors),
-            len(self.eval_behaviors),
-            len(self.windows) if self.windows else 0,
-            self.steps_per_epoch,
+            "phase I: %d behaviours (%d held out), %d windows, %d steps/epoch, %d epochs, max_steps %s, on %s",
+            len(task.train_behaviors),
+            len(task.eval_behaviors),
+            len(task.windows) if task.windows else 0,
+            task.steps_per_epoch,
             cfg.epochs,
-            self.global_step,
-            stop,
+            cfg.max_steps,
             self.device,
         )
-        started, steps_run = time.perf_counter(), 0
-        bar = tqdm(total=stop, initial=self.global_step, desc="phase I", unit="step", dynamic_ncols=True)
-        self.model.train()
-        while self.global_step < stop:
-            epoch, first = divmod(self.global_step, self.steps_per_epoch)
-            order = self._epoch_order(epoch)
-            for step in range(first, self.steps_per_epoch):
-                if self.global_step >= stop:
-                    break
-                logs = self._train_step(*self._batch(order, step))
-                steps_run += 1
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if not k.endswith("_acc")})
-                if cfg.save_every and self.global_step % cfg.save_every == 0:
-                    self.save_checkpoint()
-                end_of_epoch = self.global_step % self.steps_per_epoch == 0
-                if (cfg.eval_every and self.global_step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
-                    self._log_eval(logs)
-        bar.close()
-        seconds = time.perf_counter() - started
-        if not self.history or self.history[-1]["step"] != self.global_step:
-            self._log_eval({})
-        self.save_checkpoint()
-        return self._finish(self.history[-1], seconds / max(steps_run, 1))
+        stats = train_loop(task, cfg, folder, self.device)
+        # the kept epoch's training figures (none when max_steps stopped the first epoch) and the
+        # held-out alignment of the weights written
+        kept = next((h for h in stats["history"] if h["epoch"] == stats["best_epoch"]), {})
+        return self._finish(stats, {k: v for k, v in kept.items() if k != "epoch"} | task.evaluate())
 
-    def _train_step(self, behaviors: torch.Tensor, windows: torch.Tensor | None) -> dict[str, float]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.global_step)
-        with self.autocast():
-            losses = self.losses(behaviors, windows)
-            total = self.total_loss(losses)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.global_step += 1
-        return {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(total.detach())}
+    def _check_config(self, folder: Path) -> None:
+        """A checkpoint continues only the run of its own config (`checkpoint-config.json` beside it)."""
+        path = self.out / "checkpoint-config.json"
+        now = dataclasses.asdict(self.cfg)
+        if has_training_state(folder) and path.exists():
+            then = json.loads(path.read_text())
+            changed = sorted(k for k in set(now) | set(then) if k not in RESUMABLE_CHANGES and now.get(k) != then.get(k))
+            if changed:
+                raise ValueError(
+                    f"checkpoint {folder}: config differs in {changed}; resume with the same config or use a new output folder"
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(now, indent=1))
 
-    def _log_eval(self, train_logs: dict[str, float]) -> None:
-        metrics = self.evaluate()
-        record = {"step": self.global_step, "epoch": self.global_step / self.steps_per_epoch} | train_logs | metrics
-        self.history.append(record)
-        log.info("step %d: %s", self.global_step, " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
-
-    def _finish(self, metrics: dict, seconds_per_step: float) -> dict:
+    def _finish(self, stats: dict, final: dict) -> dict:
+        task = self.task
         self.out.mkdir(parents=True, exist_ok=True)
         summary = {
             "variant": self.cfg.qformer.variant,
-            "modalities_used": self.model.modalities_used,
-            "steps": self.global_step,
-            "steps_per_epoch": self.steps_per_epoch,
-            "seconds_per_step": seconds_per_step,
+            "modalities_used": task.model.modalities_used,
+            "steps": stats["steps"],
+            "steps_per_epoch": task.steps_per_epoch,
+            "seconds_per_step": stats["train_seconds"] / max(task.steps_run, 1),
             "device": str(self.device),
-            "windows": len(self.windows) if self.windows else 0,
-            "window_text": self.windows.source if self.windows else None,
-            "final": metrics,
-            "history": self.history,
+            "windows": len(task.windows) if task.windows else 0,
+            "window_text": task.windows.source if task.windows else None,
+            "best_epoch": stats["best_epoch"],
+            "final": final,
+            "history": stats["history"],
         }
-        save_adapter(self.model, self.out, {"phase1_steps": self.global_step})
-        np.save(self.out / "fused_embeddings.npy", self.model.fuse_all())
+        save_adapter(task.model, self.out, {"phase1_steps": stats["steps"]})
+        np.save(self.out / "fused_embeddings.npy", task.model.fuse_all())
         (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
         log.info("phase I outputs in %s: %s", self.out, {k: v for k, v in summary.items() if k != "history"})
         return summary
-
-    # -- checkpoints -------------------------------------------------------------------------------
-    def checkpoint_dir(self) -> Path:
-        return self.out / "checkpoints"
-
-    def last_checkpoint(self) -> Path | None:
-        """The newest whole checkpoint (`training.checkpoint`: a folder swapped in only once written)."""
-        found = sorted(p for p in self.checkpoint_dir().glob("step-*") if p.name[5:].isdigit())
-        return found[-1] if found else None
-
-    def save_checkpoint(self) -> Path:
-        """model + AdamW state + RNG states + position, all-or-nothing with a manifest (`save_training_state`)."""
-        optim = {}
-        for pid, state in self.optimizer.state_dict()["state"].items():
-            for name, value in state.items():
-                optim[f"{pid}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        epoch, step = divmod(self.global_step, self.steps_per_epoch)
-        position = {
-            "global_step": self.global_step,
-            "epoch": epoch,
-            "step_in_epoch": step,
-            "phase1": dataclasses.asdict(self.cfg),
-            "adapter": adapter_card(self.model),
-        }
-        final = self.checkpoint_dir() / f"step-{self.global_step:08d}"
-        model = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        save_training_state(final, {"model": model, "optim": optim, "rng": rng}, position)
-        for old in sorted(self.checkpoint_dir().glob("step-*"))[: -self.cfg.keep_checkpoints or None]:
-            if old.name[5:].isdigit():
-                shutil.rmtree(old)
-        log.info("checkpoint %s", final)
-        return final
-
-    def load_checkpoint(self, folder: Path) -> None:
-        loaded = load_training_state(folder)
-        if loaded is None:
-            raise CheckpointError(f"{folder}: an empty checkpoint folder; remove it to resume from the one before")
-        groups, position = loaded
-        now, then = dataclasses.asdict(self.cfg), position["phase1"]
-        changed = sorted(k for k in set(now) | set(then) if k not in RESUMABLE_CHANGES and now.get(k) != then.get(k))
-        if changed:
-            raise ValueError(f"checkpoint {folder}: config differs in {changed}; resume with the same config or use a new output folder")
-        self.model.load_state_dict(groups["model"])
-        state: dict[int, dict] = {}
-        for key, value in groups["optim"].items():
-            pid, name = key.split(".", 1)
-            state.setdefault(int(pid), {})[name] = value.to(self.device) if value.ndim else value
-        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
-        torch.set_rng_state(groups["rng"]["torch"])
-        if "cuda" in groups["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(groups["rng"]["cuda"], self.device)
-        self.global_step = int(position["global_step"])
-        log.info("resumed from %s at step %d", folder, self.global_step)

@@ -28,7 +28,7 @@ from torch import nn
 from gts_lum.data.events import EventLog
 from gts_lum.sequence.splits import EvalSet
 from gts_lum.sequence.tokens import TokenKind, TokenSequences
-from gts_lum.training.loop import check_schedule, epoch_rng
+from gts_lum.training.loop import check_schedule, epoch_rng, trainable
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class Phase2Config:
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only, when a folder is given)
     # training wall time (s) to plan the epochs by after the first one (training.loop); None: `epochs`
     time_budget_s: float | None = None
+    min_lr_ratio: float = 0.0  # the cosine schedule ends at min_lr_ratio x lr
+    max_steps: int | None = None  # stop after this many steps in all (training.loop); None: `epochs`
 
     def __post_init__(self) -> None:
         check_schedule(self, "Phase2Config")
@@ -221,3 +223,6 @@ class Phase2Task:
 
     def weights_changed(self) -> None:
         """The network reads its weights live; nothing is cached across updates while training."""
+
+    def param_groups(self) -> list[dict]:
+        return trainable(self.module)

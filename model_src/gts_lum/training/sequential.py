@@ -31,7 +31,7 @@ from gts_lum.data.events import EventLog, ragged_arange
 from gts_lum.evaluation.protocol import EvalConfig, evaluate, validation_metric
 from gts_lum.modeling.sequence_encoder import PAD
 from gts_lum.sequence.splits import Split
-from gts_lum.training.loop import check_schedule, epoch_rng
+from gts_lum.training.loop import check_schedule, epoch_rng, trainable
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class SequentialTrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only, when a folder is given)
     # training wall time (s) to plan the epochs by after the first one (training.loop); None: `epochs`
     time_budget_s: float | None = None
+    min_lr_ratio: float = 0.0  # the cosine schedule ends at min_lr_ratio x lr
+    max_steps: int | None = None  # stop after this many steps in all (training.loop); None: `epochs`
 
     def __post_init__(self) -> None:
         check_schedule(self, "SequentialTrainConfig")
@@ -167,3 +169,6 @@ class SequentialTask:
 
     def weights_changed(self) -> None:
         self.model._weights_changed()
+
+    def param_groups(self) -> list[dict]:
+        return trainable(self.module)
