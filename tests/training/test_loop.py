@@ -82,3 +82,15 @@ def test_epochs_slower_than_the_first_stop_at_the_budget():
     task = Regression(epoch_seconds=lambda epoch: 0.1 if epoch == 0 else 0.4)
     stats = train_loop(task, Settings(epochs=50, time_budget_s=1.0), device=torch.device("cpu"))
     assert 2 <= stats["epochs"] <= 3
+
+
+def test_gains_below_min_improvement_are_no_better_epoch():
+    """A settings object with `min_improvement` (optional): an epoch must beat the best by it, else it counts
+    towards `patience`; the regression gains less than 10 a epoch, so epoch 0 stays the best."""
+
+    @dataclass
+    class Tolerant(Settings):
+        min_improvement: float = 10.0
+
+    stats = train_loop(Regression(), Tolerant(epochs=20, patience=3), device=torch.device("cpu"))
+    assert (stats["best_epoch"], stats["epochs"]) == (0, 4)

@@ -46,7 +46,9 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 class LoopSettings(Protocol):
-    """The fields of a model's train config that the loop reads."""
+    """The fields of a model's train config that the loop reads. Optional, read when present:
+    `min_improvement`, how much a validation figure must exceed the best so far to count as better
+    (0 without it; probes selecting on minus a loss ignore gains below their tolerance)."""
 
     lr: float
     lr_schedule: str
@@ -230,7 +232,7 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
             f"valid_{cfg.select_metric}": value,
         }
         position["history"].append(record)
-        if value > position["best"]:
+        if value > position["best"] + getattr(cfg, "min_improvement", 0.0):
             position.update(best=value, best_epoch=epoch, bad_epochs=0)
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         else:
