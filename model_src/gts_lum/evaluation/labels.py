@@ -41,6 +41,7 @@ from gts_lum.evaluation.uplift import (
     table_features,
 )
 from gts_lum.modeling.heads import KINDS, HeadsConfig, LabelTask, UpliftHead, build_head, fit_head  # noqa: F401 (KINDS, LabelTask: re-exported)
+from gts_lum.sequence.splits import holdout
 
 log = logging.getLogger(__name__)
 
@@ -175,18 +176,6 @@ def label_arrays(labels_df: pd.DataFrame, user_ids: np.ndarray, task: LabelTask 
     user_index = index[keep][order].astype(np.int64)
     y = class_index[order].astype(np.int64)
     return user_index, y, None if treatment is None else treatment[keep][order].astype(np.float32)
-
-
-def user_split(user_ids: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, test_idx): sorted positions in `user_ids`, a seeded random `test_fraction` of them for test."""
-    n = len(user_ids)
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"user_split: test_fraction {test_fraction} is not in (0, 1)")
-    n_test = int(round(n * test_fraction))
-    if n_test == 0 or n_test == n:
-        raise ValueError(f"user_split: {n} users and test_fraction {test_fraction} leave an empty train or test set")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 # -- metrics ------------------------------------------------------------------------------------------
@@ -324,7 +313,10 @@ def evaluate_label_tasks(
         labels = labels[keep]
     tasks = discover_tasks(labels, cfg.max_classes)
     user_ids = np.unique(labels["user_id"].astype(str).to_numpy())
-    train_users, _ = user_split(user_ids, cfg.test_fraction, seed)
+    train_users, test_users = holdout(len(user_ids), cfg.test_fraction, seed)
+    if not len(train_users) or not len(test_users):
+        n, fraction = len(user_ids), cfg.test_fraction
+        raise ValueError(f"label tasks: {n} labelled users and test_fraction {fraction} leave an empty train or test set")
     is_train = np.zeros(len(user_ids), bool)
     is_train[train_users] = True
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gts_lum.encoders.table_learned import holdout
+from gts_lum.sequence.splits import holdout
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def fit_head(
         treatment = _as_tensor(treatment, torch.float32, device, "treatment", n)
         if not torch.isin(treatment, torch.tensor([0.0, 1.0], device=device)).all():
             raise ValueError("fit_head: treatment must be 0/1")
-    train, valid = holdout(n, valid_fraction, seed, head.stratum(y, treatment).cpu())
+    train, valid = holdout(n, valid_fraction, seed, head.stratum(y, treatment).cpu().numpy())
     if not len(train):
         raise ValueError(f"fit_head: no training rows left from {n} rows with valid_fraction={valid_fraction}")
     head.to(device)

@@ -26,9 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gts_lum.data.events import EventLog
-from gts_lum.encoders.table_learned import holdout
 from gts_lum.modeling.heads import LabelHead, TaskTokenConfig, UpliftHead
-from gts_lum.sequence.splits import EvalSet
+from gts_lum.sequence.splits import EvalSet, holdout
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def tune_task_token(
     head.check_targets(y_t)
     if isinstance(head, UpliftHead) and t_t is None:
         raise ValueError("tune_task_token: an uplift task needs its treatment flags")
-    train, valid = holdout(len(cases), cfg.valid_fraction, cfg.seed, head.stratum(y_t, t_t).cpu())
+    train, valid = holdout(len(cases), cfg.valid_fraction, cfg.seed, head.stratum(y_t, t_t).cpu().numpy())
     tokens = model.sequences(log_, cases)
     history_end = np.asarray(cases.history_end)
     task = torch.tensor([task_index], device=model.device)
