@@ -12,7 +12,7 @@ import pytest
 from gts_lum.config import load_config
 from gts_lum.data.contract import read_table
 from gts_lum.data.ingest import prepare_dataset
-from gts_lum.evaluation.labels import LabelTask, discover_tasks, evaluate_label_tasks, format_label_table, label_arrays
+from gts_lum.evaluation.labels import LabelTask, discover_tasks, format_label_table, label_arrays
 from gts_lum.evaluation.uplift import (
     auuc,
     average_treatment_effect,
@@ -24,6 +24,7 @@ from gts_lum.evaluation.uplift import (
     uplift_curve,
 )
 from gts_lum.modeling.heads import HeadsConfig
+from gts_lum.training.label_tasks import evaluate_label_tasks
 
 # Four users, best score first: a treated responder, a treated non-responder, a control responder,
 # a control non-responder. N_t = N_c = 2, ATE = 1/2 - 1/2 = 0.
