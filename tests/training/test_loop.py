@@ -1,5 +1,6 @@
 """The shared training loop on a task of its own: the schedule, the best epoch, the time budget."""
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -94,3 +95,11 @@ def test_gains_below_min_improvement_are_no_better_epoch():
 
     stats = train_loop(Regression(), Tolerant(epochs=20, patience=3), device=torch.device("cpu"))
     assert (stats["best_epoch"], stats["epochs"]) == (0, 4)
+
+
+def test_a_task_may_log_its_epochs_at_debug(caplog):
+    task = Regression()
+    task.epoch_log_level = logging.DEBUG
+    with caplog.at_level(logging.INFO, logger="gts_lum.training.loop"):
+        train_loop(task, Settings(epochs=3), device=torch.device("cpu"))
+    assert "epoch" not in caplog.text and "parameters" in caplog.text

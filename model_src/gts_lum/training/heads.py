@@ -88,6 +88,7 @@ class HeadTask:
     held-out loss as the validation figure (without held-out rows the epoch number: the last is kept)."""
 
     find_unused_parameters = False
+    epoch_log_level = logging.DEBUG  # up to `epochs` (300) tiny epochs a head: fit_head logs one line a fit
 
     def __init__(self, head, x: torch.Tensor, y: torch.Tensor, treatment, train: np.ndarray, valid: np.ndarray, seed: int, batch_size: int):
         self.name, self.module = f"fit {type(head).__name__}", head

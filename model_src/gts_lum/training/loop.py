@@ -64,6 +64,9 @@ class LoopSettings(Protocol):
 
 
 class TrainingTask(Protocol):
+    """Optional, read when present: `epoch_log_level`, the level of the per-epoch log line (INFO without
+    it; a probe that runs hundreds of tiny epochs logs them at DEBUG)."""
+
     name: str
     module: nn.Module  # what trains; its state dict is what is checkpointed and restored
     find_unused_parameters: bool  # DDP: some steps leave parts of the module unused (e.g. a skipped term)
@@ -238,7 +241,7 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
         else:
             position["bad_epochs"] += 1
         if rank == 0:
-            log.info("%s epoch %d: %s", task.name, epoch, record)
+            log.log(getattr(task, "epoch_log_level", logging.INFO), "%s epoch %d: %s", task.name, epoch, record)
         if epoch == 0 and cfg.time_budget_s:
             pace = time.perf_counter() - t_epoch  # training and validation of one epoch
             planned = max(1, min(cfg.epochs, cfg.time_budget_s // max(pace, 1e-9)))
