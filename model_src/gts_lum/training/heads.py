@@ -23,7 +23,7 @@ from torch import nn
 
 from gts_lum.modeling.heads import LabelHead, UpliftHead
 from gts_lum.sequence.splits import holdout
-from gts_lum.training.loop import train_loop
+from gts_lum.training.loop import step_seed, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,6 @@ def batches_of(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """`order` cut into batches of `batch_size` rows (0: one batch)."""
     step = batch_size or len(order)
     return [order[s : s + step] for s in range(0, len(order), step)]
-
-
-def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """The torch seed of one step (dropout): a resumed run draws what an uninterrupted one drew."""
-    return seed * 1_000_003 + epoch * 10_007 + step * 101 + rank
 
 
 def _as_tensor(values, dtype: torch.dtype, device: torch.device, what: str, n: int) -> torch.Tensor:

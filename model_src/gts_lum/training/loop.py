@@ -103,6 +103,12 @@ def learning_rate(cfg: LoopSettings, step: int, total_steps: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
 
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The torch seed of one training step (dropout, sampled negatives): a function of the position alone,
+    so a resumed run draws what an uninterrupted one drew."""
+    return seed * 1_000_003 + epoch * 10_007 + step * 101 + rank
+
+
 def distributed_context(device: torch.device) -> tuple[int, int]:
     """(rank, world size); starts the process group under torchrun (WORLD_SIZE > 1)."""
     import torch.distributed as dist

@@ -28,8 +28,8 @@ from torch import nn
 from gts_lum.data.events import EventLog
 from gts_lum.modeling.heads import LabelHead, TaskTokenConfig, UpliftHead
 from gts_lum.sequence.splits import EvalSet, holdout
-from gts_lum.training.heads import ProbeSettings, SeededOrders, batches_of, step_seed
-from gts_lum.training.loop import train_loop
+from gts_lum.training.heads import ProbeSettings, SeededOrders, batches_of
+from gts_lum.training.loop import step_seed, train_loop
 
 log = logging.getLogger(__name__)
 
