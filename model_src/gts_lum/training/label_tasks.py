@@ -48,7 +48,7 @@ TuneFn = Callable[[LabelTask, np.ndarray, np.ndarray, "np.ndarray | None"], dict
 
 
 @dataclass
-class LabelledUsers:
+class _LabelledUsers:
     """The users every task is evaluated on, split once: a user is on the same side for every task."""
 
     ids: np.ndarray  # (U,) str, sorted
@@ -71,7 +71,7 @@ def _known_labels(clean_dir: Path, known_users: np.ndarray | None) -> tuple[pd.D
     return labels[keep], unknown
 
 
-def labelled_users(clean_dir: Path, labels: pd.DataFrame, test_fraction: float, seed: int) -> LabelledUsers:
+def _labelled_users(clean_dir: Path, labels: pd.DataFrame, test_fraction: float, seed: int) -> _LabelledUsers:
     """Every labelled user, a seeded `test_fraction` of them held out, with the users table's features."""
     ids = np.unique(labels["user_id"].astype(str).to_numpy())
     train, test = holdout(len(ids), test_fraction, seed)
@@ -82,10 +82,10 @@ def labelled_users(clean_dir: Path, labels: pd.DataFrame, test_fraction: float, 
     users = read_table(clean_dir, "users")
     if users is None:
         log.warning("%s: no users table; the table baseline is left out", clean_dir)
-        return LabelledUsers(ids, is_train, None, None)
+        return _LabelledUsers(ids, is_train, None, None)
     users = users.assign(user_id=users["user_id"].astype(str)).drop_duplicates("user_id", keep="last")
     aligned = users.set_index("user_id").reindex(ids).reset_index()  # labelled users without a row: all NaN
-    return LabelledUsers(ids, is_train, table_features(aligned), categorical_mask(aligned))
+    return _LabelledUsers(ids, is_train, table_features(aligned), categorical_mask(aligned))
 
 
 def _embed(embed_users: EmbedFn, ids: np.ndarray, task: LabelTask) -> dict[str, torch.Tensor]:
@@ -142,10 +142,10 @@ def _label_figures(task: LabelTask, y: np.ndarray, t: np.ndarray | None, train: 
     return out
 
 
-def evaluate_task(
+def _evaluate_task(
     task: LabelTask,
     labels: pd.DataFrame,
-    users: LabelledUsers,
+    users: _LabelledUsers,
     embed_users: EmbedFn,
     cfg: HeadsConfig,
     seed: int,
@@ -215,10 +215,10 @@ def evaluate_label_tasks(
     clean_dir = Path(clean_dir)
     labels, unknown = _known_labels(clean_dir, known_users)
     tasks = discover_tasks(labels, cfg.max_classes)
-    users = labelled_users(clean_dir, labels, cfg.test_fraction, seed)
+    users = _labelled_users(clean_dir, labels, cfg.test_fraction, seed)
     results = {}
     for task in tqdm(tasks, desc="label tasks", unit="task", disable=None):
-        entry = evaluate_task(task, labels, users, embed_users, cfg, seed, tune, on_head)
+        entry = _evaluate_task(task, labels, users, embed_users, cfg, seed, tune, on_head)
         if entry is not None:
             results[task.name] = entry
     users_info = {"labelled": len(users.ids), "train": int(users.is_train.sum()), "left_out_without_events": unknown}
