@@ -15,7 +15,7 @@ from gts_lum.encoders.table import (
     serialize_rows,
 )
 from gts_lum.encoders.table_bench import telco_auc_comparison
-from gts_lum.encoders.table_learned import MISSING, UNKNOWN, FeatureCodec, LearnedTableConfig, holdout
+from gts_lum.encoders.table_learned import MISSING, UNKNOWN, FeatureCodec, LearnedTableConfig
 
 
 def profile_table() -> pd.DataFrame:
@@ -91,15 +91,6 @@ def test_feature_codec_standardizes_on_training_rows_and_maps_missing_and_unseen
     np.testing.assert_array_equal(x_cat, [[UNKNOWN, 3], [MISSING, MISSING], [3, 2]])
     rare = FeatureCodec.fit(frame, schema, LearnedTableConfig(min_category_count=2))
     assert rare.vocab == {"plan": [], "broadband": ["True"]}  # values seen once train the "unknown" slot
-
-
-def test_holdout_is_stratified_seeded_and_disjoint():
-    classes = torch.as_tensor(np.r_[np.zeros(90), np.ones(10)])
-    train, valid = holdout(100, 0.2, seed=3, classes=classes)
-    assert sorted(np.r_[train, valid]) == list(range(100))
-    assert (classes[valid] == 1).sum() == 2 and len(valid) == 20
-    np.testing.assert_array_equal(valid, holdout(100, 0.2, seed=3, classes=classes)[1])
-    assert not np.array_equal(valid, holdout(100, 0.2, seed=4, classes=classes)[1])
 
 
 def rule_table(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:

@@ -12,7 +12,7 @@ import pytest
 from gts_lum.config import load_config
 from gts_lum.data.contract import read_table
 from gts_lum.data.ingest import prepare_dataset
-from gts_lum.evaluation.labels import LabelTask, discover_tasks, evaluate_label_tasks, format_label_table, label_arrays, user_split
+from gts_lum.evaluation.labels import LabelTask, discover_tasks, format_label_table, label_arrays
 from gts_lum.evaluation.uplift import (
     auuc,
     average_treatment_effect,
@@ -24,6 +24,7 @@ from gts_lum.evaluation.uplift import (
     uplift_curve,
 )
 from gts_lum.modeling.heads import HeadsConfig
+from gts_lum.training.label_tasks import evaluate_label_tasks
 
 # Four users, best score first: a treated responder, a treated non-responder, a control responder,
 # a control non-responder. N_t = N_c = 2, ATE = 1/2 - 1/2 = 0.
@@ -195,17 +196,6 @@ def test_label_arrays_order_unknown_users_and_duplicates(caplog):
         label_arrays(frame, users, "nope")
     with pytest.raises(ValueError, match="duplicates"):
         label_arrays(frame, np.array(["u1", "u1"]), "offer")
-
-
-def test_user_split_is_seeded_and_disjoint():
-    ids = np.array([f"U{i}" for i in range(50)])
-    train, test = user_split(ids, 0.3, seed=4)
-    assert len(test) == 15 and len(train) == 35 and not set(train) & set(test)
-    np.testing.assert_array_equal(np.sort(np.r_[train, test]), np.arange(50))
-    np.testing.assert_array_equal(user_split(ids, 0.3, seed=4)[1], test)
-    assert not np.array_equal(user_split(ids, 0.3, seed=5)[1], test)
-    with pytest.raises(ValueError, match="test_fraction"):
-        user_split(ids, 0.0, 0)
 
 
 # -- end to end ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Task heads on frozen user embeddings: label heads (binary, multi-class), the uplift head, fit_head."""
+"""Task heads on frozen user embeddings: label heads (binary, multi-class), the uplift head, and their
+training (training.heads.fit_head)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from sklearn.metrics import roc_auc_score
 from gts_lum.config import load_config
 from gts_lum.evaluation.labels import LabelTask
 from gts_lum.evaluation.uplift import qini_coefficient
-from gts_lum.modeling.heads import HeadsConfig, LabelHead, UpliftHead, build_head, fit_head
+from gts_lum.modeling.heads import HeadsConfig, LabelHead, UpliftHead, build_head
+from gts_lum.training.heads import fit_head
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -110,6 +112,21 @@ def test_fit_head_is_deterministic_and_leaves_the_global_rng():
     other = LabelHead(x.shape[1], BINARY, mlp_hidden=8, dropout=0.2)
     fit_head(other, x, y, seed=6, epochs=20, batch_size=64)
     assert not torch.equal(other.state_dict()["net.0.weight"], states[0]["net.0.weight"])
+
+
+def test_fit_head_resumes_from_its_checkpoint_exactly(tmp_path):
+    """A fit stopped after 10 epochs and rerun for 25 on its checkpoint (the training loop's) ends where an
+    uninterrupted fit of 25 ends: batch orders and dropout are replayed from (seed, epoch, step)."""
+    x, y, _ = linear_data(300)
+    fit = dict(seed=2, batch_size=64, patience=100)
+    whole = LabelHead(x.shape[1], BINARY, mlp_hidden=8, dropout=0.2)
+    expected = fit_head(whole, x, y, epochs=25, **fit)
+    fit_head(LabelHead(x.shape[1], BINARY, mlp_hidden=8, dropout=0.2), x, y, epochs=10, checkpoint_dir=tmp_path / "head", **fit)
+    resumed = LabelHead(x.shape[1], BINARY, mlp_hidden=8, dropout=0.2)
+    stats = fit_head(resumed, x, y, epochs=25, checkpoint_dir=tmp_path / "head", **fit)
+    assert (stats["epochs_run"], stats["best_epoch"], stats["valid_loss"]) == (25, expected["best_epoch"], expected["valid_loss"])
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_standardized_inputs_make_the_head_scale_free():

@@ -1,8 +1,9 @@
 import numpy as np
 import pandas as pd
+import pytest
 
 from gts_lum.data.events import EventLog
-from gts_lum.sequence.splits import held_out_users, hold_out_for_validation, leave_one_out
+from gts_lum.sequence.splits import held_out_users, hold_out_for_validation, holdout, leave_one_out
 
 
 def _log():
@@ -114,3 +115,25 @@ def test_hold_out_for_validation_makes_cases_of_target_behaviours_only():
     # training call, sms, ott1, call: sms, ott1, call move; ott1 follows the moved sms and is a target
     assert list(log.behavior_ids[moved.train.behavior]) == ["call"]
     assert list(log.behavior_ids[moved.valid.target]) == ["ott2", "ott1"] and list(moved.valid.history_end) == [4, 2]
+
+
+def test_holdout_is_seeded_and_disjoint():
+    """Unstratified (the label tasks' report users): floor(n * fraction) rows, the same for a seed."""
+    train, test = holdout(50, 0.3, seed=4)
+    assert len(test) == 15 and len(train) == 35
+    np.testing.assert_array_equal(np.sort(np.r_[train, test]), np.arange(50))
+    np.testing.assert_array_equal(holdout(50, 0.3, seed=4)[1], test)
+    assert not np.array_equal(holdout(50, 0.3, seed=5)[1], test)
+    assert len(holdout(50, 0.0, seed=4)[1]) == 0  # nothing held out: early stopping off
+    with pytest.raises(ValueError, match="fraction 1.0"):
+        holdout(50, 1.0, 0)
+
+
+def test_holdout_is_stratified():
+    """With strata (a probe's classes) every stratum gives its share: 2 of 10 rare rows, 18 of 90."""
+    classes = np.r_[np.zeros(90), np.ones(10)]
+    train, valid = holdout(100, 0.2, seed=3, strata=classes)
+    assert sorted(np.r_[train, valid]) == list(range(100))
+    assert (classes[valid] == 1).sum() == 2 and len(valid) == 20
+    np.testing.assert_array_equal(valid, holdout(100, 0.2, seed=3, strata=classes)[1])
+    assert not np.array_equal(valid, holdout(100, 0.2, seed=4, strata=classes)[1])

@@ -53,12 +53,13 @@ def tiny_serving(tmp_path_factory) -> TinyServing:
     from gts_lum.data.contract import read_table
     from gts_lum.data.ingest import prepare_dataset
     from gts_lum.evaluation.labels import discover_tasks, label_arrays
-    from gts_lum.modeling.heads import HeadsConfig, build_head, fit_head
+    from gts_lum.modeling.heads import HeadsConfig, build_head
     from gts_lum.recommenders.registry import load_model
     from gts_lum.sequence.dataset import SequenceDataset, SplitConfig, build_sequence_dataset
     from gts_lum.sequence.splits import EvalSet
     from gts_lum.serving.export import export_model, save_head
     from gts_lum.stages.train import train_model
+    from gts_lum.training.heads import fit_head
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores; also makes offline scores bitwise comparable with the server's
@@ -79,7 +80,7 @@ def tiny_serving(tmp_path_factory) -> TinyServing:
         (churn,) = [t for t in discover_tasks(labels) if t.name == "churn"]
         index, y, _ = label_arrays(labels, log_.user_ids, churn)
         head = build_head(churn, emb.shape[1], HeadsConfig())
-        fit_head(head, emb[index], y, epochs=20, progress=False)
+        fit_head(head, emb[index], y, epochs=20)
         save_head(root / "heads", churn, head, inputs="state+summary")
 
         export_model(root / "model", root / "export", heads_dir=root / "heads")

@@ -1,5 +1,6 @@
 """The shared training loop on a task of its own: the schedule, the best epoch, the time budget."""
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -101,3 +102,23 @@ def test_max_steps_stops_inside_an_epoch_and_a_resumed_run_ends_as_an_uninterrup
     stats = train_loop(resumed, Settings(epochs=3), tmp_path / "cut", device=torch.device("cpu"))
     assert stats["steps"] == 24 and stats["best_epoch"] == 2
     torch.testing.assert_close(resumed.module.weight, full.module.weight, rtol=0, atol=0)
+
+
+def test_gains_below_min_improvement_are_no_better_epoch():
+    """A settings object with `min_improvement` (optional): an epoch must beat the best by it, else it counts
+    towards `patience`; the regression gains less than 10 a epoch, so epoch 0 stays the best."""
+
+    @dataclass
+    class Tolerant(Settings):
+        min_improvement: float = 10.0
+
+    stats = train_loop(Regression(), Tolerant(epochs=20, patience=3), device=torch.device("cpu"))
+    assert (stats["best_epoch"], stats["epochs"]) == (0, 4)
+
+
+def test_a_task_may_log_its_epochs_at_debug(caplog):
+    task = Regression()
+    task.epoch_log_level = logging.DEBUG
+    with caplog.at_level(logging.INFO, logger="gts_lum.training.loop"):
+        train_loop(task, Settings(epochs=3), device=torch.device("cpu"))
+    assert "epoch" not in caplog.text and "parameters" in caplog.text

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from gts_lum.device import select_device
 from gts_lum.encoders.table_base import LearnedTableConfig, TableEncoder, TableEncoderConfig, TableSchema
+from gts_lum.sequence.splits import holdout
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,8 @@ class LearnedTableEncoder(TableEncoder):
         without labels, on masked cells. The weights of the epoch with the lowest validation loss are kept."""
         super().fit(frame)
         lc = self.cfg.learned
+        if not 0.0 <= lc.valid_fraction < 1.0:
+            raise ValueError(f"LearnedTableConfig.valid_fraction: {lc.valid_fraction} is not in [0, 1)")
         if labels is not None:
             labels = pd.Series(np.asarray(labels), name="label")
             if len(labels) != len(frame):
@@ -269,6 +272,14 @@ class LearnedTableEncoder(TableEncoder):
         return self
 
     def _train(self, x_num, x_cat, y, train: np.ndarray, valid: np.ndarray, device: torch.device) -> None:
+        """AdamW with clipping over seeded batches; the weights of the epoch with the lowest validation
+        loss are kept, early stop after `patience` epochs without one.
+
+        A loop of its own, not `training.loop.train_loop`: encoders/ sits below modeling/ (the behaviour
+        features read `encoders.node2vec`), and modeling/ below training/ (which trains its networks), so
+        importing the loop here would close the circle encoders -> training -> modeling -> encoders.
+        Checkpoints are not missed: a fit takes seconds to minutes on CPU.
+        """
         lc = self.cfg.learned
         self.backbone.to(device)
         self.head.to(device)
@@ -394,19 +405,3 @@ def intra_op_threads(threads: int, device: torch.device):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def holdout(n: int, fraction: float, seed: int, classes: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, valid) row indices; `fraction` of the rows (of every class, when given) held out, seeded."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"LearnedTableConfig.valid_fraction: {fraction} is not in [0, 1)")
-    rng = np.random.default_rng(seed)
-    groups = np.zeros(n, np.int64) if classes is None else classes.numpy().astype(np.int64)
-    order = rng.permutation(n)
-    # Rank of each row within its class in the shuffled order: the first `fraction` of each class validate.
-    ranked = order[np.argsort(groups[order], kind="stable")]
-    sizes = np.bincount(groups[ranked])
-    rank = np.arange(n) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    is_valid = np.zeros(n, bool)
-    is_valid[ranked] = rank < np.repeat(np.floor(sizes * fraction).astype(np.int64), sizes)
-    return np.flatnonzero(~is_valid), np.flatnonzero(is_valid)

@@ -1,4 +1,4 @@
-"""Label and uplift tasks of a data set's `labels` table, and their evaluation on user embeddings.
+"""Label and uplift tasks of a data set's `labels` table, and the figures they are evaluated by.
 
 Tasks are read from the data, never named in code. A task (the rows of one `task` value) is
 - `uplift` when its `treatment` column holds both 0 and 1 (a randomized campaign); its label must be 0/1;
@@ -7,47 +7,28 @@ Tasks are read from the data, never named in code. A task (the rows of one `task
   a plan tier; classes are the sorted distinct values (class index 0 = the smallest).
 Anything else (fractions, or integers with more values: a regression) is an error naming the task.
 
-`evaluate_label_tasks` fits a head on frozen user embeddings for every task and reports it on held-out
-users beside a gradient-boosted baseline on the raw users table, the same trees on the table and the user
-embedding together (whether behaviour adds what the table lacks), and a random-score floor:
-
-    from gts_lum.config import load_config
-    from gts_lum.modeling.heads import HeadsConfig
-    results = evaluate_label_tasks(embed_users, clean_dir, load_config(HeadsConfig, "pkg:heads/default.yaml"))
-    print(format_label_table(results))
+Here: the tasks (`discover_tasks`) and their arrays (`label_arrays`), the metrics of a task's scores,
+the gradient-boosted baselines on the raw users table, the random-score floor and the report table.
+Nothing here trains a head: `training.label_tasks.evaluate_label_tasks` fits one per task on frozen user
+embeddings and reports it with these figures on held-out users.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
-from tqdm.auto import tqdm
 
-from gts_lum.data.contract import read_table
-from gts_lum.evaluation.uplift import (
-    auuc,
-    average_treatment_effect,
-    categorical_mask,
-    gbt_proba,
-    qini_coefficient,
-    t_learner_uplift,
-    table_features,
-)
-from gts_lum.modeling.heads import KINDS, HeadsConfig, LabelTask, UpliftHead, build_head, fit_head  # noqa: F401 (KINDS, LabelTask: re-exported)
+from gts_lum.evaluation.uplift import auuc, gbt_proba, qini_coefficient, t_learner_uplift
+from gts_lum.modeling.heads import KINDS, LabelTask, UpliftHead  # noqa: F401 (KINDS, LabelTask: re-exported)
 
 log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("user_id", "task", "label")
 RANDOM_DRAWS = 100  # random-score draws behind the floor's mean and spread
-EmbedFn = Callable[[np.ndarray, "LabelTask"], "np.ndarray | dict[str, np.ndarray]"]
-TuneFn = Callable[["LabelTask", np.ndarray, np.ndarray, "np.ndarray | None"], dict]
 
 
 def _check_columns(labels_df: pd.DataFrame) -> None:
@@ -177,18 +158,6 @@ def label_arrays(labels_df: pd.DataFrame, user_ids: np.ndarray, task: LabelTask 
     return user_index, y, None if treatment is None else treatment[keep][order].astype(np.float32)
 
 
-def user_split(user_ids: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, test_idx): sorted positions in `user_ids`, a seeded random `test_fraction` of them for test."""
-    n = len(user_ids)
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"user_split: test_fraction {test_fraction} is not in (0, 1)")
-    n_test = int(round(n * test_fraction))
-    if n_test == 0 or n_test == n:
-        raise ValueError(f"user_split: {n} users and test_fraction {test_fraction} leave an empty train or test set")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
-
-
 # -- metrics ------------------------------------------------------------------------------------------
 
 
@@ -200,7 +169,7 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score))
 
 
-def _metrics(task: LabelTask, y: np.ndarray, score: np.ndarray, treatment: np.ndarray | None) -> dict[str, float]:
+def task_metrics(task: LabelTask, y: np.ndarray, score: np.ndarray, treatment: np.ndarray | None) -> dict[str, float]:
     """binary: score (N,) P(1) -> auc; multiclass: score (N, C) -> accuracy, macro_auc; uplift: score (N,) uplift."""
     if task.kind == "binary":
         return {"auc": _auc(y, score)}
@@ -214,7 +183,7 @@ def _metrics(task: LabelTask, y: np.ndarray, score: np.ndarray, treatment: np.nd
     return {"qini": qini_coefficient(score, y, treatment), "auuc": auuc(score, y, treatment)}
 
 
-def _baseline_scores(
+def baseline_scores(
     task: LabelTask,
     X: np.ndarray,
     categorical: np.ndarray,
@@ -240,155 +209,22 @@ def _baseline_scores(
     return full
 
 
-def _random_metrics(task: LabelTask, y: np.ndarray, treatment: np.ndarray | None, seed: int, draws: int = RANDOM_DRAWS) -> dict[str, float]:
+def random_metrics(task: LabelTask, y: np.ndarray, treatment: np.ndarray | None, seed: int, draws: int = RANDOM_DRAWS) -> dict[str, float]:
     """Mean and spread ("<metric>_std") of each metric over seeded random scores: how far from chance a
     model must be before the test users can tell it apart."""
     rng = np.random.default_rng([seed, 7])
     shape = (len(y), task.num_classes) if task.kind == "multiclass" else (len(y),)
-    first = _metrics(task, y, rng.random(shape), treatment)
+    first = task_metrics(task, y, rng.random(shape), treatment)
     if all(np.isnan(v) for v in first.values()):  # undefined on these users (one class or arm): say so once
         return {**first, **{f"{k}_std": float("nan") for k in first}}
-    runs = pd.DataFrame([first] + [_metrics(task, y, rng.random(shape), treatment) for _ in range(draws - 1)])
+    runs = pd.DataFrame([first] + [task_metrics(task, y, rng.random(shape), treatment) for _ in range(draws - 1)])
     return {**runs.mean().to_dict(), **{f"{k}_std": v for k, v in runs.std(ddof=0).to_dict().items()}}
 
 
-def _head_scores(head, emb: torch.Tensor) -> np.ndarray:
+def head_scores(head, emb: torch.Tensor) -> np.ndarray:
+    """A fitted head's scores of embeddings (N, D): (N,) P(1), (N, C) class probabilities or (N,) uplift."""
     scores = head.uplift(emb) if isinstance(head, UpliftHead) else head.predict_proba(emb)
     return scores.cpu().numpy().astype(np.float64)
-
-
-# -- evaluation ---------------------------------------------------------------------------------------
-
-
-def _embed(embed_users: EmbedFn, ids: np.ndarray, task: LabelTask) -> dict[str, torch.Tensor]:
-    """{input name: (M, D) embeddings}: what `embed_users` returned, one array named "embedding" or several."""
-    given = embed_users(ids, task)
-    out = {}
-    for name, emb in (given if isinstance(given, dict) else {"embedding": given}).items():
-        emb = emb.detach() if isinstance(emb, torch.Tensor) else torch.as_tensor(np.asarray(emb))
-        if emb.dim() != 2 or emb.shape[0] != len(ids):
-            shape = tuple(emb.shape)
-            raise ValueError(f"embed_users for task {task.name!r} ({name}): expected an array ({len(ids)}, D), got shape {shape}")
-        out[name] = emb.float()
-    return out
-
-
-def _fit_best_head(task: LabelTask, inputs: dict[str, torch.Tensor], y: np.ndarray, t: np.ndarray | None, cfg: HeadsConfig, seed: int):
-    """A head on each input; the one with the lowest held-out loss (on training users) wins: (name, head, fit)."""
-    fits = {}
-    for name, emb in inputs.items():
-        head = build_head(task, emb.shape[1], cfg)
-        fits[name] = (head, fit_head(head, emb, y, t, seed=seed, **dataclasses.asdict(cfg.train)))
-    loss = {name: fit["valid_loss"] if np.isfinite(fit["valid_loss"]) else np.inf for name, (_, fit) in fits.items()}
-    name = min(fits, key=loss.get)  # ties (and no held-out rows) keep the first input
-    if len(fits) > 1:
-        log.info("task %r: head inputs by held-out loss %s: %s", task.name, {k: round(v, 4) for k, v in loss.items()}, name)
-    return name, *fits[name]
-
-
-def evaluate_label_tasks(
-    embed_users: EmbedFn,
-    clean_dir: str | Path,
-    cfg: HeadsConfig,
-    seed: int = 0,
-    tune: TuneFn | None = None,
-    known_users: np.ndarray | None = None,
-    on_head: Callable | None = None,
-) -> dict:
-    """Fit a head per task on embeddings of training users; report on held-out users.
-
-    `embed_users(user_ids (M,) str array, task) -> (M, D)` embeds users for one task (the decoder puts
-    that task's TASK token in front); it may return {name: (M, D_name)} instead, several inputs: a head is
-    fitted on each and the one with the lowest held-out loss on the training users is kept (entry "input").
-    `tune(task, user_ids, y, treatment)`, when given, is called with the task's training users first
-    (GTS-LUM tunes the task token there: training.task_tokens). Users are split once over every labelled
-    user, so a user is on the same side for every task; with `known_users`, labelled users outside it (no
-    events to embed) are counted and left out.
-    `on_head(task, head, scores)` receives each kept head and its held-out scores (to save or plot them;
-    scores["input"] names the input it reads).
-    Returns {"tasks": {name: {...}}, "config", "seed", "users"}; each task holds its kind, counts, the
-    head's fit stats and "metrics": {"head", "table_gbt", "table_gbt_embedding" (the same trees on the
-    table and the user embedding), "random"} -> {"auc"} (binary),
-    {"accuracy", "macro_auc"} (multiclass) or {"qini", "auuc"} (uplift).
-    """
-    clean_dir = Path(clean_dir)
-    labels = read_table(clean_dir, "labels")
-    if labels is None:
-        raise FileNotFoundError(f"{clean_dir}: the data set has no labels table")
-    unknown = 0
-    if known_users is not None:
-        keep = labels["user_id"].astype(str).isin(np.asarray(known_users).astype(str))
-        unknown = int(labels.loc[~keep, "user_id"].nunique())
-        if unknown:
-            log.warning("labels: %d labelled users have no events and are left out (%d label rows)", unknown, int((~keep).sum()))
-        labels = labels[keep]
-    tasks = discover_tasks(labels, cfg.max_classes)
-    user_ids = np.unique(labels["user_id"].astype(str).to_numpy())
-    train_users, _ = user_split(user_ids, cfg.test_fraction, seed)
-    is_train = np.zeros(len(user_ids), bool)
-    is_train[train_users] = True
-
-    users = read_table(clean_dir, "users")
-    if users is None:
-        log.warning("%s: no users table; the table baseline is left out", clean_dir)
-        features = categorical = None
-    else:
-        users = users.assign(user_id=users["user_id"].astype(str)).drop_duplicates("user_id", keep="last")
-        aligned = users.set_index("user_id").reindex(user_ids).reset_index()  # labelled users without a row: all NaN
-        features, categorical = table_features(aligned), categorical_mask(aligned)
-
-    results = {}
-    for task in tqdm(tasks, desc="label tasks", unit="task", disable=None):
-        index, y, t = label_arrays(labels, user_ids, task)
-        train, test = np.flatnonzero(is_train[index]), np.flatnonzero(~is_train[index])
-        if not len(train) or not len(test):
-            log.warning("task %r: %d train / %d test users; skipped", task.name, len(train), len(test))
-            continue
-        tuned = None if tune is None else tune(task, user_ids[index][train], y[train], None if t is None else t[train])
-        inputs = _embed(embed_users, user_ids[index], task)
-        t_train = None if t is None else t[train]
-        chosen, head, fit = _fit_best_head(task, {k: v[train] for k, v in inputs.items()}, y[train], t_train, cfg, seed)
-        emb = inputs[chosen]
-        y_test, t_test = y[test], None if t is None else t[test]
-        scores = _head_scores(head, emb[test])
-        metrics = {"head": _metrics(task, y_test, scores, t_test)}
-        if features is not None:
-            baseline = _baseline_scores(task, features[index], categorical, y, t, train, test, seed)
-            metrics["table_gbt"] = _metrics(task, y_test, baseline, t_test)
-            # the same trees given the user embedding too: does behaviour add what the table lacks?
-            stacked = np.hstack([features[index], emb.numpy().astype(np.float64)])
-            with_embedding = np.concatenate([categorical, np.zeros(emb.shape[1], bool)])
-            stacked_scores = _baseline_scores(task, stacked, with_embedding, y, t, train, test, seed)
-            metrics["table_gbt_embedding"] = _metrics(task, y_test, stacked_scores, t_test)
-        metrics["random"] = _random_metrics(task, y_test, t_test, seed)
-        entry = {
-            "kind": task.kind,
-            "num_classes": task.num_classes,
-            "n_train": int(len(train)),
-            "n_test": int(len(test)),
-            "embedding_dim": int(emb.shape[1]),
-            "input": chosen,
-            "fit": fit,
-            "metrics": metrics,
-        }
-        if tuned is not None:
-            entry["task_token"] = tuned
-        if on_head is not None:
-            tables = {"table_gbt": baseline, "table_gbt_embedding": stacked_scores} if features is not None else {}
-            on_head(task, head, {"head": scores, **tables, "y": y_test, "treatment": t_test, "input": chosen})
-        if task.kind == "multiclass":
-            entry["class_counts"] = np.bincount(y, minlength=task.num_classes).tolist()
-        else:
-            entry["positive_rate"] = float(y.mean())
-        if task.kind == "binary":
-            entry["curves"] = binary_curves(y_test, scores, float(y[train].mean()))
-        if task.kind == "uplift":
-            entry["ate_test"] = average_treatment_effect(y_test, t_test) if t_test.min() != t_test.max() else float("nan")
-            entry["treated_rate"] = float(t.mean())
-        results[task.name] = entry
-        log.info("task %s (%s): %s", task.name, task.kind, {k: {m: round(v, 4) for m, v in d.items()} for k, d in metrics.items()})
-    users_info = {"labelled": len(user_ids), "train": int(is_train.sum()), "left_out_without_events": unknown}
-    return {"tasks": results, "config": dataclasses.asdict(cfg), "seed": seed, "users": users_info}
 
 
 METRIC_NAMES = {"auc": "ROC-AUC", "accuracy": "accuracy", "macro_auc": "macro ROC-AUC", "qini": "Qini coefficient", "auuc": "AUUC"}

@@ -2,8 +2,9 @@
 
 The GTS-LUM decoder gives one user embedding (its last hidden state, with the task's TASK token in
 front for label tasks). The heads here read that vector and nothing else, so they work with any user
-embedding: `fit_head` trains a head on FROZEN embeddings (a probe), which is how the label and uplift
-tasks are evaluated (gts_lum.evaluation.labels.evaluate_label_tasks).
+embedding: `training.heads.fit_head` trains a head on FROZEN embeddings (a probe), which is how the
+label and uplift tasks are evaluated (gts_lum.training.label_tasks.evaluate_label_tasks). This module holds
+the heads and their configs only; their training is in `training.heads` and `training.task_tokens`.
 
 - `LabelHead`: 1 logit (binary, BCE) or C logits (multi-class, cross-entropy).
 - `UpliftHead`: two outcome logits, control and treated; each user's loss is the BCE of the arm the
@@ -18,21 +19,11 @@ Config: `HeadsConfig`, loaded with load_config(HeadsConfig, "pkg:heads/default.y
 
 from __future__ import annotations
 
-import copy
-import logging
-import math
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
-from gts_lum.encoders.table_learned import holdout
-
-log = logging.getLogger(__name__)
 
 KINDS = ("binary", "multiclass", "uplift")
 
@@ -54,7 +45,7 @@ class LabelTask:
 
 @dataclass
 class HeadTrainConfig:
-    """How `fit_head` trains a head on frozen embeddings (its keyword arguments)."""
+    """How `training.heads.fit_head` trains a head on frozen embeddings (its keyword arguments)."""
 
     epochs: int = 300
     lr: float = 1.0e-2
@@ -193,7 +184,7 @@ class UpliftHead(_Head):
     def __init__(self, hidden_size: int, mlp_hidden: int = 0, dropout: float = 0.1, transformed_outcome_weight: float = 0.0):
         super().__init__(hidden_size, 2, mlp_hidden, dropout)
         self.transformed_outcome_weight = transformed_outcome_weight
-        self.register_buffer("propensity", torch.tensor(0.5))  # share treated, set by fit_head from the training rows
+        self.register_buffer("propensity", torch.tensor(0.5))  # share treated, set by training.heads.fit_head from the training rows
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, treatment: torch.Tensor | None = None) -> torch.Tensor:
         """BCE of the received arm's logit, plus the optional transformed-outcome term."""
@@ -229,125 +220,3 @@ def build_head(task: LabelTask, hidden_size: int, cfg: HeadsConfig) -> LabelHead
     if task.kind == "uplift":
         return UpliftHead(hidden_size, cfg.mlp_hidden, cfg.dropout, cfg.transformed_outcome_weight)
     return LabelHead(hidden_size, task, cfg.mlp_hidden, cfg.dropout)
-
-
-def _as_tensor(values, dtype: torch.dtype, device: torch.device, what: str, n: int) -> torch.Tensor:
-    tensor = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values).to(device, dtype)
-    if tensor.shape != (n,):
-        raise ValueError(f"fit_head: {what} must have shape ({n},) like the embeddings' rows, got {tuple(tensor.shape)}")
-    return tensor
-
-
-def fit_head(
-    head: LabelHead | UpliftHead,
-    embeddings: torch.Tensor,
-    y,
-    treatment=None,
-    epochs: int = 300,
-    lr: float = 1.0e-2,
-    weight_decay: float = 1.0e-2,
-    seed: int = 0,
-    valid_fraction: float = 0.2,
-    batch_size: int = 0,
-    patience: int = 30,
-    standardize: bool = True,
-    progress: bool | None = None,
-) -> dict:
-    """Train `head` on frozen `embeddings` (N, D) with AdamW; returns stats.
-
-    `y`: (N,) 0/1 labels or class indices; `treatment`: (N,) 0/1, required for an UpliftHead. A stratified
-    `valid_fraction` of the rows is held out and the weights of the epoch with the lowest held-out loss
-    are kept (early stopping after `patience` epochs without a new best). The head is re-initialized
-    from `seed`, and its dropout and batch order use `seed` too, so equal inputs give equal heads (the
-    global torch RNG is left as it was). Runs on the embeddings' device. `progress=None`: a bar on a TTY.
-    """
-    started = time.perf_counter()
-    if embeddings.dim() != 2:
-        raise ValueError(f"fit_head: embeddings must be (N, D), got {tuple(embeddings.shape)}")
-    if epochs < 1:
-        raise ValueError(f"fit_head: epochs must be >= 1, got {epochs}")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"fit_head: valid_fraction {valid_fraction} is not in [0, 1)")
-    device, n = embeddings.device, len(embeddings)
-    x = embeddings.detach().float()
-    if not torch.isfinite(x).all():
-        raise ValueError(f"fit_head: embeddings hold non-finite values (first bad row {int((~torch.isfinite(x).all(1)).nonzero()[0])})")
-    y = _as_tensor(y, torch.float32, device, "y", n)
-    head.check_targets(y)
-    if isinstance(head, UpliftHead):
-        if treatment is None:
-            raise ValueError("fit_head: an UpliftHead needs treatment (0/1 per row)")
-        treatment = _as_tensor(treatment, torch.float32, device, "treatment", n)
-        if not torch.isin(treatment, torch.tensor([0.0, 1.0], device=device)).all():
-            raise ValueError("fit_head: treatment must be 0/1")
-    train, valid = holdout(n, valid_fraction, seed, head.stratum(y, treatment).cpu())
-    if not len(train):
-        raise ValueError(f"fit_head: no training rows left from {n} rows with valid_fraction={valid_fraction}")
-    head.to(device)
-
-    def rows_loss(rows: np.ndarray) -> torch.Tensor:
-        idx = torch.as_tensor(rows, device=device)
-        return head.loss(head(x[idx]), y[idx], None if treatment is None else treatment[idx])
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for module in head.modules():
-            if module is not head and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        if standardize:
-            head.set_input_stats(x[torch.as_tensor(train, device=device)])
-        if isinstance(head, UpliftHead):
-            head.propensity.fill_(float(treatment[torch.as_tensor(train, device=device)].mean()))
-        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-        generator = torch.Generator().manual_seed(seed)
-        step = batch_size or len(train)
-        best, best_loss, best_epoch, stale = None, math.inf, -1, 0
-        bar = tqdm(
-            range(epochs), desc=f"fit {type(head).__name__}", unit="epoch", leave=False, disable=None if progress is None else not progress
-        )
-        for epoch in bar:
-            head.train()
-            order = train[torch.randperm(len(train), generator=generator).numpy()]
-            total = 0.0
-            for start in range(0, len(order), step):
-                rows = order[start : start + step]
-                loss = rows_loss(rows)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(rows)
-            train_loss = total / len(order)
-            if not len(valid):
-                continue
-            head.eval()
-            with torch.no_grad():
-                valid_loss = rows_loss(valid).item()
-            bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}")
-            if valid_loss < best_loss - 1e-6:
-                best, best_loss, best_epoch, stale = copy.deepcopy(head.state_dict()), valid_loss, epoch, 0
-            else:
-                stale += 1
-                if stale >= patience:
-                    break
-    if best is not None:
-        head.load_state_dict(best)
-    head.eval()
-    stats = {
-        "epochs_run": epoch + 1,
-        "best_epoch": best_epoch if len(valid) else epoch,
-        "train_loss": train_loss,
-        "valid_loss": best_loss if len(valid) else float("nan"),
-        "n_train": int(len(train)),
-        "n_valid": int(len(valid)),
-        "seconds": time.perf_counter() - started,
-    }
-    log.info(
-        "%s: %d train / %d held-out rows, %d epochs (best %d), held-out loss %.4f",
-        type(head).__name__,
-        stats["n_train"],
-        stats["n_valid"],
-        stats["epochs_run"],
-        stats["best_epoch"],
-        stats["valid_loss"],
-    )
-    return stats

@@ -7,6 +7,10 @@ different users): a seeded hash puts a fraction of users aside; their last event
 
 Histories are prefixes of the full log: an `EvalSet` says where each user's history ends. Anything
 learned from the data (popularity, graphs, clusters, importance weights) must read `Split.train` only.
+
+`holdout` splits rows (users of a labels table, rows of a table, training cases) into a fitted and a
+held-out part: the report users of the label tasks and the early-stopping slice of every probe and
+table encoder.
 """
 
 from __future__ import annotations
@@ -144,3 +148,25 @@ def hold_out_for_validation(split: Split, n: int, target_behaviors: np.ndarray |
     after_unseen = np.isin(train_rows - 1, train_rows)  # the previous event moved too
     rows = log_rows[after_unseen & _eligible(log_, target_behaviors)[log_rows]]
     return Split(log_, train.select_events(keep), split.valid.concat(_cases(log_, rows)), split.test, split.kind)
+
+
+def holdout(n: int, fraction: float, seed: int, strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held_out): sorted row indices of `n` rows; a seeded random `fraction` is held out.
+
+    With `strata` (N,) non-negative ints (a class, or treatment arm x outcome), every stratum gives the
+    same share: floor(its size * fraction) of its rows, so rare classes are held out in proportion. Without,
+    floor(n * fraction) rows, the first of a seeded permutation of the rows. Either may be empty: callers
+    that need both sides (a test set) say so themselves.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout: fraction {fraction} is not in [0, 1)")
+    rng = np.random.default_rng(seed)
+    groups = np.zeros(n, np.int64) if strata is None else np.asarray(strata).astype(np.int64)
+    order = rng.permutation(n)
+    # Rank of each row within its stratum in the shuffled order: the first `fraction` of each are held out.
+    ranked = order[np.argsort(groups[order], kind="stable")]
+    sizes = np.bincount(groups[ranked])
+    rank = np.arange(n) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    held = np.zeros(n, bool)
+    held[ranked] = rank < np.repeat(np.floor(sizes * fraction).astype(np.int64), sizes)
+    return np.flatnonzero(~held), np.flatnonzero(held)

@@ -1,6 +1,6 @@
 """The label stage (`gts-lum labels`, the pipeline's label-tasks step): every task of the data set's labels
 table gets a task token tuned through the frozen GTS-LUM decoder and a head (training.task_tokens), evaluated
-on held-out users against the table baselines (evaluation.labels); the heads go to the export."""
+on held-out users against the table baselines (training.label_tasks); the heads go to the export."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from gts_lum.data.contract import read_table
-from gts_lum.evaluation.labels import discover_tasks, evaluate_label_tasks, format_label_table
+from gts_lum.evaluation.labels import discover_tasks, format_label_table
 from gts_lum.evaluation.plots import qini_png
 from gts_lum.modeling.heads import HeadsConfig, build_head
 from gts_lum.recommenders.registry import load_model
@@ -22,6 +22,7 @@ from gts_lum.sequence.splits import EvalSet
 # upward (layer 8): the heads' export format lives in serving/export.py, edited in parallel; moves down in a follow-up
 from gts_lum.serving.export import HEADS_CARD, head_inputs, save_head
 from gts_lum.training.checkpoint import read_card, save_model
+from gts_lum.training.label_tasks import evaluate_label_tasks
 from gts_lum.training.task_tokens import tune_task_token, user_cases
 
 log = logging.getLogger(__name__)

@@ -50,7 +50,9 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 class LoopSettings(Protocol):
-    """The fields of a model's train config that the loop reads."""
+    """The fields of a model's train config that the loop reads. Optional, read when present:
+    `min_improvement`, how much a validation figure must exceed the best so far to count as better
+    (0 without it; probes selecting on minus a loss ignore gains below their tolerance)."""
 
     lr: float
     lr_schedule: str
@@ -68,6 +70,9 @@ class LoopSettings(Protocol):
 
 
 class TrainingTask(Protocol):
+    """Optional, read when present: `epoch_log_level`, the level of the per-epoch log line (INFO without
+    it; a probe that runs hundreds of tiny epochs logs them at DEBUG)."""
+
     name: str
     module: nn.Module  # what trains; its state dict is what is checkpointed and restored
     find_unused_parameters: bool  # DDP: some steps leave parts of the module unused (e.g. a skipped term)
@@ -116,6 +121,12 @@ def learning_rate(cfg: LoopSettings, step: int, total_steps: int) -> float:
     done = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The torch seed of one training step (dropout, sampled negatives): a function of the position alone,
+    so a resumed run draws what an uninterrupted one drew."""
+    return seed * 1_000_003 + epoch * 10_007 + step * 101 + rank
 
 
 def distributed_context(device: torch.device) -> tuple[int, int]:
@@ -260,13 +271,13 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
             f"valid_{cfg.select_metric}": value,
         }
         position["history"].append(record)
-        if value > position["best"]:
+        if value > position["best"] + getattr(cfg, "min_improvement", 0.0):
             position.update(best=value, best_epoch=epoch, bad_epochs=0)
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         else:
             position["bad_epochs"] += 1
         if rank == 0:
-            log.info("%s epoch %d: %s", task.name, epoch, record)
+            log.log(getattr(task, "epoch_log_level", logging.INFO), "%s epoch %d: %s", task.name, epoch, record)
         if epoch == 0 and cfg.time_budget_s:
             pace = time.perf_counter() - t_epoch  # training and validation of one epoch
             planned = max(1, min(cfg.epochs, cfg.time_budget_s // max(pace, 1e-9)))

@@ -31,7 +31,7 @@ from gts_lum.data.events import EventLog, ragged_arange
 from gts_lum.evaluation.protocol import EvalConfig, evaluate, validation_metric
 from gts_lum.modeling.sequence_encoder import PAD
 from gts_lum.sequence.splits import Split
-from gts_lum.training.loop import check_schedule, epoch_rng, trainable
+from gts_lum.training.loop import check_schedule, epoch_rng, step_seed, trainable
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class SequentialTask:
         return [order[lo : lo + self.cfg.batch_size] for lo in range(0, len(order), self.cfg.batch_size)]
 
     def train_step(self, module: nn.Module, idx: np.ndarray, epoch: int, step: int, rank: int) -> dict[str, torch.Tensor]:
-        seed = self.cfg.seed * 1_000_003 + epoch * 10_007 + step * 101 + rank
+        seed = step_seed(self.cfg.seed, epoch, step, rank)
         torch.manual_seed(seed)  # dropout
         gen = torch.Generator().manual_seed(seed)  # negatives
         model, device = self.model, self.model.device

@@ -4,7 +4,7 @@ Phase II trains the decoder on next behaviours. A label task (churn, plan change
 gets its own front token, tuned here with everything else frozen (decoder, Q-former, projections): only
 the token and a temporary head learn, through the decoder (prompt tuning). One trained decoder then
 serves every task, and adding a task never changes next-behaviour scoring. The head that is reported
-and served is fitted afterwards on the tuned embeddings (`modeling.heads.fit_head`).
+and served is fitted afterwards on the tuned embeddings (`training.heads.fit_head`).
 
     model.set_tasks(["churn", "campaign"])
     stats = tune_task_token(model, log_, cases, y, treatment, model.task_index("churn"), head, TaskTokenConfig())
@@ -17,20 +17,63 @@ plus the model with its tuned tokens are written for `gts-lum export`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
 from gts_lum.data.events import EventLog
-from gts_lum.encoders.table_learned import holdout
 from gts_lum.modeling.heads import LabelHead, TaskTokenConfig, UpliftHead
-from gts_lum.sequence.splits import EvalSet
+from gts_lum.sequence.splits import EvalSet, holdout
+from gts_lum.training.heads import ProbeSettings, SeededOrders, batches_of
+from gts_lum.training.loop import step_seed, train_loop, trainable
 
 log = logging.getLogger(__name__)
+
+
+class _TokenAndHead(nn.Module):
+    """What tuning trains, one module for the loop (its state is what is checkpointed and kept): the
+    network's task-token table and the head. The rest of the network is no part of it."""
+
+    def __init__(self, task_tokens: nn.Embedding, head: LabelHead | UpliftHead):
+        super().__init__()
+        self.task_tokens, self.head = task_tokens, head
+
+
+class TaskTokenTask:
+    """`tune_task_token`'s training as a `training.loop.TrainingTask`: the training cases in batches, minus
+    the held-out loss as the validation figure (without held-out cases minus the epoch's training loss)."""
+
+    find_unused_parameters = False
+
+    def __init__(self, name: str, module: _TokenAndHead, loss_of, train: np.ndarray, valid: np.ndarray, cfg: TaskTokenConfig):
+        self.name, self.module, self.loss_of, self.valid, self.cfg = name, module, loss_of, valid, cfg
+        self.orders = SeededOrders(train, lambda: np.random.default_rng(cfg.seed), lambda g, n: g.permutation(n))
+        self.train_total, self.train_rows = 0.0, 0
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        self.train_total, self.train_rows = 0.0, 0
+        return batches_of(self.orders(epoch), self.cfg.batch_size)
+
+    def train_step(self, module: nn.Module, rows: np.ndarray, epoch: int, step: int, rank: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(step_seed(self.cfg.seed, epoch, step, rank))  # dropout of an MLP head
+        loss = self.loss_of(rows)
+        self.train_total, self.train_rows = self.train_total + loss.item() * len(rows), self.train_rows + len(rows)
+        return {"loss": loss, "cases": torch.tensor(float(len(rows)))}
+
+    def param_groups(self) -> list[dict]:
+        return trainable(self.module)
+
+    def validate(self) -> float:
+        self.module.eval()
+        with torch.no_grad():
+            return -float(self.loss_of(self.valid)) if len(self.valid) else -self.train_total / self.train_rows
+
+    def weights_changed(self) -> None:
+        pass
 
 
 def tune_task_token(
@@ -43,12 +86,15 @@ def tune_task_token(
     head: LabelHead | UpliftHead,
     cfg: TaskTokenConfig,
     summary: np.ndarray | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict:
     """Train row `task_index` of `model.net.task_tokens` (and `head`) on cases (one per user) and labels.
 
     `summary` (N, D): fixed features of each case the head reads after the decoder's state (the history
-    summary, `model.history_summary`). Every other weight of the network stays as it is. Returns stats
-    (epochs, held-out loss per epoch)."""
+    summary, `model.history_summary`). Every other weight of the network stays as it is. The token and
+    head of the epoch with the lowest held-out loss are kept (`training.loop.train_loop`, AdamW without
+    weight decay; `checkpoint_dir`: its checkpoints, a rerun resumes there). Returns stats (epochs,
+    held-out loss per epoch)."""
     net = model.net
     started = time.perf_counter()
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.float32, device=model.device)
@@ -56,7 +102,7 @@ def tune_task_token(
     head.check_targets(y_t)
     if isinstance(head, UpliftHead) and t_t is None:
         raise ValueError("tune_task_token: an uplift task needs its treatment flags")
-    train, valid = holdout(len(cases), cfg.valid_fraction, cfg.seed, head.stratum(y_t, t_t).cpu())
+    train, valid = holdout(len(cases), cfg.valid_fraction, cfg.seed, head.stratum(y_t, t_t).cpu().numpy())
     tokens = model.sequences(log_, cases)
     history_end = np.asarray(cases.history_end)
     task = torch.tensor([task_index], device=model.device)
@@ -77,49 +123,31 @@ def tune_task_token(
     frozen = {name: p.requires_grad for name, p in net.named_parameters()}
     for p in net.parameters():
         p.requires_grad_(False)
+    # only row task_index is looked up, so the other tasks' rows get no gradient and keep their tokens
     net.task_tokens.weight.requires_grad_(True)
     was_training = net.training
     net.eval()  # no dropout in the frozen network: the token is tuned against the network as it scores
-    history = []
     try:
-        generator = np.random.default_rng(cfg.seed)
         with torch.no_grad():  # standardize the head's inputs on the untuned embeddings
             head.set_input_stats(torch.cat([states(train[s : s + cfg.batch_size]) for s in range(0, len(train), cfg.batch_size)]))
         if isinstance(head, UpliftHead):
             head.propensity.fill_(float(t_t[torch.as_tensor(train, device=model.device)].mean()))
         head.to(model.device).train()
-        optimizer = torch.optim.AdamW([net.task_tokens.weight, *head.parameters()], lr=cfg.lr, weight_decay=0.0)
         initial_token = net.task_tokens.weight[task_index].detach().clone()
         with torch.no_grad():  # the untuned token under the freshly initialized head: where tuning starts
             initial_loss = float(loss_of(valid)) if len(valid) else float("nan")
             initial_train_loss = float(loss_of(train))
-        best_loss, best = float("inf"), None
-        for epoch in tqdm(range(cfg.epochs), desc=f"task token {task_index}", unit="epoch", leave=False, disable=None):
-            order = generator.permutation(train)
-            total = 0.0
-            for s in range(0, len(order), cfg.batch_size):
-                rows = order[s : s + cfg.batch_size]
-                loss = loss_of(rows)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                net.task_tokens.weight.grad[torch.arange(len(net.task_tokens.weight)) != task_index] = 0.0  # other tasks keep theirs
-                optimizer.step()
-                total += loss.item() * len(rows)
-            with torch.no_grad():
-                valid_loss = float(loss_of(valid)) if len(valid) else total / len(order)
-            history.append({"epoch": epoch, "train_loss": round(total / len(order), 5), "valid_loss": round(valid_loss, 5)})
-            if valid_loss < best_loss:
-                best_loss = valid_loss
-                best = (net.task_tokens.weight[task_index].detach().clone(), copy.deepcopy(head.state_dict()))
-        with torch.no_grad():
-            net.task_tokens.weight[task_index] = best[0]
-        head.load_state_dict(best[1])
-        token_change = float((best[0] - initial_token).norm())
+        module = _TokenAndHead(net.task_tokens, head)
+        settings = ProbeSettings(epochs=cfg.epochs, lr=cfg.lr, weight_decay=0.0, patience=cfg.epochs, seed=cfg.seed, min_improvement=0.0)
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+            run = train_loop(TaskTokenTask(f"task token {task_index}", module, loss_of, train, valid, cfg), settings, checkpoint_dir)
+        token_change = float((net.task_tokens.weight[task_index].detach() - initial_token).norm())
     finally:
         for name, p in net.named_parameters():
             p.requires_grad_(frozen[name])
         net.train(was_training)
     head.eval()
+    best_loss = -run["valid_neg_loss"]
     log.info(
         "task token %d: %d train / %d held-out users, held-out loss %.4f -> %.4f in %.1f s",
         task_index,
@@ -129,6 +157,9 @@ def tune_task_token(
         best_loss,
         time.perf_counter() - started,
     )
+    history = [
+        {"epoch": h["epoch"], "train_loss": round(h["loss"], 5), "valid_loss": round(-h["valid_neg_loss"], 5)} for h in run["history"]
+    ]
     return {
         "epochs": len(history),
         "initial_train_loss": initial_train_loss,
