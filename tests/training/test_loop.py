@@ -90,6 +90,15 @@ def test_epochs_slower_than_the_first_stop_at_the_budget():
     assert 2 <= stats["epochs"] <= 3
 
 
+def test_epochs_faster_than_the_first_extend_the_plan():
+    """Epoch 0 takes ~0.4 s (warm-up), the later ones ~0.1 s: the first plan under a 1.2 s budget is 3
+    epochs, the plans after it use the later pace and the run spends the budget (~8 epochs, not 3)."""
+    task = Regression(epoch_seconds=lambda epoch: 0.4 if epoch == 0 else 0.1)
+    stats = train_loop(task, Settings(epochs=50, time_budget_s=1.2), device=torch.device("cpu"))
+    assert 6 <= stats["epochs"] <= 9
+    assert stats["history"][-1]["lr"] < 0.2 * Settings.lr  # the schedule followed the longer plan to its end
+
+
 def test_max_steps_stops_inside_an_epoch_and_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path):
     """8 steps an epoch: max_steps=11 stops inside epoch 1 (one validated epoch), checkpointed there; the
     run restarted on the folder without the cap ends with the weights of a run never stopped."""

@@ -14,9 +14,10 @@ weights are on validation; the loop does the rest, the same way for every model:
   and restored at the end; early stop after `patience` epochs without a better one; `max_steps` stops
   the run after that many steps in all, mid-epoch too (a time-boxed or cut run: the schedule still
   spans the epochs, and a later run on the checkpoint folder carries on from there);
-- a wall-time budget (`time_budget_s`, for comparing models at equal training time): after the first
-  epoch the run plans as many epochs as fit the budget at that epoch's pace (validation included; at most
-  `epochs`), and the schedule runs its course over them (the plan is part of the checkpoint);
+- a wall-time budget (`time_budget_s`, for comparing models at equal training time): after every epoch
+  the run plans as many epochs as fit what is left of the budget at the pace of the epochs so far
+  (validation included; at most `epochs`; `budget_plan`), and the schedule runs its course over them
+  (the plan is part of the checkpoint);
 - per epoch the mean of every figure the steps report, cases/s and positions/s (positions trained per
   second: the unit that compares models whose steps differ in size);
 - checkpoints (`checkpoint_dir`): weights, optimizer state, best weights and the position (epoch, step,
@@ -278,25 +279,20 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
             position["bad_epochs"] += 1
         if rank == 0:
             log.log(getattr(task, "epoch_log_level", logging.INFO), "%s epoch %d: %s", task.name, epoch, record)
-        if epoch == 0 and cfg.time_budget_s:
-            pace = time.perf_counter() - t_epoch  # training and validation of one epoch
-            planned = max(1, min(cfg.epochs, cfg.time_budget_s // max(pace, 1e-9)))
-            position["planned_epochs"] = int(_broadcast(planned) if ddp else planned)  # one plan for every rank
-            log.info(
-                "%s: %.0f s an epoch: %d epochs fit the budget of %.0f s", task.name, pace, position["planned_epochs"], cfg.time_budget_s
-            )
         position.update(epoch=epoch + 1, step=0)
         if cfg.time_budget_s:
-            # the plan came from epoch 0's pace; epochs that run slower (a busier machine) must not
-            # overrun the budget: stop once the next epoch would not fit either
-            pace = time.perf_counter() - t_epoch
-            position["elapsed_s"] = position.get("elapsed_s", 0.0) + pace
-            over = float(position["elapsed_s"] + pace > cfg.time_budget_s and position["epoch"] < position["planned_epochs"])
-            if (_broadcast(over) if ddp else over) > 0.5:  # rank 0's verdict for every rank
+            planned = budget_plan(cfg, position, time.perf_counter() - t_epoch)
+            planned = int(_broadcast(planned) if ddp else planned)  # rank 0's plan for every rank
+            if planned != position["planned_epochs"]:
                 log.info(
-                    "%s: the budget of %.0f s is spent after epoch %d (%.0f s)", task.name, cfg.time_budget_s, epoch, position["elapsed_s"]
+                    "%s: %d epochs fit the budget of %.0f s (%.0f s spent, %d run)",
+                    task.name,
+                    planned,
+                    cfg.time_budget_s,
+                    position["elapsed_s"],
+                    position["epoch"],
                 )
-                position["planned_epochs"] = position["epoch"]
+            position["planned_epochs"] = planned
         save()
         if position["bad_epochs"] >= cfg.patience and rank == 0:
             log.info("%s: early stop after epoch %d (best epoch %d)", task.name, epoch, position["best_epoch"])
@@ -314,6 +310,20 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
         "world_size": world,
         "history": position["history"],
     }
+
+
+def budget_plan(cfg: LoopSettings, position: dict, pace: float) -> int:
+    """The epochs that fit `cfg.time_budget_s`, planned again after every epoch (`pace`: its seconds,
+    validation included) from the time spent and the pace of the epochs after the first (the first pays
+    warm-up; it alone decides only the first plan): a run whose later epochs are faster gets the epochs
+    its budget buys, one on a busier machine stops once the next epoch would not fit. At most `epochs`,
+    at least the epochs run; the learning-rate schedule follows the plan."""
+    position["elapsed_s"] = position.get("elapsed_s", 0.0) + pace
+    paces = position.setdefault("paces", [])
+    paces.append(pace)
+    typical = max(float(np.mean(paces[1:] if len(paces) > 1 else paces)), 1e-9)
+    done = position["epoch"]
+    return max(done, min(cfg.epochs, done + int((cfg.time_budget_s - position["elapsed_s"]) // typical)))
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
