@@ -169,6 +169,14 @@ def telco_dir() -> Path:
     return shared_data("telco-churn")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs one worker a core), each worker and the processes it starts
+    keep to one torch / OpenMP thread: two workers with a pool of two threads each fought over two cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["MKL_NUM_THREADS"] = "1"
+
+
 @pytest.fixture
 def one_torch_thread():
     """Small torch models on 2 shared cores: one intra-op thread beats a contended pool by up to 10x."""
