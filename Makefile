@@ -54,14 +54,20 @@ bench: $(BIN)/gts-lum
 	$(BIN)/gts-lum bench --config gts_lum_movielens --set reference=Markov --set "seeds=[0,1,2]" \
 	    --out runs/bench/gts_lum_movielens_seeds --models "Markov,GTS-LUM,target end,target none"
 
-# Serving load on loopback with the model `make demo` trained (run `make demo` first).
-# The export names users by pseudonym: without GTS_LUM_PSEUDONYM_KEY a throw-away key serves this bench.
+# Serving load on loopback with the model `make demo` trained (run `make demo` first): the top-10 request with an
+# inline history and with only a user id (the history read from a local Feast store: the demo's clean data
+# published into a copy of feature_repo/ under runs/bench/load/feast, SQLite, the 20 longest histories), and 100
+# explicit candidates; concurrency 1 and 4 on one server process.
+# The export and the store name users by pseudonym: without GTS_LUM_PSEUDONYM_KEY a throw-away key serves this bench.
 load-bench: $(BIN)/gts-lum
-	rm -rf runs/export
+	rm -rf runs/export runs/bench/load
 	export GTS_LUM_PSEUDONYM_KEY=$${GTS_LUM_PSEUDONYM_KEY:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(32))')} && \
-	$(BIN)/gts-lum export $$(ls -d runs/demo/local_outputs/*/ | tail -1)train-gts-lum/model --out runs/export \
-	    --sequences $$(ls -d runs/demo/local_outputs/*/ | tail -1)build-sequences/sequences && \
-	$(BIN)/gts-lum load-bench runs/export --requests 100 --concurrency 1 --concurrency 4 --out runs/bench/load
+	RUN=$$(ls -d runs/demo/local_outputs/*/ | tail -1) && \
+	$(BIN)/gts-lum export $${RUN}train-gts-lum/model --out runs/export --sequences $${RUN}build-sequences/sequences && \
+	$(BIN)/python -m gts_lum.stages.load_bench --clean $${RUN}validate/clean --semantic-ids $${RUN}semantic-ids/ids \
+	    --feature-repo feature_repo --out runs/bench/load/feast && \
+	$(BIN)/gts-lum load-bench runs/export --requests 100 --concurrency 1 --concurrency 4 \
+	    --feature-repo runs/bench/load/feast/repo --users $$(cat runs/bench/load/feast/users.txt) --out runs/bench/load
 
 # On a CUDA machine: phase II in bf16 at width 512 (4 layers) beside HSTU on the demo simulator, positions/s
 # and candidates/s; fails when a loss does not fall. Runs on the machine's own torch + transformers

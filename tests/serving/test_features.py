@@ -32,6 +32,7 @@ from gts_lum.serving.features import (
     export_feature_sources,
     open_store,
     publish_features,
+    redis_client,
 )
 from gts_lum.tokenizer.semantic_ids import SemanticIds, tokenize_dataset
 from tests.conftest import loopback_port, postgres_database, stop_process, wait_for
@@ -315,6 +316,30 @@ def test_delete_user_removes_them_online_and_offline(store, reference):
     assert pseudonymize(other) in pq.read_table(sources[0]).column(USER_KEY).to_pylist()
     if store[1] is None:
         assert pseudonym.encode() not in online_file.read_bytes()  # secure_delete: no leftover in free pages
+    else:  # Redis: no key of the user left (their hash held every view)
+        redis = redis_client(client._store().config.online_store)
+        assert not [k for k in redis.scan_iter() if pseudonym.encode() in k]
+
+
+def test_redis_client_reads_feasts_connection_string():
+    """The client of the per-user locks and deletions: Feast's documented connection-string format, values read
+    as JSON where they parse (as Feast reads them); redis-py connects lazily, so no server is needed."""
+    from types import SimpleNamespace
+
+    from redis import Redis
+
+    config = SimpleNamespace(connection_string="redis.example:6380,db=2,password=s3cret,ssl=true", redis_type="redis")
+    client = redis_client(config)
+    kwargs = client.connection_pool.connection_kwargs
+    assert isinstance(client, Redis) and (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["password"]) == (
+        "redis.example",
+        6380,
+        2,
+        "s3cret",
+    )
+    assert client.connection_pool.connection_class.__name__ == "SSLConnection"
+    with pytest.raises(ValueError, match="no host:port"):
+        redis_client(SimpleNamespace(connection_string="db=0", redis_type="redis"))
 
 
 def test_cli_on_a_data_set_without_users_table(cycle_data, tmp_path, capsys):

@@ -646,3 +646,27 @@ def test_load_bench_reports_percentiles_by_shape_and_concurrency(tiny_serving, o
     assert isinstance(out["shapes"]["top10_feast"]["by_concurrency"]["1"]["meets_goal"], bool)
     assert out["shapes"]["candidates"]["by_concurrency"]["1"]["share_of_machine_fp32"] > 0
     assert json.loads((tmp_path / "load_bench.json").read_text())["shapes"].keys() == set(shapes)
+
+
+def test_publish_bench_store_serves_the_longest_histories(tiny_serving, tmp_path, monkeypatch, capsys):
+    """`python -m gts_lum.stages.load_bench` (`make load-bench`'s store step): a copy of feature_repo/ published
+    with the clean data set's latest events; users.txt names the users with the longest histories, which the
+    store serves (their last 512 events)."""
+    from gts_lum.data.validate import load_event_log
+    from gts_lum.serving.features import FeatureClient
+    from gts_lum.stages.load_bench import main
+
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "load-bench-test-key-0123456789abcdef")
+    main(["--clean", str(tiny_serving.clean), "--out", str(tmp_path), "--feature-repo", str(REPO / "feature_repo"), "--users", "3"])
+    assert "3 users" in capsys.readouterr().out
+    users = (tmp_path / "users.txt").read_text().strip().split(",")
+    log_ = load_event_log(tiny_serving.clean)
+    lengths = dict(zip(log_.user_ids.astype(str), log_.lengths()))
+    assert len(users) == 3 and min(lengths[u] for u in users) == sorted(lengths.values())[-3]
+    client = FeatureClient(tmp_path / "repo")
+    for user in users:
+        history = client.get_history(user)
+        u = int(np.flatnonzero(log_.user_ids.astype(str) == user)[0])
+        stop = int(log_.offsets[u + 1])
+        start = max(int(log_.offsets[u]), stop - 512)
+        assert history["timestamps"] == log_.timestamp[start:stop].tolist()

@@ -24,7 +24,8 @@ N, write back). Two writers interleaving would lose events, so the whole cycle h
     - SQLite setup: a `filelock.FileLock` (flock) on the file locks/<pseudonym>.lock beside the online
       store. Every acquisition opens the file anew, so the lock excludes threads of one process as well
       as other processes (flock locks belong to the open file, not to the process).
-    - Redis setup: redis-py's `Lock` on gts_lum:<project>:lock:<name> in the online store's own Redis: a
+    - Redis setup: redis-py's `Lock` on gts_lum:<project>:lock:<name> in the online store's Redis (our own
+      client of it, `redis_client`, from the store's config: Feast's client is private to it): a
       token set with a lease, released only by its holder, so that a holder never frees a lock that
       expired and was taken by someone else. The lease (30 s) bounds how long a crashed holder blocks the
       user; a cycle takes milliseconds.
@@ -430,6 +431,35 @@ def redis_lock(client, key: str, lease_s: float = 30.0, wait_s: float = 60.0) ->
             log.warning("Redis lock %s outlived its %g s lease: a concurrent writer may have entered", key, lease_s)
 
 
+def redis_client(online_store):
+    """A redis-py client of a Feast Redis online store, from its config's public fields: `connection_string`
+    in Feast's documented format ("host:port[,host:port...],name=value,...", e.g. "redis:6379,db=0,ssl=true,
+    password=..."; a value is read as JSON when it parses, as Feast reads it: ssl=true is True, db=0 is 0),
+    `redis_type` (redis, redis_cluster, redis_sentinel) and `sentinel_master`. Ours rather than Feast's own
+    client (`RedisOnlineStore._get_client`, a private method): the same server and settings, a pool of our own."""
+    from redis import Redis, RedisCluster, Sentinel
+    from redis.cluster import ClusterNode
+
+    nodes, params = [], {}
+    for part in online_store.connection_string.split(","):
+        if "=" in part:
+            name, value = part.split("=", 1)
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(value)
+            params[name] = value
+        else:
+            host, port = part.rsplit(":", 1)
+            nodes.append((host, int(port)))
+    if not nodes:
+        raise ValueError("the Redis online store's connection_string names no host:port")
+    kind = str(getattr(online_store.redis_type, "value", online_store.redis_type))
+    if kind == "redis_cluster":
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **params)
+    if kind == "redis_sentinel":
+        return Sentinel(nodes, **params).master_for(online_store.sentinel_master)
+    return Redis(host=nodes[0][0], port=nodes[0][1], **params)
+
+
 def _check_events(behavior_ids: Sequence, timestamps: Sequence) -> tuple[list[str], np.ndarray]:
     if isinstance(behavior_ids, str) or isinstance(timestamps, str):
         raise ValueError("push_events: behavior_ids and timestamps must be lists, got a string")
@@ -468,6 +498,14 @@ class FeatureClient:
                 "FeatureClient can lock sqlite (file locks) and redis (Redis locks) stores"
             )
         self._settings: tuple[SequenceConfig, TimeGrid, int] | None = None
+        self._redis_client = None
+
+    def _redis(self):
+        """A redis-py client of the Redis online store (thread-safe: a connection pool), for the per-user locks and
+        deletions, which Feast does not offer; built from the store's public config (`redis_client`)."""
+        if self._redis_client is None:
+            self._redis_client = redis_client(self._store().config.online_store)
+        return self._redis_client
 
     def _store(self):
         """This thread's FeatureStore (a fresh one after a fork): SQLite connections are never shared."""
@@ -509,8 +547,7 @@ class FeatureClient:
             with file_lock(folder / f"{name}.lock", remove):
                 yield
         else:
-            client = store.provider.online_store._get_client(store.config.online_store)  # the online store's own Redis
-            with redis_lock(client, f"gts_lum:{self.project}:lock:{name}"):
+            with redis_lock(self._redis(), f"gts_lum:{self.project}:lock:{name}"):
                 yield
 
     def _read_sequence(self, pseudonym: str) -> tuple[dict, int] | None:
@@ -582,18 +619,19 @@ class FeatureClient:
 
     def _delete_online(self, pseudonym: str) -> int:
         from feast.infra.key_encoding_utils import serialize_entity_key
-        from feast.infra.online_stores.helpers import _redis_key, compute_table_id
+        from feast.infra.online_stores.helpers import compute_table_id
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
-        store = self._store()
-        cfg = store.config
+        # Feast has no public call that deletes one entity's rows, so this writes to the online store directly,
+        # through the layout of Feast's Online Store Format (docs/specs/online_store_format.md, "part of Feast
+        # public API contract"): rows keyed by the entity key serialised with the public `serialize_entity_key`.
+        cfg = self._store().config
         key = EntityKey(join_keys=[USER_KEY], entity_values=[Value(string_val=pseudonym)])
-        if self.online_store_type == "redis":  # one hash per entity key holds every view of it
-            client = store.provider.online_store._get_client(cfg.online_store)
-            return int(client.delete(_redis_key(self.project, key, cfg.entity_key_serialization_version)))
-        db = Path(cfg.online_store.path)
         blob = serialize_entity_key(key, entity_key_serialization_version=cfg.entity_key_serialization_version)
+        if self.online_store_type == "redis":  # one hash, the serialised key then the project name, holds every view of it
+            return int(self._redis().delete(blob + self.project.encode("utf-8")))
+        db = Path(cfg.online_store.path)
         versioning = cfg.registry.enable_online_feature_view_versioning
         conn = sqlite3.connect(db if db.is_absolute() else self.repo_path / db, timeout=30)
         try:

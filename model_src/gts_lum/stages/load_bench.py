@@ -8,7 +8,9 @@ behaviours an hour apart, seeded) unless it reads Feast:
 - top10: no candidate list: agnostic retrieval over the export's targets, the top rerank_depth re-ranked
   target-aware, the top 10 returned (the campaign tool's request);
 - top10_feast: the same with only a user_id: the history is read from the feature store (`feature_repo`,
-  users taken in turn from `users`; the server needs the store's GTS_LUM_PSEUDONYM_KEY);
+  users taken in turn from `users`; the server needs the store's GTS_LUM_PSEUDONYM_KEY). `publish_bench_store`
+  (`python -m gts_lum.stages.load_bench --clean CLEAN --out DIR`, which `make load-bench` runs) makes such a
+  store from the clean data set: a local SQLite copy of feature_repo/, and the users with the longest histories;
 - candidates: `candidates` explicit candidates, all scored target-aware.
 
 The profile (`profile_request`) runs the scorer's own preprocess / predict in this process on one thread
@@ -79,6 +81,44 @@ def _request_bodies(
                 instance["candidates"] = [catalog[j] for j in rng.choice(len(catalog), candidates, replace=False)]
         bodies.append(json.dumps({"instances": [instance]}).encode())
     return bodies
+
+
+def publish_bench_store(
+    clean_dir: str | Path,
+    out_dir: str | Path,
+    feature_repo: str | Path = "feature_repo",
+    semantic_ids_dir: str | Path | None = None,
+    users: int = 20,
+    last_n: int = 512,
+) -> dict:
+    """A local Feast store for the top10_feast shape: the definitions of `feature_repo` (its *.py and
+    feature_store.yaml: SQLite online store, file registry; paths inside the copy) copied to out_dir/repo,
+    the clean data set's feature sources written to out_dir/sources (the latest `last_n` events of each user,
+    one snapshot per user) and published there (apply + materialize). Users are keyed by pseudonym under
+    GTS_LUM_PSEUDONYM_KEY, which the scorer must share. Returns {"repo", "users", "publish"}: the `users`
+    raw ids with the longest histories (the largest Feast reads and Q-former inputs; ties in data-set order),
+    also written to out_dir/users.txt, comma-separated, for `gts-lum load-bench --users`."""
+    import shutil
+
+    from gts_lum.data.validate import load_event_log
+    from gts_lum.serving.features import export_feature_sources, publish_features
+
+    out, template = Path(out_dir), Path(feature_repo)
+    if not (template / "feature_store.yaml").exists():
+        raise FileNotFoundError(f"{template}: no feature_store.yaml (the project's feature_repo/ holds the definitions)")
+    repo = out / "repo"
+    if repo.exists():
+        shutil.rmtree(repo)  # a store left by an earlier run: published afresh
+    repo.mkdir(parents=True)
+    for path in [*template.glob("*.py"), template / "feature_store.yaml"]:
+        shutil.copy(path, repo / path.name)
+    export_feature_sources(clean_dir, out / "sources", semantic_ids_dir, last_n=last_n, snapshot_days=None)
+    summary = publish_features(repo, out / "sources")
+    event_log = load_event_log(clean_dir)
+    longest = np.argsort(-event_log.lengths(), kind="stable")[:users]
+    chosen = [str(u) for u in event_log.user_ids[longest]]
+    (out / "users.txt").write_text(",".join(chosen) + "\n")
+    return {"repo": str(repo), "users": chosen, "publish": summary}
 
 
 def fp32_gflops(seconds: float = 1.0, size: int = 512) -> float:
@@ -208,6 +248,61 @@ def _summary(results: list[tuple[float, int]], wall: float, requests: int) -> di
     }
 
 
+def _check(requests: int, concurrency: tuple[int, ...], seconds_limit: float, shapes: tuple[str, ...]) -> None:
+    if requests < 1 or not concurrency or min(concurrency) < 1 or seconds_limit <= 0:
+        raise ValueError(
+            f"requests and each concurrency must be >= 1 and seconds_limit > 0, got {requests}, {concurrency}, {seconds_limit}"
+        )
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"shapes {unknown}: use {SHAPES}")
+
+
+def _profiles(export_dir, feature_repo, plan: dict[str, list[bytes]], max_candidates: int, torch_threads: int) -> tuple[dict, float]:
+    """`profile_request` of each shape in this process, and the machine's fp32 rate, on the server's thread count."""
+    import torch
+
+    # kserve (the scorer's): imported only when a load bench runs
+    from gts_lum.serving.scorer import GTSLUMScorer, ScorerConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        scorer = GTSLUMScorer(export_dir, feature_repo, ScorerConfig(max_candidates=max_candidates))
+        scorer.load()
+        profiles = {s: profile_request(scorer, bodies[: min(len(bodies), 40)]) for s, bodies in plan.items()}
+        return profiles, fp32_gflops()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_shape(url: str, shape: str, bodies: list[bytes], profile: dict, concurrency, machine: float, **send) -> dict:
+    """The shape's requests at each concurrency: `_summary` per concurrency, with the goal (top-10 shapes) and
+    the candidates' throughput and decoder rate (the candidates shape). `send`: warmup, seconds_limit,
+    requests, candidates."""
+    row = {"profile": profile, "by_concurrency": {}}
+    for c in concurrency:
+        results, wall = _send(url, bodies, send["warmup"], c, send["seconds_limit"])
+        summary = _summary(results, wall, send["requests"])
+        if shape == "candidates":
+            summary["candidates_per_second"] = round(summary["requests_per_second"] * send["candidates"], 1)
+            gflops = summary["requests_per_second"] * profile["decoder_gflop"]
+            summary["decoder_gflops"] = round(gflops, 2)
+            summary["share_of_machine_fp32"] = round(gflops / machine, 3)
+        if shape.startswith("top10") and summary["latency_ms"]:
+            summary["meets_goal"] = summary["latency_ms"]["p99"] <= GOAL_P99_MS
+        row["by_concurrency"][str(c)] = summary
+        log.info(
+            "load bench %s at concurrency %d: p50 %s ms, p99 %s ms, %.1f req/s",
+            shape,
+            c,
+            summary["latency_ms"].get("p50"),
+            summary["latency_ms"].get("p99"),
+            summary["requests_per_second"],
+        )
+    return row
+
+
 def load_bench(
     export_dir: str | Path,
     requests: int = 100,
@@ -226,72 +321,59 @@ def load_bench(
     """Run the profile and the bench (see the module docstring); returns, per shape, the profile and per
     concurrency p50 / p90 / p99 latency (ms), requests/s and the status codes; for the candidates shape
     also candidates/s and the decoder's GFLOP/s as a share of this machine's fp32 rate. `out_dir`: also
-    write load_bench.json and the server log there."""
-    import torch
+    write load_bench.json and the server log there. The top10_feast shape needs `feature_repo` and `users`
+    (e.g. a store made by `publish_bench_store`)."""
+    from gts_lum.serving.scorer import launch_server
 
-    # kserve (the scorer's): imported only when a load bench runs
-    from gts_lum.serving.scorer import GTSLUMScorer, ScorerConfig, launch_server
-
-    if requests < 1 or not concurrency or min(concurrency) < 1 or seconds_limit <= 0:
-        raise ValueError(
-            f"requests and each concurrency must be >= 1 and seconds_limit > 0, got {requests}, {concurrency}, {seconds_limit}"
-        )
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown:
-        raise ValueError(f"shapes {unknown}: use {SHAPES}")
+    _check(requests, concurrency, seconds_limit, shapes)
     card = read_serving_card(export_dir)
     catalog = card["catalog"]["behavior_ids"]
     plan = {s: _request_bodies(catalog, requests + warmup, s, candidates, history_events, seed, users) for s in shapes}
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)  # the profile and the machine's rate on the server's threads
-    try:
-        scorer = GTSLUMScorer(export_dir, feature_repo, ScorerConfig(max_candidates=max(candidates, 500)))
-        scorer.load()
-        profiles = {s: profile_request(scorer, bodies[: min(len(bodies), 40)]) for s, bodies in plan.items()}
-        machine = fp32_gflops()
-    finally:
-        torch.set_num_threads(threads)
+    max_candidates = max(candidates, 500)
+    profiles, machine = _profiles(export_dir, feature_repo, plan, max_candidates, torch_threads)
     out: dict = {
         "model": card["name"],
         "version": card["version"],
         "torch_threads": torch_threads,
         "history_events": history_events,
+        "feast_users": len(users) if users and "top10_feast" in shapes else 0,
         "machine_fp32_gflops": round(machine, 1),
         "goal_p99_ms_top10": GOAL_P99_MS,
         "shapes": {},
     }
-    extra = ["--max-candidates", str(max(candidates, 500))]
+    send = {"warmup": warmup, "seconds_limit": seconds_limit, "requests": requests, "candidates": candidates}
     with tempfile.TemporaryDirectory(prefix="gts-lum-load-bench-") as tmp:
         workdir = Path(out_dir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
+        extra = ["--max-candidates", str(max_candidates)]
         server = launch_server(export_dir, workdir / "server.log", feature_repo, extra_args=extra, torch_threads=torch_threads)
         try:
             url = f"{server.url}/v1/models/{server.name}:predict"
             for shape, bodies in plan.items():
-                row = {"profile": profiles[shape], "by_concurrency": {}}
-                for c in concurrency:
-                    results, wall = _send(url, bodies, warmup, c, seconds_limit)
-                    summary = _summary(results, wall, requests)
-                    if shape == "candidates":
-                        summary["candidates_per_second"] = round(summary["requests_per_second"] * candidates, 1)
-                        gflops = summary["requests_per_second"] * profiles[shape]["decoder_gflop"]
-                        summary["decoder_gflops"] = round(gflops, 2)
-                        summary["share_of_machine_fp32"] = round(gflops / machine, 3)
-                    if shape.startswith("top10") and summary["latency_ms"]:
-                        summary["meets_goal"] = summary["latency_ms"]["p99"] <= GOAL_P99_MS
-                    row["by_concurrency"][str(c)] = summary
-                    log.info(
-                        "load bench %s at concurrency %d: p50 %s ms, p99 %s ms, %.1f req/s",
-                        shape,
-                        c,
-                        summary["latency_ms"].get("p50"),
-                        summary["latency_ms"].get("p99"),
-                        summary["requests_per_second"],
-                    )
-                out["shapes"][shape] = row
+                out["shapes"][shape] = _bench_shape(url, shape, bodies, profiles[shape], concurrency, machine, **send)
         finally:
             server.stop()
     if out_dir:
         (Path(out_dir) / "load_bench.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gts_lum.stages.load_bench --clean CLEAN --out DIR [--semantic-ids IDS] [--feature-repo feature_repo]`:
+    `publish_bench_store` (the store `make load-bench` gives the top10_feast shape); prints its users."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m gts_lum.stages.load_bench", description=publish_bench_store.__doc__.splitlines()[0])
+    p.add_argument("--clean", required=True, help="the validated data set the export was trained on")
+    p.add_argument("--out", required=True, help="folder of the store (repo/, sources/, users.txt)")
+    p.add_argument("--feature-repo", default="feature_repo", help="the Feast definitions to copy")
+    p.add_argument("--semantic-ids", help="output folder of `gts-lum semantic-ids` (the catalog view's IDs)")
+    p.add_argument("--users", type=int, default=20, help="how many users the bench reads (the longest histories)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    store = publish_bench_store(args.clean, args.out, args.feature_repo, args.semantic_ids, users=args.users)
+    print(f"feature store {store['repo']}: {len(store['users'])} users in {Path(args.out) / 'users.txt'}")
+
+
+if __name__ == "__main__":
+    main()
