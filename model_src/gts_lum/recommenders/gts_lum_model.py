@@ -22,7 +22,7 @@ from gts_lum.device import device_info, select_device
 from gts_lum.evaluation.protocol import EvalConfig, evaluate, history_mask, validation_metric
 from gts_lum.modeling.behavior_features import BehaviorFeatures, features_from_artifacts, stand_in_features
 from gts_lum.modeling.decoder import DecoderConfig
-from gts_lum.modeling.gts_lum_model import GTSLUMNetConfig, GTSLUMNetwork, SequenceBatch, make_batch
+from gts_lum.modeling.gts_lum_model import CatalogCache, GTSLUMNetConfig, GTSLUMNetwork, SequenceBatch, make_batch
 from gts_lum.modeling.qformer import QFormerConfig, adapter_card, adapter_from_card, build_adapter, load_adapter
 from gts_lum.sequence.splits import hold_out_for_validation
 from gts_lum.sequence.timestamp_process import BehaviorStats, SequenceConfig, TimeGrid, build_sequences
@@ -228,7 +228,7 @@ class GTSLUM:
         return 0 if self.cfg.net.target_placement == "none" else self.cfg.rerank_depth
 
     @torch.no_grad()
-    def score(self, log_: EventLog, cases, candidates: np.ndarray, catalog: dict | None = None) -> np.ndarray:
+    def score(self, log_: EventLog, cases, candidates: np.ndarray, catalog: CatalogCache | None = None) -> np.ndarray:
         """(B, C) scores. Two-stage: agnostic over all candidates, the top `rerank_depth` re-scored
         target-aware and placed above the rest in their new order (the rest keep agnostic order).
         `catalog`: `catalog_cache()` of the current weights (a server computes it once per model load)."""
@@ -244,7 +244,7 @@ class GTSLUM:
             with record_function("gts_lum.fuse"):
                 ctx = net.context(batch, extra_behaviors=cand, catalog=catalog)
             with record_function("gts_lum.retrieval"):  # the agnostic pass inside: its own label
-                items = catalog["items"][cand] if catalog is not None else net.item_embeddings(net.lookup(ctx, cand))
+                items = catalog.items[cand] if catalog is not None else net.item_embeddings(net.lookup(ctx, cand))
                 scores = net.agnostic_scores(ctx, items)  # (B, C)
                 depth = min(self.rerank_depth, len(candidates))
                 if depth:
@@ -261,12 +261,12 @@ class GTSLUM:
         return scores.float().cpu().numpy()
 
     @torch.no_grad()
-    def history_summary(self, log_: EventLog, cases, catalog: dict | None = None) -> np.ndarray:
+    def history_summary(self, log_: EventLog, cases, catalog: CatalogCache | None = None) -> np.ndarray:
         """(B, H) mean of the fused behaviour embeddings b^F over each case's whole history (zeros for an
         empty one). The decoder reads a history's last `token_budget` tokens, a few percent of a month of
         telecom events; labels such as churn depend on the whole month (BENCHMARKS.md "Label tasks")."""
         net = self._require()
-        fused = (catalog or net.catalog_cache())["fused"]
+        fused = (catalog if catalog is not None else net.catalog_cache()).fused
         starts = log_.offsets[np.asarray(cases.users)].astype(np.int64)
         lengths = np.asarray(cases.history_end, np.int64) - starts
         events = torch.as_tensor(log_.behavior[ragged_arange(starts, lengths)], dtype=torch.long, device=fused.device)
@@ -276,12 +276,12 @@ class GTSLUM:
 
     @torch.no_grad()
     def user_embeddings(
-        self, log_: EventLog, cases, task: int | None = None, catalog: dict | None = None, history_summary: bool = False
+        self, log_: EventLog, cases, task: int | None = None, catalog: CatalogCache | None = None, history_summary: bool = False
     ) -> np.ndarray:
         """(B, H) last hidden states: target-agnostic, or with label task `task`'s token in front
         (`catalog`: as in `score`); with `history_summary`, (B, 2H): [state ; `history_summary(...)`]."""
         if history_summary:
-            catalog = catalog or self._require().catalog_cache()
+            catalog = catalog if catalog is not None else self._require().catalog_cache()
             states = self.user_embeddings(log_, cases, task, catalog)
             return np.concatenate([states, self.history_summary(log_, cases, catalog)], 1)
         net = self._require()
