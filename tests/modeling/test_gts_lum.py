@@ -388,7 +388,7 @@ def test_semantic_id_prefix_embeddings_give_each_behaviour_its_own_vector(cycle_
     models = {mode: build(cycle_data, net={**TINY["net"], "semantic_id_embedding": mode}) for mode in ("prefix", "code", "none")}
     assert models["none"].net.semantic_id_embedding is None
     prefix = models["prefix"].net
-    features = models["code"]._assets["features"]
+    features = models["code"]._assets.features
     full = prefix.semantic_id_embedding[-1]  # the full-ID level: one row per distinct ID (per behaviour with real IDs)
     assert full.num_embeddings == len(np.unique(features.semantic_ids, axis=0)) == len(torch.unique(prefix.semantic_ids[:, -1]))
     code_sizes = features.codebook_sizes
