@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from gts_lum.data.events import EventLog
 from gts_lum.evaluation.protocol import EvalConfig, evaluate
-from gts_lum.modeling.gts_lum_model import PAD_KIND, CompressorConfig, make_batch
+from gts_lum.modeling.gts_lum_model import PAD_KIND, CompressorConfig, Phase2Objective, make_batch
 from gts_lum.recommenders.registry import attach_dataset, build_model, load_model
 from gts_lum.sequence.splits import EvalSet
 from gts_lum.sequence.timestamp_process import SequenceConfig, build_sequences
@@ -240,12 +240,12 @@ def test_target_aware_term_trains_on_the_reranking_lists(cycle_data, one_thread_
     own = agnostic[torch.arange(len(positives)), torch.searchsorted(allowed_idx, positives)]
     qualifies = ((agnostic > own[:, None]).sum(1) < len(allowed_idx) - 1).float().mean()
     torch.manual_seed(0)
-    wide = net(batch, positives, sampled, 2, allowed_targets=allowed, hard_negative_pool=100)
+    wide = net(batch, positives, sampled, Phase2Objective(2, allowed_targets=allowed, hard_negative_pool=100))
     assert float(qualifies) > 0.5 and float(wide["aware_cases"]) == pytest.approx(float(qualifies)) and torch.isfinite(wide["loss"])
     cand, rows = seen[-1]
     assert (cand[:, 0] == positives[rows]).all() and allowed[cand].all() and (cand[:, 1:] != cand[:, :1]).all()
     calls = len(seen)
-    narrow = net(batch, positives, sampled, 2, allowed_targets=allowed, hard_negative_pool=2)
+    narrow = net(batch, positives, sampled, Phase2Objective(2, allowed_targets=allowed, hard_negative_pool=2))
     trained = round(float(narrow["aware_cases"]) * len(positives))
     assert trained < len(positives)  # positives ranked below the top 2 are left to the agnostic term
     assert len(seen) - calls == (1 if trained else 0)  # no decoder pass when no case qualifies
@@ -261,7 +261,9 @@ def test_full_softmax_over_the_target_catalog(cycle_data, one_thread_module, mon
     real = model.net.forward
     # a spy, not a mock: it records the negatives the trainer passes and runs the real forward
     monkeypatch.setattr(
-        model.net, "forward", lambda batch, positives, sampled, *a: seen.append(sampled) or real(batch, positives, sampled, *a)
+        model.net,
+        "forward",
+        lambda batch, positives, sampled, objective: seen.append(sampled) or real(batch, positives, sampled, objective),
     )
     targets = np.array([1, 2, 3])
     model.fit(split, EvalConfig(ks=(1, 10)), candidates=targets)
@@ -276,7 +278,11 @@ def test_train_targets_all_predicts_every_next_event(cycle_data, one_thread_modu
     seen = []
     real = model.net.forward
     monkeypatch.setattr(
-        model.net, "forward", lambda batch, positives, sampled, *a: seen.append((sampled, a[3])) or real(batch, positives, sampled, *a)
+        model.net,
+        "forward",
+        lambda batch, positives, sampled, objective: (
+            seen.append((sampled, objective.allowed_targets)) or real(batch, positives, sampled, objective)
+        ),
     )
     model.fit(split, EvalConfig(ks=(1, 10)), candidates=np.array([1, 2, 3]))
     assert seen and all(s.tolist() == list(range(split.log.num_behaviors)) and allowed is None for s, allowed in seen)
@@ -321,7 +327,8 @@ def test_logq_correction_shifts_each_candidate_by_its_inclusion_chance(cycle_dat
     def loss(frequency):
         torch.manual_seed(0)
         with torch.no_grad():
-            return float(net(batch, positives, sampled, 0, 1.0, 0.0, None, None, frequency, n)["agnostic"])
+            objective = Phase2Objective(0, aware_weight=0.0, target_frequency=frequency, pool_size=n)
+            return float(net(batch, positives, sampled, objective)["agnostic"])
 
     plain, even = loss(None), loss(torch.full((n,), 1.0 / n))
     skewed = torch.zeros(n)
@@ -344,7 +351,7 @@ def test_drawn_in_batch_negatives_score_each_positive_beside_n_drawn_targets(cyc
     def loss(cap):
         torch.manual_seed(0)
         with torch.no_grad():
-            return net(batch, positives, sampled, 0, 1.0, 0.0, in_batch_negatives=cap)
+            return net(batch, positives, sampled, Phase2Objective(0, aware_weight=0.0, in_batch_negatives=cap))
 
     every, capped = loss(None), loss(3)
     assert float(loss(10**6)["agnostic"]) == float(every["agnostic"])
@@ -381,7 +388,7 @@ def test_semantic_id_prefix_embeddings_give_each_behaviour_its_own_vector(cycle_
     models = {mode: build(cycle_data, net={**TINY["net"], "semantic_id_embedding": mode}) for mode in ("prefix", "code", "none")}
     assert models["none"].net.semantic_id_embedding is None
     prefix = models["prefix"].net
-    features = models["code"]._assets["features"]
+    features = models["code"]._assets.features
     full = prefix.semantic_id_embedding[-1]  # the full-ID level: one row per distinct ID (per behaviour with real IDs)
     assert full.num_embeddings == len(np.unique(features.semantic_ids, axis=0)) == len(torch.unique(prefix.semantic_ids[:, -1]))
     code_sizes = features.codebook_sizes

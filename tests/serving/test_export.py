@@ -167,7 +167,7 @@ def test_the_catalog_cache_scores_as_plain_scoring(tiny_serving, offline):
 def test_the_history_summary_is_the_mean_fused_embedding_of_the_whole_history(offline):
     """Label heads read [state ; mean b^F over every event of the history], not only the decoder's window."""
     model = offline.serving.model
-    fused = model.net.catalog_cache()["fused"].numpy()
+    fused = model.net.catalog_cache().fused.numpy()
     case = offline.case(3)
     events = offline.log.behavior[offline.log.offsets[3] : case.history_end[0]]
     assert len(events) > 0

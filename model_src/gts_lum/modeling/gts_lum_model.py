@@ -126,6 +126,60 @@ class SequenceBatch:
         return len(self.users)
 
 
+@dataclass
+class CatalogCache:
+    """What scoring reads of the catalog whatever the request (`GTSLUMNetwork.catalog_cache`): valid while
+    the weights do not change (a served model computes it once per load)."""
+
+    behaviors: torch.Tensor  # (N,) int64 every behaviour index, 0..N-1 (sorted)
+    fused: torch.Tensor  # (N, H) their b^F
+    items: torch.Tensor  # (N, H) their unit vectors P b^F, the scored side
+    descriptors: torch.Tensor  # (n_desc, H) the descriptor table projected to the decoder width
+
+
+@dataclass
+class DecoderContext:
+    """Everything of B cases that does not depend on the target (`GTSLUMNetwork.context`): computed once,
+    reused for every candidate placed in front or at the end."""
+
+    behaviors: torch.Tensor  # (U,) int64 sorted unique behaviour indices whose b^F the context holds
+    fused: torch.Tensor  # (U, H) their b^F
+    prefix: torch.Tensor  # (B, P, H) the tokens before the recent history: [profile] compressed windows
+    prefix_mask: torch.Tensor  # (B, P) bool real prefix tokens
+    history: torch.Tensor  # (B, L, H) the recent history's token embeddings (left padded)
+    history_mask: torch.Tensor  # (B, L) bool real history tokens
+    history_position: torch.Tensor  # (B, L) int64 position id within the recent history
+    items: torch.Tensor | None = None  # (U, H) unit vectors P b^F, where the context was read from a `CatalogCache`
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+    def index(self, behaviors: torch.Tensor) -> torch.Tensor:
+        """Rows of `behaviors` (any shape) in `self.behaviors`; KeyError for one the context does not hold."""
+        pos = torch.searchsorted(self.behaviors, behaviors)
+        n = len(self.behaviors)
+        if bool((pos >= n).any()) or not bool((self.behaviors[pos.clamp(max=n - 1)] == behaviors).all()):
+            raise KeyError("behaviour not in the context: pass it as extra_behaviors to context()")
+        return pos
+
+
+@dataclass
+class Phase2Objective:
+    """The phase II objective's settings (`GTSLUMNetwork.forward`), fixed for a run: built once by
+    `training.phase2.Phase2Task` and passed with each step's tensors."""
+
+    hard_negatives: int  # target-aware negatives per case (each one decoder pass); 0: no target-aware term
+    agnostic_weight: float = 1.0
+    aware_weight: float = 1.0
+    allowed_targets: torch.Tensor | None = None  # (num_behaviors,) bool: which behaviours may be targets; None: all
+    # the hard negatives come from the agnostic top `hard_negative_pool`; None: every target candidate of
+    # the batch (the trainer passes the re-ranking list size)
+    hard_negative_pool: int | None = None
+    target_frequency: torch.Tensor | None = None  # (num_behaviors,) share of the training targets: logQ correction
+    pool_size: int | None = None  # how many behaviours `sampled` is drawn from (uniformly, with replacement)
+    in_batch_negatives: int | None = None  # None: every prefix's target is a column; N: N of them drawn
+
+
 def make_batch(tokens: TokenSequences, log_: EventLog, history_end: np.ndarray, compressor: CompressorConfig) -> SequenceBatch:
     """Left-pad the token sequences of B cases and cut their older history into compressor windows.
 
@@ -170,7 +224,18 @@ def make_batch(tokens: TokenSequences, log_: EventLog, history_end: np.ndarray, 
     nxt = tokens.source_row[is_behavior] + 1
     inside = nxt < np.asarray(history_end, np.int64)[rows[is_behavior]]
     next_event[rows[is_behavior][inside], cols[is_behavior][inside]] = log_.behavior[nxt[inside]]
-    return SequenceBatch(tokens.users.astype(np.int64), kind, value, position, components, windows, win_mask, case, slot_of, next_event)
+    return SequenceBatch(
+        users=tokens.users.astype(np.int64),
+        kind=kind,
+        value=value,
+        position=position,
+        components=components,
+        windows=windows,
+        window_mask=win_mask,
+        window_case=case,
+        window_slot=slot_of,
+        next_event=next_event,
+    )
 
 
 def inclusion_log_q(frequency: torch.Tensor, draws: int, uniform_draws: int, pool: int) -> torch.Tensor:
@@ -375,7 +440,7 @@ class GTSLUMNetwork(nn.Module):
         return emb[:, None], torch.ones(len(batch), 1, dtype=torch.bool, device=self.device)
 
     @torch.no_grad()
-    def catalog_cache(self, batch_size: int = 512) -> dict:
+    def catalog_cache(self, batch_size: int = 512) -> CatalogCache:
         """What scoring reads of the catalog whatever the request, for the whole catalog: b^F, the unit
         vectors P b^F and the projected descriptor table. Valid while the weights do not change (a served
         model); eval mode."""
@@ -383,16 +448,18 @@ class GTSLUMNetwork(nn.Module):
         self.eval()
         everything = torch.arange(self.adapter.num_behaviors, device=self.device)
         fused = torch.cat([self._fuse(part) for part in everything.split(batch_size)])
-        cache = {
-            "unique": everything,
-            "fused": fused,
-            "items": self.item_embeddings(fused),
-            "descriptors": self.descriptor_projection(self.descriptor_table),
-        }
+        cache = CatalogCache(
+            behaviors=everything,
+            fused=fused,
+            items=self.item_embeddings(fused),
+            descriptors=self.descriptor_projection(self.descriptor_table),
+        )
         self.train(was_training)
         return cache
 
-    def context(self, batch: SequenceBatch, extra_behaviors: torch.Tensor | None = None, catalog: dict | None = None) -> dict:
+    def context(
+        self, batch: SequenceBatch, extra_behaviors: torch.Tensor | None = None, catalog: CatalogCache | None = None
+    ) -> DecoderContext:
         """Everything of the B cases that does not depend on the target: computed once, reused per candidate.
         `catalog`: `catalog_cache()`, read instead of fusing the request's behaviours (every behaviour is in it)."""
         if catalog is None:
@@ -401,35 +468,37 @@ class GTSLUMNetwork(nn.Module):
             unique, fused = self.fuse_unique(*parts)
             hist, hist_mask, hist_pos = self._history(batch, unique, fused)
         else:
-            unique, fused = catalog["unique"], catalog["fused"]
-            hist, hist_mask, hist_pos = self._history(batch, unique, fused, catalog["descriptors"])
+            unique, fused = catalog.behaviors, catalog.fused
+            hist, hist_mask, hist_pos = self._history(batch, unique, fused, catalog.descriptors)
         comp, comp_mask = self._compressed(batch)
         prefix, prefix_mask = [comp], [comp_mask]
         profile = self._profile(batch)
         if profile is not None:
             prefix, prefix_mask = [profile[0], comp], [profile[1], comp_mask]
-        return {
-            "unique": unique,
-            "fused": fused,
-            **({"items": catalog["items"]} if catalog is not None else {}),
-            "prefix": torch.cat(prefix, 1),
-            "prefix_mask": torch.cat(prefix_mask, 1),
-            "hist": hist,
-            "hist_mask": hist_mask,
-            "hist_pos": hist_pos,
-        }
+        return DecoderContext(
+            behaviors=unique,
+            fused=fused,
+            prefix=torch.cat(prefix, 1),
+            prefix_mask=torch.cat(prefix_mask, 1),
+            history=hist,
+            history_mask=hist_mask,
+            history_position=hist_pos,
+            items=catalog.items if catalog is not None else None,
+        )
 
-    def lookup(self, ctx: dict, behaviors: torch.Tensor, what: str = "fused") -> torch.Tensor:
-        """b^F (`what` "fused") of behaviours that were part of the context's unique set, or their cached
-        unit vectors P b^F ("items", a context of `catalog_cache`)."""
-        pos = torch.searchsorted(ctx["unique"], behaviors)
-        if bool((pos >= len(ctx["unique"])).any()) or not bool((ctx["unique"][pos.clamp(max=len(ctx["unique"]) - 1)] == behaviors).all()):
-            raise KeyError("behaviour not in the context: pass it as extra_behaviors to context()")
-        return ctx[what][pos]
+    def lookup(self, ctx: DecoderContext, behaviors: torch.Tensor) -> torch.Tensor:
+        """b^F of behaviours that were part of the context's unique set (KeyError for any other)."""
+        return ctx.fused[ctx.index(behaviors)]
+
+    def item_vectors(self, ctx: DecoderContext, behaviors: torch.Tensor) -> torch.Tensor:
+        """Unit vectors P b^F of behaviours of the context: cached where the context read a `CatalogCache`."""
+        if ctx.items is not None:
+            return ctx.items[ctx.index(behaviors)]
+        return self.item_embeddings(self.lookup(ctx, behaviors))
 
     def user_states(
         self,
-        ctx: dict,
+        ctx: DecoderContext,
         rows: torch.Tensor | None = None,
         target: torch.Tensor | None = None,
         task: torch.Tensor | None = None,
@@ -439,7 +508,7 @@ class GTSLUMNetwork(nn.Module):
         label `task`) placed as configured; no target and no task: the target-agnostic sequence.
 
         `history_states`: also return the hidden states over the history columns (N, L, H) (no end target)."""
-        rows = torch.arange(len(ctx["hist"]), device=self.device) if rows is None else rows
+        rows = torch.arange(len(ctx), device=self.device) if rows is None else rows
         n = len(rows)
         front, front_mask, end, end_mask = [], [], [], []
         one = torch.ones(n, 1, dtype=torch.bool, device=self.device)
@@ -451,34 +520,36 @@ class GTSLUMNetwork(nn.Module):
                 front, front_mask = [tok], [one]
             else:
                 end, end_mask = [tok], [one]
-        parts = front + [ctx["prefix"][rows], ctx["hist"][rows]] + end
-        masks = front_mask + [ctx["prefix_mask"][rows], ctx["hist_mask"][rows]] + end_mask
-        x = self.input_dropout(torch.cat([p.to(ctx["hist"].dtype) for p in parts], 1))  # (N, T, H)
+        parts = front + [ctx.prefix[rows], ctx.history[rows]] + end
+        masks = front_mask + [ctx.prefix_mask[rows], ctx.history_mask[rows]] + end_mask
+        x = self.input_dropout(torch.cat([p.to(ctx.history.dtype) for p in parts], 1))  # (N, T, H)
         mask = torch.cat(masks, 1)
-        n_front = sum(m.shape[1] for m in front_mask) + ctx["prefix_mask"].shape[1]
+        n_front = sum(m.shape[1] for m in front_mask) + ctx.prefix_mask.shape[1]
         lead = mask[:, :n_front].long()
         lead_pos = lead.cumsum(1) - 1
-        hist_pos = lead.sum(1, keepdim=True) + ctx["hist_pos"][rows]
+        hist_pos = lead.sum(1, keepdim=True) + ctx.history_position[rows]
         pos = [lead_pos.clamp_min(0), hist_pos]
         if end:
-            last = torch.where(ctx["hist_mask"][rows], hist_pos, torch.zeros_like(hist_pos)).amax(1, keepdim=True)
+            last = torch.where(ctx.history_mask[rows], hist_pos, torch.zeros_like(hist_pos)).amax(1, keepdim=True)
             pos.append(last + 1)
         position_ids = torch.cat(pos, 1)
         hidden = self._decoder_for_pass()(inputs_embeds=x, attention_mask=mask.long(), position_ids=position_ids).last_hidden_state
         last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # the last real token of each row
         states = hidden[torch.arange(n, device=self.device), last].float()
         if history_states:
-            return states, hidden[:, hidden.shape[1] - ctx["hist"].shape[1] - len(end) :][:, : ctx["hist"].shape[1]].float()
+            return states, hidden[:, hidden.shape[1] - ctx.history.shape[1] - len(end) :][:, : ctx.history.shape[1]].float()
         return states
 
     # -- scores --------------------------------------------------------------------------------------
-    def agnostic_scores(self, ctx: dict, items: torch.Tensor) -> torch.Tensor:
+    def agnostic_scores(self, ctx: DecoderContext, items: torch.Tensor) -> torch.Tensor:
         """(B, C): cosine(h_last(history), P b^F) * scale against unit item vectors (C, H)."""
         with record_function("gts_lum.agnostic_pass"):
             users = self.user_states(ctx)
         return F.normalize(users, dim=-1) @ items.T * self.scale
 
-    def aware_scores(self, ctx: dict, candidates: torch.Tensor, chunk: int = 256, cases: torch.Tensor | None = None) -> torch.Tensor:
+    def aware_scores(
+        self, ctx: DecoderContext, candidates: torch.Tensor, chunk: int = 256, cases: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, C) target-aware scores of candidates (B, C) (behaviour indices, in the context's unique set)
         for the context's cases `cases` (B,) (default: all, in order).
 
@@ -491,7 +562,7 @@ class GTSLUMNetwork(nn.Module):
         for s in range(0, len(flat), chunk):
             r, t = rows[s : s + chunk], flat[s : s + chunk]
             u = F.normalize(self.user_states(ctx, r, target=t), dim=-1)
-            items = self.lookup(ctx, t, "items") if "items" in ctx else self.item_embeddings(self.lookup(ctx, t))
+            items = self.item_vectors(ctx, t)
             out.append((u * items).sum(-1) * self.scale)
         return torch.cat(out).view(b, c)
 
@@ -501,14 +572,7 @@ class GTSLUMNetwork(nn.Module):
         batch: SequenceBatch,
         positives: torch.Tensor,  # (B,) next behaviour of each case, -1 where it is no target (inner prefixes only)
         sampled: torch.Tensor,  # (S,) sampled negatives shared by the batch
-        hard_negatives: int,
-        agnostic_weight: float = 1.0,
-        aware_weight: float = 1.0,
-        allowed_targets: torch.Tensor | None = None,  # (num_behaviors,) bool: which behaviours may be targets
-        hard_negative_pool: int | None = None,  # None: every target candidate of the batch (the trainer passes the re-ranking list size)
-        target_frequency: torch.Tensor | None = None,  # (num_behaviors,) share of the training targets: logQ correction
-        pool_size: int | None = None,  # how many behaviours `sampled` is drawn from (uniformly, with replacement)
-        in_batch_negatives: int | None = None,  # None: every prefix's target is a column; N: N of them drawn
+        objective: Phase2Objective,  # the run's settings of the two terms
     ) -> dict[str, torch.Tensor]:
         """Phase II: two InfoNCE terms, each over ONE scoring path (never mixed in one softmax).
 
@@ -518,14 +582,14 @@ class GTSLUMNetwork(nn.Module):
             behaviour token (target: the log event right after it, `SequenceBatch.next_event`, which the
             interval cap or the dedup may have left out of the tokens), so one pass trains as many
             prefixes as the sequence has behaviours. Behaviours are unique columns, so a negative equal
-            to the positive (a false negative) cannot occur. With `in_batch_negatives` N, the in-batch
+            to the positive (a false negative) cannot occur. With `objective.in_batch_negatives` N, the in-batch
             columns are N prefixes' targets drawn at random and each prefix's positive is scored beside
             them: (P, S + N) logits, linear in the prefixes, where every target as a column is (P, P).
-            With `target_frequency`, each candidate's logit is lowered by log q (`inclusion_log_q`): the
+            With `objective.target_frequency`, each candidate's logit is lowered by log q (`inclusion_log_q`): the
             correction of a sampled softmax towards the full one.
         target-aware: the re-ranking stage's situation at scoring time. Cases whose positive the agnostic
-            score ranks in its top `hard_negative_pool` (of the batch's target candidates) score the
-            positive and `hard_negatives` negatives drawn uniformly from that top list, each a decoder
+            score ranks in its top `objective.hard_negative_pool` (of the batch's target candidates) score the
+            positive and `objective.hard_negatives` negatives drawn uniformly from that top list, each a decoder
             pass with the candidate placed as configured; positive at index 0. Drawing negatives from
             the top only while positives come from anywhere taught the shortcut "what the agnostic
             pass likes most is a negative" (training loss near 0, re-ranking worse than none).
@@ -535,6 +599,7 @@ class GTSLUMNetwork(nn.Module):
         nxt = torch.as_tensor(batch.next_event, device=self.device)  # (B, L), -1 where none
         prefix_ok = nxt >= 0
         own_ok = positives >= 0  # a window whose own next event is no target trains its inner prefixes only
+        allowed_targets, target_frequency = objective.allowed_targets, objective.target_frequency
         if allowed_targets is not None:
             prefix_ok &= allowed_targets[nxt.clamp_min(0)]
             own_ok &= allowed_targets[positives.clamp_min(0)]
@@ -547,10 +612,10 @@ class GTSLUMNetwork(nn.Module):
         last, hist = self.user_states(ctx, history_states=True)  # (B, H), (B, L, H)
         users = F.normalize(torch.cat([last[own], hist[prefix_ok]]), dim=-1)  # (B' + P, H)
         label = torch.searchsorted(candidates, targets)
-        draws = len(label) if in_batch_negatives is None else min(in_batch_negatives, len(label))
+        draws = len(label) if objective.in_batch_negatives is None else min(objective.in_batch_negatives, len(label))
         log_q = None
         if target_frequency is not None:  # (U,) log q, q = 1 - P(never drawn)
-            log_q = inclusion_log_q(target_frequency[candidates], draws, len(sampled), pool_size or len(target_frequency))
+            log_q = inclusion_log_q(target_frequency[candidates], draws, len(sampled), objective.pool_size or len(target_frequency))
         own_scores = None
         if draws == len(label):  # every candidate a column: one softmax over them
             scores = users @ items.T * self.scale  # (B' + P, U)
@@ -561,13 +626,11 @@ class GTSLUMNetwork(nn.Module):
         else:
             loss_agnostic = self._drawn_columns_loss(users, items, label, candidates, sampled, draws, log_q)
         out = {"agnostic": loss_agnostic.detach(), "scale": self.scale.detach(), "prefixes": torch.tensor(float(len(label)))}
-        loss = agnostic_weight * loss_agnostic
-        if hard_negatives > 0 and aware_weight > 0 and self.cfg.target_placement != "none" and len(own):
+        loss = objective.agnostic_weight * loss_agnostic
+        if objective.hard_negatives > 0 and objective.aware_weight > 0 and self.cfg.target_placement != "none" and len(own):
             if own_scores is None:
                 own_scores = users[: len(positives)] @ items.T * self.scale  # (B', U)
-            aware = self._aware_loss(
-                ctx, own, positives, own_scores, label[: len(positives)], candidates, hard_negatives, allowed_targets, hard_negative_pool
-            )
+            aware = self._aware_loss(ctx, own, positives, own_scores, label[: len(positives)], candidates, objective)
             if aware is not None:
                 trained, loss_aware = aware
                 out["aware_cases"] = torch.tensor(trained / len(positives))
@@ -575,7 +638,7 @@ class GTSLUMNetwork(nn.Module):
                     out["aware"] = loss_aware.detach() / trained
                     # a mean over the batch (cases outside the top list add 0): a mean over the few eligible
                     # cases gave a step with one of them a full-weight, noisy gradient that set back the agnostic term
-                    loss = loss + aware_weight * loss_aware / len(label)
+                    loss = loss + objective.aware_weight * loss_aware / len(label)
         out["loss"] = loss
         return out
 
@@ -603,21 +666,20 @@ class GTSLUMNetwork(nn.Module):
 
     def _aware_loss(
         self,
-        ctx: dict,
+        ctx: DecoderContext,
         own: torch.Tensor,  # (B',) the batch rows of the cases with a positive
         positives: torch.Tensor,  # (B',)
         scores: torch.Tensor,  # (B', U) their agnostic scores against `candidates`
         label: torch.Tensor,  # (B',) the positives' columns
         candidates: torch.Tensor,  # (U,)
-        hard_negatives: int,
-        allowed_targets: torch.Tensor | None,
-        hard_negative_pool: int | None,
+        objective: Phase2Objective,
     ) -> tuple[int, torch.Tensor | None] | None:
         """(cases trained, their summed loss) of the target-aware term (see `forward`): None when the
         candidates leave no negative to draw, a loss of None when no case's positive made the list."""
+        allowed_targets, hard_negative_pool = objective.allowed_targets, objective.hard_negative_pool
         target_ok = allowed_targets[candidates] if allowed_targets is not None else torch.ones_like(candidates, dtype=torch.bool)
         pool = int(target_ok.sum()) - 1 if hard_negative_pool is None else min(hard_negative_pool, int(target_ok.sum()) - 1)
-        k = min(hard_negatives, pool)
+        k = min(objective.hard_negatives, pool)
         if k <= 0:
             return None
         with torch.no_grad():

@@ -22,7 +22,7 @@ from gts_lum.device import device_info, select_device
 from gts_lum.evaluation.protocol import EvalConfig, evaluate, history_mask, validation_metric
 from gts_lum.modeling.behavior_features import BehaviorFeatures, features_from_artifacts, stand_in_features
 from gts_lum.modeling.decoder import DecoderConfig
-from gts_lum.modeling.gts_lum_model import GTSLUMNetConfig, GTSLUMNetwork, SequenceBatch, make_batch
+from gts_lum.modeling.gts_lum_model import CatalogCache, GTSLUMNetConfig, GTSLUMNetwork, SequenceBatch, make_batch
 from gts_lum.modeling.qformer import QFormerConfig, adapter_card, adapter_from_card, build_adapter, load_adapter
 from gts_lum.sequence.splits import hold_out_for_validation
 from gts_lum.sequence.timestamp_process import BehaviorStats, SequenceConfig, TimeGrid, build_sequences
@@ -64,6 +64,21 @@ class GTSLUMConfig:
     score_chunk: int = 512  # sequences per decoder pass when scoring
 
 
+@dataclass
+class GTSLUMAssets:
+    """What a GTS-LUM model holds beside its network's weights (`attach`; saved as the checkpoint's
+    assets/ by `save_assets`): the catalog's features, the timestamp process and the training users' profiles."""
+
+    features: BehaviorFeatures  # the catalog's semantic IDs, business and text embeddings (row i: behaviour i)
+    sequence_cfg: SequenceConfig  # the timestamp process's settings
+    stats: BehaviorStats  # the timestamp process's behaviour statistics (dedup, interval caps)
+    user_ids: np.ndarray  # (num_users,) str the training log's user ids: the rows of `user_vectors`
+    user_vectors: np.ndarray | None  # (num_users, D_u) profile table (NaN rows: no profile), None without profiles
+    adapter_card: dict | None = None  # the adapter's config (`qformer.adapter_card`): set when the network is built
+    # not saved: the log whose user order the network's profile rows follow now (`GTSLUM._align_profiles`)
+    profiles_for: EventLog | None = field(default=None, repr=False)
+
+
 class GTSLUM:
     """GTS-LUM for `gts-lum bench`, the training stage and the scorer: attach / fit / score / save.
 
@@ -81,7 +96,7 @@ class GTSLUM:
         self.device = torch.device("cpu")
         self.amp_dtype = None
         self.history_filter = False
-        self._assets: dict = {}
+        self._assets: GTSLUMAssets | None = None
 
     @classmethod
     def describe(cls) -> str:
@@ -107,23 +122,22 @@ class GTSLUM:
         sequence_cfg = dataset.sequence_cfg
         if self.cfg.sequence:
             sequence_cfg = from_dict(type(sequence_cfg), {**dataclasses.asdict(sequence_cfg), **self.cfg.sequence})
-        self._assets = {
-            "features": features,
-            "sequence_cfg": sequence_cfg,
-            "stats": dataset.stats,
-            "user_ids": dataset.event_log.user_ids.astype(str),
-            "user_vectors": user_vectors,
-            "adapter_card": None,
-        }
+        self._assets = GTSLUMAssets(
+            features=features,
+            sequence_cfg=sequence_cfg,
+            stats=dataset.stats,
+            user_ids=dataset.event_log.user_ids.astype(str),
+            user_vectors=user_vectors,
+        )
         self._build(descriptor_texts=list(TimeGrid(sequence_cfg).descriptor_texts))
 
     def _build(self, descriptor_texts: list[str], adapter_state: dict | None = None) -> None:
         self.device = select_device(self.cfg.train.device)
         self.amp_dtype = device_info(self.device).amp_dtype
         torch.manual_seed(self.cfg.train.seed)
-        features = self._assets["features"]
+        features = self._assets.features
         hidden = _decoder_width(self.cfg.net.decoder)
-        card = self._assets.get("adapter_card")
+        card = self._assets.adapter_card
         if card is not None:  # a saved GTS-LUM model: the adapter exactly as trained
             adapter = adapter_from_card(card)  # its catalog is set once the weights (vocabulary) are in
         elif self.cfg.artifacts.qformer:
@@ -132,14 +146,14 @@ class GTSLUM:
                 adapter.resize_projection(hidden)
         else:
             adapter = build_adapter(dataclasses.replace(self.cfg.qformer, decoder_hidden_size=hidden), features)
-        self._assets["adapter_card"] = adapter_card(adapter)
+        self._assets.adapter_card = adapter_card(adapter)
         descriptors = None if self.cfg.net.decoder.pretrained else encode(descriptor_texts)
         self.net = GTSLUMNetwork(
             self.cfg.net,
             adapter,
             descriptor_texts,
             descriptors,
-            self._assets["user_vectors"],
+            self._assets.user_vectors,
             features.semantic_ids,
             features.codebook_sizes,
         ).to(self.device)
@@ -149,7 +163,7 @@ class GTSLUM:
 
     # -- data ------------------------------------------------------------------------------------------
     def sequences(self, log_: EventLog, cases) -> TokenSequences:
-        return build_sequences(log_, cases, self._assets["sequence_cfg"], self._assets["stats"])
+        return build_sequences(log_, cases, self._assets.sequence_cfg, self._assets.stats)
 
     def batch(self, tokens: TokenSequences, log_: EventLog, history_end: np.ndarray) -> SequenceBatch:
         self._align_profiles(log_)
@@ -159,14 +173,14 @@ class GTSLUM:
         """Profile rows follow the user order of the log being scored (a serving request's one-user log,
         a held-out log): matched by user id against the profiles the model was trained with."""
         net = self._require()
-        if net.profile_projection is None or self._assets.get("profiles_for") is log_:
+        if net.profile_projection is None or self._assets.profiles_for is log_:
             return
-        known = self._assets["user_ids"].astype(str)
-        vectors = self._assets["user_vectors"]
+        known = self._assets.user_ids.astype(str)
+        vectors = self._assets.user_vectors
         if len(known) != log_.num_users or not np.array_equal(known, log_.user_ids.astype(str)):
             vectors = _align_users(log_.user_ids, known, vectors)
         net.set_user_vectors(vectors)
-        self._assets["profiles_for"] = log_
+        self._assets.profiles_for = log_
 
     def autocast(self):
         enabled = self.amp_dtype is not None and self.cfg.train.amp
@@ -228,7 +242,7 @@ class GTSLUM:
         return 0 if self.cfg.net.target_placement == "none" else self.cfg.rerank_depth
 
     @torch.no_grad()
-    def score(self, log_: EventLog, cases, candidates: np.ndarray, catalog: dict | None = None) -> np.ndarray:
+    def score(self, log_: EventLog, cases, candidates: np.ndarray, catalog: CatalogCache | None = None) -> np.ndarray:
         """(B, C) scores. Two-stage: agnostic over all candidates, the top `rerank_depth` re-scored
         target-aware and placed above the rest in their new order (the rest keep agnostic order).
         `catalog`: `catalog_cache()` of the current weights (a server computes it once per model load)."""
@@ -244,7 +258,7 @@ class GTSLUM:
             with record_function("gts_lum.fuse"):
                 ctx = net.context(batch, extra_behaviors=cand, catalog=catalog)
             with record_function("gts_lum.retrieval"):  # the agnostic pass inside: its own label
-                items = catalog["items"][cand] if catalog is not None else net.item_embeddings(net.lookup(ctx, cand))
+                items = catalog.items[cand] if catalog is not None else net.item_embeddings(net.lookup(ctx, cand))
                 scores = net.agnostic_scores(ctx, items)  # (B, C)
                 depth = min(self.rerank_depth, len(candidates))
                 if depth:
@@ -261,12 +275,12 @@ class GTSLUM:
         return scores.float().cpu().numpy()
 
     @torch.no_grad()
-    def history_summary(self, log_: EventLog, cases, catalog: dict | None = None) -> np.ndarray:
+    def history_summary(self, log_: EventLog, cases, catalog: CatalogCache | None = None) -> np.ndarray:
         """(B, H) mean of the fused behaviour embeddings b^F over each case's whole history (zeros for an
         empty one). The decoder reads a history's last `token_budget` tokens, a few percent of a month of
         telecom events; labels such as churn depend on the whole month (BENCHMARKS.md "Label tasks")."""
         net = self._require()
-        fused = (catalog or net.catalog_cache())["fused"]
+        fused = (catalog if catalog is not None else net.catalog_cache()).fused
         starts = log_.offsets[np.asarray(cases.users)].astype(np.int64)
         lengths = np.asarray(cases.history_end, np.int64) - starts
         events = torch.as_tensor(log_.behavior[ragged_arange(starts, lengths)], dtype=torch.long, device=fused.device)
@@ -276,12 +290,12 @@ class GTSLUM:
 
     @torch.no_grad()
     def user_embeddings(
-        self, log_: EventLog, cases, task: int | None = None, catalog: dict | None = None, history_summary: bool = False
+        self, log_: EventLog, cases, task: int | None = None, catalog: CatalogCache | None = None, history_summary: bool = False
     ) -> np.ndarray:
         """(B, H) last hidden states: target-agnostic, or with label task `task`'s token in front
         (`catalog`: as in `score`); with `history_summary`, (B, 2H): [state ; `history_summary(...)`]."""
         if history_summary:
-            catalog = catalog or self._require().catalog_cache()
+            catalog = catalog if catalog is not None else self._require().catalog_cache()
             states = self.user_embeddings(log_, cases, task, catalog)
             return np.concatenate([states, self.history_summary(log_, cases, catalog)], 1)
         net = self._require()
@@ -325,13 +339,13 @@ class GTSLUM:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         a = self._assets
-        a["features"].save(folder / "features.npz")
-        a["stats"].save(folder / "behavior_stats.npz")
-        users = {"user_ids": np.asarray(a["user_ids"], dtype=str)}
-        if a["user_vectors"] is not None:
-            users["vectors"] = a["user_vectors"]
+        a.features.save(folder / "features.npz")
+        a.stats.save(folder / "behavior_stats.npz")
+        users = {"user_ids": np.asarray(a.user_ids, dtype=str)}
+        if a.user_vectors is not None:
+            users["vectors"] = a.user_vectors
         np.savez(folder / "users.npz", **users)
-        card = {"sequence_config": dataclasses.asdict(a["sequence_cfg"]), "adapter": a["adapter_card"]}
+        card = {"sequence_config": dataclasses.asdict(a.sequence_cfg), "adapter": a.adapter_card}
         (folder / "assets.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
 
     def load_assets(self, folder: str | Path) -> None:
@@ -339,20 +353,20 @@ class GTSLUM:
         card = yaml.safe_load((folder / "assets.yaml").read_text())
         with np.load(folder / "users.npz", allow_pickle=False) as z:
             user_ids, vectors = z["user_ids"], (z["vectors"] if "vectors" in z.files else None)
-        self._assets = {
-            "features": BehaviorFeatures.load(folder / "features.npz"),
-            "sequence_cfg": from_dict(SequenceConfig, card["sequence_config"]),
-            "stats": BehaviorStats.load(folder / "behavior_stats.npz"),
-            "user_ids": user_ids,
-            "user_vectors": vectors,
-            "adapter_card": card["adapter"],
-        }
+        self._assets = GTSLUMAssets(
+            features=BehaviorFeatures.load(folder / "features.npz"),
+            sequence_cfg=from_dict(SequenceConfig, card["sequence_config"]),
+            stats=BehaviorStats.load(folder / "behavior_stats.npz"),
+            user_ids=user_ids,
+            user_vectors=vectors,
+            adapter_card=card["adapter"],
+        )
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], device: str = "cpu") -> None:
-        if not self._assets:
+        if self._assets is None:
             raise RuntimeError("gts_lum: load_assets(folder) first (recommenders.registry.load_model does it)")
         self.cfg.train.device = device
-        self._build(list(TimeGrid(self._assets["sequence_cfg"]).descriptor_texts), adapter_state=tensors)
+        self._build(list(TimeGrid(self._assets.sequence_cfg).descriptor_texts), adapter_state=tensors)
         self.net.eval()
 
 

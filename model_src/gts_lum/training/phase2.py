@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gts_lum.data.events import EventLog
+from gts_lum.modeling.gts_lum_model import Phase2Objective
 from gts_lum.sequence.splits import EvalSet
 from gts_lum.sequence.tokens import TokenKind, TokenSequences
 from gts_lum.training.loop import check_schedule, epoch_rng, trainable
@@ -176,6 +177,16 @@ class Phase2Task:
         if targets is not None:
             self.allowed = torch.zeros(num_behaviors, dtype=torch.bool, device=device)
             self.allowed[torch.as_tensor(np.asarray(targets, np.int64), device=device)] = True
+        self.objective = Phase2Objective(
+            hard_negatives=cfg.hard_negatives,
+            agnostic_weight=cfg.agnostic_weight,
+            aware_weight=cfg.aware_weight,
+            allowed_targets=self.allowed,
+            hard_negative_pool=self.list_size,
+            target_frequency=self.frequency,
+            pool_size=len(self.pool),
+            in_batch_negatives=cfg.in_batch_negatives,
+        )
         self.windows, self.tokens = training_windows(self.train, model.sequences, targets)
         self.lengths = self.tokens.lengths()
         log.info(
@@ -201,19 +212,7 @@ class Phase2Task:
         else:
             sampled = torch.as_tensor(self.pool[gen.integers(0, len(self.pool), cfg.sampled_negatives)], device=device)
         with model.autocast():
-            out = module(
-                batch,
-                positives,
-                sampled,
-                cfg.hard_negatives,
-                cfg.agnostic_weight,
-                cfg.aware_weight,
-                self.allowed,
-                self.list_size,
-                self.frequency,
-                len(self.pool),
-                cfg.in_batch_negatives,
-            )
+            out = module(batch, positives, sampled, self.objective)
         out["positions"] = out.pop("prefixes")
         out["cases"] = torch.tensor(float(len(idx)))
         return out
