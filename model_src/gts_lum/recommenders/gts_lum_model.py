@@ -235,6 +235,13 @@ class GTSLUM:
         stats["device"] = str(self.device)
         return stats
 
+    @property
+    def assets(self) -> GTSLUMAssets:
+        """The catalog's features, the timestamp process and the profiles (what an export serves with)."""
+        if self._assets is None:
+            raise RuntimeError("gts_lum: attach(dataset) (or load the saved model) first")
+        return self._assets
+
     # -- scoring ---------------------------------------------------------------------------------------
     @property
     def rerank_depth(self) -> int:

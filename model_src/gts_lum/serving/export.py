@@ -201,7 +201,7 @@ def _copy_heads(heads_dir: str | Path | None, tmp: Path) -> dict[str, ServingHea
 
 def _check_loaded(model, behavior_ids: np.ndarray, heads: dict[str, ServingHead]) -> None:
     """The exported model, loaded as it will be served, fits the catalog and every head reads what it gives."""
-    catalog = model._assets.features.descriptions
+    catalog = model.assets.features.descriptions
     if len(catalog) != len(behavior_ids):
         raise ValueError(f"the model's catalog has {len(catalog)} behaviours, the training log {len(behavior_ids)}: wrong sequences_dir?")
     hidden = model.net.hidden_size
@@ -262,7 +262,7 @@ def export_model(
                 "target_filter": target_filter,
                 "targets": None if targets is None else targets.tolist(),
             },
-            "sequence_config": dataclasses.asdict(model._assets.sequence_cfg),
+            "sequence_config": dataclasses.asdict(model.assets.sequence_cfg),
             "rerank_depth": int(model.cfg.rerank_depth),
             "hidden_size": int(model.net.hidden_size),
             "users": users,
@@ -319,9 +319,9 @@ class ServingModel:
         self.card = read_serving_card(self.root)
         self.model = load_model(self.root, device=device)
         self.catalog = np.asarray(self.card["catalog"]["behavior_ids"], dtype=object)
-        if len(self.catalog) != len(self.model._assets.features.descriptions):
+        if len(self.catalog) != len(self.model.assets.features.descriptions):
             raise ValueError(
-                f"{self.root}: serving.yaml lists {len(self.catalog)} behaviours, the model {len(self.model._assets.features.descriptions)}"
+                f"{self.root}: serving.yaml lists {len(self.catalog)} behaviours, the model {len(self.model.assets.features.descriptions)}"
             )
         self.index = {b: i for i, b in enumerate(self.catalog.tolist())}
         targets = self.card["catalog"].get("targets")
