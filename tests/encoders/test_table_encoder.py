@@ -14,8 +14,8 @@ from gts_lum.encoders.table import (
     load_table_encoder,
     serialize_rows,
 )
-from gts_lum.encoders.table_bench import telco_auc_comparison
 from gts_lum.encoders.table_learned import MISSING, UNKNOWN, FeatureCodec, LearnedTableConfig
+from gts_lum.stages.table_bench import telco_auc_comparison
 
 
 def profile_table() -> pd.DataFrame:

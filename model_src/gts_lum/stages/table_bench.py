@@ -5,7 +5,7 @@ a logistic regression, against a gradient-boosted tree (sklearn HistGradientBoos
 one-hot logistic regression on the raw columns. The `learned` encoder is pretrained on the training
 customers' churn labels; its own head is reported too.
 
-    from gts_lum.encoders.table_bench import telco_auc_comparison
+    from gts_lum.stages.table_bench import telco_auc_comparison
     telco_auc_comparison("/work/shared/data/telco-churn")   # -> {"auc": {...}, "seconds": {...}, ...}
 
 Any other table with a 0/1 label comes in through its own column mapping (`mapping`, `task`): users
