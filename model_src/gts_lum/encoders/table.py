@@ -4,15 +4,16 @@ One interface, three kinds (see `table_base` for the shared parts):
 
     from gts_lum.encoders.table import build_table_encoder, load_table_encoder
     enc = build_table_encoder("pkg:encoders/table.yaml", ["kind=learned", "id_column=user_id"])
-    enc.fit(users, labels)              # text/hf: fixes the columns; learned: also trains
+    enc = fit_table_encoder(enc, users, labels)   # gts_lum.training.table_encoder; text/hf: enc.fit(users)
     emb = enc.encode(users)             # (N, D) float32, one row per table row
     enc.save("out/table_encoder"); enc = load_table_encoder("out/table_encoder")
 
 Works the same for per-user tables (profile) and per-behaviour tables (service attributes, cell,
 terminal): pass `id_column` so that the key is never read as a feature.
 
-The pipeline step that fits the encoders of a data set and writes the table artifacts is
-`gts_lum.stages.tables`.
+A `learned` encoder trains on the one training loop, which sits above this package: it is fitted by
+`gts_lum.training.table_encoder.fit_table_encoder` (any kind), encoded and loaded from here. The pipeline
+step that fits the encoders of a data set and writes the table artifacts is `gts_lum.stages.tables`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import pandas as pd
 
 from gts_lum.config import deep_merge, load_config, parse_overrides
 from gts_lum.encoders.table import TableEncoderConfig, build_table_encoder
+from gts_lum.training.table_encoder import fit_table_encoder
 
 
 def encode_tables(
@@ -46,7 +47,7 @@ def encode_tables(
         cfg = load_config(TableEncoderConfig, config, deep_merge({"id_column": key, "exclude": extra_exclude}, extra))
         if cfg.kind == "learned":
             cfg.learned.objective = "masked"
-        encoder = build_table_encoder(cfg).fit(frame)
+        encoder = fit_table_encoder(build_table_encoder(cfg), frame)
         vectors = encoder.encode(frame)
         np.savez(
             out / f"{name}_table.npz", **{f"{name}_ids": frame[key].astype(str).to_numpy().astype(str), "vectors": vectors}
