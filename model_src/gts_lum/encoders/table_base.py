@@ -62,7 +62,7 @@ class LearnedTableConfig:
     seed: int = 0
     device: str = "cpu"  # a small model: CPU is fast enough; "auto" picks NPU/CUDA (gts_lum.device)
     cpu_threads: int = 1  # intra-op threads on CPU (0: torch's default); more only add sync cost at this size
-    progress: bool = True
+    progress: bool = True  # read no more: the fit runs on training.loop, whose bar shows on a terminal (kept: saved configs load)
 
 
 @dataclass
