@@ -75,7 +75,7 @@ def qformer_pretrain(
 def encode_tables(clean: Input[Dataset], table_config: str, behavior_overrides: dict, user_overrides: dict, tables: Output[Dataset]):
     """Attribute tables -> business embedding per behaviour (Q-former "table" modality) and per user (profile)."""
     from gts_lum.config import struct_parameter
-    from gts_lum.encoders.table import encode_tables as encode
+    from gts_lum.stages.tables import encode_tables as encode
 
     summary = encode(
         clean.path,

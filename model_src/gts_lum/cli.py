@@ -71,7 +71,7 @@ def cmd_graph(args) -> None:
 
 
 def cmd_tables(args) -> None:
-    from gts_lum.encoders.table import encode_tables
+    from gts_lum.stages.tables import encode_tables
 
     _print(encode_tables(args.clean, args.out, args.config, parse_overrides(args.behaviors), args.config, parse_overrides(args.users)))
 
@@ -123,7 +123,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_table_auc(args) -> None:
-    from gts_lum.encoders.table_bench import telco_auc_comparison
+    from gts_lum.stages.table_bench import telco_auc_comparison
 
     result = telco_auc_comparison(args.data, args.mapping, args.task, overrides=args.set, include_text=not args.no_text)
     Path(args.out).mkdir(parents=True, exist_ok=True)

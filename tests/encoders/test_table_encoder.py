@@ -14,8 +14,9 @@ from gts_lum.encoders.table import (
     load_table_encoder,
     serialize_rows,
 )
-from gts_lum.encoders.table_bench import telco_auc_comparison
 from gts_lum.encoders.table_learned import MISSING, UNKNOWN, FeatureCodec, LearnedTableConfig
+from gts_lum.stages.table_bench import telco_auc_comparison
+from gts_lum.training.table_encoder import fit_table_encoder
 
 
 def profile_table() -> pd.DataFrame:
@@ -111,7 +112,7 @@ def test_learned_encoder_learns_an_interaction_and_handles_missing_and_unseen_va
     frame, y = rule_table(1000, seed=0)
     learned = LearnedTableConfig(dim=16, num_layers=1, epochs=20, lr=5e-3, progress=False)
     cfg = TableEncoderConfig(kind="learned", id_column="id", learned=learned)
-    enc = build_table_encoder(cfg).fit(frame, y)
+    enc = fit_table_encoder(build_table_encoder(cfg), frame, y)
     test, test_y = rule_table(400, seed=1)
     known = test["x"].notna() & test["segment"].notna()
     assert roc_auc_score(test_y[known], enc.predict(test)[known]) > 0.95  # needs x and segment together
@@ -137,27 +138,27 @@ def test_learned_encoder_is_deterministic_and_pretrains_without_labels_by_masked
     cfg = TableEncoderConfig(
         kind="learned", learned=LearnedTableConfig(dim=16, num_layers=1, epochs=8, lr=5e-3, mask_prob=0.3, progress=False)
     )
-    enc = build_table_encoder(cfg).fit(frame)
+    enc = fit_table_encoder(build_table_encoder(cfg), frame)
     assert enc.label.objective == "masked"
     valid = [h["valid_loss"] for h in enc.history]
     assert min(valid) < 0.5 * valid[0]  # b and v are readable from a: reconstruction must improve
-    again = build_table_encoder(cfg).fit(frame)
+    again = fit_table_encoder(build_table_encoder(cfg), frame)
     np.testing.assert_array_equal(enc.encode(frame), again.encode(frame))
     with pytest.raises(RuntimeError, match="fitted on labels"):
         enc.predict(frame)
     with pytest.raises(ValueError, match="needs labels"):
-        build_table_encoder(TableEncoderConfig(kind="learned", learned=LearnedTableConfig(objective="binary"))).fit(frame)
+        fit_table_encoder(build_table_encoder(TableEncoderConfig(kind="learned", learned=LearnedTableConfig(objective="binary"))), frame)
 
 
 def test_learned_encoder_heads_for_string_classes_and_numbers():
     frame, y = rule_table(300, seed=0)
     fast = dict(dim=8, num_layers=1, epochs=3, lr=5e-3)
-    multi = build_table_encoder(quick("learned", **fast)).fit(frame.drop(columns="id"), np.where(y == 1, "churn", "stay"))
+    multi = fit_table_encoder(build_table_encoder(quick("learned", **fast)), frame.drop(columns="id"), np.where(y == 1, "churn", "stay"))
     assert (multi.label.objective, multi.label.classes) == ("multiclass", ["churn", "stay"])
     probs = multi.predict(frame.drop(columns="id"))
     assert probs.shape == (300, 2) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     target = 1000.0 + 50.0 * frame["noise"].to_numpy()  # regression targets are scaled for training, not for predictions
-    reg = build_table_encoder(quick("learned", **fast)).fit(frame.drop(columns="id"), target)
+    reg = fit_table_encoder(build_table_encoder(quick("learned", **fast)), frame.drop(columns="id"), target)
     assert reg.label.objective == "regression" and abs(reg.predict(frame.drop(columns="id")).mean() - 1000.0) < 50.0
 
 
@@ -165,9 +166,9 @@ def test_learned_encoder_label_errors_name_the_problem():
     frame, y = rule_table(50, seed=0)
     enc = build_table_encoder(quick("learned", epochs=1))
     with pytest.raises(ValueError, match="49 values for 50 rows"):
-        enc.fit(frame, y[:49])
+        fit_table_encoder(enc, frame, y[:49])
     with pytest.raises(ValueError, match=r"missing value at row\(s\) \[3\]"):
-        enc.fit(frame, np.where(np.arange(50) == 3, np.nan, y))
+        fit_table_encoder(enc, frame, np.where(np.arange(50) == 3, np.nan, y))
     with pytest.raises(RuntimeError, match="call fit"):
         build_table_encoder(quick("learned")).encode(frame)
 
@@ -226,7 +227,7 @@ def test_hf_encoder_mean_pools_real_tokens_whatever_the_batch(tmp_path):
     texts = serialize_rows(frame, TableSchema.infer(frame, cfg))
     save_tiny_llama(tmp_path / "llm", texts)
     cfg.hf.model_path, cfg.hf.device, cfg.hf.progress = str(tmp_path / "llm"), "cpu", False
-    enc = build_table_encoder(cfg).fit(frame)
+    enc = fit_table_encoder(build_table_encoder(cfg), frame)
     assert enc.dim == 32
     cfg.hf.batch_size = 4  # rows of different lengths share a batch: padding must not leak into the mean
     batched = enc.encode(frame)

@@ -28,9 +28,9 @@ def profiled(tiny_serving, tmp_path_factory) -> Profiled:
     """The tiny model trained again with a user profile table (a profile token), exported under KEY."""
     import torch
 
-    from gts_lum.encoders.table import encode_tables
     from gts_lum.sequence.dataset import SequenceDataset
     from gts_lum.serving.export import export_model
+    from gts_lum.stages.tables import encode_tables
     from gts_lum.stages.train import train_model
 
     root = tmp_path_factory.mktemp("profiled")

@@ -3,7 +3,8 @@
 A table encoder maps the rows of an attribute table (per behaviour: service attributes, cell/location,
 terminal; per user: the profile) to one embedding per row, (N, D) float32 - the business embeddings
 b^E that the Q-former aligns with the semantic IDs (paper section 3.2, TableGPT2 in production). Three
-implementations share this interface (`gts_lum.encoders.table` builds and loads them):
+implementations share this interface (`gts_lum.encoders.table` builds and loads them;
+`gts_lum.training.table_encoder.fit_table_encoder` fits any of them, training the `learned` kind):
 
 - `text`    rows serialized as "column: value; ..." and embedded by a sentence encoder (default);
 - `learned` an FT-Transformer trained on the table (on a label, or by masked-cell reconstruction);
@@ -61,7 +62,7 @@ class LearnedTableConfig:
     seed: int = 0
     device: str = "cpu"  # a small model: CPU is fast enough; "auto" picks NPU/CUDA (gts_lum.device)
     cpu_threads: int = 1  # intra-op threads on CPU (0: torch's default); more only add sync cost at this size
-    progress: bool = True
+    progress: bool = True  # read no more: the fit runs on training.loop, whose bar shows on a terminal (kept: saved configs load)
 
 
 @dataclass
@@ -174,7 +175,8 @@ class TableEncoder(ABC):
         self.schema: TableSchema | None = None
 
     def fit(self, frame: pd.DataFrame, labels: Any = None) -> TableEncoder:
-        """Fix the feature columns from `frame`; kinds that learn also train here (text/hf ignore `labels`)."""
+        """Fix the feature columns from `frame` (text/hf ignore `labels`). A kind that trains (`learned`)
+        is fitted by `gts_lum.training.table_encoder.fit_table_encoder`, on the training loop."""
         if len(frame) == 0:
             raise ValueError("table encoder: cannot fit on an empty table")
         self.schema = TableSchema.infer(frame, self.cfg)

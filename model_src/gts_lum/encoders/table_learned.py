@@ -11,14 +11,19 @@ A CLS token is prepended and a few pre-norm transformer layers mix them.
 Pretraining: on a label (binary / multiclass / regression head on the CLS embedding, e.g. churn) or,
 for tables without labels (behaviour attributes), by masked-cell reconstruction - masked numeric cells
 are regressed, masked categories classified against the (tied) category embeddings of their column.
+
+This module holds the network (`TableNetwork`: the FT-Transformer and its pretraining head, its forward
+the loss) and the encoder that reads rows through it. The training is `gts_lum.training.table_encoder`'s,
+on the one training loop (`training.loop.train_loop`): the loop sits above this package (training/
+imports modeling/, which reads `encoders.node2vec`), so an encoder that trains is fitted from there:
+
+    from gts_lum.training.table_encoder import fit_table_encoder
+    enc = fit_table_encoder(build_table_encoder(cfg), frame, labels)   # labels=None: masked cells
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,13 +32,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from gts_lum.device import select_device
 from gts_lum.encoders.table_base import LearnedTableConfig, TableEncoder, TableEncoderConfig, TableSchema
 from gts_lum.sequence.splits import holdout
-
-log = logging.getLogger(__name__)
 
 UNKNOWN, MISSING, RESERVED = 0, 1, 2  # category slots before the vocabulary
 OBJECTIVES = ("auto", "binary", "multiclass", "regression", "masked")
@@ -202,55 +203,84 @@ class MaskedCellHead(nn.Module):
         return loss
 
 
+class TableNetwork(nn.Module):
+    """The FT-Transformer and its pretraining head, one module: what trains, what is saved
+    ("backbone.*", "head.*"). Its forward is the pretraining loss of a batch."""
+
+    def __init__(self, codec: FeatureCodec, label: LabelSpec, cfg: LearnedTableConfig):
+        super().__init__()
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(f"LearnedTableConfig: dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
+        self.objective, self.mask_prob = label.objective, cfg.mask_prob
+        self.backbone = FTTransformer(len(codec.numeric), codec.cardinalities, cfg)
+        self.head = (
+            MaskedCellHead(len(codec.numeric), codec.cardinalities, cfg.dim)
+            if label.objective == "masked"
+            else nn.Linear(cfg.dim, label.outputs)
+        )
+
+    @property
+    def cells(self) -> int:
+        """Uniform draws per row that the masked objective needs (one per feature cell); 0 for a label."""
+        return len(self.backbone.tokenizer.num_weight) + len(self.backbone.tokenizer.cat_bias) if self.objective == "masked" else 0
+
+    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor, y: torch.Tensor | None, draw: torch.Tensor | None) -> torch.Tensor:
+        """The loss of a batch; `draw` (B, cells) uniform numbers decide the masked objective's hidden
+        cells (drawn on the CPU by the caller: the same masks on any device)."""
+        if self.objective == "masked":
+            fn = x_num.shape[1]
+            mask = draw.to(x_num.device) < self.mask_prob  # (B, F) cells hidden from the input
+            tokens = self.backbone(x_num.masked_fill(mask[:, :fn], float("nan")), x_cat.masked_fill(mask[:, fn:], MISSING))
+            return self.head.loss(tokens, mask, x_num, x_cat, self.backbone)
+        out = self.head(self.backbone(x_num, x_cat)[:, 0])  # (B, outputs)
+        if self.objective == "binary":
+            return F.binary_cross_entropy_with_logits(out.squeeze(-1), y)
+        if self.objective == "multiclass":
+            return F.cross_entropy(out, y)
+        return F.mse_loss(out.squeeze(-1), y)
+
+
+@dataclass
+class TrainingRows:
+    """What `LearnedTableEncoder.prepare` hands to the training: the model inputs of every row, the
+    targets (None: masked cells), the training and the held-out rows."""
+
+    x_num: torch.Tensor
+    x_cat: torch.Tensor
+    y: torch.Tensor | None
+    train: np.ndarray
+    valid: np.ndarray
+
+
 class LearnedTableEncoder(TableEncoder):
+    """Encodes with a trained network; the training itself is `gts_lum.training.table_encoder`'s (on the
+    one training loop, which sits above this package): fit it with
+    `training.table_encoder.fit_table_encoder(encoder, frame, labels)`, or load a saved one."""
+
     kind = "learned"
 
     def __init__(self, cfg: TableEncoderConfig):
         super().__init__(cfg)
         self.codec: FeatureCodec | None = None
         self.label: LabelSpec | None = None
-        self.backbone: FTTransformer | None = None
-        self.head: nn.Module | None = None
+        self.network: TableNetwork | None = None
+        self.trained = False
         self.history: list[dict] = []  # per epoch: train and validation loss of the last fit
 
     @property
     def dim(self) -> int:
         return self.cfg.learned.dim
 
-    def _build(self) -> None:
-        lc, codec = self.cfg.learned, self.codec
-        if lc.dim % lc.num_heads:
-            raise ValueError(f"LearnedTableConfig: dim {lc.dim} is not divisible by num_heads {lc.num_heads}")
-        self.backbone = FTTransformer(len(codec.numeric), codec.cardinalities, lc)
-        self.head = (
-            MaskedCellHead(len(codec.numeric), codec.cardinalities, lc.dim)
-            if self.label.objective == "masked"
-            else nn.Linear(lc.dim, self.label.outputs)
+    def fit(self, frame: pd.DataFrame, labels=None) -> LearnedTableEncoder:
+        raise RuntimeError(
+            "LearnedTableEncoder trains on the training loop: fit it with "
+            "gts_lum.training.table_encoder.fit_table_encoder(encoder, frame, labels)"
         )
 
-    def _inputs(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
-        schema = self.fitted_schema()
-        schema.check(frame)
-        x_num, x_cat = self.codec.transform(frame, schema)
-        return torch.as_tensor(x_num), torch.as_tensor(x_cat)
-
-    def _loss(self, x_num: torch.Tensor, x_cat: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        if self.label.objective == "masked":
-            fn = x_num.shape[1]
-            draw = torch.rand(x_num.shape[0], fn + x_cat.shape[1], generator=generator)  # CPU generator: same masks on any device
-            mask = draw.to(x_num.device) < self.cfg.learned.mask_prob  # (B, F) cells hidden from the input
-            tokens = self.backbone(x_num.masked_fill(mask[:, :fn], float("nan")), x_cat.masked_fill(mask[:, fn:], MISSING))
-            return self.head.loss(tokens, mask, x_num, x_cat, self.backbone)
-        out = self.head(self.backbone(x_num, x_cat)[:, 0])  # (B, outputs)
-        if self.label.objective == "binary":
-            return F.binary_cross_entropy_with_logits(out.squeeze(-1), y)
-        if self.label.objective == "multiclass":
-            return F.cross_entropy(out, y)
-        return F.mse_loss(out.squeeze(-1), y)
-
-    def fit(self, frame: pd.DataFrame, labels: np.ndarray | pd.Series | list | None = None) -> LearnedTableEncoder:
-        """Fit scalers and vocabularies on `frame`, then train: on `labels` (one per row, in row order) or,
-        without labels, on masked cells. The weights of the epoch with the lowest validation loss are kept."""
+    def prepare(self, frame: pd.DataFrame, labels: np.ndarray | pd.Series | list | None = None) -> TrainingRows:
+        """Fit the columns, scalers, vocabularies and the label of `frame` (`labels`: one per row, in row
+        order; None: the masked objective), build the untrained network from `cfg.learned.seed` (the global
+        torch RNG is left as it was) and split the rows into training and held-out ones."""
         super().fit(frame)
         lc = self.cfg.learned
         if not 0.0 <= lc.valid_fraction < 1.0:
@@ -261,88 +291,33 @@ class LearnedTableEncoder(TableEncoder):
                 raise ValueError(f"labels: {len(labels)} values for {len(frame)} rows")
         self.label = LabelSpec.fit(labels, lc.objective)
         self.codec = FeatureCodec.fit(frame, self.schema, lc)
-        torch.manual_seed(lc.seed)
-        self._build()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(lc.seed)
+            self.network = TableNetwork(self.codec, self.label, lc)
+        self.trained, self.history = False, []
         x_num, x_cat = self._inputs(frame)
         y = self.label.targets(labels) if labels is not None else None
         train, valid = holdout(len(frame), lc.valid_fraction, lc.seed, y if self.label.objective in ("binary", "multiclass") else None)
-        device = select_device(lc.device)
-        with intra_op_threads(lc.cpu_threads, device):
-            self._train(x_num, x_cat, y, train, valid, device)
-        return self
+        return TrainingRows(x_num, x_cat, y, train, valid)
 
-    def _train(self, x_num, x_cat, y, train: np.ndarray, valid: np.ndarray, device: torch.device) -> None:
-        """AdamW with clipping over seeded batches; the weights of the epoch with the lowest validation
-        loss are kept, early stop after `patience` epochs without one.
+    def mark_trained(self, history: list[dict]) -> None:
+        """The training is done: the network's weights are the ones to encode with."""
+        self.network.eval()
+        self.trained, self.history = True, history
 
-        A loop of its own, not `training.loop.train_loop`: encoders/ sits below modeling/ (the behaviour
-        features read `encoders.node2vec`), and modeling/ below training/ (which trains its networks), so
-        importing the loop here would close the circle encoders -> training -> modeling -> encoders.
-        Checkpoints are not missed: a fit takes seconds to minutes on CPU.
-        """
-        lc = self.cfg.learned
-        self.backbone.to(device)
-        self.head.to(device)
-        params = [*self.backbone.parameters(), *self.head.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=lc.lr, weight_decay=lc.weight_decay)
-        generator = torch.Generator().manual_seed(lc.seed)
+    def _inputs(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        schema = self.fitted_schema()
+        schema.check(frame)
+        x_num, x_cat = self.codec.transform(frame, schema)
+        return torch.as_tensor(x_num), torch.as_tensor(x_cat)
 
-        def batch(rows):
-            rows = torch.as_tensor(rows)
-            return x_num[rows].to(device), x_cat[rows].to(device), None if y is None else y[rows].to(device)
-
-        best, best_loss, stale = None, math.inf, 0
-        self.history = []
-        bar = tqdm(range(lc.epochs), desc="learned table encoder", unit="epoch", disable=not lc.progress)
-        for epoch in bar:
-            self._set_training(True)
-            order = train[torch.randperm(len(train), generator=generator).numpy()]
-            total = 0.0
-            for start in range(0, len(order), lc.batch_size):
-                loss = self._loss(*batch(order[start : start + lc.batch_size]), generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if lc.grad_clip:
-                    nn.utils.clip_grad_norm_(params, lc.grad_clip)
-                optimizer.step()
-                total += loss.item() * min(lc.batch_size, len(order) - start)
-            train_loss = total / max(len(order), 1)
-            self.history.append({"epoch": epoch, "train_loss": train_loss})
-            if not len(valid):
-                log.info("epoch %d: train loss %.4f", epoch, train_loss)
-                continue
-            valid_loss = self._evaluate(batch, valid, torch.Generator().manual_seed(lc.seed + 1))
-            self.history[-1]["valid_loss"] = valid_loss
-            bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}")
-            log.info("epoch %d: train loss %.4f, valid loss %.4f", epoch, train_loss, valid_loss)
-            if valid_loss < best_loss:
-                best_loss, stale = valid_loss, 0
-                best = copy.deepcopy((self.backbone.state_dict(), self.head.state_dict()))
-            else:
-                stale += 1
-                if stale >= lc.patience:
-                    log.info("early stop after epoch %d: best valid loss %.4f", epoch, best_loss)
-                    break
-        if best is not None:
-            self.backbone.load_state_dict(best[0])
-            self.head.load_state_dict(best[1])
-        self._set_training(False)
-
-    def _set_training(self, training: bool) -> None:
-        self.backbone.train(training)
-        self.head.train(training)
-
-    @torch.no_grad()
-    def _evaluate(self, batch, rows: np.ndarray, generator: torch.Generator) -> float:
-        """Mean loss over `rows`; a fixed generator gives the masked objective the same masks every epoch."""
-        self._set_training(False)
-        chunks = [rows[s : s + ENCODE_BATCH] for s in range(0, len(rows), ENCODE_BATCH)]
-        return sum(self._loss(*batch(chunk), generator).item() * len(chunk) for chunk in chunks) / len(rows)
-
-    def _trained(self) -> FTTransformer:
-        if self.backbone is None:
-            raise RuntimeError("LearnedTableEncoder: call fit(frame[, labels]) before encode/predict")
-        return self.backbone
+    def _trained(self) -> TableNetwork:
+        if self.network is None or not self.trained:
+            raise RuntimeError(
+                "LearnedTableEncoder: not trained; call fit_table_encoder(encoder, frame[, labels]) "
+                "(gts_lum.training.table_encoder) before encode/predict, or load a saved one"
+            )
+        return self.network
 
     @torch.inference_mode()
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
@@ -353,7 +328,7 @@ class LearnedTableEncoder(TableEncoder):
         """The pretraining head: P(label = 1) (N,) binary, class probabilities (N, C) multiclass, values (N,)."""
         if self.label is None or self.label.objective == "masked":
             raise RuntimeError("LearnedTableEncoder.predict needs an encoder fitted on labels")
-        out = self._forward(frame, lambda tokens: self.head(tokens[:, 0]))
+        out = self._forward(frame, lambda tokens: self.network.head(tokens[:, 0]))
         if self.label.objective == "binary":
             return 1.0 / (1.0 + np.exp(-out[:, 0]))
         if self.label.objective == "multiclass":
@@ -362,13 +337,13 @@ class LearnedTableEncoder(TableEncoder):
         return out[:, 0] * self.label.std + self.label.mean
 
     def _forward(self, frame: pd.DataFrame, read) -> np.ndarray:
-        backbone = self._trained()
-        self._set_training(False)
+        network = self._trained()
+        network.eval()
         x_num, x_cat = self._inputs(frame)
-        device = next(backbone.parameters()).device
+        device = next(network.parameters()).device
         with intra_op_threads(self.cfg.learned.cpu_threads, device):
             parts = [
-                read(backbone(x_num[s : s + ENCODE_BATCH].to(device), x_cat[s : s + ENCODE_BATCH].to(device))).float().cpu().numpy()
+                read(network.backbone(x_num[s : s + ENCODE_BATCH].to(device), x_cat[s : s + ENCODE_BATCH].to(device))).float().cpu().numpy()
                 for s in range(0, len(frame), ENCODE_BATCH)
             ]
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
@@ -378,15 +353,13 @@ class LearnedTableEncoder(TableEncoder):
         return {"codec": dataclasses.asdict(self.codec), "label": dataclasses.asdict(self.label)}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        state = {f"backbone.{k}": v for k, v in self._trained().state_dict().items()}
-        return state | {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        return dict(self._trained().state_dict())  # "backbone.*", "head.*"
 
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.codec, self.label = FeatureCodec(**state["codec"]), LabelSpec(**state["label"])
-        self._build()
-        self.backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})
-        self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-        self._set_training(False)
+        self.network = TableNetwork(self.codec, self.label, self.cfg.learned)
+        self.network.load_state_dict(tensors)
+        self.mark_trained([])
 
 
 @contextmanager

@@ -27,7 +27,6 @@ from gts_lum.config import deep_merge, load_config, parse_overrides, read_yaml, 
 from gts_lum.data import storage
 from gts_lum.data.ingest import prepare_dataset
 from gts_lum.encoders.node2vec import run_graph_encoder
-from gts_lum.encoders.table import encode_tables
 from gts_lum.evaluation.protocol import EvalConfig
 from gts_lum.recommenders.gts_lum_model import GTSLUMConfig
 from gts_lum.recommenders.registry import default_config_path
@@ -35,6 +34,7 @@ from gts_lum.sequence.candidates import select_candidates
 from gts_lum.sequence.dataset import SequenceDataset, SplitConfig, build_sequence_dataset
 from gts_lum.stages.bench import run_bench
 from gts_lum.stages.phase1 import run_phase1
+from gts_lum.stages.tables import encode_tables
 from gts_lum.tokenizer.semantic_ids import tokenize_dataset
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ a logistic regression, against a gradient-boosted tree (sklearn HistGradientBoos
 one-hot logistic regression on the raw columns. The `learned` encoder is pretrained on the training
 customers' churn labels; its own head is reported too.
 
-    from gts_lum.encoders.table_bench import telco_auc_comparison
+    from gts_lum.stages.table_bench import telco_auc_comparison
     telco_auc_comparison("/work/shared/data/telco-churn")   # -> {"auc": {...}, "seconds": {...}, ...}
 
 Any other table with a 0/1 label comes in through its own column mapping (`mapping`, `task`): users
@@ -33,6 +33,7 @@ from gts_lum.config import load_config
 from gts_lum.data.contract import read_table
 from gts_lum.data.ingest import prepare_dataset
 from gts_lum.encoders.table import LearnedTableEncoder, TableEncoderConfig, TextFn, build_table_encoder
+from gts_lum.training.table_encoder import fit_table_encoder
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def telco_auc_comparison(
 
     cfg = load_config(TableEncoderConfig, config, (overrides or []) + ["kind=learned"])
     start = time.perf_counter()
-    learned: LearnedTableEncoder = build_table_encoder(cfg).fit(train, train_y)
+    learned: LearnedTableEncoder = fit_table_encoder(build_table_encoder(cfg), train, train_y)
     seconds["learned_fit"] = time.perf_counter() - start
     auc["learned_head"] = float(roc_auc_score(test_y, learned.predict(test)))
     auc["learned_logreg"] = frozen_logreg_auc(learned.encode(train), train_y, learned.encode(test), test_y, seed)
