@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gts_lum.data.validate import load_event_log
 from gts_lum.serving.export import read_serving_card
 from gts_lum.stages.speed import decoder_flops
 
@@ -98,10 +100,7 @@ def publish_bench_store(
     GTS_LUM_PSEUDONYM_KEY, which the scorer must share. Returns {"repo", "users", "publish"}: the `users`
     raw ids with the longest histories (the largest Feast reads and Q-former inputs; ties in data-set order),
     also written to out_dir/users.txt, comma-separated, for `gts-lum load-bench --users`."""
-    import shutil
-
-    from gts_lum.data.validate import load_event_log
-    from gts_lum.serving.features import export_feature_sources, publish_features
+    from gts_lum.serving.features import export_feature_sources, publish_features  # feast: imported only when a store is asked for
 
     out, template = Path(out_dir), Path(feature_repo)
     if not (template / "feature_store.yaml").exists():
@@ -323,7 +322,7 @@ def load_bench(
     also candidates/s and the decoder's GFLOP/s as a share of this machine's fp32 rate. `out_dir`: also
     write load_bench.json and the server log there. The top10_feast shape needs `feature_repo` and `users`
     (e.g. a store made by `publish_bench_store`)."""
-    from gts_lum.serving.scorer import launch_server
+    from gts_lum.serving.scorer import launch_server  # kserve: imported only when a load bench runs
 
     _check(requests, concurrency, seconds_limit, shapes)
     card = read_serving_card(export_dir)
