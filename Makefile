@@ -15,8 +15,9 @@ $(BIN)/gts-lum: pyproject.toml
 demo: $(BIN)/gts-lum
 	$(BIN)/python -m pipelines.run_local --output runs/demo
 
+# one worker a core (pytest-xdist; tests/conftest.py keeps each to one torch thread)
 test: $(BIN)/gts-lum
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 # ruff, configured in pyproject.toml ([tool.ruff]); .ci/run runs it before the tests.
 LINTED := model_src components pipelines feature_repo tests
