@@ -178,73 +178,122 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path | None = None, device: torch.device | None = None) -> dict:
     """Train `task.module` (see the module docstring); returns the statistics of the run."""
-    module = task.module
-    device = device or next(module.parameters()).device
-    rank, world = distributed_context(device)
-    ddp = world > 1
-    train_module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=task.find_unused_parameters) if ddp else module
-    param_groups = task.param_groups()
-    params = [p for group in param_groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    position: dict = {"epoch": 0, "step": 0, "global_step": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
-    best_state: dict[str, torch.Tensor] | None = None
-    folder = Path(checkpoint_dir) if checkpoint_dir else None
-    loaded = load_training_state(folder) if folder is not None else None
-    if loaded is not None:
-        groups, position = loaded
-        module.load_state_dict(groups["weights"])
-        optimizer.load_state_dict(_optimizer_state(groups["optimizer"], position.pop("optimizer")))
-        best_state = groups.get("best") if position["best_epoch"] >= 0 else None
-        position["best"] = float(position["best"])
-        position.setdefault("global_step", 0)  # a checkpoint written before the loop counted its steps
-        task.weights_changed()
-        log.info("%s: resuming from %s at epoch %d step %d", task.name, folder, position["epoch"], position["step"])
-
-    def save() -> None:
-        if folder is None or rank != 0:
-            return
-        opt_tensors, opt_rest = _optimizer_tensors(optimizer)
-        groups = {"weights": _cpu(module.state_dict()), "optimizer": opt_tensors}
-        if best_state is not None:
-            groups["best"] = _cpu(best_state)
-        save_training_state(folder, groups, {**position, "optimizer": opt_rest})
-
-    num_params = sum(p.numel() for p in module.parameters())
-    log.info(
-        "%s: %s trainable of %s parameters, device %s, world %d",
-        task.name,
-        f"{sum(p.numel() for p in params):,}",
-        f"{num_params:,}",
-        device,
-        world,
-    )
+    run = _Run(task, cfg, Path(checkpoint_dir) if checkpoint_dir else None, device)
     t_start = time.perf_counter()
+    position = run.position
     if not cfg.time_budget_s or "planned_epochs" not in position:  # without a budget the config decides (a resume may extend it)
         position["planned_epochs"] = cfg.epochs
     while position["epoch"] < position["planned_epochs"] and position["bad_epochs"] < cfg.patience:
-        epoch = position["epoch"]
+        epoch, t_epoch = position["epoch"], time.perf_counter()
+        figures = run.train_epoch(epoch)
+        if figures is None:  # max_steps reached inside the epoch: no validation of a part
+            run.save()
+            log.info("%s: stopped at max_steps %d (epoch %d, step %d)", task.name, cfg.max_steps, epoch, position["step"])
+            break
+        run.end_epoch(epoch, figures, max(time.perf_counter() - t_epoch, 1e-9))
+        position.update(epoch=epoch + 1, step=0)
+        if cfg.time_budget_s:
+            run.plan(time.perf_counter() - t_epoch)
+        run.save()
+        if position["bad_epochs"] >= cfg.patience and run.rank == 0:
+            log.info("%s: early stop after epoch %d (best epoch %d)", task.name, epoch, position["best_epoch"])
+    if run.best_state is not None:
+        task.module.load_state_dict(run.best_state)
+    task.module.eval()
+    task.weights_changed()
+    return {
+        "epochs": len(position["history"]),
+        "steps": position["global_step"],
+        "best_epoch": position["best_epoch"],
+        f"valid_{cfg.select_metric}": position["best"],
+        "train_seconds": time.perf_counter() - t_start,
+        "num_parameters": sum(p.numel() for p in task.module.parameters()),
+        "world_size": run.world,
+        "history": position["history"],
+    }
+
+
+class _Run:
+    """One `train_loop` call's state: the module (DDP-wrapped under torchrun), the optimizer, the position
+    (epoch, step, best, history, the plan; what a checkpoint records) and the best weights."""
+
+    def __init__(self, task: TrainingTask, cfg: LoopSettings, folder: Path | None, device: torch.device | None):
+        self.task, self.cfg, self.folder = task, cfg, folder
+        module = task.module
+        device = device or next(module.parameters()).device
+        self.rank, self.world = distributed_context(device)
+        self.ddp = self.world > 1
+        self.train_module = (
+            nn.parallel.DistributedDataParallel(module, find_unused_parameters=task.find_unused_parameters) if self.ddp else module
+        )
+        param_groups = task.param_groups()
+        self.params = [p for group in param_groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.position: dict = {"epoch": 0, "step": 0, "global_step": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.resume()
+        log.info(
+            "%s: %s trainable of %s parameters, device %s, world %d",
+            task.name,
+            f"{sum(p.numel() for p in self.params):,}",
+            f"{sum(p.numel() for p in module.parameters()):,}",
+            device,
+            self.world,
+        )
+
+    def resume(self) -> None:
+        loaded = load_training_state(self.folder) if self.folder is not None else None
+        if loaded is None:
+            return
+        groups, position = loaded
+        self.task.module.load_state_dict(groups["weights"])
+        self.optimizer.load_state_dict(_optimizer_state(groups["optimizer"], position.pop("optimizer")))
+        self.best_state = groups.get("best") if position["best_epoch"] >= 0 else None
+        position["best"] = float(position["best"])
+        position.setdefault("global_step", 0)  # a checkpoint written before the loop counted its steps
+        self.position = position
+        self.task.weights_changed()
+        log.info("%s: resuming from %s at epoch %d step %d", self.task.name, self.folder, position["epoch"], position["step"])
+
+    def save(self) -> None:
+        if self.folder is None or self.rank != 0:
+            return
+        opt_tensors, opt_rest = _optimizer_tensors(self.optimizer)
+        groups = {"weights": _cpu(self.task.module.state_dict()), "optimizer": opt_tensors}
+        if self.best_state is not None:
+            groups["best"] = _cpu(self.best_state)
+        save_training_state(self.folder, groups, {**self.position, "optimizer": opt_rest})
+
+    def train_epoch(self, epoch: int) -> tuple[dict[str, float], dict[str, int]] | None:
+        """The epoch's steps from the position's step on: (sums, counts) of the figures the steps
+        reported (a term can skip a step), or None when `max_steps` stopped it inside the epoch."""
+        task, cfg, position, world = self.task, self.cfg, self.position, self.world
         batches = task.epoch_batches(epoch)
-        batches = batches[: len(batches) - len(batches) % world] if ddp else batches  # equal steps per rank
+        batches = batches[: len(batches) - len(batches) % world] if self.ddp else batches  # equal steps per rank
         steps_per_epoch = len(batches) // world  # the schedule's unit (epochs hold about as many batches each)
         if steps_per_epoch == 0:
             raise ValueError(f"{task.name}: an epoch has no batch (fewer batches than processes, {world})")
-        module.train()
+        task.module.train()
         sums: dict[str, float] = {}
-        counts: dict[str, int] = {}  # steps that reported each figure (a term can skip a step)
-        t_epoch = time.perf_counter()
-        steps = range(position["step"], steps_per_epoch)
-        bar = tqdm(steps, desc=f"{task.name} epoch {epoch}", leave=False, disable=None if rank == 0 else True)
+        counts: dict[str, int] = {}
+        bar = tqdm(
+            range(position["step"], steps_per_epoch),
+            desc=f"{task.name} epoch {epoch}",
+            leave=False,
+            disable=None if self.rank == 0 else True,
+        )
         for step in bar:
             if cfg.max_steps is not None and position["global_step"] >= cfg.max_steps:
-                break
-            for group in optimizer.param_groups:
+                bar.close()
+                return None
+            for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + step, position["planned_epochs"] * steps_per_epoch)
-            out = task.train_step(train_module, batches[step * world + rank], epoch, step, rank)
-            optimizer.zero_grad(set_to_none=True)
+            out = task.train_step(self.train_module, batches[step * world + self.rank], epoch, step, self.rank)
+            self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+                nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.optimizer.step()
             task.weights_changed()
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -253,18 +302,18 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
             position["step"] = step + 1
             position["global_step"] += 1
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save()
-        if position["step"] < steps_per_epoch:  # max_steps reached inside the epoch: no validation of a part
-            bar.close()
-            save()
-            log.info("%s: stopped at max_steps %d (epoch %d, step %d)", task.name, cfg.max_steps, epoch, position["step"])
-            break
-        seconds = max(time.perf_counter() - t_epoch, 1e-9)
-        value = task.validate() if rank == 0 else 0.0
-        value = _broadcast(value) if ddp else value
+                self.save()
+        return sums, counts
+
+    def end_epoch(self, epoch: int, figures: tuple[dict[str, float], dict[str, int]], seconds: float) -> None:
+        """Validate (rank 0, shared with every rank), record the epoch, keep the best weights."""
+        cfg, position, world = self.cfg, self.position, self.world
+        sums, counts = figures
+        value = self.task.validate() if self.rank == 0 else 0.0
+        value = _broadcast(value) if self.ddp else value
         record = {
             "epoch": epoch,
-            "lr": round(optimizer.param_groups[0]["lr"], 6),
+            "lr": round(self.optimizer.param_groups[0]["lr"], 6),
             **{k: round(sums[k] / counts[k], 4) for k in sums if k not in ("cases", "positions")},
             # the figures of the steps this run took (a resumed epoch counts only those)
             "cases_per_s": round(sums.get("cases", 0.0) * world / seconds, 1),
@@ -274,42 +323,27 @@ def train_loop(task: TrainingTask, cfg: LoopSettings, checkpoint_dir: str | Path
         position["history"].append(record)
         if value > position["best"] + getattr(cfg, "min_improvement", 0.0):
             position.update(best=value, best_epoch=epoch, bad_epochs=0)
-            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            self.best_state = {k: v.detach().clone() for k, v in self.task.module.state_dict().items()}
         else:
             position["bad_epochs"] += 1
-        if rank == 0:
-            log.log(getattr(task, "epoch_log_level", logging.INFO), "%s epoch %d: %s", task.name, epoch, record)
-        position.update(epoch=epoch + 1, step=0)
-        if cfg.time_budget_s:
-            planned = budget_plan(cfg, position, time.perf_counter() - t_epoch)
-            planned = int(_broadcast(planned) if ddp else planned)  # rank 0's plan for every rank
-            if planned != position["planned_epochs"]:
-                log.info(
-                    "%s: %d epochs fit the budget of %.0f s (%.0f s spent, %d run)",
-                    task.name,
-                    planned,
-                    cfg.time_budget_s,
-                    position["elapsed_s"],
-                    position["epoch"],
-                )
-            position["planned_epochs"] = planned
-        save()
-        if position["bad_epochs"] >= cfg.patience and rank == 0:
-            log.info("%s: early stop after epoch %d (best epoch %d)", task.name, epoch, position["best_epoch"])
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    module.eval()
-    task.weights_changed()
-    return {
-        "epochs": len(position["history"]),
-        "steps": position["global_step"],
-        "best_epoch": position["best_epoch"],
-        f"valid_{cfg.select_metric}": position["best"],
-        "train_seconds": time.perf_counter() - t_start,
-        "num_parameters": num_params,
-        "world_size": world,
-        "history": position["history"],
-    }
+        if self.rank == 0:
+            log.log(getattr(self.task, "epoch_log_level", logging.INFO), "%s epoch %d: %s", self.task.name, epoch, record)
+
+    def plan(self, pace: float) -> None:
+        """The time budget's plan after an epoch of `pace` seconds (`budget_plan`), rank 0's for every rank."""
+        position = self.position
+        planned = budget_plan(self.cfg, position, pace)
+        planned = int(_broadcast(planned) if self.ddp else planned)
+        if planned != position["planned_epochs"]:
+            log.info(
+                "%s: %d epochs fit the budget of %.0f s (%.0f s spent, %d run)",
+                self.task.name,
+                planned,
+                self.cfg.time_budget_s,
+                position["elapsed_s"],
+                position["epoch"],
+            )
+        position["planned_epochs"] = planned
 
 
 def budget_plan(cfg: LoopSettings, position: dict, pace: float) -> int:
