@@ -17,6 +17,7 @@ plus the model with its tuned tokens are written for `gts-lum export`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -76,6 +77,25 @@ class TaskTokenTask:
         pass
 
 
+@contextlib.contextmanager
+def _only_task_tokens_train(net):
+    """The network frozen and in eval mode (no dropout: the token is tuned against the network as it
+    scores) but its task tokens; only the tuned task's row is looked up, so the other rows get no gradient
+    and keep their tokens. Restores both on exit."""
+    frozen = {name: p.requires_grad for name, p in net.named_parameters()}
+    was_training = net.training
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.task_tokens.weight.requires_grad_(True)
+    net.eval()
+    try:
+        yield
+    finally:
+        for name, p in net.named_parameters():
+            p.requires_grad_(frozen[name])
+        net.train(was_training)
+
+
 def tune_task_token(
     model,
     log_: EventLog,
@@ -120,14 +140,7 @@ def tune_task_token(
         idx = torch.as_tensor(rows, device=model.device)
         return head.loss(head(states(rows)), y_t[idx], None if t_t is None else t_t[idx])
 
-    frozen = {name: p.requires_grad for name, p in net.named_parameters()}
-    for p in net.parameters():
-        p.requires_grad_(False)
-    # only row task_index is looked up, so the other tasks' rows get no gradient and keep their tokens
-    net.task_tokens.weight.requires_grad_(True)
-    was_training = net.training
-    net.eval()  # no dropout in the frozen network: the token is tuned against the network as it scores
-    try:
+    with _only_task_tokens_train(net):
         with torch.no_grad():  # standardize the head's inputs on the untuned embeddings
             head.set_input_stats(torch.cat([states(train[s : s + cfg.batch_size]) for s in range(0, len(train), cfg.batch_size)]))
         if isinstance(head, UpliftHead):
@@ -142,10 +155,6 @@ def tune_task_token(
         with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
             run = train_loop(TaskTokenTask(f"task token {task_index}", module, loss_of, train, valid, cfg), settings, checkpoint_dir)
         token_change = float((net.task_tokens.weight[task_index].detach() - initial_token).norm())
-    finally:
-        for name, p in net.named_parameters():
-            p.requires_grad_(frozen[name])
-        net.train(was_training)
     head.eval()
     best_loss = -run["valid_neg_loss"]
     log.info(
