@@ -156,6 +156,7 @@ class DecoderContext:
 
     def index(self, behaviors: torch.Tensor) -> torch.Tensor:
         """Rows of `behaviors` (any shape) in `self.behaviors`; KeyError for one the context does not hold."""
+        behaviors = behaviors.contiguous()  # e.g. a column slice of a re-ranking list (searchsorted copies otherwise)
         pos = torch.searchsorted(self.behaviors, behaviors)
         n = len(self.behaviors)
         if bool((pos >= n).any()) or not bool((self.behaviors[pos.clamp(max=n - 1)] == behaviors).all()):
