@@ -200,6 +200,8 @@ def cmd_load_bench(args) -> None:
             feature_repo=args.feature_repo,
             users=users,
             out_dir=args.out,
+            rerank_depth=args.rerank_depth,
+            compile=args.compile,
         )
     )
 
@@ -414,6 +416,12 @@ def _add_serving_commands(sub) -> None:
     p.add_argument("--feature-repo", help="Feast repository the top10_feast shape reads (the server gets it too)")
     p.add_argument("--users", help="comma-separated user ids in that store")
     p.add_argument("--torch-threads", type=int, default=1, help="the server's torch threads")
+    p.add_argument("--rerank-depth", type=int, help="the server's target-aware re-ranking depth (default: the export's)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the server's decoder (default: the export's decoder.compile)",
+    )
     p.add_argument("--out", help="also write load_bench.json and the server log here")
     p.set_defaults(func=cmd_load_bench)
 

@@ -105,6 +105,25 @@ def test_score_is_the_defined_cosine_with_the_target_in_front(trained):
         assert not torch.allclose(h0, h1)
 
 
+def test_columns_no_row_uses_are_left_out_without_changing_a_state(trained):
+    """One user's passes (a server's request) leave out the layout's columns that no row uses (empty
+    compressor slots, left padding) and, with no padding left, pass no mask: the states are those of the
+    full padded layout (`history_states=True` keeps every column)."""
+    split, model, _ = trained
+    net = model.net
+    cases = split.test.subset(np.arange(4))
+    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
+    cand = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        ctx = net.context(batch, extra_behaviors=cand)
+        for rows, target in ((torch.zeros(3, dtype=torch.long), cand), (torch.tensor([1]), None), (torch.arange(4), None)):
+            layout = torch.cat([ctx.prefix_mask[rows], ctx.history_mask[rows]], 1)
+            compact = net.user_states(ctx, rows, target=target)
+            full, _ = net.user_states(ctx, rows, target=target, history_states=True)
+            torch.testing.assert_close(compact, full, atol=1e-5, rtol=1e-5)
+        assert not layout.all() and not torch.cat([ctx.prefix_mask[:1], ctx.history_mask[:1]], 1).all()  # columns were left out
+
+
 def test_placements_end_and_none(cycle_data, one_thread_module):
     for placement in ("end", "none"):
         model = build(cycle_data, net={**TINY["net"], "target_placement": placement})

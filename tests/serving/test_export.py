@@ -201,3 +201,26 @@ def test_each_head_reads_the_input_it_was_fitted_on(offline):
         finally:
             del serving.heads["probe"]
         assert got == pytest.approx(float(head.predict_proba(torch.as_tensor(expected_input))[0]), abs=1e-6)
+
+
+def test_a_compiled_server_model_scores_as_the_eager_one(tiny_serving, offline):
+    """`--compile` (ScorerConfig.compile): the export's decoder compiled at load, warmed up on a one-case
+    request (no attention mask) and a two-case one (padded, masked); both kinds then score as eagerly."""
+    import torch
+
+    from gts_lum.serving.export import load_export
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compiled = load_export(tiny_serving.export, compile=True)
+        assert compiled.model.cfg.net.decoder.compile and not offline.serving.model.cfg.net.decoder.compile
+        users = np.arange(0, offline.log.num_users, max(offline.log.num_users // 3, 1))
+        two = offline.case(int(users[0])).concat(offline.case(int(users[1])))
+        for cases in [offline.case(int(u)) for u in users] + [two]:
+            for cand in (None, offline.serving.default_candidates[::4]):
+                # the top-k scores, best first (near-ties may swap places under the compiled kernels' rounding)
+                (_, got), (_, want) = (s.rank(offline.log, cases, cand) for s in (compiled, offline.serving))
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)

@@ -634,7 +634,9 @@ def test_load_bench_reports_percentiles_by_shape_and_concurrency(tiny_serving, o
         feature_repo=feature_repo,
         users=users,
         out_dir=tmp_path,
+        rerank_depth=3,  # the server's and the profile's (the export's is 5)
     )
+    assert out["rerank_depth"] == 3 and out["compile"] is None
     for shape in shapes:
         row = out["shapes"][shape]
         profile = row["profile"]

@@ -534,7 +534,13 @@ class GTSLUMNetwork(nn.Module):
             last = torch.where(ctx.history_mask[rows], hist_pos, torch.zeros_like(hist_pos)).amax(1, keepdim=True)
             pos.append(last + 1)
         position_ids = torch.cat(pos, 1)
-        hidden = self._decoder_for_pass()(inputs_embeds=x, attention_mask=mask.long(), position_ids=position_ids).last_hidden_state
+        if not history_states:  # columns no row uses (e.g. empty compressor slots) are left out: positions are explicit
+            keep = mask.any(0)
+            if not bool(keep.all()):
+                x, mask, position_ids = x[:, keep], mask[:, keep], position_ids[:, keep]
+        # no padding left (e.g. one user's re-ranking passes): no mask, so attention runs its causal kernel
+        attention_mask = None if bool(mask.all()) else mask.long()
+        hidden = self._decoder_for_pass()(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # the last real token of each row
         states = hidden[torch.arange(n, device=self.device), last].float()
         if history_states:

@@ -314,7 +314,7 @@ class ServingModel:
     Scoring holds a lock: the model re-targets its profile table to each log it scores, so two
     threads must not interleave inside it."""
 
-    def __init__(self, export_dir: str | Path, device: str = "cpu", rerank_depth: int | None = None):
+    def __init__(self, export_dir: str | Path, device: str = "cpu", rerank_depth: int | None = None, compile: bool | None = None):
         self.root = Path(export_dir)
         self.card = read_serving_card(self.root)
         self.model = load_model(self.root, device=device)
@@ -331,6 +331,8 @@ class ServingModel:
             if rerank_depth < 0:
                 raise ValueError(f"rerank_depth must be >= 0, got {rerank_depth}")
             self.model.cfg.rerank_depth = rerank_depth
+        if compile is not None:  # the export's `decoder.compile` otherwise
+            self.model.cfg.net.decoder.compile = compile
         self.heads = load_heads(self.root / HEADS_DIR)
         self._lock = threading.Lock()
         self._pseudonymous = profiles_by_pseudonym(self.root / "assets" / "users.npz")  # fails here on a missing or wrong key
@@ -340,11 +342,14 @@ class ServingModel:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """One request's work at load (a one-event history, two-stage over the targets), so that the first user
-        does not pay the lazy set-up: the decoder's compile when `decoder.compile` is on, first allocations."""
+        """A request's work at load (two-stage over the targets), so that the first user does not pay the lazy
+        set-up: the decoder's compile when `decoder.compile` is on, first allocations. Once as one case (a
+        request of one user: its passes have no padding, no attention mask) and once as two cases of
+        different lengths (padded, masked): the compiled decoder has a graph for each."""
         started = time.perf_counter()
-        log_, cases = history_log("", np.array([self.default_candidates[0]]), np.array([0]), self.catalog)
-        self.rank(log_, cases)
+        log_, case = history_log("", self.default_candidates[[0, 0]], np.array([0, 1]), self.catalog)
+        self.rank(log_, case)
+        self.rank(log_, EvalSet(np.zeros(2, np.int64), np.array([1, 2]), np.zeros(2, np.int32), np.array([0, 1])))
         log.info("warmed up in %.1f s (compile %s)", time.perf_counter() - started, "on" if self.model.cfg.net.decoder.compile else "off")
 
     def _profile_log(self, log_: EventLog) -> EventLog:
@@ -417,6 +422,6 @@ class ServingModel:
         return out
 
 
-def load_export(export_dir: str | Path, device: str = "cpu", rerank_depth: int | None = None) -> ServingModel:
-    """Load an export for scoring (`rerank_depth` overrides the model's re-ranking depth)."""
-    return ServingModel(export_dir, device, rerank_depth)
+def load_export(export_dir: str | Path, device: str = "cpu", rerank_depth: int | None = None, compile: bool | None = None) -> ServingModel:
+    """Load an export for scoring (`rerank_depth` and `compile` override the model's re-ranking depth and `decoder.compile`)."""
+    return ServingModel(export_dir, device, rerank_depth, compile)

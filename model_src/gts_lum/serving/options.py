@@ -28,6 +28,10 @@ class ScorerConfig:
     body_timeout: float = 30.0
     max_connections: int = 512
     rerank_depth: int | None = None  # None: the model's own
+    # torch.compile the decoder at load (None: the export's `decoder.compile`). A top-10 request with 10
+    # target-aware passes ran ~20% faster compiled (BENCHMARKS "Serving"); it needs a C++ compiler, which the
+    # serving image (images/Dockerfile.serving) does not carry, and ~15 s more start-up.
+    compile: bool | None = None
     device: str = "cpu"
     # torch intra-op threads of the one scoring thread. Default 1: a top-10 request (~1.5 GFLOP at decoder
     # width 128) gains little from a second thread, and one core per process is what an operator sizes
@@ -77,6 +81,11 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--body-timeout", type=float, help="seconds a client has to send a request's body after its headers")
     p.add_argument("--max-connections", type=int, help="open connections; past them a request gets a 503")
     p.add_argument("--rerank-depth", type=int, help="target-aware re-ranking depth (default: the model's)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the decoder at load (default: the export's decoder.compile; needs a C++ compiler)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads of the scoring thread (default 1: ScorerConfig.torch_threads)")
     p.add_argument(
@@ -95,6 +104,7 @@ CONFIG_FLAGS = (
     "body_timeout",
     "max_connections",
     "rerank_depth",
+    "compile",
     "torch_threads",
     "workers",
 )

@@ -294,7 +294,7 @@ class GTSLUMScorer(kserve.Model):
 
     def load(self) -> bool:
         started = time.perf_counter()
-        self.serving = ServingModel(self.export_dir, self.cfg.device, self.cfg.rerank_depth)
+        self.serving = ServingModel(self.export_dir, self.cfg.device, self.cfg.rerank_depth, self.cfg.compile)
         if self.feature_repo:
             self.features = FeatureClient(self.feature_repo)
             # one Feast thread, its FeatureStore opened and read once here: a request pays neither a store's

@@ -162,6 +162,8 @@ def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
         with record_function("gts_lum.serialise"):
             return json.dumps({"predictions": predictions})
 
+    # the hook is in place before the warm-up: adding it later would make a compiled decoder compile again
+    hook = net.decoder.register_forward_pre_hook(count, with_kwargs=True)
     try:
         for body in bodies[:warmup]:
             one(body)
@@ -172,14 +174,12 @@ def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
             one(body)
         wall_ms = (time.perf_counter() - t0) * 1000 / len(counted)
         pre_ms = np.array(preprocess_s) * 1000
-        hook = net.decoder.register_forward_pre_hook(count, with_kwargs=True)
-        try:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for body in counted:
-                    one(body)
-        finally:
-            hook.remove()
+        flops[0] = 0.0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for body in counted:
+                one(body)
     finally:
+        hook.remove()
         loop.close()
     totals = {
         e.key.removeprefix("gts_lum."): e.cpu_time_total / 1000 / len(counted) for e in prof.key_averages() if e.key.startswith("gts_lum.")
@@ -257,17 +257,17 @@ def _check(requests: int, concurrency: tuple[int, ...], seconds_limit: float, sh
         raise ValueError(f"shapes {unknown}: use {SHAPES}")
 
 
-def _profiles(export_dir, feature_repo, plan: dict[str, list[bytes]], max_candidates: int, torch_threads: int) -> tuple[dict, float]:
-    """`profile_request` of each shape in this process, and the machine's fp32 rate, on the server's thread count."""
+def _profiles(export_dir, feature_repo, plan: dict[str, list[bytes]], scorer_cfg) -> tuple[dict, float]:
+    """`profile_request` of each shape in this process, and the machine's fp32 rate, on the server's settings (a ScorerConfig)."""
     import torch
 
     # kserve (the scorer's): imported only when a load bench runs
-    from gts_lum.serving.scorer import GTSLUMScorer, ScorerConfig
+    from gts_lum.serving.scorer import GTSLUMScorer
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)
+    torch.set_num_threads(scorer_cfg.torch_threads)
     try:
-        scorer = GTSLUMScorer(export_dir, feature_repo, ScorerConfig(max_candidates=max_candidates))
+        scorer = GTSLUMScorer(export_dir, feature_repo, scorer_cfg)
         scorer.load()
         profiles = {s: profile_request(scorer, bodies[: min(len(bodies), 40)]) for s, bodies in plan.items()}
         return profiles, fp32_gflops()
@@ -316,24 +316,30 @@ def load_bench(
     users: list[str] | None = None,
     seed: int = 0,
     out_dir: str | Path | None = None,
+    rerank_depth: int | None = None,
+    compile: bool | None = None,
 ) -> dict:
     """Run the profile and the bench (see the module docstring); returns, per shape, the profile and per
     concurrency p50 / p90 / p99 latency (ms), requests/s and the status codes; for the candidates shape
     also candidates/s and the decoder's GFLOP/s as a share of this machine's fp32 rate. `out_dir`: also
     write load_bench.json and the server log there. The top10_feast shape needs `feature_repo` and `users`
-    (e.g. a store made by `publish_bench_store`)."""
-    from gts_lum.serving.scorer import launch_server  # kserve: imported only when a load bench runs
+    (e.g. a store made by `publish_bench_store`). `rerank_depth` and `compile`: the scorer's settings of the
+    same names (None: the export's), in the profile and on the server."""
+    from gts_lum.serving.scorer import ScorerConfig, launch_server  # kserve: imported only when a load bench runs
 
     _check(requests, concurrency, seconds_limit, shapes)
     card = read_serving_card(export_dir)
     catalog = card["catalog"]["behavior_ids"]
     plan = {s: _request_bodies(catalog, requests + warmup, s, candidates, history_events, seed, users) for s in shapes}
     max_candidates = max(candidates, 500)
-    profiles, machine = _profiles(export_dir, feature_repo, plan, max_candidates, torch_threads)
+    scorer_cfg = ScorerConfig(max_candidates=max_candidates, torch_threads=torch_threads, rerank_depth=rerank_depth, compile=compile)
+    profiles, machine = _profiles(export_dir, feature_repo, plan, scorer_cfg)
     out: dict = {
         "model": card["name"],
         "version": card["version"],
         "torch_threads": torch_threads,
+        "rerank_depth": card.get("rerank_depth") if rerank_depth is None else rerank_depth,
+        "compile": compile,
         "history_events": history_events,
         "feast_users": len(users) if users and "top10_feast" in shapes else 0,
         "machine_fp32_gflops": round(machine, 1),
@@ -345,6 +351,8 @@ def load_bench(
         workdir = Path(out_dir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         extra = ["--max-candidates", str(max_candidates)]
+        extra += [] if rerank_depth is None else ["--rerank-depth", str(rerank_depth)]
+        extra += [] if compile is None else ["--compile" if compile else "--no-compile"]
         server = launch_server(export_dir, workdir / "server.log", feature_repo, extra_args=extra, torch_threads=torch_threads)
         try:
             url = f"{server.url}/v1/models/{server.name}:predict"
