@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV, pseudonymize_all
-from tests.serving.conftest import TINY_GTS_LUM
+from tests.serving.conftest import TINY_GTS_LUM, Offline
 from tests.serving.test_scorer import predict_v1
 
 KEY = "export-test-key-0123456789abcdef-0123456789"
@@ -201,6 +201,41 @@ def test_each_head_reads_the_input_it_was_fitted_on(offline):
         finally:
             del serving.heads["probe"]
         assert got == pytest.approx(float(head.predict_proba(torch.as_tensor(expected_input))[0]), abs=1e-6)
+
+
+def test_a_head_on_the_profile_row_is_served_from_the_users_training_row(profiled, tiny_serving, monkeypatch):
+    """Inputs "profile" / "summary+profile": the user's row of the profile table (the table encoder's
+    embedding), found through the export's pseudonyms as in training; a user the table lacks gets its mean row."""
+    import torch
+
+    from gts_lum.modeling.heads import LabelHead, LabelTask
+    from gts_lum.recommenders.registry import load_model
+    from gts_lum.sequence.dataset import SequenceDataset
+    from gts_lum.serving.export import ServingHead, history_log, load_export
+
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, KEY)
+    serving, trained = load_export(profiled.export), load_model(profiled.model_dir)
+    log_ = SequenceDataset.load(tiny_serving.sequences).event_log
+    u = 3
+    case = Offline(serving, log_).case(u)
+    raw = trained.profile_vectors(log_, case)
+    row = int(np.flatnonzero(trained.assets.user_ids.astype(str) == str(log_.user_ids[u]))[0])
+    np.testing.assert_array_equal(raw[0], trained.assets.user_vectors[row])
+    stranger, stranger_case = history_log("nobody", log_.behavior[:5], log_.timestamp[:5], log_.behavior_ids)
+    np.testing.assert_allclose(trained.profile_vectors(stranger, stranger_case)[0], np.nanmean(trained.assets.user_vectors, 0), rtol=1e-6)
+
+    task = LabelTask("probe", "binary", 2, (0.0, 1.0))
+    summary = serving.model.history_summary(log_, case)
+    for inputs, expected_input in (("profile", raw), ("summary+profile", np.hstack([summary, raw]))):
+        head = LabelHead(expected_input.shape[1], task)
+        with torch.no_grad():
+            head.net.weight.normal_()
+        serving.heads["probe"] = ServingHead(task, head.eval(), None, inputs)
+        got = serving.head_outputs(log_, case, ["probe"])[0]["probe"]["probability"]
+        assert got == pytest.approx(float(head.predict_proba(torch.as_tensor(expected_input))[0]), abs=1e-6)
+        other = serving.head_outputs(stranger, stranger_case, ["probe"])[0]["probe"]["probability"]
+        assert other != pytest.approx(got, abs=1e-6)
+    del serving.heads["probe"]
 
 
 def test_a_compiled_server_model_scores_as_the_eager_one(tiny_serving, offline):

@@ -78,6 +78,9 @@ class HeadsConfig:
     # the decoder reads the last token_budget tokens only) and on both; each task keeps the input with the
     # lowest held-out loss (BENCHMARKS.md "Label tasks"). false: the state only
     history_summary: bool = True
+    # GTS-LUM: the user's profile row (the table encoder's embedding of the users table) as a head input too,
+    # alone and beside the summary (a model with a profile table only)
+    profile: bool = True
     train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
     task_token: TaskTokenConfig = field(default_factory=TaskTokenConfig)  # GTS-LUM only
 

@@ -295,6 +295,18 @@ class GTSLUM:
         total = torch.zeros(len(lengths), fused.shape[1], dtype=fused.dtype, device=fused.device).index_add_(0, case, fused[events])
         return (total / torch.as_tensor(np.maximum(lengths, 1), dtype=fused.dtype, device=fused.device)[:, None]).float().cpu().numpy()
 
+    def profile_vectors(self, log_: EventLog, cases) -> np.ndarray | None:
+        """(B, D_u) each case's user's row of the profile table (the table encoder's user embedding), matched
+        by user id; a user the table lacks (or holds no profile for) gets the table's mean row, the average
+        user. None: the model has no profile table."""
+        vectors = self._assets.user_vectors
+        if vectors is None:
+            return None
+        users = log_.user_ids[np.asarray(cases.users)].astype(str)
+        rows = pd.Index(self._assets.user_ids.astype(str)).get_indexer(users)
+        out = np.where((rows >= 0)[:, None], vectors[np.maximum(rows, 0)], np.nan).astype(np.float32)
+        return np.where(np.isnan(out), np.nanmean(vectors, 0), out).astype(np.float32)
+
     @torch.no_grad()
     def user_embeddings(
         self, log_: EventLog, cases, task: int | None = None, catalog: CatalogCache | None = None, history_summary: bool = False

@@ -57,13 +57,33 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a KServe rout
 # -- label heads ----------------------------------------------------------------------------------
 
 
-# What a GTS-LUM head reads: the decoder's state, the history summary (`GTSLUM.history_summary`), or both.
-HEAD_INPUTS = ("state", "summary", "state+summary")
+# What a GTS-LUM head reads: parts joined by "+", each a (B, D) array of the user: the decoder's state (with
+# the task's token), the history summary (`GTSLUM.history_summary`) and the profile row (`GTSLUM.profile_vectors`:
+# the table encoder's embedding of the user's attributes, which the label stage's validation may prefer for
+# labels a table column drives; BENCHMARKS.md "Label tasks").
+HEAD_INPUTS = ("state", "summary", "state+summary", "profile", "summary+profile")
 
 
-def head_inputs(both: np.ndarray, hidden: int) -> dict[str, np.ndarray]:
-    """{input name: embeddings} from `user_embeddings(..., history_summary=True)` (B, 2 * hidden)."""
-    return {"state": both[:, :hidden], "summary": both[:, hidden:], "state+summary": both}
+def head_input_parts(
+    model, log_: EventLog, cases: EvalSet, parts: list[str], task_token: int | None, catalog=None
+) -> dict[str, np.ndarray]:
+    """{part: (B, D)} of the named parts ("state", "summary", "profile") for `cases` of `log_`; "profile" is
+    left out when the model has no profile table."""
+    out = {}
+    if "state" in parts:
+        out["state"] = model.user_embeddings(log_, cases, task_token, catalog)
+    if "summary" in parts:
+        out["summary"] = model.history_summary(log_, cases, catalog)
+    profile = model.profile_vectors(log_, cases) if "profile" in parts else None
+    if profile is not None:
+        out["profile"] = profile
+    return out
+
+
+def head_inputs(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{input name: (B, D)}: every HEAD_INPUTS entry whose parts are all in `parts`."""
+    names = [n for n in HEAD_INPUTS if all(p in parts for p in n.split("+"))]
+    return {n: np.concatenate([parts[p] for p in n.split("+")], 1) for n in names}
 
 
 def save_head(
@@ -204,9 +224,13 @@ def _check_loaded(model, behavior_ids: np.ndarray, heads: dict[str, ServingHead]
     catalog = model.assets.features.descriptions
     if len(catalog) != len(behavior_ids):
         raise ValueError(f"the model's catalog has {len(catalog)} behaviours, the training log {len(behavior_ids)}: wrong sequences_dir?")
-    hidden = model.net.hidden_size
+    vectors = model.assets.user_vectors
+    # the summary is a mean of b^F, as wide as the state; a profile row is the table encoder's width
+    widths = {"state": model.net.hidden_size, "summary": model.net.hidden_size, "profile": None if vectors is None else vectors.shape[1]}
     for head_name, head in heads.items():
-        width = 2 * hidden if head.inputs == "state+summary" else hidden  # the summary is a mean of b^F, as wide as the state
+        if "profile" in head.inputs.split("+") and vectors is None:
+            raise ValueError(f"head {head_name!r} reads the user's profile row and the model has no profile table")
+        width = sum(widths[p] for p in head.inputs.split("+"))
         if head.head.input_mean.shape[0] != width:
             raise ValueError(f"head {head_name!r} reads {head.head.input_mean.shape[0]}-dim embeddings, the model gives {width}")
         if head.task_token is not None and not 0 <= head.task_token < len(model.cfg.net.tasks):
@@ -401,14 +425,10 @@ class ServingModel:
         out: list[dict] = [{} for _ in range(len(cases))]
         for name in names:
             spec = self.heads[name]
-            with self._lock:
-                profiled = self._profile_log(log_)
-                if spec.inputs == "summary":  # no decoder pass: the head reads the history's mean b^F only
-                    emb = self.model.history_summary(profiled, cases, self.catalog_cache)
-                else:
-                    both = spec.inputs == "state+summary"
-                    emb = self.model.user_embeddings(profiled, cases, spec.task_token, self.catalog_cache, history_summary=both)
-                emb = torch.as_tensor(emb).float()
+            parts = spec.inputs.split("+")
+            with self._lock:  # a decoder pass only for heads that read the state
+                got = head_input_parts(self.model, self._profile_log(log_), cases, parts, spec.task_token, self.catalog_cache)
+            emb = torch.as_tensor(np.concatenate([got[p] for p in parts], 1)).float()
             if isinstance(spec.head, UpliftHead):
                 p = spec.head.predict_proba(emb).numpy()
                 values = [{"uplift": float(r[1] - r[0]), "p_control": float(r[0]), "p_treated": float(r[1])} for r in p]

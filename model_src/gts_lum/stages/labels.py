@@ -20,7 +20,7 @@ from gts_lum.sequence.dataset import SequenceDataset
 from gts_lum.sequence.splits import EvalSet
 
 # upward (layer 8): the heads' export format lives in serving/export.py, edited in parallel; moves down in a follow-up
-from gts_lum.serving.export import HEADS_CARD, head_inputs, save_head
+from gts_lum.serving.export import HEADS_CARD, head_input_parts, head_inputs, save_head
 from gts_lum.training.checkpoint import read_card, save_model
 from gts_lum.training.label_tasks import evaluate_label_tasks
 from gts_lum.training.task_tokens import tune_task_token, user_cases
@@ -70,15 +70,14 @@ def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir:
         head = build_head(task, width, cfg)
         return tune_task_token(model, log_, cases(ids, task), y, t, model.task_index(task.name), head, cfg.task_token, summary)
 
+    parts = ["state"] + ["summary"] * cfg.history_summary + ["profile"] * cfg.profile
+
     def embed(ids, task) -> np.ndarray | dict[str, np.ndarray]:
-        if not cfg.history_summary:
-            return model.user_embeddings(log_, cases(ids, task), model.task_index(task.name), catalog)
-        both = model.user_embeddings(log_, cases(ids, task), model.task_index(task.name), catalog, history_summary=True)
-        return head_inputs(both, model.net.hidden_size)  # each task keeps the input with the lowest held-out loss
+        # each task keeps the input with the lowest held-out loss
+        return head_inputs(head_input_parts(model, log_, cases(ids, task), parts, model.task_index(task.name), catalog))
 
     def keep(task, head, scores) -> None:
-        inputs = scores["input"] if cfg.history_summary else "state"
-        save_head(out / "heads", task, head, task_token=model.task_index(task.name), inputs=inputs)
+        save_head(out / "heads", task, head, task_token=model.task_index(task.name), inputs=scores["input"])
         if task.kind == "uplift":
             curves = {"GTS-LUM (task token + head)": scores["head"]}
             if "table_gbt" in scores:
