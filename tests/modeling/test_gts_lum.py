@@ -81,14 +81,19 @@ def test_learns_the_cycle_and_scores(trained):
     assert metrics["R@3"] >= 0.8  # 9 behaviours: chance is 1/3
 
 
-def test_score_is_the_defined_cosine_with_the_target_in_front(trained):
+def _test_context(trained, n: int):
+    """(net, ctx, candidates 0-2): the decoder context of the first n test cases."""
     split, model, _ = trained
-    net = model.net
-    cases = split.test.subset(np.arange(3))
+    cases = split.test.subset(np.arange(n))
     batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
     cand = torch.tensor([0, 1, 2])
     with torch.no_grad():
-        ctx = net.context(batch, extra_behaviors=cand)
+        return model.net, model.net.context(batch, extra_behaviors=cand), cand
+
+
+def test_score_is_the_defined_cosine_with_the_target_in_front(trained):
+    net, ctx, cand = _test_context(trained, 3)
+    with torch.no_grad():
         aware = net.aware_scores(ctx, cand.repeat(3, 1))
         # by hand: decoder over [c, profile, compressed, history], last hidden state, cosine with P b^F_c
         for i in range(3):
@@ -109,13 +114,8 @@ def test_columns_no_row_uses_are_left_out_without_changing_a_state(trained):
     """One user's passes (a server's request) leave out the layout's columns that no row uses (empty
     compressor slots, left padding) and, with no padding left, pass no mask: the states are those of the
     full padded layout (`history_states=True` keeps every column)."""
-    split, model, _ = trained
-    net = model.net
-    cases = split.test.subset(np.arange(4))
-    batch = model.batch(model.sequences(split.log, cases), split.log, cases.history_end)
-    cand = torch.tensor([0, 1, 2])
+    net, ctx, cand = _test_context(trained, 4)
     with torch.no_grad():
-        ctx = net.context(batch, extra_behaviors=cand)
         for rows, target in ((torch.zeros(3, dtype=torch.long), cand), (torch.tensor([1]), None), (torch.arange(4), None)):
             layout = torch.cat([ctx.prefix_mask[rows], ctx.history_mask[rows]], 1)
             compact = net.user_states(ctx, rows, target=target)

@@ -77,6 +77,9 @@ class GTSLUMAssets:
     adapter_card: dict | None = None  # the adapter's config (`qformer.adapter_card`): set when the network is built
     # not saved: the log whose user order the network's profile rows follow now (`GTSLUM._align_profiles`)
     profiles_for: EventLog | None = field(default=None, repr=False)
+    # not saved: the profile table's user-id index and mean row (`GTSLUM.profile_vectors`), built on first use
+    # and not per request
+    profile_lookup: tuple[pd.Index, np.ndarray] | None = field(default=None, repr=False)
 
 
 class GTSLUM:
@@ -299,13 +302,15 @@ class GTSLUM:
         """(B, D_u) each case's user's row of the profile table (the table encoder's user embedding), matched
         by user id; a user the table lacks (or holds no profile for) gets the table's mean row, the average
         user. None: the model has no profile table."""
-        vectors = self._assets.user_vectors
-        if vectors is None:
+        assets = self._assets
+        if assets.user_vectors is None:
             return None
-        users = log_.user_ids[np.asarray(cases.users)].astype(str)
-        rows = pd.Index(self._assets.user_ids.astype(str)).get_indexer(users)
-        out = np.where((rows >= 0)[:, None], vectors[np.maximum(rows, 0)], np.nan).astype(np.float32)
-        return np.where(np.isnan(out), np.nanmean(vectors, 0), out).astype(np.float32)
+        if assets.profile_lookup is None:
+            assets.profile_lookup = (pd.Index(assets.user_ids.astype(str)), np.nanmean(assets.user_vectors, 0).astype(np.float32))
+        index, mean = assets.profile_lookup
+        rows = index.get_indexer(log_.user_ids[np.asarray(cases.users)].astype(str))
+        out = np.where((rows >= 0)[:, None], assets.user_vectors[np.maximum(rows, 0)], np.nan).astype(np.float32)
+        return np.where(np.isnan(out), mean, out)
 
     @torch.no_grad()
     def user_embeddings(

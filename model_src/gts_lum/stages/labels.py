@@ -70,7 +70,7 @@ def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir:
         head = build_head(task, width, cfg)
         return tune_task_token(model, log_, cases(ids, task), y, t, model.task_index(task.name), head, cfg.task_token, summary)
 
-    parts = ["state"] + ["summary"] * cfg.history_summary + ["profile"] * cfg.profile
+    parts = [p for p, on in (("state", True), ("summary", cfg.history_summary), ("profile", cfg.profile)) if on]
 
     def embed(ids, task) -> np.ndarray | dict[str, np.ndarray]:
         # each task keeps the input with the lowest held-out loss
