@@ -653,6 +653,8 @@ def test_the_inferenceservice_serves_the_export_with_a_documented_canary(rendere
     args = parser.parse_args(c["args"])
     assert args.export == "/mnt/models" and args.host == "0.0.0.0"
     cfg = scorer_config(args)
+    if cfg.compile:  # torch.compile on CPU builds C++ kernels at load
+        assert "g++" in (REPO / "images" / "Dockerfile.serving").read_text(), "--compile needs a C++ compiler in the serving image"
     cpu = float(c["resources"]["requests"]["cpu"])
     assert cpu == cfg.workers * cfg.torch_threads, "request the cores of the scorer's processes x threads"
     assert {"containerPort": args.http_port, "protocol": "TCP"} in c["ports"]

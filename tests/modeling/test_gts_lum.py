@@ -155,9 +155,7 @@ def test_compiled_decoder_scores_as_the_eager_one(trained):
     try:
         model.score(split.log, split.test.subset(np.arange(5)), cands)  # another batch shape first
         compiled = model.score(split.log, split.test, cands)
-        with torch.no_grad():
-            assert net._compiled_decoder is not None and net._decoder_for_pass() is net._compiled_decoder
-        assert net._decoder_for_pass() is net.decoder  # gradients on: eager
+        assert net._compiled_last_states is not None
     finally:
         net.cfg.decoder.compile = False
     np.testing.assert_allclose(compiled, eager, atol=1e-4)
@@ -505,6 +503,32 @@ def test_block_dropout_hooks_every_attention_and_mlp():
     assert add_block_dropout(decoder, 0.1) == 6  # attention and MLP of each of the 3 blocks
     with pytest.raises(ValueError, match="dropout"):
         DecoderConfig(dropout=1.0)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_last_hidden_states_equal_the_whole_decoders(kv_heads):
+    """The last layer run for each row's last token only (keys and values from every position) gives the
+    whole decoder's state there: padding inside and at either end, positions that skip (as events
+    sharing a time and left-out columns give), grouped-query attention, and no mask at all."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from gts_lum.modeling.decoder import last_hidden_states
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=kv_heads, intermediate_size=48
+    )
+    decoder = LlamaModel(config).eval()
+    x = torch.randn(4, 12, 32)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[1, 9:], mask[2, :3], mask[3, 5:7] = 0, 0, 0
+    positions = (2 * mask.cumsum(1) - 1).clamp_min(0)  # steps of 2
+    rows = torch.arange(4)
+    with torch.no_grad():
+        for m in (mask, None):
+            last = torch.full((4,), 11) if m is None else 11 - m.flip(1).argmax(1)
+            whole = decoder(inputs_embeds=x, attention_mask=m, position_ids=positions).last_hidden_state[rows, last]
+            torch.testing.assert_close(last_hidden_states(decoder, x, m, positions, last), whole, atol=1e-5, rtol=1e-5)
 
 
 def test_target_gate_at_zero_lets_no_candidate_in(cycle_data, one_thread_module):

@@ -18,6 +18,10 @@ def test_scoring_benchmark_counts_flops():
 
     # one layer, one token: 2 x (4 H^2 + 3 H I) + 4 T H multiply-add FLOPs
     assert decoder_flops(8, 16, 1, 1) == 2 * (4 * 64 + 3 * 128) + 4 * 8
+    # the last layer at the last token only: keys and values (2 x 2 H^2 a token) over all T, the rest once
+    full_layer = decoder_flops(8, 16, 1, 10)
+    assert decoder_flops(8, 16, 2, 10, last_only=True) == full_layer + 10 * 4 * 64 + (full_layer / 10 - 4 * 64)
+    assert decoder_flops(8, 16, 2, 1, last_only=True) == decoder_flops(8, 16, 2, 1)
     for compile in (False, True):
         out = bench_target_aware_scoring(hidden=32, layers=1, tokens=16, sequences=32, chunk=16, compile=compile)
         assert out["candidates"] == 32 and out["candidates_per_s"] > 0 and out["gflop_per_s"] > 0 and out["compiled"] is compile

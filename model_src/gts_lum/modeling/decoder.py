@@ -13,6 +13,7 @@ no words and no language, so it is trained with the rest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,8 +168,9 @@ def build_decoder(cfg: DecoderConfig) -> tuple[nn.Module, DecoderInfo]:
     return model, info
 
 
-def compiled_for_inference(decoder: nn.Module) -> nn.Module:
-    """`torch.compile(decoder)` sharing its parameters (reads them live: training may go on between uses)."""
+def compiled_for_inference(decoder):
+    """`torch.compile(decoder)` (a module or a function of one) sharing its parameters (reads them live:
+    training may go on between uses)."""
     import shutil
 
     if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
@@ -176,6 +178,76 @@ def compiled_for_inference(decoder: nn.Module) -> nn.Module:
             "DecoderConfig.compile: torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or set compile: false"
         )
     return torch.compile(decoder, dynamic=True)
+
+
+def runs_last_layer_at_last_token(decoder: nn.Module) -> bool:
+    """Whether `last_hidden_states` runs this decoder's last layer for the last token only: a plain Llama
+    model (a subclass or another family may change a layer's parts) in eval mode."""
+    from transformers import LlamaModel
+
+    return not decoder.training and type(decoder) is LlamaModel
+
+
+def last_hidden_states(
+    decoder: nn.Module,
+    inputs_embeds: torch.Tensor,  # (N, T, H)
+    attention_mask: torch.Tensor | None,  # (N, T) 1 = real token; None: none padded
+    position_ids: torch.Tensor,  # (N, T)
+    last: torch.Tensor,  # (N,) column of each row's last real token
+) -> torch.Tensor:
+    """The decoder's final hidden state at each row's last real token, (N, H).
+
+    A Llama model (the from-config default, TinyLlama) runs its last layer for that one query: keys and
+    values still come from every position, but the query, attention output, MLP and final norm of the
+    other T - 1 positions are never read, and in a scoring pass (one pass per target, the target in
+    front) they were about half of the decoder's work. Any other decoder (or one wrapped by peft) runs
+    whole, and so does any decoder in training mode (its dropouts act inside the layers' parts). Exact
+    either way (same weights, same causal and padding masks)."""
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rows = torch.arange(len(last), device=last.device)
+    if not runs_last_layer_at_last_token(decoder):
+        hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return hidden[rows, last]
+    *lower, top = decoder.layers[: decoder.config.num_hidden_layers]
+    # as the whole model builds it (with its default empty cache): an empty cache also keeps transformers
+    # from reading positions that skip (explicit positions, events sharing a time) as packed sequences
+    causal = create_causal_mask(
+        config=decoder.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        past_key_values=DynamicCache(config=decoder.config),
+        position_ids=position_ids,
+    )
+    cos, sin = decoder.rotary_emb(inputs_embeds, position_ids=position_ids)  # (N, T, head_dim) each
+    hidden = inputs_embeds
+    for layer in lower:
+        hidden = layer(hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=position_ids)
+    attn = top.self_attn
+    n, t, _ = hidden.shape
+    normed = top.input_layernorm(hidden)
+    query = attn.q_proj(normed[rows, last][:, None]).view(n, 1, -1, attn.head_dim).transpose(1, 2)  # (N, heads, 1, d)
+    key = attn.k_proj(normed).view(n, t, -1, attn.head_dim).transpose(1, 2)  # (N, kv heads, T, d)
+    value = attn.v_proj(normed).view(n, t, -1, attn.head_dim).transpose(1, 2)
+    query = apply_rotary_pos_emb(query, query, cos[rows, last][:, None], sin[rows, last][:, None])[0]
+    key = apply_rotary_pos_emb(key, key, cos, sin)[0]
+    # the last token sees every real token up to itself
+    visible = torch.arange(t, device=last.device)[None] <= last[:, None]
+    if attention_mask is not None:
+        visible = visible & attention_mask.bool()
+    out = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=visible[:, None, None], scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1
+    )  # (N, heads, 1, d)
+    state = hidden[rows, last] + attn.o_proj(out.transpose(1, 2).reshape(n, -1))
+    state = state + top.mlp(top.post_attention_layernorm(state))
+    return decoder.norm(state)
+
+
+def compiled_last_hidden_states(decoder: nn.Module):
+    """`last_hidden_states` for this decoder, compiled (see `compiled_for_inference`)."""
+    return compiled_for_inference(functools.partial(last_hidden_states, decoder))
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from gts_lum.data.events import EventLog, ragged_arange
-from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference, word_embedder
+from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_last_hidden_states, last_hidden_states, word_embedder
 from gts_lum.modeling.qformer import BehaviorAdapter
 from gts_lum.sequence.tokens import TokenKind, TokenSequences
 from gts_lum.tokenizer.semantic_ids import SEMANTIC_ID_TABLES, semantic_id_table_rows
@@ -318,7 +318,7 @@ class GTSLUMNetwork(nn.Module):
         self.input_dropout = nn.Dropout(cfg.input_dropout)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         self._unprojected: torch.Tensor | None = None  # catalog cache of a frozen adapter
-        self._compiled_decoder: nn.Module | None = None
+        self._compiled_last_states = None
         if not cfg.adapter_trainable:
             for p in adapter.parameters():
                 p.requires_grad_(False)
@@ -354,14 +354,15 @@ class GTSLUMNetwork(nn.Module):
             self._unprojected = unprojected - unprojected.mean(0) if self.cfg.center_frozen_features else unprojected
         return self.adapter.project(self._unprojected[behaviors])
 
-    def _decoder_for_pass(self) -> nn.Module:
-        """The decoder, compiled for passes without gradients when `decoder.compile` is set."""
+    def _last_states(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """(N, H) the decoder's final state at each row's `last` column (`last_hidden_states`), compiled for
+        passes without gradients when `decoder.compile` is set."""
         if not self.cfg.decoder.compile or torch.is_grad_enabled():
-            return self.decoder
-        if self._compiled_decoder is None:
+            return last_hidden_states(self.decoder, x, mask, position_ids, last)
+        if self._compiled_last_states is None:
             # a plain attribute, not a submodule: the state dict keeps one copy of the weights
-            object.__setattr__(self, "_compiled_decoder", compiled_for_inference(self.decoder))
-        return self._compiled_decoder
+            object.__setattr__(self, "_compiled_last_states", compiled_last_hidden_states(self.decoder))
+        return self._compiled_last_states(x, mask, position_ids, last)
 
     # -- pieces ------------------------------------------------------------------------------------
     @property
@@ -540,12 +541,12 @@ class GTSLUMNetwork(nn.Module):
                 x, mask, position_ids = x[:, keep], mask[:, keep], position_ids[:, keep]
         # no padding left (e.g. one user's re-ranking passes): no mask, so attention runs its causal kernel
         attention_mask = None if bool(mask.all()) else mask.long()
-        hidden = self._decoder_for_pass()(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # the last real token of each row
+        if not history_states:
+            return self._last_states(x, attention_mask, position_ids, last).float()
+        hidden = self.decoder(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         states = hidden[torch.arange(n, device=self.device), last].float()
-        if history_states:
-            return states, hidden[:, hidden.shape[1] - ctx.history.shape[1] - len(end) :][:, : ctx.history.shape[1]].float()
-        return states
+        return states, hidden[:, hidden.shape[1] - ctx.history.shape[1] - len(end) :][:, : ctx.history.shape[1]].float()
 
     # -- scores --------------------------------------------------------------------------------------
     def agnostic_scores(self, ctx: DecoderContext, items: torch.Tensor) -> torch.Tensor:

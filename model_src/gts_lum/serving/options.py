@@ -29,8 +29,8 @@ class ScorerConfig:
     max_connections: int = 512
     rerank_depth: int | None = None  # None: the model's own
     # torch.compile the decoder at load (None: the export's `decoder.compile`). A top-10 request with 10
-    # target-aware passes: p50 38 ms compiled against 48-54 eager (BENCHMARKS "A re-ranking model"); it needs a C++ compiler, which the
-    # serving image (images/Dockerfile.serving) does not carry, and ~15 s more start-up.
+    # target-aware passes: p99 30-41 ms compiled against 45-52 eager (BENCHMARKS "A re-ranking model"); it needs
+    # a C++ compiler (the serving image carries g++; the InferenceService passes --compile) and ~15 s more start-up.
     compile: bool | None = None
     device: str = "cpu"
     # torch intra-op threads of the one scoring thread. Default 1: a top-10 request (~1.5 GFLOP at decoder

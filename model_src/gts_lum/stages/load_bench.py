@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from gts_lum.data.validate import load_event_log
+from gts_lum.modeling.decoder import runs_last_layer_at_last_token
 from gts_lum.serving.export import read_serving_card
 from gts_lum.stages.speed import decoder_flops
 
@@ -145,9 +146,10 @@ def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
     dec = net.decoder.config
     flops = [0.0]
 
-    def count(_module, _args, kwargs):  # padded tokens included: what the decoder computes
-        n, t = kwargs["inputs_embeds"].shape[:2]
-        flops[0] += n * decoder_flops(dec.hidden_size, dec.intermediate_size, dec.num_hidden_layers, t)
+    def count(_module, args):  # padded tokens included: what the decoder computes
+        n, t = args[0].shape[:2]
+        last_only = runs_last_layer_at_last_token(net.decoder)
+        flops[0] += n * decoder_flops(dec.hidden_size, dec.intermediate_size, dec.num_hidden_layers, t, last_only)
 
     loop = asyncio.new_event_loop()
     preprocess_s: list[float] = []  # validation + the Feast read on the scorer's own thread, outside the profiler's view
@@ -162,8 +164,6 @@ def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
         with record_function("gts_lum.serialise"):
             return json.dumps({"predictions": predictions})
 
-    # the hook is in place before the warm-up: adding it later would make a compiled decoder compile again
-    hook = net.decoder.register_forward_pre_hook(count, with_kwargs=True)
     try:
         for body in bodies[:warmup]:
             one(body)
@@ -174,12 +174,20 @@ def profile_request(scorer, bodies: list[bytes], warmup: int = 3) -> dict:
             one(body)
         wall_ms = (time.perf_counter() - t0) * 1000 / len(counted)
         pre_ms = np.array(preprocess_s) * 1000
-        flops[0] = 0.0
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for body in counted:
                 one(body)
+        # the FLOPs, counted in an eager rerun: a hook inside a compiled graph runs when it is traced, not per pass.
+        # Every pass, whole or last-token, normalises its (N, T, H) input to the first layer here
+        hook = net.decoder.layers[0].input_layernorm.register_forward_pre_hook(count)
+        compiled, net.cfg.decoder.compile = net.cfg.decoder.compile, False
+        try:
+            for body in counted:
+                one(body)
+        finally:
+            net.cfg.decoder.compile = compiled
+            hook.remove()
     finally:
-        hook.remove()
         loop.close()
     totals = {
         e.key.removeprefix("gts_lum."): e.cpu_time_total / 1000 / len(counted) for e in prof.key_averages() if e.key.startswith("gts_lum.")

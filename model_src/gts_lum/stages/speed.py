@@ -8,6 +8,7 @@ into BENCHMARKS.md. The issue's targets: >= 1M events/s for the simulator at 10k
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -23,7 +24,13 @@ from gts_lum.data.validate import load_event_log, validate_dataset
 from gts_lum.device import device_info, select_device
 from gts_lum.encoders.node2vec import bench_graph_encoder
 from gts_lum.evaluation.protocol import EvalConfig
-from gts_lum.modeling.decoder import DecoderConfig, build_decoder, compiled_for_inference
+from gts_lum.modeling.decoder import (
+    DecoderConfig,
+    build_decoder,
+    compiled_last_hidden_states,
+    last_hidden_states,
+    runs_last_layer_at_last_token,
+)
 from gts_lum.recommenders.registry import attach_dataset, build_model
 from gts_lum.sequence.dataset import SequenceDataset, build_sequence_dataset
 from gts_lum.sequence.timestamp_process import SequenceConfig, build_sequences
@@ -189,11 +196,16 @@ def bench_training_throughput(
     return out
 
 
-def decoder_flops(hidden: int, intermediate: int, layers: int, tokens: int) -> float:
+def decoder_flops(hidden: int, intermediate: int, layers: int, tokens: int, last_only: bool = False) -> float:
     """Forward FLOPs of one sequence through a Llama decoder (multiply-adds x 2; norms, RoPE and
-    softmax left out: they are the memory-bound part this figure does not count)."""
+    softmax left out: they are the memory-bound part this figure does not count). `last_only`: the last
+    layer computed for the last token (`modeling.decoder.last_hidden_states`): keys and values at
+    every position, the rest at one."""
     per_token = 2 * (4 * hidden * hidden + 3 * hidden * intermediate) + 2 * 2 * tokens * hidden  # projections, MLP, QK^T + AV
-    return float(layers * tokens * per_token)
+    if not last_only:
+        return float(layers * tokens * per_token)
+    keys_values = 2 * 2 * hidden * hidden
+    return float((layers - 1) * tokens * per_token + tokens * keys_values + per_token - keys_values)
 
 
 def bench_target_aware_scoring(
@@ -225,24 +237,26 @@ def bench_target_aware_scoring(
     mask = torch.ones(chunk, tokens, dtype=torch.long, device=dev)
     mask[:, : tokens // 16] = 0  # left padding, as in a real batch (sequences of different lengths)
     positions = (mask.cumsum(1) - 1).clamp_min(0)
-    run = compiled_for_inference(decoder) if compile else decoder
+    last = torch.full((chunk,), tokens - 1, device=dev)
+    # the scoring path: the user state at the last token (`last_hidden_states`), as `GTSLUMNetwork` scores
+    run = compiled_last_hidden_states(decoder) if compile else functools.partial(last_hidden_states, decoder)
     with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
         t0 = time.perf_counter()
         # warm-up; compiled: a first shape, then the dynamic-shape recompile (not counted, as in a
         # long-running scorer)
-        run(inputs_embeds=x[:8], attention_mask=mask[:8], position_ids=positions[:8])
+        run(x[:8], mask[:8], positions[:8], last[:8])
         for _ in range(2):
-            run(inputs_embeds=x, attention_mask=mask, position_ids=positions)
+            run(x, mask, positions, last)
         warmup_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         done = 0
         while done < sequences:
-            run(inputs_embeds=x, attention_mask=mask, position_ids=positions)
+            run(x, mask, positions, last)
             done += chunk
         if dev.type == "cuda":
             torch.cuda.synchronize()  # kernels run asynchronously: the clock stops when they are done
         seconds = time.perf_counter() - t0
-    flops = decoder_flops(hidden, cfg.intermediate_size, layers, tokens) * done
+    flops = decoder_flops(hidden, cfg.intermediate_size, layers, tokens, last_only=runs_last_layer_at_last_token(decoder)) * done
     out = {
         "hidden": hidden,
         "layers": layers,
