@@ -38,6 +38,9 @@ bench: $(BIN)/gts-lum
 	OMP_NUM_THREADS=1 $(BIN)/gts-lum bench --config gts_lum_movielens --models "HSTU,GTS-LUM,GTS-LUM (validated)" \
 	    --set "seeds=[0,1,2]" --out runs/bench/ml3
 	OMP_NUM_THREADS=1 $(BIN)/gts-lum bench --config gts_lum_movielens_validated --out runs/bench/gts_lum_movielens_validated
+	OMP_NUM_THREADS=1 $(BIN)/gts-lum bench --config gts_lum_synth_validated --out runs/bench/gts_lum_synth_validated
+	OMP_NUM_THREADS=1 $(BIN)/gts-lum bench --config gts_lum_synth --models "HSTU,GTS-LUM (validated)" \
+	    --set "seeds=[0,1,2]" --out runs/bench/synth3
 	$(BIN)/gts-lum bench --config gts_lum_synth --out runs/bench/gts_lum_synth
 	$(BIN)/gts-lum bench --config gts_lum_synth --set reference=Markov --set "seeds=[0,1,2]" --set phase1=null \
 	    --set model_overrides.gts_lum.train.patience=4 \
