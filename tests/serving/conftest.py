@@ -57,7 +57,7 @@ def tiny_serving(tmp_path_factory) -> TinyServing:
     from gts_lum.recommenders.registry import load_model
     from gts_lum.sequence.dataset import SequenceDataset, SplitConfig, build_sequence_dataset
     from gts_lum.sequence.splits import EvalSet
-    from gts_lum.serving.export import export_model, save_head
+    from gts_lum.serving.export import export_model, head_input_parts, head_inputs, save_head
     from gts_lum.stages.train import train_model
     from gts_lum.training.heads import fit_head
 
@@ -75,7 +75,7 @@ def tiny_serving(tmp_path_factory) -> TinyServing:
         users = np.arange(log_.num_users)
         ends = log_.offsets[1:].astype(np.int64)
         cases = EvalSet(users, ends, np.zeros(len(users), np.int32), log_.timestamp[ends - 1])
-        emb = torch.as_tensor(model.user_embeddings(log_, cases, history_summary=True))
+        emb = torch.as_tensor(head_inputs(head_input_parts(model, log_, cases, ["state", "summary"], None))["state+summary"])
         labels = read_table(clean, "labels")
         (churn,) = [t for t in discover_tasks(labels) if t.name == "churn"]
         index, y, _ = label_arrays(labels, log_.user_ids, churn)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV, pseudonymize_all
+from gts_lum.serving.export import head_input_parts, head_inputs
 from tests.serving.conftest import TINY_GTS_LUM, Offline
 from tests.serving.test_scorer import predict_v1
 
@@ -172,7 +173,7 @@ def test_the_history_summary_is_the_mean_fused_embedding_of_the_whole_history(of
     events = offline.log.behavior[offline.log.offsets[3] : case.history_end[0]]
     assert len(events) > 0
     np.testing.assert_allclose(model.history_summary(offline.log, case)[0], fused[events].mean(0), rtol=1e-5, atol=1e-6)
-    both = model.user_embeddings(offline.log, case, history_summary=True)
+    both = head_inputs(head_input_parts(model, offline.log, case, ["state", "summary"], None))["state+summary"]
     np.testing.assert_allclose(both[:, : model.net.hidden_size], model.user_embeddings(offline.log, case), rtol=1e-5, atol=1e-6)
     assert both.shape == (1, 2 * model.net.hidden_size)
     assert offline.serving.heads["churn"].inputs == "state+summary"  # the fixture's head reads both, through the export

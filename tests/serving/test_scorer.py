@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from gts_lum.data.events import EventLog
 from gts_lum.data.pseudonym import PSEUDONYM_KEY_ENV
-from gts_lum.serving.export import ASSET_SUFFIXES, export_model, history_log
+from gts_lum.serving.export import ASSET_SUFFIXES, export_model, head_input_parts, head_inputs, history_log
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,7 +171,8 @@ def test_label_heads_on_request(scorer_server, offline):
     response = predict_v1(scorer_server, [{"events": offline.events(u), "heads": ["churn"], "top_k": 1}])
     assert response.status_code == 200, response.text
     churn = response.json()["predictions"][0]["heads"]["churn"]
-    emb = torch.as_tensor(offline.serving.model.user_embeddings(offline.log, offline.case(u), history_summary=True))
+    parts = head_input_parts(offline.serving.model, offline.log, offline.case(u), ["state", "summary"], None)
+    emb = torch.as_tensor(head_inputs(parts)["state+summary"])
     expected = float(offline.serving.heads["churn"].head.predict_proba(emb)[0])
     assert churn["kind"] == "binary" and churn["probability"] == pytest.approx(expected, abs=1e-5)
     missing = predict_v1(scorer_server, [{"events": offline.events(u), "heads": ["churn", "upgrade"]}])

@@ -313,15 +313,9 @@ class GTSLUM:
         return np.where(np.isnan(out), mean, out)
 
     @torch.no_grad()
-    def user_embeddings(
-        self, log_: EventLog, cases, task: int | None = None, catalog: CatalogCache | None = None, history_summary: bool = False
-    ) -> np.ndarray:
+    def user_embeddings(self, log_: EventLog, cases, task: int | None = None, catalog: CatalogCache | None = None) -> np.ndarray:
         """(B, H) last hidden states: target-agnostic, or with label task `task`'s token in front
-        (`catalog`: as in `score`); with `history_summary`, (B, 2H): [state ; `history_summary(...)`]."""
-        if history_summary:
-            catalog = catalog if catalog is not None else self._require().catalog_cache()
-            states = self.user_embeddings(log_, cases, task, catalog)
-            return np.concatenate([states, self.history_summary(log_, cases, catalog)], 1)
+        (`catalog`: as in `score`). A label head's other inputs: `serving.export.head_input_parts`."""
         net = self._require()
         was_training = net.training
         net.eval()
