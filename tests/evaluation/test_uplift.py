@@ -267,7 +267,8 @@ def test_the_stacked_baseline_reads_the_embedding(tiny_clean):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_of_several_inputs_the_head_keeps_the_one_with_the_lowest_held_out_loss(tiny_clean):
+@pytest.mark.parametrize("folds", [1, 5])  # the head's own held-out slice / five folds of the training users
+def test_of_several_inputs_the_head_keeps_the_one_with_the_lowest_held_out_loss(tiny_clean, folds):
     labels = read_table(tiny_clean, "labels")
     rows = labels[labels["task"] == "churn"]
     churn = rows.set_index(rows["user_id"].astype(str))["label"]
@@ -278,9 +279,12 @@ def test_of_several_inputs_the_head_keeps_the_one_with_the_lowest_held_out_loss(
         noise = rng.normal(size=(len(user_ids), 2)).astype(np.float32)
         return {"noise": noise, "signal": np.stack([signal + rng.normal(0, 0.5, len(user_ids)), noise[:, 0]], 1).astype(np.float32)}
 
-    cfg = load_config(HeadsConfig, "pkg:heads/default.yaml", {"train": {"epochs": 50}})
+    cfg = load_config(HeadsConfig, "pkg:heads/default.yaml", {"train": {"epochs": 50}, "select_folds": folds})
     entry = evaluate_label_tasks(embed, tiny_clean, cfg, seed=0)["tasks"]["churn"]
     assert entry["input"] == "signal" and entry["metrics"]["head"]["auc"] > 0.8
+    losses = entry["input_losses"]
+    assert set(losses) == {"noise", "signal"} and losses["signal"] < losses["noise"]
+    assert (losses["signal"] == entry["fit"]["valid_loss"]) == (folds == 1)  # the folds' mean is not the refit's slice
 
 
 @pytest.mark.usefixtures("one_torch_thread")

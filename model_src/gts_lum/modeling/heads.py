@@ -81,6 +81,9 @@ class HeadsConfig:
     # GTS-LUM: the user's profile row (the table encoder's embedding of the users table) as a head input too,
     # alone and beside the summary (a model with a profile table only)
     profile: bool = True
+    # folds of the training users whose mean held-out loss chooses each task's input (above); 1: the head's
+    # own held-out slice (train.valid_fraction) chooses
+    select_folds: int = 5
     train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
     task_token: TaskTokenConfig = field(default_factory=TaskTokenConfig)  # GTS-LUM only
 
@@ -91,6 +94,7 @@ class HeadsConfig:
             "transformed_outcome_weight": self.transformed_outcome_weight >= 0.0,
             "max_classes": self.max_classes >= 2,
             "test_fraction": 0.0 < self.test_fraction < 1.0,
+            "select_folds": self.select_folds >= 1,
             "train.epochs": self.train.epochs >= 1,
             "train.lr": self.train.lr > 0.0,
             "train.batch_size": self.train.batch_size >= 0,

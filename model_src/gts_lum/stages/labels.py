@@ -73,7 +73,7 @@ def run_label_stage(model_dir: str | Path, sequences_dir: str | Path, clean_dir:
     parts = [p for p, on in (("state", True), ("summary", cfg.history_summary), ("profile", cfg.profile)) if on]
 
     def embed(ids, task) -> np.ndarray | dict[str, np.ndarray]:
-        # each task keeps the input with the lowest held-out loss
+        # each task keeps the input with the lowest held-out loss (over `cfg.select_folds` folds)
         return head_inputs(head_input_parts(model, log_, cases(ids, task), parts, model.task_index(task.name), catalog))
 
     def keep(task, head, scores) -> None:

@@ -102,16 +102,49 @@ def _embed(embed_users: EmbedFn, ids: np.ndarray, task: LabelTask) -> dict[str, 
 
 
 def _fit_best_head(task: LabelTask, inputs: dict[str, torch.Tensor], y: np.ndarray, t: np.ndarray | None, cfg: HeadsConfig, seed: int):
-    """A head on each input; the one with the lowest held-out loss (on training users) wins: (name, head, fit)."""
-    fits = {}
+    """A head on each input; the one with the lowest held-out loss on the training users wins (the mean over
+    `cfg.select_folds` folds, else the head's own held-out slice), refitted on every training user:
+    (name, head, fit, {input: loss}; empty with one input)."""
+    fits, loss = {}, {}
     for name, emb in inputs.items():
         head = build_head(task, emb.shape[1], cfg)
         fits[name] = (head, fit_head(head, emb, y, t, seed=seed, **dataclasses.asdict(cfg.train)))
-    loss = {name: fit["valid_loss"] if np.isfinite(fit["valid_loss"]) else np.inf for name, (_, fit) in fits.items()}
-    name = min(fits, key=loss.get)  # ties (and no held-out rows) keep the first input
+        if len(inputs) > 1:
+            folds = _cross_validated_loss(task, emb, y, t, cfg, seed) if cfg.select_folds > 1 else None
+            loss[name] = folds if folds is not None else fits[name][1]["valid_loss"]
+    loss = {name: value if np.isfinite(value) else np.inf for name, value in loss.items()}
+    name = min(loss, key=loss.get) if loss else next(iter(fits))  # ties (and no held-out rows) keep the first input
     if len(fits) > 1:
-        log.info("task %r: head inputs by held-out loss %s: %s", task.name, {k: round(v, 4) for k, v in loss.items()}, name)
-    return name, *fits[name]
+        how = f"{cfg.select_folds}-fold" if cfg.select_folds > 1 else "held-out"
+        log.info("task %r: head inputs by %s loss %s: %s", task.name, how, {k: round(v, 4) for k, v in loss.items()}, name)
+    return name, *fits[name], loss
+
+
+def _cross_validated_loss(
+    task: LabelTask, emb: torch.Tensor, y: np.ndarray, t: np.ndarray | None, cfg: HeadsConfig, seed: int
+) -> float | None:
+    """Mean loss on each of `cfg.select_folds` stratified folds of a head fitted on the other rows: a choice
+    of input on all training users, where one 20% slice of ~1,000 users swung it (BENCHMARKS.md "Label
+    tasks"). None when a stratum is too small to cut that many folds."""
+    from sklearn.model_selection import StratifiedKFold
+
+    probe = build_head(task, emb.shape[1], cfg)
+    y, t = np.asarray(y), None if t is None else np.asarray(t)
+    yt = torch.as_tensor(y, dtype=torch.float32)
+    tt = None if t is None else torch.as_tensor(t, dtype=torch.float32)
+    strata = probe.stratum(yt, tt).numpy()
+    counts = np.unique(strata, return_counts=True)[1]
+    folds = min(cfg.select_folds, int(counts.min())) if len(counts) else 0
+    if folds < 2:
+        return None
+    losses = []
+    for rest, fold in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(strata)), strata):
+        head = build_head(task, emb.shape[1], cfg)
+        fit_head(head, emb[rest], y[rest], None if t is None else t[rest], seed=seed, **dataclasses.asdict(cfg.train))
+        head.eval()
+        with torch.no_grad():
+            losses.append(float(head.loss(head(emb[fold].float()), yt[fold], None if tt is None else tt[fold])) * len(fold))
+    return sum(losses) / len(strata)
 
 
 def _table_scores(task: LabelTask, features: np.ndarray, categorical: np.ndarray, emb: torch.Tensor, y, t, train, test, seed: int) -> dict:
@@ -161,7 +194,7 @@ def _evaluate_task(
     t_train, t_test = (None, None) if t is None else (t[train], t[test])
     tuned = None if tune is None else tune(task, users.ids[index][train], y[train], t_train)
     inputs = _embed(embed_users, users.ids[index], task)
-    chosen, head, fit = _fit_best_head(task, {k: v[train] for k, v in inputs.items()}, y[train], t_train, cfg, seed)
+    chosen, head, fit, input_losses = _fit_best_head(task, {k: v[train] for k, v in inputs.items()}, y[train], t_train, cfg, seed)
     emb = inputs[chosen]
     scores = {"head": head_scores(head, emb[test])}
     if users.features is not None:
@@ -176,6 +209,7 @@ def _evaluate_task(
         "embedding_dim": int(emb.shape[1]),
         "input": chosen,
         "fit": fit,
+        "input_losses": {k: float(v) if np.isfinite(v) else None for k, v in input_losses.items()},
         "metrics": metrics,
     }
     if tuned is not None:
@@ -200,7 +234,8 @@ def evaluate_label_tasks(
 
     `embed_users(user_ids (M,) str array, task) -> (M, D)` embeds users for one task (the decoder puts
     that task's TASK token in front); it may return {name: (M, D_name)} instead, several inputs: a head is
-    fitted on each and the one with the lowest held-out loss on the training users is kept (entry "input").
+    fitted on each and the one with the lowest held-out loss on the training users is kept (entry "input";
+    "input_losses": each input's mean loss over `cfg.select_folds` folds of the training users).
     `tune(task, user_ids, y, treatment)`, when given, is called with the task's training users first
     (GTS-LUM tunes the task token there: training.task_tokens). Users are split once over every labelled
     user, so a user is on the same side for every task; with `known_users`, labelled users outside it (no
