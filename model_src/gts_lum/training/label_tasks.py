@@ -103,48 +103,60 @@ def _embed(embed_users: EmbedFn, ids: np.ndarray, task: LabelTask) -> dict[str, 
 
 def _fit_best_head(task: LabelTask, inputs: dict[str, torch.Tensor], y: np.ndarray, t: np.ndarray | None, cfg: HeadsConfig, seed: int):
     """A head on each input; the one with the lowest held-out loss on the training users wins (the mean over
-    `cfg.select_folds` folds, else the head's own held-out slice), refitted on every training user:
+    `cfg.select_folds` folds, else the head's own held-out slice), fitted on every training user:
     (name, head, fit, {input: loss}; empty with one input)."""
+
+    def fit(emb: torch.Tensor):
+        head = build_head(task, emb.shape[1], cfg)
+        return head, fit_head(head, emb, y, t, seed=seed, **dataclasses.asdict(cfg.train))
+
+    splits = _fold_splits(task, y, t, cfg, seed) if len(inputs) > 1 else None
     fits, loss = {}, {}
     for name, emb in inputs.items():
-        head = build_head(task, emb.shape[1], cfg)
-        fits[name] = (head, fit_head(head, emb, y, t, seed=seed, **dataclasses.asdict(cfg.train)))
-        if len(inputs) > 1:
-            folds = _cross_validated_loss(task, emb, y, t, cfg, seed) if cfg.select_folds > 1 else None
-            loss[name] = folds if folds is not None else fits[name][1]["valid_loss"]
+        if splits is not None:
+            loss[name] = _cross_validated_loss(task, emb, y, t, splits, cfg, seed)
+        else:  # one input, or too few rows of a class for folds: the full fit's own held-out slice
+            fits[name] = fit(emb)
+            loss[name] = fits[name][1]["valid_loss"]
     loss = {name: value if np.isfinite(value) else np.inf for name, value in loss.items()}
-    name = min(loss, key=loss.get) if loss else next(iter(fits))  # ties (and no held-out rows) keep the first input
-    if len(fits) > 1:
-        how = f"{cfg.select_folds}-fold" if cfg.select_folds > 1 else "held-out"
+    name = min(loss, key=loss.get)  # ties (and no held-out rows) keep the first input
+    if len(inputs) > 1:
+        how = "held-out" if splits is None else f"{len(splits)}-fold"
         log.info("task %r: head inputs by %s loss %s: %s", task.name, how, {k: round(v, 4) for k, v in loss.items()}, name)
-    return name, *fits[name], loss
+    return name, *(fits[name] if name in fits else fit(inputs[name])), (loss if len(inputs) > 1 else {})
 
 
-def _cross_validated_loss(
-    task: LabelTask, emb: torch.Tensor, y: np.ndarray, t: np.ndarray | None, cfg: HeadsConfig, seed: int
-) -> float | None:
-    """Mean loss on each of `cfg.select_folds` stratified folds of a head fitted on the other rows: a choice
-    of input on all training users, where one 20% slice of ~1,000 users swung it (BENCHMARKS.md "Label
-    tasks"). None when a stratum is too small to cut that many folds."""
+def _fold_splits(task: LabelTask, y: np.ndarray, t: np.ndarray | None, cfg: HeadsConfig, seed: int) -> list | None:
+    """[(rest rows, fold rows)] of `cfg.select_folds` folds, stratified as the heads' held-out slice is; None for
+    fewer than 2 folds or when a stratum is too small to cut two."""
     from sklearn.model_selection import StratifiedKFold
 
-    probe = build_head(task, emb.shape[1], cfg)
-    y, t = np.asarray(y), None if t is None else np.asarray(t)
-    yt = torch.as_tensor(y, dtype=torch.float32)
-    tt = None if t is None else torch.as_tensor(t, dtype=torch.float32)
-    strata = probe.stratum(yt, tt).numpy()
+    yt = torch.as_tensor(np.asarray(y), dtype=torch.float32)
+    tt = None if t is None else torch.as_tensor(np.asarray(t), dtype=torch.float32)
+    strata = build_head(task, 1, cfg).stratum(yt, tt).numpy()  # a head's strata do not depend on its width
     counts = np.unique(strata, return_counts=True)[1]
     folds = min(cfg.select_folds, int(counts.min())) if len(counts) else 0
     if folds < 2:
         return None
-    losses = []
-    for rest, fold in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(strata)), strata):
+    return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(strata)), strata))
+
+
+def _cross_validated_loss(
+    task: LabelTask, emb: torch.Tensor, y: np.ndarray, t: np.ndarray | None, splits: list, cfg: HeadsConfig, seed: int
+) -> float:
+    """Mean loss on each fold of `splits` of a head fitted on the other rows: a choice of input on all training
+    users, where one 20% slice of ~1,000 users swung it (BENCHMARKS.md "Label tasks")."""
+    y, t = np.asarray(y), None if t is None else np.asarray(t)
+    total = 0.0
+    for rest, fold in splits:
         head = build_head(task, emb.shape[1], cfg)
         fit_head(head, emb[rest], y[rest], None if t is None else t[rest], seed=seed, **dataclasses.asdict(cfg.train))
         head.eval()
         with torch.no_grad():
-            losses.append(float(head.loss(head(emb[fold].float()), yt[fold], None if tt is None else tt[fold])) * len(fold))
-    return sum(losses) / len(strata)
+            y_fold = torch.as_tensor(y[fold], dtype=torch.float32)
+            t_fold = None if t is None else torch.as_tensor(t[fold], dtype=torch.float32)
+            total += float(head.loss(head(emb[fold].float()), y_fold, t_fold)) * len(fold)
+    return total / sum(len(fold) for _, fold in splits)
 
 
 def _table_scores(task: LabelTask, features: np.ndarray, categorical: np.ndarray, emb: torch.Tensor, y, t, train, test, seed: int) -> dict:
